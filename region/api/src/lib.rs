@@ -1,0 +1,323 @@
+//! The wire contract between the region, its racks and tools: JSON request and response types,
+//! the registration proof, and the header formats. Both sides compile against this one crate so
+//! they cannot drift apart.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// Path prefix of the JSON API on the region, below the region URL (`http://HOST:5240/MAAS`).
+pub const API_PREFIX: &str = "/api/v1";
+
+/// A shared secret is exactly this many hex characters (16 random bytes).
+pub const SECRET_HEX_LEN: usize = 32;
+
+/// A rack name is shown in the UI and used in the registration proof; keep it short and printable.
+pub const RACK_NAME_LEN_MAX: usize = 63;
+
+/// Random bytes in a registration challenge nonce.
+pub const NONCE_LEN_BYTES: usize = 32;
+
+/// Error code in [`ErrorBody::code`] telling a rack its credential belongs to an old secret.
+pub const CODE_REREGISTER: &str = "register_again";
+
+/// The region's shared secret, validated: 32 hex characters.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecretError {
+    #[error("a secret is exactly {SECRET_HEX_LEN} hex characters, this one has {found}")]
+    Length { found: usize },
+    #[error(
+        "a secret holds only hex characters 0-9 and a-f, found {found:?} at position {position}"
+    )]
+    NotHex { found: char, position: usize },
+}
+
+impl Secret {
+    /// Parses a secret as an operator types it: surrounding whitespace (a trailing newline from
+    /// `echo > secret`) is ignored, upper-case hex is accepted and stored lower-case.
+    pub fn parse(text: &str) -> Result<Secret, SecretError> {
+        let trimmed = text.trim();
+        let found = trimmed.chars().count();
+        if found != SECRET_HEX_LEN {
+            return Err(SecretError::Length { found });
+        }
+        if let Some((position, found)) = trimmed
+            .chars()
+            .enumerate()
+            .find(|(_, c)| !c.is_ascii_hexdigit())
+        {
+            return Err(SecretError::NotHex { found, position });
+        }
+        Ok(Secret(trimmed.to_ascii_lowercase()))
+    }
+
+    /// Builds a secret from 16 random bytes.
+    pub fn from_bytes(bytes: [u8; SECRET_HEX_LEN / 2]) -> Secret {
+        Secret(hex::encode(bytes))
+    }
+
+    /// The secret as hex, for the secret file and for `regiond secret show` only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    // Secrets never reach logs, even through a stray `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Checks a rack name: 1 to 63 characters of letters, digits, `-`, `_` and `.`.
+pub fn validate_rack_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > RACK_NAME_LEN_MAX {
+        return Err(format!(
+            "a rack name has 1 to {RACK_NAME_LEN_MAX} characters, {name:?} has {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "a rack name holds letters, digits, '-', '_' and '.', {name:?} holds {c:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The registration proof: HMAC-SHA256 keyed by the secret over `nonce ‖ rack name`. Binding
+/// the name stops a captured proof from registering a rack under another name.
+pub fn registration_proof(secret: &Secret, nonce: &[u8], rack_name: &str) -> [u8; 32] {
+    proof_mac(secret, nonce, rack_name)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Checks a registration proof in constant time.
+pub fn verify_registration_proof(
+    secret: &Secret,
+    nonce: &[u8],
+    rack_name: &str,
+    proof: &[u8],
+) -> bool {
+    proof_mac(secret, nonce, rack_name)
+        .verify_slice(proof)
+        .is_ok()
+}
+
+fn proof_mac(secret: &Secret, nonce: &[u8], rack_name: &str) -> Hmac<Sha256> {
+    // The key is the secret's text, so an operator can reproduce a proof with openssl.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(nonce);
+    mac.update(rack_name.as_bytes());
+    mac
+}
+
+/// The value of the `Authorization` header a registered rack sends: `Rack ID:CREDENTIAL`.
+pub fn rack_authorization(rack_id: &str, credential: &str) -> String {
+    format!("Rack {rack_id}:{credential}")
+}
+
+/// Every API error is this JSON body with a non-2xx status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// What is wrong, for a person.
+    pub error: String,
+    /// A stable machine-readable code where a client must act on it, e.g. [`CODE_REREGISTER`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChallengeRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChallengeResponse {
+    /// Hex of [`NONCE_LEN_BYTES`] random bytes, valid once and for a short time.
+    pub nonce: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegisterRequest {
+    pub name: String,
+    pub nonce: String,
+    /// Hex of [`registration_proof`].
+    pub proof: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegisterResponse {
+    pub rack_id: String,
+    /// The rack's credential for every later call; the region keeps only its hash.
+    pub credential: String,
+    /// The region's cluster name, for the rack's status output.
+    pub cluster_name: String,
+}
+
+/// What a rack reports about itself every heartbeat.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RackHealth {
+    pub version: String,
+    pub uptime_s: u64,
+    /// One-minute load average divided by the number of CPUs (1.0 = fully busy).
+    pub cpu_load: f64,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeartbeatRequest {
+    pub health: RackHealth,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeartbeatResponse {
+    /// How often the region wants heartbeats; the rack may send more often.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// A rack controller as the API lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RackView {
+    pub id: String,
+    pub name: String,
+    pub state: RackState,
+    pub registered_at_ms: i64,
+    pub last_seen_ms: Option<i64>,
+    pub health: Option<RackHealth>,
+    pub remote_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RackState {
+    Online,
+    Offline,
+    /// Registered under a secret that has since changed.
+    NeedsReregistration,
+}
+
+impl RackState {
+    pub fn label(self) -> &'static str {
+        match self {
+            RackState::Online => "online",
+            RackState::Offline => "offline",
+            RackState::NeedsReregistration => "needs re-registration",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventView {
+    pub id: i64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub actor: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccountView {
+    pub username: String,
+    pub email: String,
+    pub is_admin: bool,
+    pub ssh_keys: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn secret_accepts_32_hex_with_whitespace_and_upper_case() {
+        let secret = Secret::parse("  00112233445566778899AABBCCDDEEFF\n").unwrap();
+        assert_eq!(secret.expose(), SECRET);
+    }
+
+    #[test]
+    fn secret_rejects_wrong_length() {
+        assert_eq!(Secret::parse("abc"), Err(SecretError::Length { found: 3 }));
+        assert_eq!(
+            Secret::parse(&format!("{SECRET}0")),
+            Err(SecretError::Length { found: 33 })
+        );
+        assert_eq!(Secret::parse(""), Err(SecretError::Length { found: 0 }));
+    }
+
+    #[test]
+    fn secret_rejects_non_hex() {
+        let err = Secret::parse("0011223344556677889zaabbccddeeff").unwrap_err();
+        assert_eq!(
+            err,
+            SecretError::NotHex {
+                found: 'z',
+                position: 19
+            }
+        );
+        assert!(err.to_string().contains("hex"));
+    }
+
+    #[test]
+    fn secret_debug_hides_value() {
+        let secret = Secret::parse(SECRET).unwrap();
+        assert!(!format!("{secret:?}").contains("0011"));
+    }
+
+    #[test]
+    fn proof_matches_reference_hmac() {
+        // Reference: printf 'nonce-1rack-a' | openssl dgst -sha256 -hmac 00112233445566778899aabbccddeeff
+        let secret = Secret::parse(SECRET).unwrap();
+        let proof = registration_proof(&secret, b"nonce-1", "rack-a");
+        assert_eq!(hex::encode(proof), REFERENCE_PROOF);
+        assert!(verify_registration_proof(
+            &secret, b"nonce-1", "rack-a", &proof
+        ));
+    }
+
+    // Computed independently with openssl (see proof_matches_reference_hmac).
+    const REFERENCE_PROOF: &str =
+        "a78b4fbaec8b97965fa2b57656dcac474ed551def5f3b9cdfd9a8fdc2e924e98";
+
+    #[test]
+    fn proof_fails_for_other_secret_nonce_or_name() {
+        let secret = Secret::parse(SECRET).unwrap();
+        let other = Secret::parse("ffeeddccbbaa99887766554433221100").unwrap();
+        let proof = registration_proof(&secret, b"nonce-1", "rack-a");
+        assert!(!verify_registration_proof(
+            &other, b"nonce-1", "rack-a", &proof
+        ));
+        assert!(!verify_registration_proof(
+            &secret, b"nonce-2", "rack-a", &proof
+        ));
+        assert!(!verify_registration_proof(
+            &secret, b"nonce-1", "rack-b", &proof
+        ));
+        assert!(!verify_registration_proof(
+            &secret,
+            b"nonce-1",
+            "rack-a",
+            &proof[..31]
+        ));
+    }
+
+    #[test]
+    fn rack_names() {
+        assert!(validate_rack_name("rack-01.dc1_a").is_ok());
+        assert!(validate_rack_name("").is_err());
+        assert!(validate_rack_name("a b").is_err());
+        assert!(validate_rack_name(&"a".repeat(64)).is_err());
+    }
+}

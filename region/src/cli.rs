@@ -1,0 +1,389 @@
+//! The `regiond` command line: argument parsing and one function per subcommand.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use metalrack_api::Secret;
+
+use crate::auth::hash_password;
+use crate::config::RegionConfig;
+use crate::server::AppState;
+use crate::store::{NewUser, Store, StoreError};
+
+/// The region server of Metalrack: catalogue, users, racks, events, web UI and API.
+///
+/// Start with `regiond serve`, then `regiond createadmin`, then open http://HOST:5240/MAAS/.
+#[derive(Debug, Parser)]
+#[command(name = "regiond", version, propagate_version = true)]
+pub struct Cli {
+    /// Where the region keeps its database and secret.
+    #[arg(
+        long,
+        global = true,
+        env = "METALRACK_DATA_DIR",
+        default_value = "/var/lib/metalrack/region"
+    )]
+    pub data_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the region: HTTP API and web UI (default port 5240, path /MAAS/).
+    Serve {
+        /// Address to listen on; overrides `listen` in the config file.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// A TOML config file (see docs/examples/region.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Create an administrator. Asks on the terminal for whatever is not given.
+    Createadmin {
+        #[arg(long)]
+        username: Option<String>,
+        /// Prefer the prompt: a password on the command line lands in shell history.
+        #[arg(long)]
+        password: Option<String>,
+        #[arg(long)]
+        email: Option<String>,
+        /// An SSH public key for deployed machines; repeat for several.
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<String>,
+    },
+    /// Show or change the shared secret racks register with.
+    Secret {
+        #[command(subcommand)]
+        action: SecretAction,
+    },
+    /// Print a user's API keys (for `Authorization: Bearer KEY`).
+    Apikey {
+        #[arg(long)]
+        username: String,
+        /// Create a new key and print it.
+        #[arg(long)]
+        new: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretAction {
+    /// Print the secret.
+    Show,
+    /// Set the secret to 32 hex characters. Registered racks must register again.
+    Set { secret: String },
+    /// Replace the secret with a new random one. Registered racks must register again.
+    Rotate,
+}
+
+/// Runs the command line and turns an error into one readable line and exit code 2.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Serve { .. }));
+    // Everything the region writes (database, secret) is for its own eyes only.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("regiond: error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("regiond: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(serving: bool) {
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let data_dir = cli.data_dir;
+    match cli.command {
+        Command::Serve { listen, config } => serve(&data_dir, listen, config.as_deref()).await,
+        Command::Createadmin {
+            username,
+            password,
+            email,
+            ssh_keys,
+        } => createadmin(&data_dir, username, password, email, ssh_keys).await,
+        Command::Secret { action } => secret(&data_dir, action).await,
+        Command::Apikey { username, new } => apikey(&data_dir, &username, new).await,
+    }
+}
+
+async fn serve(
+    data_dir: &Path,
+    listen: Option<std::net::SocketAddr>,
+    config: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let config = match config {
+        Some(path) => RegionConfig::load(path)?,
+        None => RegionConfig::default(),
+    };
+    let listen = listen.unwrap_or(config.listen);
+    let store = Store::open(data_dir).await?;
+    let (_, generation) = crate::secret::reconcile(data_dir, &store, "regiond serve").await?;
+    tracing::info!(data_dir = %data_dir.display(), generation, "region starting");
+    let state = AppState::new(store.clone(), config, data_dir.to_owned());
+    crate::server::serve(state, listen, shutdown_signal())
+        .await
+        .with_context(|| format!("cannot serve on {listen}"))?;
+    store.close().await;
+    tracing::info!("region stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Reads answers for `createadmin`: from the terminal with prompts, or one per line from a pipe.
+struct Prompter {
+    interactive: bool,
+    lines: std::io::Lines<std::io::StdinLock<'static>>,
+}
+
+impl Prompter {
+    fn new() -> Prompter {
+        Prompter {
+            interactive: std::io::stdin().is_terminal(),
+            lines: std::io::stdin().lock().lines(),
+        }
+    }
+
+    fn ask(&mut self, prompt: &str) -> anyhow::Result<String> {
+        if self.interactive {
+            eprint!("{prompt}: ");
+            std::io::stderr().flush()?;
+        }
+        match self.lines.next() {
+            Some(line) => Ok(line?.trim().to_owned()),
+            None => bail!(
+                "no answer for {prompt:?} (standard input ended); pass it as an option instead"
+            ),
+        }
+    }
+
+    fn ask_password(&mut self, prompt: &str) -> anyhow::Result<String> {
+        if self.interactive {
+            Ok(rpassword::prompt_password(format!("{prompt}: "))?)
+        } else {
+            match self.lines.next() {
+                Some(line) => Ok(line?),
+                None => bail!(
+                    "no answer for {prompt:?} (standard input ended); pass it as an option instead"
+                ),
+            }
+        }
+    }
+}
+
+async fn createadmin(
+    data_dir: &Path,
+    username: Option<String>,
+    password: Option<String>,
+    email: Option<String>,
+    mut ssh_keys: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    let mut prompter = Prompter::new();
+    let fully_interactive = username.is_none();
+    let username = match username {
+        Some(u) => u,
+        None => prompter.ask("Username")?,
+    };
+    validate_username(&username)?;
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let first = prompter.ask_password("Password")?;
+            let again = prompter.ask_password("Again")?;
+            if first != again {
+                bail!("the two passwords differ; nothing was changed");
+            }
+            first
+        }
+    };
+    let email = match email {
+        Some(e) => e,
+        None => prompter.ask("Email")?,
+    };
+    if !email.contains('@') || email.chars().any(char::is_whitespace) {
+        bail!("{email:?} is not an email address");
+    }
+    if fully_interactive && ssh_keys.is_empty() {
+        let key = prompter.ask("SSH public key (optional, Enter to skip)")?;
+        if !key.is_empty() {
+            ssh_keys.push(key);
+        }
+    }
+    for key in &ssh_keys {
+        validate_ssh_key(key)?;
+    }
+    let password_hash = tokio::task::spawn_blocking(move || hash_password(&password)).await??;
+    let store = Store::open(data_dir).await?;
+    let new = NewUser {
+        username: &username,
+        email: &email,
+        password_hash: &password_hash,
+        is_admin: true,
+        ssh_keys: &ssh_keys,
+    };
+    match store.create_user(&new).await {
+        Ok(_) => {}
+        Err(StoreError::DuplicateUsername { username }) => {
+            bail!("a user named {username:?} already exists; nothing was changed")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    store
+        .record_event(
+            "user.created",
+            "regiond createadmin",
+            &format!("administrator {username:?} created"),
+        )
+        .await?;
+    store.close().await;
+    println!("Created administrator {username:?}. Log in at http://HOST:5240/MAAS/");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate_username(username: &str) -> anyhow::Result<()> {
+    if username.is_empty() || username.len() > 150 {
+        bail!("a username has 1 to 150 characters");
+    }
+    if let Some(c) = username
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '@' | '+' | '-' | '_')))
+    {
+        bail!("a username holds letters, digits and . @ + - _, not {c:?}");
+    }
+    Ok(())
+}
+
+fn validate_ssh_key(key: &str) -> anyhow::Result<()> {
+    const KEY_TYPES: [&str; 6] = [
+        "ssh-rsa",
+        "ssh-ed25519",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+    ];
+    let mut parts = key.split_whitespace();
+    let kind = parts.next().unwrap_or_default();
+    if !KEY_TYPES.contains(&kind) || parts.next().is_none() {
+        bail!("{key:?} is not an SSH public key (expected e.g. 'ssh-ed25519 AAAA... comment')");
+    }
+    Ok(())
+}
+
+async fn secret(data_dir: &Path, action: SecretAction) -> anyhow::Result<ExitCode> {
+    match action {
+        SecretAction::Show => {
+            let secret = crate::secret::load_or_create(data_dir)?;
+            println!("{}", secret.expose());
+        }
+        SecretAction::Set { secret } => {
+            let secret = Secret::parse(&secret).context("invalid secret")?;
+            replace_secret(data_dir, &secret, "regiond secret set").await?;
+            println!("Secret set. Every rack must register again with the new secret.");
+        }
+        SecretAction::Rotate => {
+            let secret = crate::secret::generate();
+            replace_secret(data_dir, &secret, "regiond secret rotate").await?;
+            println!("{}", secret.expose());
+            eprintln!("Secret rotated. Every rack must register again with the new secret.");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn replace_secret(data_dir: &Path, secret: &Secret, actor: &str) -> anyhow::Result<()> {
+    let store = Store::open(data_dir).await?;
+    crate::secret::write(data_dir, secret)?;
+    // Adopting it now (not at the next restart) refuses old racks' heartbeats at once.
+    crate::secret::reconcile(data_dir, &store, actor).await?;
+    store.close().await;
+    Ok(())
+}
+
+async fn apikey(data_dir: &Path, username: &str, new: bool) -> anyhow::Result<ExitCode> {
+    let store = Store::open(data_dir).await?;
+    let user = store
+        .user_by_username(username)
+        .await?
+        .ok_or_else(|| StoreError::NoSuchUser {
+            username: username.to_owned(),
+        })?;
+    if new {
+        println!("{}", store.create_api_key(&user.id).await?);
+    } else {
+        for key in store.api_keys(&user.id).await? {
+            println!("{key}");
+        }
+    }
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_and_keys() {
+        assert!(validate_username("admin").is_ok());
+        assert!(validate_username("a b").is_err());
+        assert!(validate_ssh_key("ssh-ed25519 AAAAC3Nza op@host").is_ok());
+        assert!(validate_ssh_key("hello").is_err());
+    }
+
+    #[test]
+    fn cli_parses_contract() {
+        let cli = Cli::try_parse_from(["regiond", "--data-dir", "/tmp/x", "secret", "set", "00"])
+            .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Secret {
+                action: SecretAction::Set { .. }
+            }
+        ));
+        let cli = Cli::try_parse_from([
+            "regiond",
+            "createadmin",
+            "--username",
+            "u",
+            "--ssh-key",
+            "a",
+            "--ssh-key",
+            "b",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cli.command, Command::Createadmin { ref ssh_keys, .. } if ssh_keys.len() == 2)
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! The `regiond` binary; everything lives in the library so tests can reach it.
+
+fn main() -> std::process::ExitCode {
+    metalrack_region::cli::main()
+}

@@ -1,0 +1,122 @@
+//! The region's HTTP server: shared state, the router (UI + API), limits, and graceful shutdown.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::DefaultBodyLimit;
+use axum::response::Redirect;
+use axum::routing::get;
+use axum::Router;
+use tokio::sync::Mutex;
+use tower::limit::GlobalConcurrencyLimitLayer;
+
+use crate::config::RegionConfig;
+use crate::store::{RackRow, Store};
+
+/// Where the region lives under its host, as in MAAS: `http://HOST:5240/MAAS/`.
+pub const BASE_PATH: &str = "/MAAS";
+
+/// Largest request body. Every request today is a small form or JSON document; image uploads
+/// (a later issue) stream through their own route with their own limit.
+pub const REQUEST_BODY_MAX_BYTES: usize = 64 * 1024;
+
+/// Requests handled at once; more wait. Bounds memory and argon2 work (19 MiB per login).
+pub const HTTP_REQUESTS_IN_FLIGHT_MAX: usize = 256;
+
+/// Registration challenges outstanding at once; a flood of challenge requests cannot grow memory
+/// beyond ~100 KiB.
+pub const CHALLENGES_PENDING_MAX: usize = 1024;
+
+/// How long a rack has to answer a challenge.
+pub const CHALLENGE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[derive(Debug)]
+pub struct PendingChallenge {
+    pub rack_name: String,
+    pub issued: Instant,
+}
+
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<RegionConfig>,
+    pub data_dir: Arc<PathBuf>,
+    pub challenges: Arc<Mutex<HashMap<String, PendingChallenge>>>,
+    /// (rack id, generation) pairs already recorded as refused, so a stale rack's heartbeats
+    /// add one event, not one every few seconds. At most one entry per rack and generation.
+    stale_racks_reported: Arc<Mutex<HashSet<(String, i64)>>>,
+}
+
+impl AppState {
+    pub fn new(store: Store, config: RegionConfig, data_dir: PathBuf) -> AppState {
+        AppState {
+            store,
+            config: Arc::new(config),
+            data_dir: Arc::new(data_dir),
+            challenges: Arc::default(),
+            stale_racks_reported: Arc::default(),
+        }
+    }
+
+    /// Records (once) that a rack registered under an older secret was refused.
+    pub async fn note_stale_rack(&self, rack: &RackRow, generation: i64) {
+        let first = self
+            .stale_racks_reported
+            .lock()
+            .await
+            .insert((rack.id.clone(), generation));
+        if first {
+            let message = format!(
+                "rack {:?} refused: registered under an older secret; it must register again",
+                rack.name
+            );
+            if let Err(e) = self
+                .store
+                .record_event("rack.refused", &rack.name, &message)
+                .await
+            {
+                tracing::error!(error = %crate::error::chain(&e), "cannot record event");
+            }
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .nest(&format!("{BASE_PATH}/api/v1"), crate::api::router())
+        .merge(crate::ui::router())
+        .route(
+            "/",
+            get(|| async { Redirect::permanent(&format!("{BASE_PATH}/")) }),
+        )
+        .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
+        .layer(GlobalConcurrencyLimitLayer::new(
+            HTTP_REQUESTS_IN_FLIGHT_MAX,
+        ))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` completes. Prints the bound address on stdout first, so a caller that
+/// asked for port 0 learns the real one.
+pub async fn serve(
+    state: AppState,
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let local = listener.local_addr()?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "regiond: listening on http://{local}{BASE_PATH}/")?;
+        out.flush()?;
+    }
+    tracing::info!(%local, "region serving");
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

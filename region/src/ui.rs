@@ -1,0 +1,576 @@
+//! The web UI under `/MAAS/`: server-rendered HTML (maud escapes every value), no JavaScript
+//! build step. Login, first-login welcome, dashboard, controllers, events, account.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use axum::extract::{ConnectInfo, Form, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use axum_extra::extract::cookie::{Cookie, SameSite};
+use axum_extra::extract::CookieJar;
+use maud::{html, Markup, DOCTYPE};
+use metalrack_api::{RackState, RackView};
+use serde::Deserialize;
+
+use crate::api::{cluster_name, rack_views, CLUSTER_NAME_SETTING};
+use crate::auth::{hash_password, verify_password, SessionUser, SESSION_COOKIE};
+use crate::error::ApiError;
+use crate::server::{AppState, BASE_PATH};
+use crate::store::User;
+use crate::util::{ago, now_ms, random_hex, rfc3339, sha256_hex};
+
+/// Setting that records the welcome page was seen (saved or skipped).
+const WELCOME_DONE_SETTING: &str = "welcome_done";
+
+/// Longest cluster name.
+const CLUSTER_NAME_LEN_MAX: usize = 64;
+
+/// Events shown on the events page and the dashboard.
+const EVENTS_PAGE_ROWS: i64 = 200;
+const DASHBOARD_EVENT_ROWS: i64 = 8;
+
+const STYLE: &str = include_str!("../static/style.css");
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            BASE_PATH,
+            get(|| async { Redirect::permanent(&format!("{BASE_PATH}/")) }),
+        )
+        .route(&format!("{BASE_PATH}/"), get(dashboard))
+        .route(&format!("{BASE_PATH}/login"), get(login_page).post(login))
+        .route(&format!("{BASE_PATH}/logout"), post(logout))
+        .route(
+            &format!("{BASE_PATH}/welcome"),
+            get(welcome_page).post(welcome),
+        )
+        .route(&format!("{BASE_PATH}/controllers"), get(controllers))
+        .route(&format!("{BASE_PATH}/controllers/add"), get(add_controller))
+        .route(&format!("{BASE_PATH}/events"), get(events))
+        .route(&format!("{BASE_PATH}/account"), get(account))
+        .route(
+            &format!("{BASE_PATH}/static/style.css"),
+            get(|| async { ([(header::CONTENT_TYPE, "text/css")], STYLE) }),
+        )
+}
+
+/// A page that failed: the log gets the details, the user a short page.
+struct PageError(ApiError);
+
+impl From<ApiError> for PageError {
+    fn from(e: ApiError) -> Self {
+        PageError(e)
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let body = html! {
+            (DOCTYPE)
+            html { head { title { "Error" } link rel="stylesheet" href=(format!("{BASE_PATH}/static/style.css")); }
+                body { main.narrow { h1 { "Something went wrong" } p { (self.0.body.error) } a href=(format!("{BASE_PATH}/")) { "Back" } } } }
+        };
+        (self.0.status, body).into_response()
+    }
+}
+
+type PageResult = Result<Response, PageError>;
+
+fn internal(e: impl std::error::Error) -> PageError {
+    PageError(ApiError::internal(e))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Nav {
+    Dashboard,
+    Controllers,
+    Events,
+    Account,
+    None,
+}
+
+fn layout(title: &str, cluster: &str, user: Option<&User>, nav: Nav, content: Markup) -> Markup {
+    let link = |target: Nav, href: &str, label: &str| {
+        html! { a.active[nav == target] href=(format!("{BASE_PATH}{href}")) { (label) } }
+    };
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " | " (cluster) " | Metalrack" }
+                link rel="stylesheet" href=(format!("{BASE_PATH}/static/style.css"));
+            }
+            body {
+                header.top {
+                    a.brand href=(format!("{BASE_PATH}/")) { span.logo { "▦" } " Metalrack" span.cluster { (cluster) } }
+                    @if let Some(user) = user {
+                        nav {
+                            (link(Nav::Dashboard, "/", "Dashboard"))
+                            (link(Nav::Controllers, "/controllers", "Controllers"))
+                            (link(Nav::Events, "/events", "Events"))
+                        }
+                        div.user {
+                            (link(Nav::Account, "/account", &user.username))
+                            form method="post" action=(format!("{BASE_PATH}/logout")) { button.link type="submit" { "Log out" } }
+                        }
+                    }
+                }
+                main { (content) }
+            }
+        }
+    }
+}
+
+// ---- login ----
+
+#[derive(Deserialize)]
+struct LoginForm {
+    username: String,
+    password: String,
+}
+
+async fn login_page(State(state): State<AppState>) -> PageResult {
+    let cluster = cluster_name(&state).await?;
+    Ok(login_markup(&cluster, None).into_response())
+}
+
+fn login_markup(cluster: &str, error: Option<&str>) -> Markup {
+    layout(
+        "Log in",
+        cluster,
+        None,
+        Nav::None,
+        html! {
+            section.card.narrow {
+                h1 { "Log in to " (cluster) }
+                @if let Some(error) = error { p.error role="alert" { (error) } }
+                form method="post" action=(format!("{BASE_PATH}/login")) {
+                    label { "Username" input name="username" id="username" autocomplete="username" required autofocus; }
+                    label { "Password" input name="password" id="password" type="password" autocomplete="current-password" required; }
+                    button.primary type="submit" id="login" { "Log in" }
+                }
+                p.hint { "No account yet? On the region run " code { "regiond createadmin" } "." }
+            }
+        },
+    )
+}
+
+/// A hash to check passwords of unknown users against, so a login for a missing user takes as
+/// long as one with a wrong password and does not reveal which usernames exist.
+fn dummy_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| hash_password(&random_hex(16)).expect("hashing a random password works"))
+}
+
+async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    jar: CookieJar,
+    Form(form): Form<LoginForm>,
+) -> PageResult {
+    let user = state
+        .store
+        .user_by_username(&form.username)
+        .await
+        .map_err(internal)?;
+    let hash = user
+        .as_ref()
+        .map(|u| u.password_hash.clone())
+        .unwrap_or_else(|| dummy_hash().to_owned());
+    let password = form.password;
+    let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+        .await
+        .map_err(internal)?;
+    let user = match user {
+        Some(user) if ok => user,
+        _ => {
+            tracing::warn!(username = %form.username, peer = %peer.ip(), "login failed");
+            let message = format!("failed login for {:?} from {}", form.username, peer.ip());
+            state
+                .store
+                .record_event("user.login_failed", &form.username, &message)
+                .await
+                .map_err(internal)?;
+            let cluster = cluster_name(&state).await?;
+            return Ok((
+                StatusCode::UNAUTHORIZED,
+                login_markup(&cluster, Some("Wrong username or password.")),
+            )
+                .into_response());
+        }
+    };
+    let token = random_hex(32);
+    state
+        .store
+        .create_session(
+            &sha256_hex(token.as_bytes()),
+            &user.id,
+            state.config.session_lifetime_ms as i64,
+        )
+        .await
+        .map_err(internal)?;
+    state
+        .store
+        .record_event(
+            "user.login",
+            &user.username,
+            &format!("{} logged in from {}", user.username, peer.ip()),
+        )
+        .await
+        .map_err(internal)?;
+    let cookie = Cookie::build((SESSION_COOKIE, token))
+        .path(BASE_PATH)
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .max_age(time_duration(state.config.session_lifetime_ms))
+        .build();
+    let welcome_done = state
+        .store
+        .setting(WELCOME_DONE_SETTING)
+        .await
+        .map_err(internal)?
+        .is_some();
+    let next = if welcome_done {
+        format!("{BASE_PATH}/")
+    } else {
+        format!("{BASE_PATH}/welcome")
+    };
+    Ok((jar.add(cookie), Redirect::to(&next)).into_response())
+}
+
+fn time_duration(ms: u64) -> cookie::time::Duration {
+    cookie::time::Duration::milliseconds(ms as i64)
+}
+
+async fn logout(State(state): State<AppState>, jar: CookieJar) -> PageResult {
+    if let Some(cookie) = jar.get(SESSION_COOKIE) {
+        state
+            .store
+            .delete_session(&sha256_hex(cookie.value().as_bytes()))
+            .await
+            .map_err(internal)?;
+    }
+    let jar = jar.remove(Cookie::build(SESSION_COOKIE).path(BASE_PATH));
+    Ok((jar, Redirect::to(&format!("{BASE_PATH}/login"))).into_response())
+}
+
+// ---- welcome ----
+
+async fn welcome_page(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+    let cluster = cluster_name(&state).await?;
+    Ok(welcome_markup(&cluster, &user, None).into_response())
+}
+
+fn welcome_markup(cluster: &str, user: &User, error: Option<&str>) -> Markup {
+    layout(
+        "Welcome",
+        cluster,
+        Some(user),
+        Nav::None,
+        html! {
+            section.card.narrow {
+                h1 { "Welcome to Metalrack" }
+                p { "Name this cluster. The name shows in the header and in every rack's status. You can change it later." }
+                @if let Some(error) = error { p.error role="alert" { (error) } }
+                form method="post" action=(format!("{BASE_PATH}/welcome")) {
+                    label { "Cluster name" input name="cluster_name" id="cluster_name" value=(cluster) maxlength=(CLUSTER_NAME_LEN_MAX); }
+                    div.actions {
+                        button.primary type="submit" name="action" value="save" id="save" { "Save and continue" }
+                        button type="submit" name="action" value="skip" id="skip" formnovalidate { "Skip" }
+                    }
+                }
+            }
+        },
+    )
+}
+
+#[derive(Deserialize)]
+struct WelcomeForm {
+    action: String,
+    cluster_name: Option<String>,
+}
+
+async fn welcome(
+    State(state): State<AppState>,
+    SessionUser(user): SessionUser,
+    Form(form): Form<WelcomeForm>,
+) -> PageResult {
+    if form.action == "save" {
+        let name = form.cluster_name.unwrap_or_default().trim().to_owned();
+        if name.is_empty()
+            || name.chars().count() > CLUSTER_NAME_LEN_MAX
+            || name.chars().any(char::is_control)
+        {
+            let cluster = cluster_name(&state).await?;
+            let error =
+                format!("A cluster name has 1 to {CLUSTER_NAME_LEN_MAX} printable characters.");
+            return Ok((
+                StatusCode::BAD_REQUEST,
+                welcome_markup(&cluster, &user, Some(&error)),
+            )
+                .into_response());
+        }
+        state
+            .store
+            .set_setting(CLUSTER_NAME_SETTING, &name)
+            .await
+            .map_err(internal)?;
+        state
+            .store
+            .record_event(
+                "cluster.renamed",
+                &user.username,
+                &format!("cluster named {name:?}"),
+            )
+            .await
+            .map_err(internal)?;
+    }
+    state
+        .store
+        .set_setting(WELCOME_DONE_SETTING, "1")
+        .await
+        .map_err(internal)?;
+    Ok(Redirect::to(&format!("{BASE_PATH}/")).into_response())
+}
+
+// ---- dashboard ----
+
+async fn dashboard(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+    let cluster = cluster_name(&state).await?;
+    let racks = rack_views(&state).await?;
+    let count = |s: RackState| racks.iter().filter(|r| r.state == s).count();
+    let users = state.store.count_users().await.map_err(internal)?;
+    let events = state
+        .store
+        .events(DASHBOARD_EVENT_ROWS)
+        .await
+        .map_err(internal)?;
+    let content = html! {
+        h1 { "Dashboard" }
+        div.tiles {
+            a.tile href=(format!("{BASE_PATH}/controllers")) {
+                span.big { (racks.len()) } span { "rack controllers" }
+                span.detail { (count(RackState::Online)) " online · " (count(RackState::Offline)) " offline"
+                    @if count(RackState::NeedsReregistration) > 0 { " · " (count(RackState::NeedsReregistration)) " need re-registration" } }
+            }
+            div.tile { span.big { (users) } span { "users" } }
+        }
+        @if racks.is_empty() {
+            section.card {
+                h2 { "Add your first rack" }
+                p { "A rack controller serves PXE to the machines of its rack. Install " code { "rackd" } " on a box in the rack and register it with this region." }
+                @if user.is_admin { a.button.primary href=(format!("{BASE_PATH}/controllers/add")) { "Add rack controller" } }
+            }
+        }
+        section.card {
+            h2 { "Recent events" }
+            (events_table(&events))
+            a href=(format!("{BASE_PATH}/events")) { "All events" }
+        }
+    };
+    Ok(layout("Dashboard", &cluster, Some(&user), Nav::Dashboard, content).into_response())
+}
+
+fn events_table(events: &[metalrack_api::EventView]) -> Markup {
+    let now = now_ms();
+    html! {
+        @if events.is_empty() { p.muted { "No events yet." } } @else {
+            table.events {
+                thead { tr { th { "When" } th { "Event" } th { "By" } th { "What happened" } } }
+                tbody { @for e in events {
+                    tr { td title=(rfc3339(e.at_ms)) { (ago(e.at_ms, now)) } td { code { (e.kind) } } td { (e.actor) } td { (e.message) } }
+                } }
+            }
+        }
+    }
+}
+
+// ---- controllers ----
+
+async fn controllers(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+    let cluster = cluster_name(&state).await?;
+    let racks = rack_views(&state).await?;
+    let content = html! {
+        div.heading {
+            h1 { "Controllers" }
+            @if user.is_admin { a.button.primary href=(format!("{BASE_PATH}/controllers/add")) id="add-rack" { "Add rack controller" } }
+        }
+        @if racks.is_empty() { p.muted { "No rack controllers are registered yet." } } @else {
+            table.controllers id="controllers" {
+                thead { tr { th { "Name" } th { "State" } th { "Last seen" } th { "Version" } th { "Addresses" } th { "Uptime" } th { "CPU load" } th { "Disk free" } } }
+                tbody { @for rack in &racks { (controller_row(rack)) } }
+            }
+        }
+    };
+    Ok(layout(
+        "Controllers",
+        &cluster,
+        Some(&user),
+        Nav::Controllers,
+        content,
+    )
+    .into_response())
+}
+
+fn controller_row(rack: &RackView) -> Markup {
+    let now = now_ms();
+    let state_class = match rack.state {
+        RackState::Online => "online",
+        RackState::Offline => "offline",
+        RackState::NeedsReregistration => "stale",
+    };
+    html! {
+        tr data-rack=(rack.name) {
+            td.name { (rack.name) }
+            td { span class=(format!("badge {state_class}")) data-state=(rack.state.label()) { (rack.state.label()) } }
+            td { @match rack.last_seen_ms { Some(at) => span title=(rfc3339(at)) { (ago(at, now)) }, None => span.muted { "never" } } }
+            @match &rack.health {
+                Some(h) => {
+                    td { (h.version) }
+                    td.addresses { @for a in &h.addresses { div { (a) } } @if h.addresses.is_empty() { @if let Some(r) = &rack.remote_address { (r) } } }
+                    td { (human_duration(h.uptime_s)) }
+                    td { (format!("{:.0} %", h.cpu_load * 100.0)) }
+                    td { (human_bytes(h.disk_free_bytes)) " of " (human_bytes(h.disk_total_bytes)) }
+                }
+                None => { td.muted colspan="5" { "no heartbeat yet" } }
+            }
+        }
+    }
+}
+
+async fn add_controller(
+    State(state): State<AppState>,
+    SessionUser(user): SessionUser,
+    headers: HeaderMap,
+) -> PageResult {
+    if !user.is_admin {
+        return Err(PageError(ApiError::forbidden(
+            "Only administrators can add rack controllers.",
+        )));
+    }
+    let cluster = cluster_name(&state).await?;
+    let url = match &state.config.public_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost:5240");
+            format!("http://{host}{BASE_PATH}")
+        }
+    };
+    let (secret, _) = crate::secret::reconcile(&state.data_dir, &state.store, &user.username)
+        .await
+        .map_err(internal)?;
+    state
+        .store
+        .record_event(
+            "secret.shown",
+            &user.username,
+            &format!(
+                "{} opened 'Add rack controller' (shows the secret)",
+                user.username
+            ),
+        )
+        .await
+        .map_err(internal)?;
+    let command = format!("rackd register --url {url} --secret {}", secret.expose());
+    let content = html! {
+        h1 { "Add rack controller" }
+        section.card {
+            ol.steps {
+                li { "Install " code { "rackd" } " on the rack's box (see the README's operator guide)." }
+                li { "Run this on that box:" pre.command id="register-command" { (command) } }
+                li { "Start it with " code { "rackd serve" } ". It appears on " a href=(format!("{BASE_PATH}/controllers")) { "Controllers" } " within seconds." }
+            }
+            p.hint { "The command holds this region's shared secret: treat it like a password. "
+                "If the secret leaks, run " code { "regiond secret rotate" } " and register every rack again." }
+        }
+    };
+    Ok(layout(
+        "Add rack controller",
+        &cluster,
+        Some(&user),
+        Nav::Controllers,
+        content,
+    )
+    .into_response())
+}
+
+// ---- events and account ----
+
+async fn events(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+    let cluster = cluster_name(&state).await?;
+    let events = state
+        .store
+        .events(EVENTS_PAGE_ROWS)
+        .await
+        .map_err(internal)?;
+    let content = html! { h1 { "Events" } section.card { (events_table(&events)) } };
+    Ok(layout("Events", &cluster, Some(&user), Nav::Events, content).into_response())
+}
+
+async fn account(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+    let cluster = cluster_name(&state).await?;
+    let keys = state.store.api_keys(&user.id).await.map_err(internal)?;
+    let ssh_keys = state.store.ssh_keys(&user.id).await.map_err(internal)?;
+    let content = html! {
+        h1 { (user.username) }
+        section.card {
+            dl { dt { "Email" } dd { (user.email) } dt { "Role" } dd { @if user.is_admin { "administrator" } @else { "user" } } }
+        }
+        section.card {
+            h2 { "API keys" }
+            p.hint { "Send one as " code { "Authorization: Bearer KEY" } " to " code { (BASE_PATH) "/api/v1/" } ". "
+                "On the region, " code { "regiond apikey --username " (user.username) } " prints them too." }
+            @for key in &keys { pre.apikey { (key) } }
+        }
+        section.card {
+            h2 { "SSH keys" }
+            @if ssh_keys.is_empty() { p.muted { "None." } }
+            @for key in &ssh_keys { pre { (key) } }
+        }
+    };
+    Ok(layout(&user.username, &cluster, Some(&user), Nav::Account, content).into_response())
+}
+
+fn human_duration(s: u64) -> String {
+    match s {
+        0..=3599 => format!("{} min", s / 60),
+        3600..=86_399 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} days {} h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
+        assert_eq!(human_duration(125), "2 min");
+        assert_eq!(human_duration(3 * 86_400 + 7200), "3 days 2 h");
+    }
+}
