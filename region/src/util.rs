@@ -1,8 +1,5 @@
 //! Small helpers shared by the region's modules: clocks, random tokens, hashing, private files.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
@@ -33,29 +30,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
-/// Writes `contents` to `path` atomically (temp file + rename) with mode 0600, so a reader sees
-/// the old or the new contents and a secret is never readable by others, not even briefly.
-pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    if let Ok(dir) = std::fs::File::open(dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
-}
+pub use metalrack_api::private_file::write_private_file;
 
 /// "12 s ago", "3 min ago", "5 h ago", "2 days ago": how the UI shows a past time.
 pub fn ago(then_ms: i64, now_ms: i64) -> String {
@@ -77,25 +52,6 @@ pub fn rfc3339(at_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn private_file_is_0600_and_replaced_atomically() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("secret");
-        write_private_file(&path, b"one").unwrap();
-        write_private_file(&path, b"two").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"two");
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "no temp file left behind"
-        );
-    }
 
     #[test]
     fn constant_time_eq_compares_bytes() {

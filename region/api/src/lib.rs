@@ -2,6 +2,8 @@
 //! the registration proof, and the header formats. Both sides compile against this one crate so
 //! they cannot drift apart.
 
+pub mod private_file;
+
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;

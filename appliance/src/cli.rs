@@ -1,0 +1,193 @@
+//! The `rackd` command line: argument parsing and one function per subcommand.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::RackConfig;
+use crate::status::{now_ms, LinkState};
+
+/// The Metalrack rack appliance: registers with a region and serves the machines of its rack.
+///
+/// Register once with the command the region's UI shows (Controllers → Add rack controller),
+/// then run `rackd serve`.
+#[derive(Debug, Parser)]
+#[command(name = "rackd", version, propagate_version = true)]
+pub struct Cli {
+    /// Where the rack keeps its registration and state.
+    #[arg(
+        long,
+        global = true,
+        env = "METALRACK_DATA_DIR",
+        default_value = "/var/lib/metalrack/rack"
+    )]
+    pub data_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register this rack with a region. Registering again replaces the old registration.
+    Register {
+        /// The region's URL, e.g. http://REGION:5240/MAAS
+        #[arg(long)]
+        url: String,
+        /// The region's shared secret (32 hex characters; `regiond secret show` prints it).
+        #[arg(long)]
+        secret: String,
+        /// The rack's name in the region. Default: this machine's hostname.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Run the rack: heartbeats to the region (and later sync and PXE).
+    Serve {
+        /// A TOML config file (see docs/examples/rack.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show the registration and the last heartbeat.
+    Status,
+}
+
+/// Runs the command line and turns an error into one readable line and exit code 2.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Serve { .. }));
+    // The rack's files (credential, state) are for its own eyes only.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("rackd: error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rackd: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(serving: bool) {
+    use std::io::IsTerminal;
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let data_dir = cli.data_dir;
+    match cli.command {
+        Command::Register { url, secret, name } => register(&data_dir, &url, &secret, name).await,
+        Command::Serve { config } => serve(&data_dir, config.as_deref()).await,
+        Command::Status => Ok(status(&data_dir)?),
+    }
+}
+
+async fn register(
+    data_dir: &Path,
+    url: &str,
+    secret: &str,
+    name: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let name = match name {
+        Some(name) => name,
+        None => crate::registration::default_rack_name()?,
+    };
+    let timeout = Duration::from_millis(RackConfig::default().region_request_timeout_ms);
+    let registration = crate::registration::register(url, secret, &name, data_dir, timeout).await?;
+    println!(
+        "Registered rack {:?} (id {}) with region {} (cluster {:?}).\nStart it with: rackd serve",
+        registration.rack_name,
+        registration.rack_id,
+        registration.region_url,
+        registration.cluster_name
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(data_dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = match config {
+        Some(path) => RackConfig::load(path)?,
+        None => RackConfig::default(),
+    };
+    crate::heartbeat::run(data_dir, &config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Prints the registration and heartbeat state. Exit code 1 when not registered, so scripts can test it.
+fn status(data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let Some(registration) = crate::registration::load(data_dir)? else {
+        println!(
+            "registration: not registered (data dir {})",
+            data_dir.display()
+        );
+        return Ok(ExitCode::from(1));
+    };
+    println!(
+        "rack:         {} (id {})",
+        registration.rack_name, registration.rack_id
+    );
+    println!(
+        "region:       {} (cluster {:?})",
+        registration.region_url, registration.cluster_name
+    );
+    println!("registered:   {}", ago(registration.registered_at_ms));
+    match crate::status::load(data_dir) {
+        None => println!("heartbeat:    none yet (is 'rackd serve' running?)"),
+        Some(status) => {
+            let running = Path::new(&format!("/proc/{}", status.pid)).exists();
+            println!(
+                "serve:        {}",
+                if running {
+                    format!("running (pid {})", status.pid)
+                } else {
+                    "not running".to_owned()
+                }
+            );
+            let last_ok = status
+                .last_success_ms
+                .map(ago)
+                .unwrap_or_else(|| "never".to_owned());
+            match status.state {
+                LinkState::Online => println!("heartbeat:    ok, last {last_ok}"),
+                state => println!(
+                    "heartbeat:    {} (last ok {last_ok}): {}",
+                    state.label(),
+                    status.message
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ago(at_ms: i64) -> String {
+    let s = (now_ms() - at_ms).max(0) / 1000;
+    format!("{s} s ago")
+}
