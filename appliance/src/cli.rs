@@ -17,12 +17,7 @@ use crate::status::{now_ms, LinkState};
 #[command(name = "rackd", version, propagate_version = true)]
 pub struct Cli {
     /// Where the rack keeps its registration and state.
-    #[arg(
-        long,
-        global = true,
-        env = "METALRACK_DATA_DIR",
-        default_value = "/var/lib/metalrack/rack"
-    )]
+    #[arg(long, global = true, env = "METALRACK_DATA_DIR", default_value = "/var/lib/metalrack/rack")]
     pub data_dir: PathBuf,
 
     #[command(subcommand)]
@@ -59,11 +54,7 @@ pub fn main() -> ExitCode {
     init_tracing(matches!(cli.command, Command::Serve { .. }));
     // The rack's files (credential, state) are for its own eyes only.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("rackd: error: cannot start the async runtime: {e}");
@@ -100,12 +91,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn register(
-    data_dir: &Path,
-    url: &str,
-    secret: &str,
-    name: Option<String>,
-) -> anyhow::Result<ExitCode> {
+async fn register(data_dir: &Path, url: &str, secret: &str, name: Option<String>) -> anyhow::Result<ExitCode> {
     let name = match name {
         Some(name) => name,
         None => crate::registration::default_rack_name()?,
@@ -114,10 +100,7 @@ async fn register(
     let registration = crate::registration::register(url, secret, &name, data_dir, timeout).await?;
     println!(
         "Registered rack {:?} (id {}) with region {} (cluster {:?}).\nStart it with: rackd serve",
-        registration.rack_name,
-        registration.rack_id,
-        registration.region_url,
-        registration.cluster_name
+        registration.rack_name, registration.rack_id, registration.region_url, registration.cluster_name
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -143,20 +126,11 @@ async fn shutdown_signal() {
 /// Prints the registration and heartbeat state. Exit code 1 when not registered, so scripts can test it.
 fn status(data_dir: &Path) -> anyhow::Result<ExitCode> {
     let Some(registration) = crate::registration::load(data_dir)? else {
-        println!(
-            "registration: not registered (data dir {})",
-            data_dir.display()
-        );
+        println!("registration: not registered (data dir {})", data_dir.display());
         return Ok(ExitCode::from(1));
     };
-    println!(
-        "rack:         {} (id {})",
-        registration.rack_name, registration.rack_id
-    );
-    println!(
-        "region:       {} (cluster {:?})",
-        registration.region_url, registration.cluster_name
-    );
+    println!("rack:         {} (id {})", registration.rack_name, registration.rack_id);
+    println!("region:       {} (cluster {:?})", registration.region_url, registration.cluster_name);
     println!("registered:   {}", ago(registration.registered_at_ms));
     match crate::status::load(data_dir) {
         None => println!("heartbeat:    none yet (is 'rackd serve' running?)"),
@@ -164,23 +138,12 @@ fn status(data_dir: &Path) -> anyhow::Result<ExitCode> {
             let running = Path::new(&format!("/proc/{}", status.pid)).exists();
             println!(
                 "serve:        {}",
-                if running {
-                    format!("running (pid {})", status.pid)
-                } else {
-                    "not running".to_owned()
-                }
+                if running { format!("running (pid {})", status.pid) } else { "not running".to_owned() }
             );
-            let last_ok = status
-                .last_success_ms
-                .map(ago)
-                .unwrap_or_else(|| "never".to_owned());
+            let last_ok = status.last_success_ms.map(ago).unwrap_or_else(|| "never".to_owned());
             match status.state {
                 LinkState::Online => println!("heartbeat:    ok, last {last_ok}"),
-                state => println!(
-                    "heartbeat:    {} (last ok {last_ok}): {}",
-                    state.label(),
-                    status.message
-                ),
+                state => println!("heartbeat:    {} (last ok {last_ok}): {}", state.label(), status.message),
             }
         }
     }

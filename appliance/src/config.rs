@@ -20,26 +20,16 @@ pub struct RackConfig {
 
 impl Default for RackConfig {
     fn default() -> Self {
-        RackConfig {
-            heartbeat_interval_ms: None,
-            retry_backoff_max_ms: 60_000,
-            region_request_timeout_ms: 10_000,
-        }
+        RackConfig { heartbeat_interval_ms: None, retry_backoff_max_ms: 60_000, region_request_timeout_ms: 10_000 }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config file {path} is invalid")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
     #[error("config file {path}: {problem}")]
     Invalid { path: String, problem: &'static str },
 }
@@ -47,19 +37,11 @@ pub enum ConfigError {
 impl RackConfig {
     pub fn load(path: &Path) -> Result<RackConfig, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: name.clone(),
-            source,
-        })?;
-        let config: RackConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: name.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: name.clone(), source })?;
+        let config: RackConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: name.clone(), source })?;
         if config.heartbeat_interval_ms == Some(0) {
-            return Err(ConfigError::Invalid {
-                path: name,
-                problem: "heartbeat_interval_ms must be above 0",
-            });
+            return Err(ConfigError::Invalid { path: name, problem: "heartbeat_interval_ms must be above 0" });
         }
         if config.region_request_timeout_ms == 0 || config.retry_backoff_max_ms == 0 {
             return Err(ConfigError::Invalid {

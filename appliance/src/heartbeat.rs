@@ -38,8 +38,7 @@ struct Link {
 impl Link {
     fn load(data_dir: &Path, timeout: Duration) -> Result<Link, ServeError> {
         let registration = registration::load(data_dir)?.ok_or(ServeError::NotRegistered)?;
-        let url = parse_region_url(&registration.region_url)
-            .map_err(|source| ServeError::RegionUrl { source })?;
+        let url = parse_region_url(&registration.region_url).map_err(|source| ServeError::RegionUrl { source })?;
         Ok(Link {
             client: RegionClient::new(&url, timeout),
             registration,
@@ -62,31 +61,20 @@ pub async fn run(
     let backoff_max = Duration::from_millis(config.retry_backoff_max_ms);
     let mut link = Link::load(data_dir, timeout)?;
     tracing::info!(rack = %link.registration.rack_name, region = %link.registration.region_url, "rack serving");
-    let mut interval = config
-        .heartbeat_interval_ms
-        .map(Duration::from_millis)
-        .unwrap_or(HEARTBEAT_INTERVAL_DEFAULT);
+    let mut interval = config.heartbeat_interval_ms.map(Duration::from_millis).unwrap_or(HEARTBEAT_INTERVAL_DEFAULT);
     let mut backoff = interval;
     let mut last_state: Option<LinkState> = None;
     let mut last_success_ms = None;
     tokio::pin!(shutdown);
     loop {
         let health = crate::health::collect(data_dir);
-        let result = link
-            .client
-            .heartbeat(
-                &link.registration.authorization(),
-                &HeartbeatRequest { health },
-            )
-            .await;
+        let result = link.client.heartbeat(&link.registration.authorization(), &HeartbeatRequest { health }).await;
         let (state, message, wait) = match result {
             Ok(response) => {
                 interval = config
                     .heartbeat_interval_ms
                     .map(Duration::from_millis)
-                    .unwrap_or(Duration::from_millis(
-                        response.heartbeat_interval_ms.max(100),
-                    ));
+                    .unwrap_or(Duration::from_millis(response.heartbeat_interval_ms.max(100)));
                 backoff = interval;
                 last_success_ms = Some(status::now_ms());
                 (LinkState::Online, String::new(), interval)
@@ -128,8 +116,7 @@ pub async fn run(
         // Wait, but wake early for shutdown or for a new registration.
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let step = REGISTRATION_POLL
-                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let step = REGISTRATION_POLL.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
                 _ = &mut shutdown => {
                     tracing::info!("rack stopping");

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use metalrack_api::{
-    ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse,
-    RegisterRequest, RegisterResponse, API_PREFIX,
+    ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
+    RegisterResponse, API_PREFIX,
 };
 use reqwest::{StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -18,15 +18,8 @@ pub enum RegionError {
     #[error("cannot reach the region at {url}")]
     Unreachable { url: String, source: reqwest::Error },
     #[error("the region at {url} refused: {message}")]
-    Refused {
-        url: String,
-        status: StatusCode,
-        message: String,
-        code: Option<String>,
-    },
-    #[error(
-        "{url} answered {status} but not as a Metalrack region; check the URL (it ends in /MAAS)"
-    )]
+    Refused { url: String, status: StatusCode, message: String, code: Option<String> },
+    #[error("{url} answered {status} but not as a Metalrack region; check the URL (it ends in /MAAS)")]
     NotARegion { url: String, status: StatusCode },
 }
 
@@ -39,10 +32,7 @@ impl RegionError {
 
 /// Checks and normalises a region URL as operators type it: `http://HOST:5240/MAAS[/]`.
 pub fn parse_region_url(text: &str) -> Result<Url, RegionError> {
-    let bad = |reason: &str| RegionError::BadUrl {
-        url: text.to_owned(),
-        reason: reason.to_owned(),
-    };
+    let bad = |reason: &str| RegionError::BadUrl { url: text.to_owned(), reason: reason.to_owned() };
     let mut url = Url::parse(text.trim()).map_err(|e| bad(&e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(bad("the scheme must be http or https"));
@@ -73,23 +63,14 @@ impl RegionClient {
             .user_agent(concat!("rackd/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("an HTTP client without TLS options builds");
-        RegionClient {
-            http,
-            base: region_url.as_str().trim_end_matches('/').to_owned(),
-        }
+        RegionClient { http, base: region_url.as_str().trim_end_matches('/').to_owned() }
     }
 
-    pub async fn challenge(
-        &self,
-        request: &ChallengeRequest,
-    ) -> Result<ChallengeResponse, RegionError> {
+    pub async fn challenge(&self, request: &ChallengeRequest) -> Result<ChallengeResponse, RegionError> {
         self.post("/racks/challenge", None, request).await
     }
 
-    pub async fn register(
-        &self,
-        request: &RegisterRequest,
-    ) -> Result<RegisterResponse, RegionError> {
+    pub async fn register(&self, request: &RegisterRequest) -> Result<RegisterResponse, RegionError> {
         self.post("/racks/register", None, request).await
     }
 
@@ -98,8 +79,7 @@ impl RegionClient {
         authorization: &str,
         request: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, RegionError> {
-        self.post("/racks/heartbeat", Some(authorization), request)
-            .await
+        self.post("/racks/heartbeat", Some(authorization), request).await
     }
 
     async fn post<Req: Serialize, Resp: DeserializeOwned>(
@@ -113,30 +93,19 @@ impl RegionClient {
         if let Some(value) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
-        let unreachable = |source| RegionError::Unreachable {
-            url: self.base.clone(),
-            source,
-        };
+        let unreachable = |source| RegionError::Unreachable { url: self.base.clone(), source };
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(unreachable)?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|_| RegionError::NotARegion {
-                url: self.base.clone(),
-                status,
-            });
+            return serde_json::from_slice(&bytes)
+                .map_err(|_| RegionError::NotARegion { url: self.base.clone(), status });
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => Err(RegionError::Refused {
-                url: self.base.clone(),
-                status,
-                message: body.error,
-                code: body.code,
-            }),
-            Err(_) => Err(RegionError::NotARegion {
-                url: self.base.clone(),
-                status,
-            }),
+            Ok(body) => {
+                Err(RegionError::Refused { url: self.base.clone(), status, message: body.error, code: body.code })
+            }
+            Err(_) => Err(RegionError::NotARegion { url: self.base.clone(), status }),
         }
     }
 }
@@ -147,23 +116,9 @@ mod tests {
 
     #[test]
     fn region_urls() {
-        assert_eq!(
-            parse_region_url("http://10.0.0.1:5240/MAAS/")
-                .unwrap()
-                .as_str(),
-            "http://10.0.0.1:5240/MAAS"
-        );
-        assert_eq!(
-            parse_region_url("https://region/MAAS").unwrap().as_str(),
-            "https://region/MAAS"
-        );
-        for bad in [
-            "region:5240/MAAS",
-            "ftp://region/MAAS",
-            "http:///MAAS",
-            "not a url",
-            "http://r/MAAS?x=1",
-        ] {
+        assert_eq!(parse_region_url("http://10.0.0.1:5240/MAAS/").unwrap().as_str(), "http://10.0.0.1:5240/MAAS");
+        assert_eq!(parse_region_url("https://region/MAAS").unwrap().as_str(), "https://region/MAAS");
+        for bad in ["region:5240/MAAS", "ftp://region/MAAS", "http:///MAAS", "not a url", "http://r/MAAS?x=1"] {
             let err = parse_region_url(bad).unwrap_err();
             assert!(matches!(err, RegionError::BadUrl { .. }), "{bad}: {err}");
         }

@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use metalrack_api::private_file::write_private_file;
-use metalrack_api::{
-    registration_proof, validate_rack_name, ChallengeRequest, RegisterRequest, Secret, SecretError,
-};
+use metalrack_api::{registration_proof, validate_rack_name, ChallengeRequest, RegisterRequest, Secret, SecretError};
 use serde::{Deserialize, Serialize};
 
 use crate::region_client::{parse_region_url, RegionClient, RegionError};
@@ -55,20 +53,11 @@ pub enum RegistrationError {
     #[error("the region sent a challenge nonce that is not hex")]
     BadNonce,
     #[error("cannot write {path}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is damaged; run 'rackd register' again")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
 }
 
 pub fn registration_path(data_dir: &Path) -> PathBuf {
@@ -79,9 +68,7 @@ pub fn registration_path(data_dir: &Path) -> PathBuf {
 pub fn load(data_dir: &Path) -> Result<Option<Registration>, RegistrationError> {
     let path = registration_path(data_dir);
     match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text)
-            .map(Some)
-            .map_err(|source| RegistrationError::Parse { path, source }),
+        Ok(text) => toml::from_str(&text).map(Some).map_err(|source| RegistrationError::Parse { path, source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(RegistrationError::Read { path, source }),
     }
@@ -89,10 +76,7 @@ pub fn load(data_dir: &Path) -> Result<Option<Registration>, RegistrationError> 
 
 fn save(data_dir: &Path, registration: &Registration) -> Result<(), RegistrationError> {
     let path = registration_path(data_dir);
-    let write = |source| RegistrationError::Write {
-        path: path.clone(),
-        source,
-    };
+    let write = |source| RegistrationError::Write { path: path.clone(), source };
     std::fs::create_dir_all(data_dir).map_err(write)?;
     let text = toml::to_string(registration).expect("a registration serializes");
     write_private_file(&path, text.as_bytes()).map_err(write)
@@ -100,14 +84,8 @@ fn save(data_dir: &Path, registration: &Registration) -> Result<(), Registration
 
 /// This machine's hostname, the default rack name.
 pub fn default_rack_name() -> Result<String, RegistrationError> {
-    let name =
-        nix::unistd::gethostname().map_err(|source| RegistrationError::Hostname { source })?;
-    Ok(name
-        .to_string_lossy()
-        .split('.')
-        .next()
-        .unwrap_or_default()
-        .to_owned())
+    let name = nix::unistd::gethostname().map_err(|source| RegistrationError::Hostname { source })?;
+    Ok(name.to_string_lossy().split('.').next().unwrap_or_default().to_owned())
 }
 
 /// Registers with the region at `url` and saves the registration in `data_dir`. Everything is
@@ -123,20 +101,11 @@ pub async fn register(
     let secret = Secret::parse(secret).map_err(|source| RegistrationError::Secret { source })?;
     validate_rack_name(rack_name).map_err(|reason| RegistrationError::Name { reason })?;
     let client = RegionClient::new(&region_url, timeout);
-    let challenge = client
-        .challenge(&ChallengeRequest {
-            name: rack_name.to_owned(),
-        })
-        .await?;
+    let challenge = client.challenge(&ChallengeRequest { name: rack_name.to_owned() }).await?;
     let nonce = hex::decode(&challenge.nonce).map_err(|_| RegistrationError::BadNonce)?;
     let proof = hex::encode(registration_proof(&secret, &nonce, rack_name));
-    let response = client
-        .register(&RegisterRequest {
-            name: rack_name.to_owned(),
-            nonce: challenge.nonce,
-            proof,
-        })
-        .await?;
+    let response =
+        client.register(&RegisterRequest { name: rack_name.to_owned(), nonce: challenge.nonce, proof }).await?;
     let registration = Registration {
         region_url: region_url.to_string(),
         rack_name: rack_name.to_owned(),
@@ -172,26 +141,11 @@ mod tests {
         let data_dir = dir.path().join("rack");
         let timeout = std::time::Duration::from_secs(1);
         let secret = "00112233445566778899aabbccddeeff";
-        let err = register("nonsense", secret, "r1", &data_dir, timeout)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, RegistrationError::Region(RegionError::BadUrl { .. })),
-            "{err}"
-        );
-        let err = register("http://127.0.0.1:1/MAAS", "abc", "r1", &data_dir, timeout)
-            .await
-            .unwrap_err();
+        let err = register("nonsense", secret, "r1", &data_dir, timeout).await.unwrap_err();
+        assert!(matches!(err, RegistrationError::Region(RegionError::BadUrl { .. })), "{err}");
+        let err = register("http://127.0.0.1:1/MAAS", "abc", "r1", &data_dir, timeout).await.unwrap_err();
         assert!(matches!(err, RegistrationError::Secret { .. }), "{err}");
-        let err = register(
-            "http://127.0.0.1:1/MAAS",
-            secret,
-            "bad name",
-            &data_dir,
-            timeout,
-        )
-        .await
-        .unwrap_err();
+        let err = register("http://127.0.0.1:1/MAAS", secret, "bad name", &data_dir, timeout).await.unwrap_err();
         assert!(matches!(err, RegistrationError::Name { .. }), "{err}");
         assert!(!data_dir.exists());
     }

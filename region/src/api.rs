@@ -10,9 +10,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metalrack_api::{
-    validate_rack_name, verify_registration_proof, AccountView, ChallengeRequest,
-    ChallengeResponse, EventView, HeartbeatRequest, HeartbeatResponse, RackState, RackView,
-    RegisterRequest, RegisterResponse, NONCE_LEN_BYTES,
+    validate_rack_name, verify_registration_proof, AccountView, ChallengeRequest, ChallengeResponse, EventView,
+    HeartbeatRequest, HeartbeatResponse, RackState, RackView, RegisterRequest, RegisterResponse, NONCE_LEN_BYTES,
 };
 use serde::Deserialize;
 
@@ -74,13 +73,7 @@ async fn challenge(
             "too many registrations in progress; try again in a minute",
         ));
     }
-    challenges.insert(
-        nonce.clone(),
-        PendingChallenge {
-            rack_name: request.name,
-            issued: Instant::now(),
-        },
-    );
+    challenges.insert(nonce.clone(), PendingChallenge { rack_name: request.name, issued: Instant::now() });
     Ok(Json(ChallengeResponse { nonce }))
 }
 
@@ -94,31 +87,16 @@ async fn register(
     let pending = state.challenges.lock().await.remove(&request.nonce);
     let pending = match pending {
         Some(p) if p.issued.elapsed() < CHALLENGE_LIFETIME && p.rack_name == request.name => p,
-        _ => {
-            return Err(ApiError::bad_request(
-                "unknown or expired challenge nonce: ask for a new challenge",
-            ))
-        }
+        _ => return Err(ApiError::bad_request("unknown or expired challenge nonce: ask for a new challenge")),
     };
-    let nonce =
-        hex::decode(&request.nonce).map_err(|_| ApiError::bad_request("nonce is not hex"))?;
-    let proof =
-        hex::decode(&request.proof).map_err(|_| ApiError::bad_request("proof is not hex"))?;
-    let (secret, generation) = crate::secret::reconcile(&state.data_dir, &state.store, "region")
-        .await
-        .map_err(|e| ApiError::internal(e))?;
+    let nonce = hex::decode(&request.nonce).map_err(|_| ApiError::bad_request("nonce is not hex"))?;
+    let proof = hex::decode(&request.proof).map_err(|_| ApiError::bad_request("proof is not hex"))?;
+    let (secret, generation) =
+        crate::secret::reconcile(&state.data_dir, &state.store, "region").await.map_err(|e| ApiError::internal(e))?;
     if !verify_registration_proof(&secret, &nonce, &pending.rack_name, &proof) {
-        let message = format!(
-            "rack {:?} from {} refused: wrong secret",
-            request.name,
-            peer.ip()
-        );
+        let message = format!("rack {:?} from {} refused: wrong secret", request.name, peer.ip());
         tracing::warn!(rack = %request.name, peer = %peer.ip(), "registration refused: wrong secret");
-        state
-            .store
-            .record_event("rack.refused", &request.name, &message)
-            .await
-            .map_err(ApiError::internal)?;
+        state.store.record_event("rack.refused", &request.name, &message).await.map_err(ApiError::internal)?;
         return Err(ApiError::forbidden(
             "wrong secret: the proof does not match this region's shared secret (see 'regiond secret show' on the region)",
         ));
@@ -126,34 +104,18 @@ async fn register(
     let credential = random_hex(32);
     let (rack_id, replaced) = state
         .store
-        .register_rack(
-            &request.name,
-            &sha256_hex(credential.as_bytes()),
-            generation,
-        )
+        .register_rack(&request.name, &sha256_hex(credential.as_bytes()), generation)
         .await
         .map_err(ApiError::internal)?;
-    let verb = if replaced {
-        "registered again (replacing its old registration)"
-    } else {
-        "registered"
-    };
+    let verb = if replaced { "registered again (replacing its old registration)" } else { "registered" };
     tracing::info!(rack = %request.name, %rack_id, peer = %peer.ip(), replaced, "rack registered");
     state
         .store
-        .record_event(
-            "rack.registered",
-            &request.name,
-            &format!("rack {:?} {verb} from {}", request.name, peer.ip()),
-        )
+        .record_event("rack.registered", &request.name, &format!("rack {:?} {verb} from {}", request.name, peer.ip()))
         .await
         .map_err(ApiError::internal)?;
     let cluster_name = cluster_name(&state).await?;
-    Ok(Json(RegisterResponse {
-        rack_id,
-        credential,
-        cluster_name,
-    }))
+    Ok(Json(RegisterResponse { rack_id, credential, cluster_name }))
 }
 
 async fn heartbeat(
@@ -162,8 +124,7 @@ async fn heartbeat(
     AuthedRack(rack): AuthedRack,
     ApiJson(request): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
-    let was_offline =
-        rack_state(&state, &rack, current_generation(&state).await?, now_ms()) != RackState::Online;
+    let was_offline = rack_state(&state, &rack, current_generation(&state).await?, now_ms()) != RackState::Online;
     state
         .store
         .record_heartbeat(&rack.id, &request.health, &peer.ip().to_string())
@@ -175,23 +136,15 @@ async fn heartbeat(
             .record_event(
                 "rack.online",
                 &rack.name,
-                &format!(
-                    "rack {:?} is online (version {})",
-                    rack.name, request.health.version
-                ),
+                &format!("rack {:?} is online (version {})", rack.name, request.health.version),
             )
             .await
             .map_err(ApiError::internal)?;
     }
-    Ok(Json(HeartbeatResponse {
-        heartbeat_interval_ms: state.config.rack_heartbeat_interval_ms,
-    }))
+    Ok(Json(HeartbeatResponse { heartbeat_interval_ms: state.config.rack_heartbeat_interval_ms }))
 }
 
-async fn list_racks(
-    State(state): State<AppState>,
-    _user: ApiUser,
-) -> Result<Json<Vec<RackView>>, ApiError> {
+async fn list_racks(State(state): State<AppState>, _user: ApiUser) -> Result<Json<Vec<RackView>>, ApiError> {
     Ok(Json(rack_views(&state).await?))
 }
 
@@ -207,44 +160,18 @@ async fn list_events(
 ) -> Result<Json<Vec<EventView>>, ApiError> {
     let limit = query.limit.unwrap_or(100);
     if !(1..=EVENTS_PAGE_MAX).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be between 1 and {EVENTS_PAGE_MAX}"
-        )));
+        return Err(ApiError::bad_request(format!("limit must be between 1 and {EVENTS_PAGE_MAX}")));
     }
-    Ok(Json(
-        state
-            .store
-            .events(limit)
-            .await
-            .map_err(ApiError::internal)?,
-    ))
+    Ok(Json(state.store.events(limit).await.map_err(ApiError::internal)?))
 }
 
-async fn account(
-    State(state): State<AppState>,
-    ApiUser(user): ApiUser,
-) -> Result<Json<AccountView>, ApiError> {
-    let ssh_keys = state
-        .store
-        .ssh_keys(&user.id)
-        .await
-        .map_err(ApiError::internal)?;
-    Ok(Json(AccountView {
-        username: user.username,
-        email: user.email,
-        is_admin: user.is_admin,
-        ssh_keys,
-    }))
+async fn account(State(state): State<AppState>, ApiUser(user): ApiUser) -> Result<Json<AccountView>, ApiError> {
+    let ssh_keys = state.store.ssh_keys(&user.id).await.map_err(ApiError::internal)?;
+    Ok(Json(AccountView { username: user.username, email: user.email, is_admin: user.is_admin, ssh_keys }))
 }
 
 pub async fn current_generation(state: &AppState) -> Result<i64, ApiError> {
-    Ok(state
-        .store
-        .secret_state()
-        .await
-        .map_err(ApiError::internal)?
-        .map(|s| s.generation)
-        .unwrap_or(0))
+    Ok(state.store.secret_state().await.map_err(ApiError::internal)?.map(|s| s.generation).unwrap_or(0))
 }
 
 pub async fn cluster_name(state: &AppState) -> Result<String, ApiError> {

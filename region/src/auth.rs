@@ -1,9 +1,7 @@
 //! Credentials: password hashing (argon2id), session and rack tokens, and the extractors that
 //! authenticate UI sessions, API keys and racks on each request.
 
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -44,10 +42,7 @@ pub fn hash_password(password: &str) -> Result<String, PasswordError> {
         return Err(PasswordError::TooLong);
     }
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(PasswordError::Hash)
+    Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(PasswordError::Hash)
 }
 
 /// Checks a password against a stored PHC hash (argon2's comparison is constant-time).
@@ -56,9 +51,7 @@ pub fn verify_password(password_hash: &str, password: &str) -> bool {
         return false;
     }
     match PasswordHash::new(password_hash) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
+        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
         Err(_) => false,
     }
 }
@@ -70,20 +63,13 @@ pub struct SessionUser(pub User);
 impl FromRequestParts<AppState> for SessionUser {
     type Rejection = Response;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let jar = CookieJar::from_headers(&parts.headers);
         let login = || Redirect::to(&format!("{}/login", crate::server::BASE_PATH)).into_response();
         let Some(cookie) = jar.get(SESSION_COOKIE) else {
             return Err(login());
         };
-        match state
-            .store
-            .session_user(&sha256_hex(cookie.value().as_bytes()))
-            .await
-        {
+        match state.store.session_user(&sha256_hex(cookie.value().as_bytes())).await {
             Ok(Some(user)) => Ok(SessionUser(user)),
             Ok(None) => Err(login()),
             Err(e) => {
@@ -101,38 +87,18 @@ pub struct ApiUser(pub User);
 impl FromRequestParts<AppState> for ApiUser {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let missing = || {
-            ApiError::unauthorized(
-                "this endpoint needs an API key: send 'Authorization: Bearer API_KEY'",
-            )
-        };
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(missing)?;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let missing = || ApiError::unauthorized("this endpoint needs an API key: send 'Authorization: Bearer API_KEY'");
+        let value = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(missing)?;
         let key = value.strip_prefix("Bearer ").ok_or_else(missing)?;
         let invalid = || ApiError::unauthorized("invalid API key");
         let (key_id, key_secret) = key.split_once('.').ok_or_else(invalid)?;
-        let (stored_secret, user_id) = state
-            .store
-            .api_key(key_id)
-            .await
-            .map_err(ApiError::internal)?
-            .ok_or_else(invalid)?;
+        let (stored_secret, user_id) =
+            state.store.api_key(key_id).await.map_err(ApiError::internal)?.ok_or_else(invalid)?;
         if !constant_time_eq(stored_secret.as_bytes(), key_secret.as_bytes()) {
             return Err(invalid());
         }
-        let user = state
-            .store
-            .user_by_id(&user_id)
-            .await
-            .map_err(ApiError::internal)?
-            .ok_or_else(invalid)?;
+        let user = state.store.user_by_id(&user_id).await.map_err(ApiError::internal)?.ok_or_else(invalid)?;
         Ok(ApiUser(user))
     }
 }
@@ -145,46 +111,23 @@ pub struct AuthedRack(pub RackRow);
 impl FromRequestParts<AppState> for AuthedRack {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let missing = || {
-            ApiError::unauthorized(
-                "this endpoint needs a rack credential: send 'Authorization: Rack ID:CREDENTIAL'",
+            ApiError::unauthorized("this endpoint needs a rack credential: send 'Authorization: Rack ID:CREDENTIAL'")
+        };
+        let value = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(missing)?;
+        let (rack_id, credential) = value.strip_prefix("Rack ").and_then(|v| v.split_once(':')).ok_or_else(missing)?;
+        let unknown = || {
+            ApiError::reregister(
+                "this rack's credential is not known to the region (it was replaced or removed): register again",
             )
         };
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(missing)?;
-        let (rack_id, credential) = value
-            .strip_prefix("Rack ")
-            .and_then(|v| v.split_once(':'))
-            .ok_or_else(missing)?;
-        let unknown = || {
-            ApiError::reregister("this rack's credential is not known to the region (it was replaced or removed): register again")
-        };
-        let rack = state
-            .store
-            .rack(rack_id)
-            .await
-            .map_err(ApiError::internal)?
-            .ok_or_else(unknown)?;
-        if !constant_time_eq(
-            rack.credential_hash.as_bytes(),
-            sha256_hex(credential.as_bytes()).as_bytes(),
-        ) {
+        let rack = state.store.rack(rack_id).await.map_err(ApiError::internal)?.ok_or_else(unknown)?;
+        if !constant_time_eq(rack.credential_hash.as_bytes(), sha256_hex(credential.as_bytes()).as_bytes()) {
             return Err(unknown());
         }
-        let generation = state
-            .store
-            .secret_state()
-            .await
-            .map_err(ApiError::internal)?
-            .map(|s| s.generation)
-            .unwrap_or(0);
+        let generation =
+            state.store.secret_state().await.map_err(ApiError::internal)?.map(|s| s.generation).unwrap_or(0);
         if rack.secret_generation != generation {
             state.note_stale_rack(&rack, generation).await;
             return Err(ApiError::reregister(
@@ -212,21 +155,12 @@ mod tests {
 
     #[test]
     fn same_password_gets_different_salts() {
-        assert_ne!(
-            hash_password("password1").unwrap(),
-            hash_password("password1").unwrap()
-        );
+        assert_ne!(hash_password("password1").unwrap(), hash_password("password1").unwrap());
     }
 
     #[test]
     fn password_length_bounds() {
-        assert!(matches!(
-            hash_password("short"),
-            Err(PasswordError::TooShort)
-        ));
-        assert!(matches!(
-            hash_password(&"x".repeat(PASSWORD_LEN_MAX + 1)),
-            Err(PasswordError::TooLong)
-        ));
+        assert!(matches!(hash_password("short"), Err(PasswordError::TooShort)));
+        assert!(matches!(hash_password(&"x".repeat(PASSWORD_LEN_MAX + 1)), Err(PasswordError::TooLong)));
     }
 }

@@ -20,12 +20,7 @@ use crate::store::{NewUser, Store, StoreError};
 #[command(name = "regiond", version, propagate_version = true)]
 pub struct Cli {
     /// Where the region keeps its database and secret.
-    #[arg(
-        long,
-        global = true,
-        env = "METALRACK_DATA_DIR",
-        default_value = "/var/lib/metalrack/region"
-    )]
+    #[arg(long, global = true, env = "METALRACK_DATA_DIR", default_value = "/var/lib/metalrack/region")]
     pub data_dir: PathBuf,
 
     #[command(subcommand)]
@@ -118,12 +113,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data_dir = cli.data_dir;
     match cli.command {
         Command::Serve { listen, config } => serve(&data_dir, listen, config.as_deref()).await,
-        Command::Createadmin {
-            username,
-            password,
-            email,
-            ssh_keys,
-        } => createadmin(&data_dir, username, password, email, ssh_keys).await,
+        Command::Createadmin { username, password, email, ssh_keys } => {
+            createadmin(&data_dir, username, password, email, ssh_keys).await
+        }
         Command::Secret { action } => secret(&data_dir, action).await,
         Command::Apikey { username, new } => apikey(&data_dir, &username, new).await,
     }
@@ -168,10 +160,7 @@ struct Prompter {
 
 impl Prompter {
     fn new() -> Prompter {
-        Prompter {
-            interactive: std::io::stdin().is_terminal(),
-            lines: std::io::stdin().lock().lines(),
-        }
+        Prompter { interactive: std::io::stdin().is_terminal(), lines: std::io::stdin().lock().lines() }
     }
 
     fn ask(&mut self, prompt: &str) -> anyhow::Result<String> {
@@ -181,9 +170,7 @@ impl Prompter {
         }
         match self.lines.next() {
             Some(line) => Ok(line?.trim().to_owned()),
-            None => bail!(
-                "no answer for {prompt:?} (standard input ended); pass it as an option instead"
-            ),
+            None => bail!("no answer for {prompt:?} (standard input ended); pass it as an option instead"),
         }
     }
 
@@ -193,9 +180,7 @@ impl Prompter {
         } else {
             match self.lines.next() {
                 Some(line) => Ok(line?),
-                None => bail!(
-                    "no answer for {prompt:?} (standard input ended); pass it as an option instead"
-                ),
+                None => bail!("no answer for {prompt:?} (standard input ended); pass it as an option instead"),
             }
         }
     }
@@ -258,13 +243,7 @@ async fn createadmin(
         }
         Err(e) => return Err(e.into()),
     }
-    store
-        .record_event(
-            "user.created",
-            "regiond createadmin",
-            &format!("administrator {username:?} created"),
-        )
-        .await?;
+    store.record_event("user.created", "regiond createadmin", &format!("administrator {username:?} created")).await?;
     store.close().await;
     println!("Created administrator {username:?}. Log in at http://HOST:5240/MAAS/");
     Ok(ExitCode::SUCCESS)
@@ -274,9 +253,7 @@ fn validate_username(username: &str) -> anyhow::Result<()> {
     if username.is_empty() || username.len() > 150 {
         bail!("a username has 1 to 150 characters");
     }
-    if let Some(c) = username
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '@' | '+' | '-' | '_')))
+    if let Some(c) = username.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '@' | '+' | '-' | '_')))
     {
         bail!("a username holds letters, digits and . @ + - _, not {c:?}");
     }
@@ -335,9 +312,7 @@ async fn apikey(data_dir: &Path, username: &str, new: bool) -> anyhow::Result<Ex
     let user = store
         .user_by_username(username)
         .await?
-        .ok_or_else(|| StoreError::NoSuchUser {
-            username: username.to_owned(),
-        })?;
+        .ok_or_else(|| StoreError::NoSuchUser { username: username.to_owned() })?;
     if new {
         println!("{}", store.create_api_key(&user.id).await?);
     } else {
@@ -363,27 +338,11 @@ mod tests {
 
     #[test]
     fn cli_parses_contract() {
-        let cli = Cli::try_parse_from(["regiond", "--data-dir", "/tmp/x", "secret", "set", "00"])
-            .unwrap();
-        assert!(matches!(
-            cli.command,
-            Command::Secret {
-                action: SecretAction::Set { .. }
-            }
-        ));
-        let cli = Cli::try_parse_from([
-            "regiond",
-            "createadmin",
-            "--username",
-            "u",
-            "--ssh-key",
-            "a",
-            "--ssh-key",
-            "b",
-        ])
-        .unwrap();
-        assert!(
-            matches!(cli.command, Command::Createadmin { ref ssh_keys, .. } if ssh_keys.len() == 2)
-        );
+        let cli = Cli::try_parse_from(["regiond", "--data-dir", "/tmp/x", "secret", "set", "00"]).unwrap();
+        assert!(matches!(cli.command, Command::Secret { action: SecretAction::Set { .. } }));
+        let cli =
+            Cli::try_parse_from(["regiond", "createadmin", "--username", "u", "--ssh-key", "a", "--ssh-key", "b"])
+                .unwrap();
+        assert!(matches!(cli.command, Command::Createadmin { ref ssh_keys, .. } if ssh_keys.len() == 2));
     }
 }

@@ -39,15 +39,9 @@ impl Default for RegionConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config file {path} is invalid")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
     #[error("config file {path}: {problem}")]
     Invalid { path: String, problem: String },
 }
@@ -55,18 +49,10 @@ pub enum ConfigError {
 impl RegionConfig {
     pub fn load(path: &Path) -> Result<RegionConfig, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: name.clone(),
-            source,
-        })?;
-        let config: RegionConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: name.clone(),
-            source,
-        })?;
-        config.check().map_err(|problem| ConfigError::Invalid {
-            path: name,
-            problem,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: name.clone(), source })?;
+        let config: RegionConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: name.clone(), source })?;
+        config.check().map_err(|problem| ConfigError::Invalid { path: name, problem })?;
         Ok(config)
     }
 
@@ -75,15 +61,11 @@ impl RegionConfig {
             return Err("rack_heartbeat_interval_ms must be above 0".into());
         }
         if self.rack_offline_after_ms <= self.rack_heartbeat_interval_ms {
-            return Err(
-                "rack_offline_after_ms must be longer than rack_heartbeat_interval_ms".into(),
-            );
+            return Err("rack_offline_after_ms must be longer than rack_heartbeat_interval_ms".into());
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(format!(
-                    "public_url {url:?} must start with http:// or https://"
-                ));
+                return Err(format!("public_url {url:?} must start with http:// or https://"));
             }
         }
         Ok(())
@@ -109,11 +91,8 @@ mod tests {
 
     #[test]
     fn offline_threshold_must_exceed_interval() {
-        let config = RegionConfig {
-            rack_offline_after_ms: 1000,
-            rack_heartbeat_interval_ms: 1000,
-            ..Default::default()
-        };
+        let config =
+            RegionConfig { rack_offline_after_ms: 1000, rack_heartbeat_interval_ms: 1000, ..Default::default() };
         assert!(config.check().is_err());
     }
 }

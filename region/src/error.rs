@@ -14,13 +14,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            body: ErrorBody {
-                error: message.into(),
-                code: None,
-            },
-        }
+        ApiError { status, body: ErrorBody { error: message.into(), code: None } }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -49,10 +43,7 @@ impl ApiError {
     /// An internal failure: the details go to the log, the client learns only that it happened.
     pub fn internal(error: impl std::error::Error) -> ApiError {
         tracing::error!(error = %chain(&error), "internal error");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error; see the region's log",
-        )
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the region's log")
     }
 }
 

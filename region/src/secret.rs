@@ -16,17 +16,11 @@ pub const SECRET_FILE: &str = "secret";
 #[derive(Debug, thiserror::Error)]
 pub enum SecretFileError {
     #[error("cannot read secret file {path}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("secret file {path} is not a valid secret")]
     Invalid { path: PathBuf, source: SecretError },
     #[error("cannot write secret file {path}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("cannot record the secret in the database")]
     Store { source: StoreError },
 }
@@ -47,18 +41,13 @@ pub fn load_or_create(data_dir: &Path) -> Result<Secret, SecretFileError> {
     let path = secret_path(data_dir);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let secret = Secret::parse(&text).map_err(|source| SecretFileError::Invalid {
-                path: path.clone(),
-                source,
-            })?;
+            let secret =
+                Secret::parse(&text).map_err(|source| SecretFileError::Invalid { path: path.clone(), source })?;
             if let Ok(meta) = std::fs::metadata(&path) {
                 if meta.permissions().mode() & 0o077 != 0 {
                     tracing::warn!(path = %path.display(), "secret file was readable by others; setting mode 0600");
                     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                        .map_err(|source| SecretFileError::Write {
-                            path: path.clone(),
-                            source,
-                        })?;
+                        .map_err(|source| SecretFileError::Write { path: path.clone(), source })?;
                 }
             }
             Ok(secret)
@@ -75,13 +64,9 @@ pub fn load_or_create(data_dir: &Path) -> Result<Secret, SecretFileError> {
 
 pub fn write(data_dir: &Path, secret: &Secret) -> Result<(), SecretFileError> {
     let path = secret_path(data_dir);
-    std::fs::create_dir_all(data_dir).map_err(|source| SecretFileError::Write {
-        path: path.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(data_dir).map_err(|source| SecretFileError::Write { path: path.clone(), source })?;
     let text = format!("{}\n", secret.expose());
-    write_private_file(&path, text.as_bytes())
-        .map_err(|source| SecretFileError::Write { path, source })
+    write_private_file(&path, text.as_bytes()).map_err(|source| SecretFileError::Write { path, source })
 }
 
 /// A one-way fingerprint of the secret, stored in the database to notice a changed file.
@@ -92,28 +77,17 @@ pub fn fingerprint(secret: &Secret) -> String {
 /// Loads the secret file and makes it the one in force: when it differs from the last one seen,
 /// the generation goes up (every rack must register again) and an event records it.
 /// Returns the secret and its generation.
-pub async fn reconcile(
-    data_dir: &Path,
-    store: &Store,
-    actor: &str,
-) -> Result<(Secret, i64), SecretFileError> {
+pub async fn reconcile(data_dir: &Path, store: &Store, actor: &str) -> Result<(Secret, i64), SecretFileError> {
     let secret = load_or_create(data_dir)?;
-    let (generation, changed) = store
-        .adopt_secret(&fingerprint(&secret))
-        .await
-        .map_err(|source| SecretFileError::Store { source })?;
+    let (generation, changed) =
+        store.adopt_secret(&fingerprint(&secret)).await.map_err(|source| SecretFileError::Store { source })?;
     if changed {
-        tracing::warn!(
-            generation,
-            "the shared secret changed; racks registered under the old one must register again"
-        );
+        tracing::warn!(generation, "the shared secret changed; racks registered under the old one must register again");
         store
             .record_event(
                 "secret.changed",
                 actor,
-                &format!(
-                    "shared secret changed (generation {generation}); racks must register again"
-                ),
+                &format!("shared secret changed (generation {generation}); racks must register again"),
             )
             .await
             .map_err(|source| SecretFileError::Store { source })?;
@@ -131,10 +105,7 @@ mod tests {
         let first = load_or_create(dir.path()).unwrap();
         let second = load_or_create(dir.path()).unwrap();
         assert_eq!(first, second);
-        let mode = std::fs::metadata(secret_path(dir.path()))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(secret_path(dir.path())).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(first.expose().len(), 32);
     }
@@ -147,10 +118,7 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let secret = load_or_create(dir.path()).unwrap();
         assert_eq!(secret.expose(), "abcdef0123456789abcdef0123456789");
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]

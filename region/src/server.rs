@@ -63,21 +63,11 @@ impl AppState {
 
     /// Records (once) that a rack registered under an older secret was refused.
     pub async fn note_stale_rack(&self, rack: &RackRow, generation: i64) {
-        let first = self
-            .stale_racks_reported
-            .lock()
-            .await
-            .insert((rack.id.clone(), generation));
+        let first = self.stale_racks_reported.lock().await.insert((rack.id.clone(), generation));
         if first {
-            let message = format!(
-                "rack {:?} refused: registered under an older secret; it must register again",
-                rack.name
-            );
-            if let Err(e) = self
-                .store
-                .record_event("rack.refused", &rack.name, &message)
-                .await
-            {
+            let message =
+                format!("rack {:?} refused: registered under an older secret; it must register again", rack.name);
+            if let Err(e) = self.store.record_event("rack.refused", &rack.name, &message).await {
                 tracing::error!(error = %crate::error::chain(&e), "cannot record event");
             }
         }
@@ -88,14 +78,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest(&format!("{BASE_PATH}/api/v1"), crate::api::router())
         .merge(crate::ui::router())
-        .route(
-            "/",
-            get(|| async { Redirect::permanent(&format!("{BASE_PATH}/")) }),
-        )
+        .route("/", get(|| async { Redirect::permanent(&format!("{BASE_PATH}/")) }))
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
-        .layer(GlobalConcurrencyLimitLayer::new(
-            HTTP_REQUESTS_IN_FLIGHT_MAX,
-        ))
+        .layer(GlobalConcurrencyLimitLayer::new(HTTP_REQUESTS_IN_FLIGHT_MAX))
         .with_state(state)
 }
 
@@ -116,7 +101,5 @@ pub async fn serve(
     }
     tracing::info!(%local, "region serving");
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

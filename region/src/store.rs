@@ -28,19 +28,13 @@ pub const SESSIONS_PER_USER_MAX: i64 = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create data dir {path}")]
-    CreateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CreateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot open database {path}")]
     Open { path: PathBuf, source: sqlx::Error },
     #[error("cannot migrate database schema")]
     Migrate { source: sqlx::migrate::MigrateError },
     #[error("database query failed: {what}")]
-    Query {
-        what: &'static str,
-        source: sqlx::Error,
-    },
+    Query { what: &'static str, source: sqlx::Error },
     #[error("a user named {username:?} already exists")]
     DuplicateUsername { username: String },
     #[error("no user named {username:?}")]
@@ -61,10 +55,7 @@ fn migrator() -> Migrator {
         Cow::Borrowed(include_str!("../migrations/sqlite/0001_initial.sql")),
         false,
     )];
-    Migrator {
-        migrations: Cow::Owned(migrations),
-        ..Migrator::DEFAULT
-    }
+    Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
 }
 
 #[derive(Clone, Debug)]
@@ -111,10 +102,8 @@ pub struct RackRow {
 impl Store {
     /// Opens (creating if needed) the SQLite database in `data_dir` and brings its schema up to date.
     pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
-            path: data_dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| StoreError::CreateDir { path: data_dir.to_owned(), source })?;
         let path = data_dir.join(DATABASE_FILE);
         sqlx::any::install_default_drivers();
         let url = format!("sqlite://{}?mode=rwc", path.display());
@@ -123,29 +112,24 @@ impl Store {
             .after_connect(|conn, _meta| {
                 Box::pin(async move {
                     // WAL lets the UI read while a CLI command (createadmin, secret set) writes.
-                    sqlx::query("PRAGMA journal_mode = WAL")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA busy_timeout = 5000")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA foreign_keys = ON")
-                        .execute(&mut *conn)
-                        .await?;
+                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
                     Ok(())
                 })
             })
             .connect(&url)
             .await
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        migrator()
-            .run(&pool)
-            .await
-            .map_err(|source| StoreError::Migrate { source })?;
+            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
+        migrator().run(&pool).await.map_err(|source| StoreError::Migrate { source })?;
         Ok(Store { pool })
+    }
+
+    /// Starts a write transaction. SQLite needs `BEGIN IMMEDIATE`: a deferred transaction that
+    /// reads, then writes after another connection committed, fails with SQLITE_BUSY at once
+    /// instead of waiting out the busy timeout.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
     }
 
     pub async fn close(&self) {
@@ -156,20 +140,14 @@ impl Store {
 
     /// Creates a user with its SSH keys and a first API key, all or nothing.
     pub async fn create_user(&self, new: &NewUser<'_>) -> Result<User, StoreError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin create user"))?;
+        let mut tx = self.begin_write().await.map_err(query_error("begin create user"))?;
         let exists = sqlx::query("SELECT id FROM users WHERE username = $1")
             .bind(new.username)
             .fetch_optional(&mut *tx)
             .await
             .map_err(query_error("look up username"))?;
         if exists.is_some() {
-            return Err(StoreError::DuplicateUsername {
-                username: new.username.to_owned(),
-            });
+            return Err(StoreError::DuplicateUsername { username: new.username.to_owned() });
         }
         let id = random_hex(8);
         sqlx::query(
@@ -194,9 +172,7 @@ impl Store {
                 .map_err(query_error("insert ssh key"))?;
         }
         insert_api_key(&mut tx, &id).await?;
-        tx.commit()
-            .await
-            .map_err(query_error("commit create user"))?;
+        tx.commit().await.map_err(query_error("commit create user"))?;
         Ok(User {
             id,
             username: new.username.to_owned(),
@@ -207,15 +183,13 @@ impl Store {
     }
 
     pub async fn user_by_username(&self, username: &str) -> Result<Option<User>, StoreError> {
-        sqlx::query(
-            "SELECT id, username, email, password_hash, is_admin FROM users WHERE username = $1",
-        )
-        .bind(username)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(query_error("look up user by name"))?
-        .map(|row| user_from_row(&row))
-        .transpose()
+        sqlx::query("SELECT id, username, email, password_hash, is_admin FROM users WHERE username = $1")
+            .bind(username)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("look up user by name"))?
+            .map(|row| user_from_row(&row))
+            .transpose()
     }
 
     pub async fn user_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
@@ -237,26 +211,21 @@ impl Store {
     }
 
     pub async fn ssh_keys(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
-        let rows =
-            sqlx::query("SELECT public_key FROM ssh_keys WHERE user_id = $1 ORDER BY position")
-                .bind(user_id)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(query_error("list ssh keys"))?;
-        rows.iter()
-            .map(|row| row.try_get(0).map_err(query_error("read ssh key")))
-            .collect()
+        let rows = sqlx::query("SELECT public_key FROM ssh_keys WHERE user_id = $1 ORDER BY position")
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("list ssh keys"))?;
+        rows.iter().map(|row| row.try_get(0).map_err(query_error("read ssh key"))).collect()
     }
 
     /// The user's API keys as `ID.SECRET`, oldest first.
     pub async fn api_keys(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, key_secret FROM api_keys WHERE user_id = $1 ORDER BY created_at_ms, id",
-        )
-        .bind(user_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_error("list api keys"))?;
+        let rows = sqlx::query("SELECT id, key_secret FROM api_keys WHERE user_id = $1 ORDER BY created_at_ms, id")
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("list api keys"))?;
         rows.iter()
             .map(|row| {
                 let id: String = row.try_get(0).map_err(query_error("read api key"))?;
@@ -267,15 +236,9 @@ impl Store {
     }
 
     pub async fn create_api_key(&self, user_id: &str) -> Result<String, StoreError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin create api key"))?;
+        let mut tx = self.begin_write().await.map_err(query_error("begin create api key"))?;
         let key = insert_api_key(&mut tx, user_id).await?;
-        tx.commit()
-            .await
-            .map_err(query_error("commit create api key"))?;
+        tx.commit().await.map_err(query_error("commit create api key"))?;
         Ok(key)
     }
 
@@ -296,18 +259,9 @@ impl Store {
     }
 
     /// Stores a new session, ending the user's oldest ones beyond [`SESSIONS_PER_USER_MAX`] and any expired ones.
-    pub async fn create_session(
-        &self,
-        token_hash: &str,
-        user_id: &str,
-        lifetime_ms: i64,
-    ) -> Result<(), StoreError> {
+    pub async fn create_session(&self, token_hash: &str, user_id: &str, lifetime_ms: i64) -> Result<(), StoreError> {
         let now = now_ms();
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin create session"))?;
+        let mut tx = self.begin_write().await.map_err(query_error("begin create session"))?;
         sqlx::query("DELETE FROM sessions WHERE expires_at_ms <= $1")
             .bind(now)
             .execute(&mut *tx)
@@ -330,9 +284,7 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(query_error("insert session"))?;
-        tx.commit()
-            .await
-            .map_err(query_error("commit create session"))
+        tx.commit().await.map_err(query_error("commit create session"))
     }
 
     pub async fn session_user(&self, token_hash: &str) -> Result<Option<User>, StoreError> {
@@ -366,8 +318,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(query_error("read setting"))?;
-        row.map(|row| row.try_get(0).map_err(query_error("read setting")))
-            .transpose()
+        row.map(|row| row.try_get(0).map_err(query_error("read setting"))).transpose()
     }
 
     pub async fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
@@ -398,23 +349,21 @@ impl Store {
 
     /// Records `fingerprint` as the secret in force. Returns the generation and whether it changed.
     pub async fn adopt_secret(&self, fingerprint: &str) -> Result<(i64, bool), StoreError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin adopt secret"))?;
+        let mut tx = self.begin_write().await.map_err(query_error("begin adopt secret"))?;
         let row = sqlx::query("SELECT generation, fingerprint FROM secret_state WHERE id = 1")
             .fetch_optional(&mut *tx)
             .await
             .map_err(query_error("read secret state"))?;
         let result = match row {
             None => {
-                sqlx::query("INSERT INTO secret_state (id, generation, fingerprint, changed_at_ms) VALUES (1, 1, $1, $2)")
-                    .bind(fingerprint)
-                    .bind(now_ms())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_error("insert secret state"))?;
+                sqlx::query(
+                    "INSERT INTO secret_state (id, generation, fingerprint, changed_at_ms) VALUES (1, 1, $1, $2)",
+                )
+                .bind(fingerprint)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error("insert secret state"))?;
                 (1, false)
             }
             Some(row) => {
@@ -423,20 +372,20 @@ impl Store {
                 if current == fingerprint {
                     (generation, false)
                 } else {
-                    sqlx::query("UPDATE secret_state SET generation = $1, fingerprint = $2, changed_at_ms = $3 WHERE id = 1")
-                        .bind(generation + 1)
-                        .bind(fingerprint)
-                        .bind(now_ms())
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(query_error("update secret state"))?;
+                    sqlx::query(
+                        "UPDATE secret_state SET generation = $1, fingerprint = $2, changed_at_ms = $3 WHERE id = 1",
+                    )
+                    .bind(generation + 1)
+                    .bind(fingerprint)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_error("update secret state"))?;
                     (generation + 1, true)
                 }
             }
         };
-        tx.commit()
-            .await
-            .map_err(query_error("commit adopt secret"))?;
+        tx.commit().await.map_err(query_error("commit adopt secret"))?;
         Ok(result)
     }
 
@@ -450,11 +399,7 @@ impl Store {
         credential_hash: &str,
         generation: i64,
     ) -> Result<(String, bool), StoreError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin register rack"))?;
+        let mut tx = self.begin_write().await.map_err(query_error("begin register rack"))?;
         let existing = sqlx::query("SELECT id FROM racks WHERE name = $1")
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -492,9 +437,7 @@ impl Store {
                 (id, false)
             }
         };
-        tx.commit()
-            .await
-            .map_err(query_error("commit register rack"))?;
+        tx.commit().await.map_err(query_error("commit register rack"))?;
         Ok(result)
     }
 
@@ -536,17 +479,8 @@ impl Store {
     // ---- events ----
 
     /// Appends an event and drops the oldest beyond [`EVENTS_KEPT_MAX`].
-    pub async fn record_event(
-        &self,
-        kind: &str,
-        actor: &str,
-        message: &str,
-    ) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin record event"))?;
+    pub async fn record_event(&self, kind: &str, actor: &str, message: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await.map_err(query_error("begin record event"))?;
         sqlx::query("INSERT INTO events (at_ms, kind, actor, message) VALUES ($1, $2, $3, $4)")
             .bind(now_ms())
             .bind(kind)
@@ -560,20 +494,16 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(query_error("trim events"))?;
-        tx.commit()
-            .await
-            .map_err(query_error("commit record event"))
+        tx.commit().await.map_err(query_error("commit record event"))
     }
 
     /// The newest `limit` events, newest first.
     pub async fn events(&self, limit: i64) -> Result<Vec<EventView>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, at_ms, kind, actor, message FROM events ORDER BY id DESC LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_error("list events"))?;
+        let rows = sqlx::query("SELECT id, at_ms, kind, actor, message FROM events ORDER BY id DESC LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("list events"))?;
         rows.iter()
             .map(|row| {
                 let get = query_error("read event");
@@ -592,39 +522,27 @@ impl Store {
     }
 }
 
-async fn insert_api_key(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    user_id: &str,
-) -> Result<String, StoreError> {
+async fn insert_api_key(tx: &mut sqlx::Transaction<'_, sqlx::Any>, user_id: &str) -> Result<String, StoreError> {
     let id = random_hex(6);
     let secret = random_hex(24);
-    sqlx::query(
-        "INSERT INTO api_keys (id, user_id, key_secret, created_at_ms) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(&id)
-    .bind(user_id)
-    .bind(&secret)
-    .bind(now_ms())
-    .execute(&mut **tx)
-    .await
-    .map_err(query_error("insert api key"))?;
+    sqlx::query("INSERT INTO api_keys (id, user_id, key_secret, created_at_ms) VALUES ($1, $2, $3, $4)")
+        .bind(&id)
+        .bind(user_id)
+        .bind(&secret)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await
+        .map_err(query_error("insert api key"))?;
     Ok(format!("{id}.{secret}"))
 }
 
 const RACK_COLUMNS: &str = "SELECT id, name, credential_hash, secret_generation, registered_at_ms, last_seen_ms, health_json, remote_address FROM racks";
 
 fn rack_from_row(row: &AnyRow) -> Result<RackRow, StoreError> {
-    let read = |source| StoreError::Query {
-        what: "read rack",
-        source,
-    };
+    let read = |source| StoreError::Query { what: "read rack", source };
     let health_json: Option<String> = row.try_get(6).map_err(read)?;
     let health = health_json
-        .map(|json| {
-            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt {
-                what: format!("rack health: {e}"),
-            })
-        })
+        .map(|json| serde_json::from_str(&json).map_err(|e| StoreError::Corrupt { what: format!("rack health: {e}") }))
         .transpose()?;
     Ok(RackRow {
         id: row.try_get(0).map_err(read)?,
@@ -639,10 +557,7 @@ fn rack_from_row(row: &AnyRow) -> Result<RackRow, StoreError> {
 }
 
 fn user_from_row(row: &AnyRow) -> Result<User, StoreError> {
-    let read = |source| StoreError::Query {
-        what: "read user",
-        source,
-    };
+    let read = |source| StoreError::Query { what: "read user", source };
     Ok(User {
         id: row.try_get(0).map_err(read)?,
         username: row.try_get(1).map_err(read)?,

@@ -36,17 +36,11 @@ const STYLE: &str = include_str!("../static/style.css");
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route(
-            BASE_PATH,
-            get(|| async { Redirect::permanent(&format!("{BASE_PATH}/")) }),
-        )
+        .route(BASE_PATH, get(|| async { Redirect::permanent(&format!("{BASE_PATH}/")) }))
         .route(&format!("{BASE_PATH}/"), get(dashboard))
         .route(&format!("{BASE_PATH}/login"), get(login_page).post(login))
         .route(&format!("{BASE_PATH}/logout"), post(logout))
-        .route(
-            &format!("{BASE_PATH}/welcome"),
-            get(welcome_page).post(welcome),
-        )
+        .route(&format!("{BASE_PATH}/welcome"), get(welcome_page).post(welcome))
         .route(&format!("{BASE_PATH}/controllers"), get(controllers))
         .route(&format!("{BASE_PATH}/controllers/add"), get(add_controller))
         .route(&format!("{BASE_PATH}/events"), get(events))
@@ -173,54 +167,31 @@ async fn login(
     jar: CookieJar,
     Form(form): Form<LoginForm>,
 ) -> PageResult {
-    let user = state
-        .store
-        .user_by_username(&form.username)
-        .await
-        .map_err(internal)?;
-    let hash = user
-        .as_ref()
-        .map(|u| u.password_hash.clone())
-        .unwrap_or_else(|| dummy_hash().to_owned());
+    let user = state.store.user_by_username(&form.username).await.map_err(internal)?;
+    let hash = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| dummy_hash().to_owned());
     let password = form.password;
-    let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-        .await
-        .map_err(internal)?;
+    let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password)).await.map_err(internal)?;
     let user = match user {
         Some(user) if ok => user,
         _ => {
             tracing::warn!(username = %form.username, peer = %peer.ip(), "login failed");
             let message = format!("failed login for {:?} from {}", form.username, peer.ip());
-            state
-                .store
-                .record_event("user.login_failed", &form.username, &message)
-                .await
-                .map_err(internal)?;
+            state.store.record_event("user.login_failed", &form.username, &message).await.map_err(internal)?;
             let cluster = cluster_name(&state).await?;
-            return Ok((
-                StatusCode::UNAUTHORIZED,
-                login_markup(&cluster, Some("Wrong username or password.")),
-            )
-                .into_response());
+            return Ok(
+                (StatusCode::UNAUTHORIZED, login_markup(&cluster, Some("Wrong username or password."))).into_response()
+            );
         }
     };
     let token = random_hex(32);
     state
         .store
-        .create_session(
-            &sha256_hex(token.as_bytes()),
-            &user.id,
-            state.config.session_lifetime_ms as i64,
-        )
+        .create_session(&sha256_hex(token.as_bytes()), &user.id, state.config.session_lifetime_ms as i64)
         .await
         .map_err(internal)?;
     state
         .store
-        .record_event(
-            "user.login",
-            &user.username,
-            &format!("{} logged in from {}", user.username, peer.ip()),
-        )
+        .record_event("user.login", &user.username, &format!("{} logged in from {}", user.username, peer.ip()))
         .await
         .map_err(internal)?;
     let cookie = Cookie::build((SESSION_COOKIE, token))
@@ -229,17 +200,8 @@ async fn login(
         .same_site(SameSite::Strict)
         .max_age(time_duration(state.config.session_lifetime_ms))
         .build();
-    let welcome_done = state
-        .store
-        .setting(WELCOME_DONE_SETTING)
-        .await
-        .map_err(internal)?
-        .is_some();
-    let next = if welcome_done {
-        format!("{BASE_PATH}/")
-    } else {
-        format!("{BASE_PATH}/welcome")
-    };
+    let welcome_done = state.store.setting(WELCOME_DONE_SETTING).await.map_err(internal)?.is_some();
+    let next = if welcome_done { format!("{BASE_PATH}/") } else { format!("{BASE_PATH}/welcome") };
     Ok((jar.add(cookie), Redirect::to(&next)).into_response())
 }
 
@@ -249,11 +211,7 @@ fn time_duration(ms: u64) -> cookie::time::Duration {
 
 async fn logout(State(state): State<AppState>, jar: CookieJar) -> PageResult {
     if let Some(cookie) = jar.get(SESSION_COOKIE) {
-        state
-            .store
-            .delete_session(&sha256_hex(cookie.value().as_bytes()))
-            .await
-            .map_err(internal)?;
+        state.store.delete_session(&sha256_hex(cookie.value().as_bytes())).await.map_err(internal)?;
     }
     let jar = jar.remove(Cookie::build(SESSION_COOKIE).path(BASE_PATH));
     Ok((jar, Redirect::to(&format!("{BASE_PATH}/login"))).into_response())
@@ -302,39 +260,19 @@ async fn welcome(
 ) -> PageResult {
     if form.action == "save" {
         let name = form.cluster_name.unwrap_or_default().trim().to_owned();
-        if name.is_empty()
-            || name.chars().count() > CLUSTER_NAME_LEN_MAX
-            || name.chars().any(char::is_control)
-        {
+        if name.is_empty() || name.chars().count() > CLUSTER_NAME_LEN_MAX || name.chars().any(char::is_control) {
             let cluster = cluster_name(&state).await?;
-            let error =
-                format!("A cluster name has 1 to {CLUSTER_NAME_LEN_MAX} printable characters.");
-            return Ok((
-                StatusCode::BAD_REQUEST,
-                welcome_markup(&cluster, &user, Some(&error)),
-            )
-                .into_response());
+            let error = format!("A cluster name has 1 to {CLUSTER_NAME_LEN_MAX} printable characters.");
+            return Ok((StatusCode::BAD_REQUEST, welcome_markup(&cluster, &user, Some(&error))).into_response());
         }
+        state.store.set_setting(CLUSTER_NAME_SETTING, &name).await.map_err(internal)?;
         state
             .store
-            .set_setting(CLUSTER_NAME_SETTING, &name)
-            .await
-            .map_err(internal)?;
-        state
-            .store
-            .record_event(
-                "cluster.renamed",
-                &user.username,
-                &format!("cluster named {name:?}"),
-            )
+            .record_event("cluster.renamed", &user.username, &format!("cluster named {name:?}"))
             .await
             .map_err(internal)?;
     }
-    state
-        .store
-        .set_setting(WELCOME_DONE_SETTING, "1")
-        .await
-        .map_err(internal)?;
+    state.store.set_setting(WELCOME_DONE_SETTING, "1").await.map_err(internal)?;
     Ok(Redirect::to(&format!("{BASE_PATH}/")).into_response())
 }
 
@@ -345,11 +283,7 @@ async fn dashboard(State(state): State<AppState>, SessionUser(user): SessionUser
     let racks = rack_views(&state).await?;
     let count = |s: RackState| racks.iter().filter(|r| r.state == s).count();
     let users = state.store.count_users().await.map_err(internal)?;
-    let events = state
-        .store
-        .events(DASHBOARD_EVENT_ROWS)
-        .await
-        .map_err(internal)?;
+    let events = state.store.events(DASHBOARD_EVENT_ROWS).await.map_err(internal)?;
     let content = html! {
         h1 { "Dashboard" }
         div.tiles {
@@ -407,14 +341,7 @@ async fn controllers(State(state): State<AppState>, SessionUser(user): SessionUs
             }
         }
     };
-    Ok(layout(
-        "Controllers",
-        &cluster,
-        Some(&user),
-        Nav::Controllers,
-        content,
-    )
-    .into_response())
+    Ok(layout("Controllers", &cluster, Some(&user), Nav::Controllers, content).into_response())
 }
 
 fn controller_row(rack: &RackView) -> Markup {
@@ -449,33 +376,24 @@ async fn add_controller(
     headers: HeaderMap,
 ) -> PageResult {
     if !user.is_admin {
-        return Err(PageError(ApiError::forbidden(
-            "Only administrators can add rack controllers.",
-        )));
+        return Err(PageError(ApiError::forbidden("Only administrators can add rack controllers.")));
     }
     let cluster = cluster_name(&state).await?;
     let url = match &state.config.public_url {
         Some(url) => url.trim_end_matches('/').to_owned(),
         None => {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost:5240");
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost:5240");
             format!("http://{host}{BASE_PATH}")
         }
     };
-    let (secret, _) = crate::secret::reconcile(&state.data_dir, &state.store, &user.username)
-        .await
-        .map_err(internal)?;
+    let (secret, _) =
+        crate::secret::reconcile(&state.data_dir, &state.store, &user.username).await.map_err(internal)?;
     state
         .store
         .record_event(
             "secret.shown",
             &user.username,
-            &format!(
-                "{} opened 'Add rack controller' (shows the secret)",
-                user.username
-            ),
+            &format!("{} opened 'Add rack controller' (shows the secret)", user.username),
         )
         .await
         .map_err(internal)?;
@@ -492,25 +410,14 @@ async fn add_controller(
                 "If the secret leaks, run " code { "regiond secret rotate" } " and register every rack again." }
         }
     };
-    Ok(layout(
-        "Add rack controller",
-        &cluster,
-        Some(&user),
-        Nav::Controllers,
-        content,
-    )
-    .into_response())
+    Ok(layout("Add rack controller", &cluster, Some(&user), Nav::Controllers, content).into_response())
 }
 
 // ---- events and account ----
 
 async fn events(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
     let cluster = cluster_name(&state).await?;
-    let events = state
-        .store
-        .events(EVENTS_PAGE_ROWS)
-        .await
-        .map_err(internal)?;
+    let events = state.store.events(EVENTS_PAGE_ROWS).await.map_err(internal)?;
     let content = html! { h1 { "Events" } section.card { (events_table(&events)) } };
     Ok(layout("Events", &cluster, Some(&user), Nav::Events, content).into_response())
 }

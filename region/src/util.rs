@@ -7,10 +7,7 @@ use sha2::{Digest, Sha256};
 
 /// Milliseconds since the Unix epoch; the unit of every timestamp in the database.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Hex of `n_bytes` bytes from the operating system's CSPRNG.

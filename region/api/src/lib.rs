@@ -31,9 +31,7 @@ pub struct Secret(String);
 pub enum SecretError {
     #[error("a secret is exactly {SECRET_HEX_LEN} hex characters, this one has {found}")]
     Length { found: usize },
-    #[error(
-        "a secret holds only hex characters 0-9 and a-f, found {found:?} at position {position}"
-    )]
+    #[error("a secret holds only hex characters 0-9 and a-f, found {found:?} at position {position}")]
     NotHex { found: char, position: usize },
 }
 
@@ -46,11 +44,7 @@ impl Secret {
         if found != SECRET_HEX_LEN {
             return Err(SecretError::Length { found });
         }
-        if let Some((position, found)) = trimmed
-            .chars()
-            .enumerate()
-            .find(|(_, c)| !c.is_ascii_hexdigit())
-        {
+        if let Some((position, found)) = trimmed.chars().enumerate().find(|(_, c)| !c.is_ascii_hexdigit()) {
             return Err(SecretError::NotHex { found, position });
         }
         Ok(Secret(trimmed.to_ascii_lowercase()))
@@ -77,18 +71,10 @@ impl std::fmt::Debug for Secret {
 /// Checks a rack name: 1 to 63 characters of letters, digits, `-`, `_` and `.`.
 pub fn validate_rack_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > RACK_NAME_LEN_MAX {
-        return Err(format!(
-            "a rack name has 1 to {RACK_NAME_LEN_MAX} characters, {name:?} has {}",
-            name.len()
-        ));
+        return Err(format!("a rack name has 1 to {RACK_NAME_LEN_MAX} characters, {name:?} has {}", name.len()));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(format!(
-            "a rack name holds letters, digits, '-', '_' and '.', {name:?} holds {c:?}"
-        ));
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("a rack name holds letters, digits, '-', '_' and '.', {name:?} holds {c:?}"));
     }
     Ok(())
 }
@@ -96,28 +82,17 @@ pub fn validate_rack_name(name: &str) -> Result<(), String> {
 /// The registration proof: HMAC-SHA256 keyed by the secret over `nonce ‖ rack name`. Binding
 /// the name stops a captured proof from registering a rack under another name.
 pub fn registration_proof(secret: &Secret, nonce: &[u8], rack_name: &str) -> [u8; 32] {
-    proof_mac(secret, nonce, rack_name)
-        .finalize()
-        .into_bytes()
-        .into()
+    proof_mac(secret, nonce, rack_name).finalize().into_bytes().into()
 }
 
 /// Checks a registration proof in constant time.
-pub fn verify_registration_proof(
-    secret: &Secret,
-    nonce: &[u8],
-    rack_name: &str,
-    proof: &[u8],
-) -> bool {
-    proof_mac(secret, nonce, rack_name)
-        .verify_slice(proof)
-        .is_ok()
+pub fn verify_registration_proof(secret: &Secret, nonce: &[u8], rack_name: &str, proof: &[u8]) -> bool {
+    proof_mac(secret, nonce, rack_name).verify_slice(proof).is_ok()
 }
 
 fn proof_mac(secret: &Secret, nonce: &[u8], rack_name: &str) -> Hmac<Sha256> {
     // The key is the secret's text, so an operator can reproduce a proof with openssl.
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes())
-        .expect("HMAC takes keys of any length");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes keys of any length");
     mac.update(nonce);
     mac.update(rack_name.as_bytes());
     mac
@@ -252,23 +227,14 @@ mod tests {
     #[test]
     fn secret_rejects_wrong_length() {
         assert_eq!(Secret::parse("abc"), Err(SecretError::Length { found: 3 }));
-        assert_eq!(
-            Secret::parse(&format!("{SECRET}0")),
-            Err(SecretError::Length { found: 33 })
-        );
+        assert_eq!(Secret::parse(&format!("{SECRET}0")), Err(SecretError::Length { found: 33 }));
         assert_eq!(Secret::parse(""), Err(SecretError::Length { found: 0 }));
     }
 
     #[test]
     fn secret_rejects_non_hex() {
         let err = Secret::parse("0011223344556677889zaabbccddeeff").unwrap_err();
-        assert_eq!(
-            err,
-            SecretError::NotHex {
-                found: 'z',
-                position: 19
-            }
-        );
+        assert_eq!(err, SecretError::NotHex { found: 'z', position: 19 });
         assert!(err.to_string().contains("hex"));
     }
 
@@ -284,35 +250,21 @@ mod tests {
         let secret = Secret::parse(SECRET).unwrap();
         let proof = registration_proof(&secret, b"nonce-1", "rack-a");
         assert_eq!(hex::encode(proof), REFERENCE_PROOF);
-        assert!(verify_registration_proof(
-            &secret, b"nonce-1", "rack-a", &proof
-        ));
+        assert!(verify_registration_proof(&secret, b"nonce-1", "rack-a", &proof));
     }
 
     // Computed independently with openssl (see proof_matches_reference_hmac).
-    const REFERENCE_PROOF: &str =
-        "a78b4fbaec8b97965fa2b57656dcac474ed551def5f3b9cdfd9a8fdc2e924e98";
+    const REFERENCE_PROOF: &str = "a78b4fbaec8b97965fa2b57656dcac474ed551def5f3b9cdfd9a8fdc2e924e98";
 
     #[test]
     fn proof_fails_for_other_secret_nonce_or_name() {
         let secret = Secret::parse(SECRET).unwrap();
         let other = Secret::parse("ffeeddccbbaa99887766554433221100").unwrap();
         let proof = registration_proof(&secret, b"nonce-1", "rack-a");
-        assert!(!verify_registration_proof(
-            &other, b"nonce-1", "rack-a", &proof
-        ));
-        assert!(!verify_registration_proof(
-            &secret, b"nonce-2", "rack-a", &proof
-        ));
-        assert!(!verify_registration_proof(
-            &secret, b"nonce-1", "rack-b", &proof
-        ));
-        assert!(!verify_registration_proof(
-            &secret,
-            b"nonce-1",
-            "rack-a",
-            &proof[..31]
-        ));
+        assert!(!verify_registration_proof(&other, b"nonce-1", "rack-a", &proof));
+        assert!(!verify_registration_proof(&secret, b"nonce-2", "rack-a", &proof));
+        assert!(!verify_registration_proof(&secret, b"nonce-1", "rack-b", &proof));
+        assert!(!verify_registration_proof(&secret, b"nonce-1", "rack-a", &proof[..31]));
     }
 
     #[test]

@@ -1,0 +1,330 @@
+//! End to end: the real `regiond` and `rackd` binaries, registering, heartbeating, refusing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use metalrack_api::RackState;
+use metalrack_tests::{regiond, stderr, wait_for, Rack, Region, DEADLINE};
+use reqwest::StatusCode;
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+#[tokio::test]
+async fn secret_file_is_created_0600_and_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let path = region.data_dir.join("secret");
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let secret = region.secret();
+    assert_eq!(secret.len(), 32);
+    assert!(secret.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), secret);
+    assert_eq!(std::fs::metadata(region.data_dir.join("region.db")).unwrap().permissions().mode() & 0o077, 0);
+
+    for bad in ["abc", "0011223344556677889900112233445g", "00112233445566778899001122334455aa"] {
+        let output = region.command(&["secret", "set", bad]);
+        assert_eq!(output.status.code(), Some(2), "secret set {bad}");
+        assert!(stderr(&output).contains("invalid secret"), "{}", stderr(&output));
+        assert_eq!(region.secret(), secret, "a refused secret changes nothing");
+    }
+    let output = region.command(&["secret", "set", "ABCDEF0123456789abcdef0123456789"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(region.secret(), "abcdef0123456789abcdef0123456789");
+    let output = region.command(&["secret", "rotate"]);
+    assert!(output.status.success());
+    let rotated = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert_eq!(region.secret(), rotated);
+    assert_ne!(rotated, "abcdef0123456789abcdef0123456789");
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn createadmin_login_sessions_and_api_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let api_key = region.create_admin("admin", "correct horse battery");
+
+    // A duplicate is refused, exit non-zero, and changes nothing (the first password still works).
+    let output = region.command(&[
+        "createadmin",
+        "--username",
+        "admin",
+        "--password",
+        "other password",
+        "--email",
+        "x@example.com",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("already exists"), "{}", stderr(&output));
+
+    // Asked for what is omitted: answers come one per line when stdin is not a terminal.
+    let ask = |answers: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(metalrack_tests::binary("regiond"))
+            .arg("--data-dir")
+            .arg(&region.data_dir)
+            .arg("createadmin")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(answers.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let output = ask("ops\nlong password\nlong passwurd\nops@example.com\n\n");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("passwords differ"), "{}", stderr(&output));
+    let output =
+        ask("ops\nlong password\nlong password\nops@example.com\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5 ops@laptop\n");
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let client = no_redirects();
+    let login = |username: &'static str, password: &'static str| {
+        client.post(format!("{}/login", region.url)).form(&[("username", username), ("password", password)]).send()
+    };
+    assert_eq!(login("admin", "other password").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(login("nobody", "correct horse battery").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let response = login("admin", "correct horse battery").await.unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()["location"], "/MAAS/welcome", "first login shows the welcome page");
+    let cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let session = cookie.split(';').next().unwrap().to_owned();
+
+    let page = client.get(format!("{}/controllers", region.url)).header("cookie", &session).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let anonymous = client.get(format!("{}/controllers", region.url)).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::SEE_OTHER);
+    assert_eq!(anonymous.headers()["location"], "/MAAS/login");
+
+    // Skipping the welcome page is remembered: the next login goes to the dashboard.
+    let skip = client
+        .post(format!("{}/welcome", region.url))
+        .header("cookie", &session)
+        .form(&[("action", "skip")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(skip.status(), StatusCode::SEE_OTHER);
+    assert_eq!(login("ops", "long password").await.unwrap().headers()["location"], "/MAAS/");
+
+    // Logging out ends the session on the server, not just in the browser.
+    let logout = client.post(format!("{}/logout", region.url)).header("cookie", &session).send().await.unwrap();
+    assert_eq!(logout.status(), StatusCode::SEE_OTHER);
+    let after = client.get(format!("{}/controllers", region.url)).header("cookie", &session).send().await.unwrap();
+    assert_eq!(after.status(), StatusCode::SEE_OTHER);
+
+    // The API refuses anonymous and wrong keys with a JSON reason, and accepts the real key.
+    for auth in [None, Some("Bearer nope.nope"), Some("Bearer ")] {
+        let mut request = client.get(format!("{}/api/v1/racks", region.url));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        let body: metalrack_api::ErrorBody = response.json().await.unwrap();
+        assert!(!body.error.is_empty());
+    }
+    let account: metalrack_api::AccountView = client
+        .get(format!("{}/api/v1/account", region.url))
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(account.username, "admin");
+    assert!(account.is_admin);
+
+    // Bad requests get a 4xx with a reason; a body over the limit is refused before it is read.
+    let malformed = client
+        .post(format!("{}/api/v1/racks/challenge", region.url))
+        .header("content-type", "application/json")
+        .body("{\"name\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+    assert!(malformed.json::<metalrack_api::ErrorBody>().await.unwrap().error.contains("JSON"));
+    let huge = format!("{{\"name\": \"{}\"}}", "a".repeat(200_000));
+    let response = client
+        .post(format!("{}/api/v1/racks/challenge", region.url))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let bad_name = client
+        .post(format!("{}/api/v1/racks/challenge", region.url))
+        .json(&serde_json::json!({"name": "no spaces"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_name.status(), StatusCode::BAD_REQUEST);
+
+    let events = region.event_messages(&api_key).await;
+    assert!(events.iter().any(|e| e.starts_with("user.login ") && e.contains("admin")), "{events:?}");
+    assert!(events.iter().any(|e| e.starts_with("user.login_failed")), "{events:?}");
+    let log = region.daemon.log_text();
+    assert!(!log.contains("correct horse") && !log.contains("$argon2"), "no passwords or hashes in logs");
+}
+
+#[tokio::test]
+async fn wrong_secret_unreachable_and_malformed_url_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let rack = Rack::new(dir.path(), "r1");
+    let cases = [
+        (region.url.clone(), "00000000000000000000000000000000".to_owned(), "wrong secret"),
+        ("http://127.0.0.1:1/MAAS".to_owned(), region.secret(), "cannot reach the region"),
+        ("region:5240/MAAS".to_owned(), region.secret(), "not a region URL"),
+        (region.url.clone(), "not-hex".to_owned(), "invalid secret"),
+        (format!("{}/../nothing-here", region.url), region.secret(), "not as a Metalrack region"),
+    ];
+    for (url, secret, expected) in cases {
+        let output = rack.register(&url, &secret);
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{url}: {message}");
+        assert!(message.contains(expected), "{url}: expected {expected:?} in {message:?}");
+        assert_eq!(message.trim().lines().count(), 1, "one line: {message:?}");
+        assert!(!rack.data_dir.exists(), "nothing written after {expected}");
+    }
+    assert!(region.racks(&api_key).await.is_empty());
+    let events = region.event_messages(&api_key).await;
+    assert!(events.iter().any(|e| e.starts_with("rack.refused") && e.contains("wrong secret")), "{events:?}");
+    assert_eq!(rack.command(&["status"]).status.code(), Some(1));
+}
+
+#[tokio::test]
+async fn three_racks_go_online_and_a_stopped_one_goes_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let secret = region.secret();
+    let mut racks: Vec<Rack> = ["r1", "r2", "r3"].iter().map(|name| Rack::new(dir.path(), name)).collect();
+    for rack in &mut racks {
+        rack.register_ok(&region.url, &secret);
+        let registration = rack.data_dir.join("registration.toml");
+        assert_eq!(std::fs::metadata(&registration).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(
+            !std::fs::read_to_string(&registration).unwrap().contains(&secret),
+            "the secret is not stored on the rack"
+        );
+        rack.serve();
+    }
+    for rack in &racks {
+        region.wait_rack_state(&api_key, &rack.name, RackState::Online).await;
+    }
+    let listed = region.racks(&api_key).await;
+    assert_eq!(listed.len(), 3);
+    let health = listed[0].health.as_ref().expect("health reported");
+    assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
+    assert!(health.disk_total_bytes > 0 && health.uptime_s > 0);
+    assert!(racks[0].status().contains("heartbeat:    ok"), "{}", racks[0].status());
+
+    racks[1].daemon.as_mut().unwrap().kill();
+    region.wait_rack_state(&api_key, "r2", RackState::Offline).await;
+    let states: Vec<_> = region.racks(&api_key).await.into_iter().map(|r| (r.name, r.state)).collect();
+    assert!(
+        states.contains(&("r1".into(), RackState::Online)) && states.contains(&("r3".into(), RackState::Online)),
+        "{states:?}"
+    );
+
+    // Registering again under the same name replaces the registration: still three rows.
+    racks[1].register_ok(&region.url, &secret);
+    racks[1].serve();
+    region.wait_rack_state(&api_key, "r2", RackState::Online).await;
+    assert_eq!(region.racks(&api_key).await.len(), 3);
+}
+
+#[tokio::test]
+async fn racks_ride_out_a_region_outage_and_log_once_per_state_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut region = Region::start(&dir.path().join("region"));
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let mut rack = Rack::new(dir.path(), "r1");
+    rack.register_ok(&region.url, &region.secret());
+    rack.serve();
+    region.wait_rack_state(&api_key, "r1", RackState::Online).await;
+
+    region.daemon.terminate();
+    wait_for("rack to notice the region is gone", DEADLINE, || async {
+        rack.status().contains("region unreachable").then_some(())
+    })
+    .await;
+    // Let several retries happen (backoff tops out at 400 ms in tests), then count log lines.
+    let first_failure = std::fs::read_to_string(rack.data_dir.join("status.json")).unwrap();
+    wait_for("a few more retries", DEADLINE, || async {
+        (std::fs::read_to_string(rack.data_dir.join("status.json")).unwrap() != first_failure).then_some(())
+    })
+    .await;
+    region.restart();
+    let daemon = rack.daemon.as_ref().unwrap();
+    wait_for("rack back online", DEADLINE, || async {
+        (daemon.log_text().matches("heartbeat: online").count() == 2).then_some(())
+    })
+    .await;
+    region.wait_rack_state(&api_key, "r1", RackState::Online).await;
+    let log = daemon.log_text();
+    assert_eq!(log.matches("heartbeat failing").count(), 1, "one line per state change:\n{log}");
+}
+
+#[tokio::test]
+async fn secret_overwritten_by_hand_then_restart_makes_racks_register_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut region = Region::start(&dir.path().join("region"));
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let old_secret = region.secret();
+    let mut rack = Rack::new(dir.path(), "r1");
+    rack.register_ok(&region.url, &old_secret);
+    rack.serve();
+    region.wait_rack_state(&api_key, "r1", RackState::Online).await;
+
+    // The operator overwrites the file by hand (new inode, default mode) and restarts the region.
+    let new_secret = "0123456789abcdef0123456789abcdef";
+    let path = region.data_dir.join("secret");
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, format!("{new_secret}\n")).unwrap();
+    region.restart();
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "tightened on start");
+
+    region.wait_rack_state(&api_key, "r1", RackState::NeedsReregistration).await;
+    wait_for("rack to be told to register again", DEADLINE, || async {
+        let status = rack.status();
+        (status.contains("must register again") && status.contains("secret changed")).then_some(())
+    })
+    .await;
+    let events = region.event_messages(&api_key).await;
+    assert!(events.iter().any(|e| e.starts_with("secret.changed")), "{events:?}");
+    assert!(events.iter().any(|e| e.starts_with("rack.refused") && e.contains("older secret")), "{events:?}");
+
+    // The old secret no longer registers, and the refused attempt leaves the old registration as is.
+    let registration_before = std::fs::read(rack.data_dir.join("registration.toml")).unwrap();
+    let output = rack.register(&region.url, &old_secret);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("wrong secret"));
+    assert_eq!(std::fs::read(rack.data_dir.join("registration.toml")).unwrap(), registration_before);
+
+    // With the new secret it registers again; the running `rackd serve` picks that up by itself.
+    rack.register_ok(&region.url, new_secret);
+    region.wait_rack_state(&api_key, "r1", RackState::Online).await;
+    assert_eq!(region.racks(&api_key).await.len(), 1);
+    wait_for("rack status online", Duration::from_secs(10), || async {
+        rack.status().contains("heartbeat:    ok").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn apikey_for_unknown_user_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = regiond(&dir.path().join("region"), &["apikey", "--username", "ghost"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("no user named \"ghost\""), "{}", stderr(&output));
+}
