@@ -118,7 +118,7 @@ mod tests {
     fn region_urls() {
         assert_eq!(parse_region_url("http://10.0.0.1:5240/MAAS/").unwrap().as_str(), "http://10.0.0.1:5240/MAAS");
         assert_eq!(parse_region_url("https://region/MAAS").unwrap().as_str(), "https://region/MAAS");
-        for bad in ["region:5240/MAAS", "ftp://region/MAAS", "http:///MAAS", "not a url", "http://r/MAAS?x=1"] {
+        for bad in ["region:5240/MAAS", "ftp://region/MAAS", "http://:5240/MAAS", "not a url", "http://r/MAAS?x=1"] {
             let err = parse_region_url(bad).unwrap_err();
             assert!(matches!(err, RegionError::BadUrl { .. }), "{bad}: {err}");
         }
