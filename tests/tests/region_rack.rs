@@ -328,3 +328,65 @@ async fn apikey_for_unknown_user_is_an_error() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("no user named \"ghost\""), "{}", stderr(&output));
 }
+
+/// `createadmin` on a real terminal (a pty from util-linux `script`): it prompts for what is
+/// missing, asks for the password twice, and does not echo it.
+#[tokio::test]
+async fn createadmin_prompts_on_a_terminal_without_echoing_the_password() {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("region");
+    let command =
+        format!("{} --data-dir {} createadmin", metalrack_tests::binary("regiond").display(), data_dir.display());
+    let mut child = std::process::Command::new("script")
+        .args(["--quiet", "--flush", "--return", "--command", &command, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("script(1) from util-linux");
+    let screen = Arc::new(Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = {
+        let screen = screen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                screen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    // Answer each prompt only once it is on screen, as a person would.
+    let mut seen = 0;
+    for (prompt, answer) in [
+        ("Username: ", "ttyadmin"),
+        ("Password: ", "tty password 1"),
+        ("Again: ", "tty password 1"),
+        ("Email: ", "tty@example.com"),
+        ("Enter to skip): ", ""),
+    ] {
+        seen = wait_for(&format!("prompt {prompt:?}"), DEADLINE, || {
+            let screen = screen.lock().unwrap();
+            let found = screen[seen..].find(prompt).map(|i| seen + i + prompt.len());
+            async move { found }
+        })
+        .await;
+        stdin.write_all(format!("{answer}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let screen = screen.lock().unwrap().clone();
+    assert!(status.success(), "{screen}");
+    assert!(screen.contains("Created administrator \"ttyadmin\""), "{screen}");
+    assert!(screen.contains("ttyadmin"), "the username is echoed: {screen}");
+    assert!(!screen.contains("tty password 1"), "the password is not echoed: {screen}");
+    let output = regiond(&data_dir, &["apikey", "--username", "ttyadmin"]);
+    assert!(output.status.success());
+}
