@@ -46,6 +46,15 @@ pub enum Command {
     },
     /// Show the registration and the last heartbeat.
     Status,
+    /// Show the running appliance's image sync, or (--now) make it sync at once.
+    Sync {
+        /// Sync now, whatever the policy's delay or window says.
+        #[arg(long)]
+        now: bool,
+        /// Follow the sync with a progress bar until it ends, then print its figures.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 /// Runs the command line and turns an error into one readable line and exit code 2.
@@ -88,6 +97,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Register { url, secret, name } => register(&data_dir, &url, &secret, name).await,
         Command::Serve { config } => serve(&data_dir, config.as_deref()).await,
         Command::Status => Ok(status(&data_dir)?),
+        Command::Sync { now, wait } => sync(&data_dir, now, wait).await,
     }
 }
 
@@ -110,7 +120,17 @@ async fn serve(data_dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCod
         Some(path) => RackConfig::load(path)?,
         None => RackConfig::default(),
     };
-    crate::heartbeat::run(data_dir, &config, shutdown_signal()).await?;
+    if crate::registration::load(data_dir)?.is_none() {
+        return Err(crate::heartbeat::ServeError::NotRegistered.into());
+    }
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let handle = crate::sync::start(data_dir.to_owned(), stop.clone())?;
+    let control = tokio::spawn(crate::control::serve(crate::sync::control_socket(data_dir), handle.clone()));
+    let result = crate::heartbeat::run(data_dir, &config, Some(handle.status.clone()), shutdown_signal()).await;
+    stop.notify_waiters();
+    control.abort();
+    let _ = std::fs::remove_file(crate::sync::control_socket(data_dir));
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -153,4 +173,71 @@ fn status(data_dir: &Path) -> anyhow::Result<ExitCode> {
 fn ago(at_ms: i64) -> String {
     let s = (now_ms() - at_ms).max(0) / 1000;
     format!("{s} s ago")
+}
+
+async fn sync(data_dir: &Path, now: bool, wait: bool) -> anyhow::Result<ExitCode> {
+    use metalrack_api::images::SyncPhase;
+    let socket = crate::sync::control_socket(data_dir);
+    let before = if now {
+        crate::control::call(&socket, hyper::Method::POST, "/sync").await?
+    } else {
+        crate::control::call(&socket, hyper::Method::GET, "/status").await?
+    };
+    if !wait {
+        print_sync(&before.report, now);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let status = loop {
+        let status = crate::control::call(&socket, hyper::Method::GET, "/status").await?;
+        let report = &status.report;
+        bar.set_length(report.bytes_total);
+        bar.set_position(report.bytes_done);
+        bar.set_message(format!("{:?}", report.phase).to_lowercase());
+        let finished = if now {
+            status.completed_runs > before.completed_runs
+        } else {
+            !matches!(report.phase, SyncPhase::Syncing)
+        };
+        if finished {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    bar.finish_and_clear();
+    print_sync(&status.report, false);
+    Ok(if status.report.phase == SyncPhase::Failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+fn print_sync(report: &metalrack_api::images::SyncReport, triggered: bool) {
+    if triggered {
+        println!("sync requested");
+    }
+    let message = if report.message.is_empty() { String::new() } else { format!(": {}", report.message) };
+    println!("sync:         {:?}{message}", report.phase);
+    println!(
+        "snapshot:     {} (revision {})",
+        report.snapshot_id.as_deref().unwrap_or("none"),
+        report.snapshot_revision
+    );
+    if let Some(last) = &report.last_sync {
+        println!(
+            "last sync:    {} chunks fetched, {} bytes fetched, {} bytes reused, {} refetched, {:.1} s",
+            last.chunks_fetched,
+            last.bytes_fetched,
+            last.bytes_reused,
+            last.chunks_refetched,
+            last.duration_ms as f64 / 1000.0
+        );
+    }
 }

@@ -18,8 +18,8 @@ pub fn collect(data_dir: &Path) -> RackHealth {
     let n_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
     let (disk_free_bytes, disk_total_bytes) = match nix::sys::statvfs::statvfs(data_dir) {
         Ok(fs) => {
-            let unit = fs.fragment_size() as u64;
-            (fs.blocks_available() as u64 * unit, fs.blocks() as u64 * unit)
+            let unit = fs.fragment_size();
+            (fs.blocks_available() * unit, fs.blocks() * unit)
         }
         Err(e) => {
             tracing::debug!(error = %e, "statvfs failed");

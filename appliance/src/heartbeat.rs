@@ -55,6 +55,7 @@ fn modified(path: &PathBuf) -> Option<SystemTime> {
 pub async fn run(
     data_dir: &Path,
     config: &RackConfig,
+    sync: Option<tokio::sync::watch::Receiver<crate::sync::LocalStatus>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let timeout = Duration::from_millis(config.region_request_timeout_ms);
@@ -68,7 +69,13 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         let health = crate::health::collect(data_dir);
-        let result = link.client.heartbeat(&link.registration.authorization(), &HeartbeatRequest { health }).await;
+        let result = link
+            .client
+            .heartbeat(
+                &link.registration.authorization(),
+                &HeartbeatRequest { health, sync: sync.as_ref().map(|s| s.borrow().report.clone()) },
+            )
+            .await;
         let (state, message, wait) = match result {
             Ok(response) => {
                 interval = config

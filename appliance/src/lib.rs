@@ -3,8 +3,10 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod health;
 pub mod heartbeat;
 pub mod region_client;
 pub mod registration;
 pub mod status;
+pub mod sync;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use metalrack_api::images::RackCatalogue;
 use metalrack_api::{
     ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse, API_PREFIX,
@@ -10,6 +11,9 @@ use metalrack_api::{
 use reqwest::{StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+/// A chunk stream or long-poll that delivers nothing for this long is given up and retried.
+pub const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
@@ -51,6 +55,8 @@ pub fn parse_region_url(text: &str) -> Result<Url, RegionError> {
 #[derive(Debug, Clone)]
 pub struct RegionClient {
     http: reqwest::Client,
+    /// For long-polls and chunk streams: no overall deadline, but a deadline on every read.
+    streaming: reqwest::Client,
     /// The region URL without a trailing slash, e.g. `http://region:5240/MAAS`.
     base: String,
 }
@@ -63,7 +69,77 @@ impl RegionClient {
             .user_agent(concat!("rackd/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("an HTTP client without TLS options builds");
-        RegionClient { http, base: region_url.as_str().trim_end_matches('/').to_owned() }
+        let streaming = reqwest::Client::builder()
+            .read_timeout(STREAM_READ_TIMEOUT)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("rackd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("an HTTP client without TLS options builds");
+        RegionClient { http, streaming, base: region_url.as_str().trim_end_matches('/').to_owned() }
+    }
+
+    /// The catalogue, held open by the region up to `wait` until it differs from what we have.
+    pub async fn catalogue(
+        &self,
+        authorization: &str,
+        after_revision: i64,
+        requested: i64,
+        wait: Duration,
+    ) -> Result<RackCatalogue, RegionError> {
+        let url = format!(
+            "{}{API_PREFIX}/rack/catalogue?after={after_revision}&requested={requested}&wait_ms={}",
+            self.base,
+            wait.as_millis()
+        );
+        let request = self.streaming.get(&url).header(reqwest::header::AUTHORIZATION, authorization);
+        let bytes = self.send(request).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|_| RegionError::NotARegion { url: self.base.clone(), status: StatusCode::OK })
+    }
+
+    pub async fn manifest(&self, authorization: &str, manifest_id: &str) -> Result<Vec<u8>, RegionError> {
+        let url = format!("{}{API_PREFIX}/rack/manifests/{manifest_id}", self.base);
+        let request = self.streaming.get(&url).header(reqwest::header::AUTHORIZATION, authorization);
+        Ok(self.send(request).await?.to_vec())
+    }
+
+    /// Asks for chunks by hash; the response body streams their frames in the same order.
+    pub async fn chunks(&self, authorization: &str, hashes: &[[u8; 32]]) -> Result<reqwest::Response, RegionError> {
+        let url = format!("{}{API_PREFIX}/rack/chunks", self.base);
+        let body: Vec<u8> = hashes.iter().flatten().copied().collect();
+        let response = self
+            .streaming
+            .post(&url)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .body(body)
+            .send()
+            .await
+            .map_err(|source| RegionError::Unreachable { url: self.base.clone(), source })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let bytes = response.bytes().await.unwrap_or_default();
+        Err(self.refusal(status, &bytes))
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<bytes::Bytes, RegionError> {
+        let unreachable = |source| RegionError::Unreachable { url: self.base.clone(), source };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        if status.is_success() {
+            Ok(bytes)
+        } else {
+            Err(self.refusal(status, &bytes))
+        }
+    }
+
+    fn refusal(&self, status: StatusCode, bytes: &[u8]) -> RegionError {
+        match serde_json::from_slice::<ErrorBody>(bytes) {
+            Ok(body) => RegionError::Refused { url: self.base.clone(), status, message: body.error, code: body.code },
+            Err(_) => RegionError::NotARegion { url: self.base.clone(), status },
+        }
     }
 
     pub async fn challenge(&self, request: &ChallengeRequest) -> Result<ChallengeResponse, RegionError> {

@@ -36,6 +36,7 @@ pub fn router() -> Router<AppState> {
         .route("/racks", get(list_racks))
         .route("/events", get(list_events))
         .route("/account", get(account))
+        .merge(crate::images::router())
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
 }
 
@@ -92,7 +93,7 @@ async fn register(
     let nonce = hex::decode(&request.nonce).map_err(|_| ApiError::bad_request("nonce is not hex"))?;
     let proof = hex::decode(&request.proof).map_err(|_| ApiError::bad_request("proof is not hex"))?;
     let (secret, generation) =
-        crate::secret::reconcile(&state.data_dir, &state.store, "region").await.map_err(|e| ApiError::internal(e))?;
+        crate::secret::reconcile(&state.data_dir, &state.store, "region").await.map_err(ApiError::internal)?;
     if !verify_registration_proof(&secret, &nonce, &pending.rack_name, &proof) {
         let message = format!("rack {:?} from {} refused: wrong secret", request.name, peer.ip());
         tracing::warn!(rack = %request.name, peer = %peer.ip(), "registration refused: wrong secret");
@@ -127,7 +128,7 @@ async fn heartbeat(
     let was_offline = rack_state(&state, &rack, current_generation(&state).await?, now_ms()) != RackState::Online;
     state
         .store
-        .record_heartbeat(&rack.id, &request.health, &peer.ip().to_string())
+        .record_heartbeat(&rack.id, &request.health, request.sync.as_ref(), &peer.ip().to_string())
         .await
         .map_err(ApiError::internal)?;
     if was_offline {
@@ -209,6 +210,8 @@ pub async fn rack_views(state: &AppState) -> Result<Vec<RackView>, ApiError> {
             last_seen_ms: rack.last_seen_ms,
             health: rack.health,
             remote_address: rack.remote_address,
+            sync_policy: rack.sync_policy,
+            sync: rack.sync_report,
         })
         .collect())
 }

@@ -134,7 +134,8 @@ async fn serve(
     let store = Store::open(data_dir).await?;
     let (_, generation) = crate::secret::reconcile(data_dir, &store, "regiond serve").await?;
     tracing::info!(data_dir = %data_dir.display(), generation, "region starting");
-    let state = AppState::new(store.clone(), config, data_dir.to_owned());
+    let catalogue = crate::images::Catalogue::open(data_dir)?;
+    let state = AppState::new(store.clone(), config, data_dir.to_owned(), catalogue);
     crate::server::serve(state, listen, shutdown_signal())
         .await
         .with_context(|| format!("cannot serve on {listen}"))?;

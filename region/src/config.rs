@@ -22,6 +22,9 @@ pub struct RegionConfig {
     pub rack_offline_after_ms: u64,
     /// How long a UI session lasts. Default 14 days.
     pub session_lifetime_ms: u64,
+    /// Largest body of one chunk-upload request. Default 64 MiB: big enough that per-request
+    /// overhead is noise, small enough that a failed request costs little to resend.
+    pub upload_batch_bytes_max: u64,
 }
 
 impl Default for RegionConfig {
@@ -32,6 +35,7 @@ impl Default for RegionConfig {
             rack_heartbeat_interval_ms: 5_000,
             rack_offline_after_ms: 30_000,
             session_lifetime_ms: 14 * 24 * 3600 * 1000,
+            upload_batch_bytes_max: 64 * 1024 * 1024,
         }
     }
 }
@@ -62,6 +66,9 @@ impl RegionConfig {
         }
         if self.rack_offline_after_ms <= self.rack_heartbeat_interval_ms {
             return Err("rack_offline_after_ms must be longer than rack_heartbeat_interval_ms".into());
+        }
+        if self.upload_batch_bytes_max < 1024 * 1024 {
+            return Err("upload_batch_bytes_max must be at least 1 MiB (one chunk must fit)".into());
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

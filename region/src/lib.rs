@@ -3,9 +3,11 @@
 
 pub mod api;
 pub mod auth;
+pub mod catalogue_store;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod images;
 pub mod secret;
 pub mod server;
 pub mod store;

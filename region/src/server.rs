@@ -14,6 +14,7 @@ use tokio::sync::Mutex;
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::config::RegionConfig;
+use crate::images::Catalogue;
 use crate::store::{RackRow, Store};
 
 /// Where the region lives under its host, as in MAAS: `http://HOST:5240/MAAS/`.
@@ -45,20 +46,35 @@ pub struct AppState {
     pub config: Arc<RegionConfig>,
     pub data_dir: Arc<PathBuf>,
     pub challenges: Arc<Mutex<HashMap<String, PendingChallenge>>>,
+    pub catalogue: Arc<Catalogue>,
+    /// Bumped on every change racks must hear about (catalogue, sync requests, policies); the
+    /// catalogue long-poll waits on it.
+    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Set when the region begins to shut down: long-polls answer at once so shutdown need
+    /// not wait for them.
+    pub closing: Arc<std::sync::atomic::AtomicBool>,
     /// (rack id, generation) pairs already recorded as refused, so a stale rack's heartbeats
     /// add one event, not one every few seconds. At most one entry per rack and generation.
     stale_racks_reported: Arc<Mutex<HashSet<(String, i64)>>>,
 }
 
 impl AppState {
-    pub fn new(store: Store, config: RegionConfig, data_dir: PathBuf) -> AppState {
+    pub fn new(store: Store, config: RegionConfig, data_dir: PathBuf, catalogue: Catalogue) -> AppState {
         AppState {
             store,
+            catalogue: Arc::new(catalogue),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
+            closing: Arc::default(),
             config: Arc::new(config),
             data_dir: Arc::new(data_dir),
             challenges: Arc::default(),
             stale_racks_reported: Arc::default(),
         }
+    }
+
+    /// Wakes every rack's catalogue long-poll.
+    pub fn notify_change(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Records (once) that a rack registered under an older secret was refused.
@@ -100,6 +116,12 @@ pub async fn serve(
         out.flush()?;
     }
     tracing::info!(%local, "region serving");
+    let closing = state.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        closing.notify_change();
+    };
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
+use metalrack_api::images::{SyncPolicy, SyncPolicyKind, SyncReport};
 use metalrack_api::{EventView, RackHealth};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -43,24 +44,33 @@ pub enum StoreError {
     Corrupt { what: String },
 }
 
-fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+pub(crate) fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { what, source }
 }
 
 fn migrator() -> Migrator {
-    let migrations = vec![Migration::new(
-        1,
-        Cow::Borrowed("initial"),
-        MigrationType::Simple,
-        Cow::Borrowed(include_str!("../migrations/sqlite/0001_initial.sql")),
-        false,
-    )];
+    let migrations = vec![
+        Migration::new(
+            1,
+            Cow::Borrowed("initial"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../migrations/sqlite/0001_initial.sql")),
+            false,
+        ),
+        Migration::new(
+            2,
+            Cow::Borrowed("images"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../migrations/sqlite/0002_images.sql")),
+            false,
+        ),
+    ];
     Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
 }
 
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +107,9 @@ pub struct RackRow {
     pub last_seen_ms: Option<i64>,
     pub health: Option<RackHealth>,
     pub remote_address: Option<String>,
+    pub sync_policy: SyncPolicy,
+    pub sync_requested: i64,
+    pub sync_report: Option<SyncReport>,
 }
 
 impl Store {
@@ -128,7 +141,7 @@ impl Store {
     /// Starts a write transaction. SQLite needs `BEGIN IMMEDIATE`: a deferred transaction that
     /// reads, then writes after another connection committed, fails with SQLITE_BUSY at once
     /// instead of waiting out the busy timeout.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    pub(crate) async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         self.pool.begin_with("BEGIN IMMEDIATE").await
     }
 
@@ -462,17 +475,23 @@ impl Store {
         &self,
         id: &str,
         health: &RackHealth,
+        sync: Option<&SyncReport>,
         remote_address: &str,
     ) -> Result<(), StoreError> {
         let health_json = serde_json::to_string(health).expect("RackHealth serializes");
-        sqlx::query("UPDATE racks SET last_seen_ms = $1, health_json = $2, remote_address = $3 WHERE id = $4")
-            .bind(now_ms())
-            .bind(health_json)
-            .bind(remote_address)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(query_error("record heartbeat"))?;
+        let sync_json = sync.map(|s| serde_json::to_string(s).expect("SyncReport serializes"));
+        sqlx::query(
+            "UPDATE racks SET last_seen_ms = $1, health_json = $2, remote_address = $3, \
+             sync_report_json = COALESCE($4, sync_report_json) WHERE id = $5",
+        )
+        .bind(now_ms())
+        .bind(health_json)
+        .bind(remote_address)
+        .bind(sync_json)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("record heartbeat"))?;
         Ok(())
     }
 
@@ -536,14 +555,29 @@ async fn insert_api_key(tx: &mut sqlx::Transaction<'_, sqlx::Any>, user_id: &str
     Ok(format!("{id}.{secret}"))
 }
 
-const RACK_COLUMNS: &str = "SELECT id, name, credential_hash, secret_generation, registered_at_ms, last_seen_ms, health_json, remote_address FROM racks";
+const RACK_COLUMNS: &str = "SELECT id, name, credential_hash, secret_generation, registered_at_ms, last_seen_ms, \
+     health_json, remote_address, sync_policy, sync_delay_ms, sync_window_start, sync_window_end, \
+     sync_bandwidth_bytes_per_s, sync_requested, sync_report_json FROM racks";
+
+fn json_column<T: serde::de::DeserializeOwned>(
+    row: &AnyRow,
+    index: usize,
+    what: &str,
+) -> Result<Option<T>, StoreError> {
+    let json: Option<String> = row.try_get(index).map_err(|source| StoreError::Query { what: "read rack", source })?;
+    json.map(|json| serde_json::from_str(&json).map_err(|e| StoreError::Corrupt { what: format!("{what}: {e}") }))
+        .transpose()
+}
 
 fn rack_from_row(row: &AnyRow) -> Result<RackRow, StoreError> {
     let read = |source| StoreError::Query { what: "read rack", source };
-    let health_json: Option<String> = row.try_get(6).map_err(read)?;
-    let health = health_json
-        .map(|json| serde_json::from_str(&json).map_err(|e| StoreError::Corrupt { what: format!("rack health: {e}") }))
-        .transpose()?;
+    let policy: String = row.try_get(8).map_err(read)?;
+    let policy = match policy.as_str() {
+        "auto" => SyncPolicyKind::Auto,
+        "window" => SyncPolicyKind::Window,
+        "manual" => SyncPolicyKind::Manual,
+        other => return Err(StoreError::Corrupt { what: format!("rack sync policy {other:?}") }),
+    };
     Ok(RackRow {
         id: row.try_get(0).map_err(read)?,
         name: row.try_get(1).map_err(read)?,
@@ -551,8 +585,17 @@ fn rack_from_row(row: &AnyRow) -> Result<RackRow, StoreError> {
         secret_generation: row.try_get(3).map_err(read)?,
         registered_at_ms: row.try_get(4).map_err(read)?,
         last_seen_ms: row.try_get(5).map_err(read)?,
-        health,
+        health: json_column(row, 6, "rack health")?,
         remote_address: row.try_get(7).map_err(read)?,
+        sync_policy: SyncPolicy {
+            policy,
+            delay_ms: row.try_get::<i64, _>(9).map_err(read)?.max(0) as u64,
+            window_start: row.try_get(10).map_err(read)?,
+            window_end: row.try_get(11).map_err(read)?,
+            bandwidth_bytes_per_s: row.try_get::<i64, _>(12).map_err(read)?.max(0) as u64,
+        },
+        sync_requested: row.try_get(13).map_err(read)?,
+        sync_report: json_column(row, 14, "rack sync report")?,
     })
 }
 

@@ -12,6 +12,7 @@ use axum::Router;
 use axum_extra::extract::cookie::{Cookie, SameSite};
 use axum_extra::extract::CookieJar;
 use maud::{html, Markup, DOCTYPE};
+use metalrack_api::images::{SyncPhase, SyncPolicy, SyncPolicyKind, SyncReport, VersionSyncStatus};
 use metalrack_api::{RackState, RackView};
 use serde::Deserialize;
 
@@ -43,6 +44,12 @@ pub fn router() -> Router<AppState> {
         .route(&format!("{BASE_PATH}/welcome"), get(welcome_page).post(welcome))
         .route(&format!("{BASE_PATH}/controllers"), get(controllers))
         .route(&format!("{BASE_PATH}/controllers/add"), get(add_controller))
+        .route(&format!("{BASE_PATH}/controllers/{{id}}"), get(controller_page))
+        .route(&format!("{BASE_PATH}/controllers/{{id}}/policy"), post(controller_policy))
+        .route(&format!("{BASE_PATH}/controllers/{{id}}/sync"), post(controller_sync))
+        .route(&format!("{BASE_PATH}/images"), get(images_page))
+        .route(&format!("{BASE_PATH}/images/sync"), post(images_sync))
+        .route(&format!("{BASE_PATH}/images/{{image_id}}/versions/{{version}}/delete"), post(images_delete))
         .route(&format!("{BASE_PATH}/events"), get(events))
         .route(&format!("{BASE_PATH}/account"), get(account))
         .route(
@@ -81,6 +88,7 @@ fn internal(e: impl std::error::Error) -> PageError {
 enum Nav {
     Dashboard,
     Controllers,
+    Images,
     Events,
     Account,
     None,
@@ -106,6 +114,7 @@ fn layout(title: &str, cluster: &str, user: Option<&User>, nav: Nav, content: Ma
                         nav {
                             (link(Nav::Dashboard, "/", "Dashboard"))
                             (link(Nav::Controllers, "/controllers", "Controllers"))
+                            (link(Nav::Images, "/images", "Images"))
                             (link(Nav::Events, "/events", "Events"))
                         }
                         div.user {
@@ -336,7 +345,7 @@ async fn controllers(State(state): State<AppState>, SessionUser(user): SessionUs
         }
         @if racks.is_empty() { p.muted { "No rack controllers are registered yet." } } @else {
             table.controllers id="controllers" {
-                thead { tr { th { "Name" } th { "State" } th { "Last seen" } th { "Version" } th { "Addresses" } th { "Uptime" } th { "CPU load" } th { "Disk free" } } }
+                thead { tr { th { "Name" } th { "State" } th { "Last seen" } th { "Version" } th { "Addresses" } th { "Uptime" } th { "CPU load" } th { "Disk free" } th { "Sync" } } }
                 tbody { @for rack in &racks { (controller_row(rack)) } }
             }
         }
@@ -365,6 +374,10 @@ fn controller_row(rack: &RackView) -> Markup {
                     td { (human_bytes(h.disk_free_bytes)) " of " (human_bytes(h.disk_total_bytes)) }
                 }
                 None => { td.muted colspan="5" { "no heartbeat yet" } }
+            }
+            td.sync {
+                a href=(format!("{BASE_PATH}/controllers/{}", rack.id)) { (policy_label(&rack.sync_policy)) }
+                @if let Some(sync) = &rack.sync { div.muted { (sync_label(sync)) } }
             }
         }
     }
@@ -480,4 +493,240 @@ mod tests {
         assert_eq!(human_duration(125), "2 min");
         assert_eq!(human_duration(3 * 86_400 + 7200), "3 days 2 h");
     }
+}
+
+fn policy_label(policy: &SyncPolicy) -> String {
+    let mut label = match policy.policy {
+        SyncPolicyKind::Auto => format!("auto, {} after a change", human_duration(policy.delay_ms / 1000)),
+        SyncPolicyKind::Window => format!("window {}–{}", policy.window_start, policy.window_end),
+        SyncPolicyKind::Manual => "manual".to_owned(),
+    };
+    if policy.bandwidth_bytes_per_s > 0 {
+        label.push_str(&format!(", ≤ {}/s", human_bytes(policy.bandwidth_bytes_per_s)));
+    }
+    label
+}
+
+fn sync_label(sync: &SyncReport) -> String {
+    match sync.phase {
+        SyncPhase::Idle => format!("up to date (revision {})", sync.snapshot_revision),
+        SyncPhase::Waiting => format!("behind: {}", sync.message),
+        SyncPhase::Syncing => format!(
+            "syncing {:.0} %, {} to go",
+            sync.bytes_done as f64 * 100.0 / sync.bytes_total.max(1) as f64,
+            human_bytes(sync.bytes_total.saturating_sub(sync.bytes_done))
+        ),
+        SyncPhase::Paused => format!("paused: {}", sync.message),
+        SyncPhase::Failed => format!("failed: {}", sync.message),
+    }
+}
+
+async fn rack_by_id(state: &AppState, id: &str) -> Result<RackView, PageError> {
+    rack_views(state)
+        .await?
+        .into_iter()
+        .find(|r| r.id == id)
+        .ok_or_else(|| PageError(ApiError::not_found("No such rack controller.")))
+}
+
+fn require_admin_page(user: &User) -> Result<(), PageError> {
+    if user.is_admin {
+        Ok(())
+    } else {
+        Err(PageError(ApiError::forbidden("Only administrators can do that.")))
+    }
+}
+
+async fn controller_page(
+    State(state): State<AppState>,
+    SessionUser(user): SessionUser,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> PageResult {
+    let cluster = cluster_name(&state).await?;
+    let rack = rack_by_id(&state, &id).await?;
+    Ok(layout(&rack.name, &cluster, Some(&user), Nav::Controllers, controller_markup(&rack, &user, None))
+        .into_response())
+}
+
+fn controller_markup(rack: &RackView, user: &User, error: Option<&str>) -> Markup {
+    let policy = &rack.sync_policy;
+    let is = |kind: SyncPolicyKind| policy.policy == kind;
+    html! {
+        div.heading {
+            h1 { (rack.name) " " span class=(format!("badge {}", match rack.state { RackState::Online => "online", RackState::Offline => "offline", RackState::NeedsReregistration => "stale" })) { (rack.state.label()) } }
+            @if user.is_admin {
+                form method="post" action=(format!("{BASE_PATH}/controllers/{}/sync", rack.id)) { button.primary type="submit" id="sync-now" { "Sync now" } }
+            }
+        }
+        section.card {
+            h2 { "Image sync" }
+            @match &rack.sync {
+                Some(sync) => {
+                    p id="sync-state" { (sync_label(sync)) }
+                    @if let Some(id) = &sync.snapshot_id { p.muted { "Snapshot " code { (id) } } }
+                    @if let Some(last) = &sync.last_sync {
+                        p.muted { "Last sync: " (last.chunks_fetched) " chunks, " (human_bytes(last.bytes_fetched)) " fetched, "
+                            (human_bytes(last.bytes_reused)) " reused, " (format!("{:.1}", last.duration_ms as f64 / 1000.0)) " s" }
+                    }
+                }
+                None => p.muted { "This rack has not reported a sync yet." }
+            }
+        }
+        @if user.is_admin {
+            section.card {
+                h2 { "Sync policy" }
+                @if let Some(error) = error { p.error role="alert" { (error) } }
+                form method="post" action=(format!("{BASE_PATH}/controllers/{}/policy", rack.id)) id="policy-form" {
+                    label { "Policy"
+                        select name="policy" id="policy" {
+                            option value="auto" selected[is(SyncPolicyKind::Auto)] { "auto: a while after each change" }
+                            option value="window" selected[is(SyncPolicyKind::Window)] { "window: only between the times below" }
+                            option value="manual" selected[is(SyncPolicyKind::Manual)] { "manual: only when asked" }
+                        }
+                    }
+                    label { "Delay after a change (seconds, auto)" input name="delay_s" type="number" min="0" value=(policy.delay_ms / 1000); }
+                    div.actions {
+                        label { "Window start (rack local time)" input name="window_start" value=(policy.window_start) pattern="[0-2][0-9]:[0-5][0-9]"; }
+                        label { "Window end" input name="window_end" value=(policy.window_end) pattern="[0-2][0-9]:[0-5][0-9]"; }
+                    }
+                    label { "Bandwidth cap (MiB/s, 0 = none)" input name="bandwidth_mib_s" type="number" min="0" step="any" value=(policy.bandwidth_bytes_per_s as f64 / 1048576.0); }
+                    button.primary type="submit" id="save-policy" { "Save policy" }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct PolicyForm {
+    policy: String,
+    delay_s: u64,
+    window_start: String,
+    window_end: String,
+    bandwidth_mib_s: f64,
+}
+
+async fn controller_policy(
+    State(state): State<AppState>,
+    SessionUser(user): SessionUser,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Form(form): Form<PolicyForm>,
+) -> PageResult {
+    require_admin_page(&user)?;
+    let kind = match form.policy.as_str() {
+        "auto" => SyncPolicyKind::Auto,
+        "window" => SyncPolicyKind::Window,
+        "manual" => SyncPolicyKind::Manual,
+        _ => return Err(PageError(ApiError::bad_request("Unknown policy."))),
+    };
+    let policy = SyncPolicy {
+        policy: kind,
+        delay_ms: form.delay_s.saturating_mul(1000),
+        window_start: form.window_start,
+        window_end: form.window_end,
+        bandwidth_bytes_per_s: (form.bandwidth_mib_s.max(0.0) * 1048576.0) as u64,
+    };
+    if let Err(PageError(error)) =
+        crate::images::store_sync_policy(&state, &user.username, &id, &policy).await.map_err(PageError)
+    {
+        if error.status == StatusCode::BAD_REQUEST {
+            let cluster = cluster_name(&state).await?;
+            let rack = rack_by_id(&state, &id).await?;
+            let body = layout(
+                &rack.name,
+                &cluster,
+                Some(&user),
+                Nav::Controllers,
+                controller_markup(&rack, &user, Some(&error.body.error)),
+            );
+            return Ok((StatusCode::BAD_REQUEST, body).into_response());
+        }
+        return Err(PageError(error));
+    }
+    Ok(Redirect::to(&format!("{BASE_PATH}/controllers/{id}")).into_response())
+}
+
+async fn controller_sync(
+    State(state): State<AppState>,
+    SessionUser(user): SessionUser,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> PageResult {
+    require_admin_page(&user)?;
+    crate::images::request_sync(&state, &user.username, Some(&id)).await?;
+    Ok(Redirect::to(&format!("{BASE_PATH}/controllers/{id}")).into_response())
+}
+
+async fn images_page(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+    let cluster = cluster_name(&state).await?;
+    let images = crate::images::image_views(&state).await?;
+    let now = now_ms();
+    let content = html! {
+        div.heading {
+            h1 { "Images" }
+            @if user.is_admin && !images.is_empty() {
+                form method="post" action=(format!("{BASE_PATH}/images/sync")) { button.primary type="submit" id="sync-all" { "Sync now (all racks)" } }
+            }
+        }
+        @if images.is_empty() {
+            section.card {
+                p { "No images yet. Push one from any machine with " code { "imgtool" } ":" }
+                pre { "imgtool push ubuntu.img --name ubuntu/jammy --arch amd64 --kind root-disk \\\n  --url http://REGION:5240/MAAS --api-key KEY" }
+                p.hint { "Your API key is on your " a href=(format!("{BASE_PATH}/account")) { "account page" } "." }
+            }
+        }
+        @for image in &images {
+            section.card data-image=(image.name) {
+                h2 { (image.name) " " span.muted { (image.arch) } }
+                table.versions {
+                    thead { tr { th { "Version" } th { "Files" } th { "Size" } th { "Chunks" } th { "Racks" } th {} } }
+                    tbody { @for version in &image.versions {
+                        tr data-version=(version.version) {
+                            td { (version.version) div.muted title=(rfc3339(version.created_at_ms)) { (ago(version.created_at_ms, now)) } }
+                            td { @for f in &version.files { div { (f.kind) " " code title=(f.file_hash) { (&f.file_hash[..12]) } } } }
+                            td { (human_bytes(version.size_bytes)) }
+                            td { (version.n_chunks) }
+                            td.racks { @for r in &version.racks {
+                                div.rack-sync data-rack=(r.rack_name) {
+                                    (r.rack_name) " "
+                                    @match r.status {
+                                        VersionSyncStatus::Synced => span.badge.online data-status="synced" { "synced" },
+                                        VersionSyncStatus::Syncing => span.badge.stale data-status="syncing" {
+                                            "syncing " (format!("{:.0} %", r.percent.unwrap_or(0.0))) ", " (human_bytes(r.bytes_to_go.unwrap_or(0))) " to go" },
+                                        VersionSyncStatus::Behind => span.badge.offline data-status="behind" title=[r.reason.as_deref()] { "behind" },
+                                        VersionSyncStatus::Failed => span.badge.failed data-status="failed" { "failed: " (r.reason.as_deref().unwrap_or("")) },
+                                    }
+                                }
+                            } @if version.racks.is_empty() { span.muted { "no racks" } } }
+                            td { @if user.is_admin {
+                                form method="post" action=(format!("{BASE_PATH}/images/{}/versions/{}/delete", image.id, version.version))
+                                    onsubmit=(format!("return confirm('Delete {} version {}?')", image.name, version.version)) {
+                                    button type="submit" { "Delete" }
+                                }
+                            } }
+                        }
+                    } }
+                }
+            }
+        }
+    };
+    let mut page = layout("Images", &cluster, Some(&user), Nav::Images, content).into_response();
+    // The page follows sync progress without JavaScript.
+    page.headers_mut().insert(header::REFRESH, axum::http::HeaderValue::from_static("5"));
+    Ok(page)
+}
+
+async fn images_sync(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+    require_admin_page(&user)?;
+    crate::images::request_sync(&state, &user.username, None).await?;
+    Ok(Redirect::to(&format!("{BASE_PATH}/images")).into_response())
+}
+
+async fn images_delete(
+    State(state): State<AppState>,
+    SessionUser(user): SessionUser,
+    axum::extract::Path((image_id, version)): axum::extract::Path<(String, String)>,
+) -> PageResult {
+    require_admin_page(&user)?;
+    crate::images::delete_version_and_collect(&state, &user.username, &image_id, &version).await?;
+    Ok(Redirect::to(&format!("{BASE_PATH}/images")).into_response())
 }

@@ -97,14 +97,19 @@ impl Region {
         self.daemon.terminate();
         let address = self.url.trim_start_matches("http://").trim_end_matches("/MAAS").to_owned();
         let config = std::fs::read_to_string(self.data_dir.with_extension("toml")).unwrap();
-        *self = Region::spawn(&self.data_dir, &config, &address);
+        *self = Region::spawn(&self.data_dir, &config, &address, &[]);
     }
 
     pub fn start_with_config(data_dir: &Path, config: &str) -> Region {
-        Region::spawn(data_dir, config, "127.0.0.1:0")
+        Region::spawn(data_dir, config, "127.0.0.1:0", &[])
     }
 
-    fn spawn(data_dir: &Path, config: &str, listen: &str) -> Region {
+    /// Starts a region with extra environment (fault hooks).
+    pub fn start_with_env(data_dir: &Path, config: &str, env: &[(&str, &str)]) -> Region {
+        Region::spawn(data_dir, config, "127.0.0.1:0", env)
+    }
+
+    fn spawn(data_dir: &Path, config: &str, listen: &str, env: &[(&str, &str)]) -> Region {
         std::fs::create_dir_all(data_dir).unwrap();
         let config_path = data_dir.with_extension("toml");
         std::fs::write(&config_path, config).unwrap();
@@ -114,6 +119,7 @@ impl Region {
             .arg(data_dir)
             .args(["serve", "--listen", listen, "--config"])
             .arg(&config_path)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

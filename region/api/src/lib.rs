@@ -2,6 +2,7 @@
 //! the registration proof, and the header formats. Both sides compile against this one crate so
 //! they cannot drift apart.
 
+pub mod images;
 pub mod private_file;
 
 use hmac::{Hmac, Mac};
@@ -156,6 +157,9 @@ pub struct RackHealth {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HeartbeatRequest {
     pub health: RackHealth,
+    /// Absent from racks that do not sync yet.
+    #[serde(default)]
+    pub sync: Option<images::SyncReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -174,6 +178,8 @@ pub struct RackView {
     pub last_seen_ms: Option<i64>,
     pub health: Option<RackHealth>,
     pub remote_address: Option<String>,
+    pub sync_policy: images::SyncPolicy,
+    pub sync: Option<images::SyncReport>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,0 +1,322 @@
+//! A content-addressed chunk directory: each chunk is a file `ROOT/ab/cd/<64 hex>` named by
+//! its BLAKE3 hash.
+//!
+//! Two levels of two-hex-digit fan-out keep directories small (65 536 leaf directories: a
+//! million chunks is ~16 files per directory). Invariants: a file under its final name is
+//! complete and was hash-checked when written (it only appears there by an atomic link of a
+//! fully written, synced temp file), and `get` checks it again, so on-disk damage is reported
+//! rather than served. Temp files live in `ROOT/tmp` and are never listed as chunks.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::Hash;
+
+/// Where writes in progress live, inside the root so the final link stays on one filesystem.
+const TMP_DIR: &str = "tmp";
+
+/// Distinguishes temp files of concurrent puts within one process (the pid covers processes).
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A chunk directory. Cheap to clone; clones share the directory, and any number of threads
+/// or processes may use one directory at once.
+#[derive(Debug, Clone)]
+pub struct ChunkStore {
+    root: PathBuf,
+}
+
+impl ChunkStore {
+    /// Opens the store at `root`, creating it if needed.
+    ///
+    /// Leftover temp files from crashed writers are not removed here: another process may be
+    /// writing them right now.
+    pub fn open(root: &Path) -> Result<ChunkStore, StoreError> {
+        let tmp = root.join(TMP_DIR);
+        fs::create_dir_all(&tmp).map_err(|source| StoreError::Io {
+            what: "create the store directory",
+            path: tmp,
+            source,
+        })?;
+        Ok(ChunkStore { root: root.to_owned() })
+    }
+
+    /// Where the chunk `hash` is (or would be) stored.
+    pub fn path(&self, hash: &Hash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join(&hex[0..2]).join(&hex[2..4]).join(hex)
+    }
+
+    /// Whether the chunk is stored. Does not read it: `get` checks the content.
+    pub fn contains(&self, hash: &Hash) -> bool {
+        fs::metadata(self.path(hash)).is_ok_and(|metadata| metadata.is_file())
+    }
+
+    /// Stores `data` under `hash`, returning whether it was newly stored (false if it was
+    /// already there). Checks `Hash::of(data) == *hash` first.
+    ///
+    /// Safe under concurrency: each put writes and syncs its own temp file, then hard-links it
+    /// to the final name, which fails atomically if another put got there first. The sync costs
+    /// a disk flush per new chunk; without it a crash could leave a torn file under a valid
+    /// name that `contains` reports as present, so the chunk would never be re-sent.
+    pub fn put(&self, hash: &Hash, data: &[u8]) -> Result<bool, StoreError> {
+        let actual = Hash::of(data);
+        if actual != *hash {
+            return Err(StoreError::HashMismatch { expected: *hash, actual });
+        }
+        let path = self.path(hash);
+        if self.contains(hash) {
+            return Ok(false);
+        }
+        let parent = path.parent().expect("chunk paths have a parent");
+        fs::create_dir_all(parent).map_err(|source| StoreError::Io {
+            what: "create a chunk directory",
+            path: parent.to_owned(),
+            source,
+        })?;
+
+        let mut tmp = TempFile::create(&self.root.join(TMP_DIR), hash)?;
+        tmp.file.write_all(data).and_then(|()| tmp.file.sync_data()).map_err(|source| StoreError::Io {
+            what: "write a chunk",
+            path: tmp.path.clone(),
+            source,
+        })?;
+        match fs::hard_link(&tmp.path, &path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(source) => Err(StoreError::Io { what: "link a chunk into place", path, source }),
+        }
+        // `tmp` is removed on drop, whatever happened.
+    }
+
+    /// Reads the chunk `hash` and checks its content.
+    pub fn get(&self, hash: &Hash) -> Result<Vec<u8>, StoreError> {
+        let path = self.path(hash);
+        let data = match fs::read(&path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(StoreError::Missing { hash: *hash }),
+            Err(source) => return Err(StoreError::Io { what: "read a chunk", path, source }),
+        };
+        let actual = Hash::of(&data);
+        if actual != *hash {
+            return Err(StoreError::HashMismatch { expected: *hash, actual });
+        }
+        Ok(data)
+    }
+
+    /// Removes the chunk `hash`, returning the bytes freed (0 if it was not stored).
+    pub fn remove(&self, hash: &Hash) -> Result<u64, StoreError> {
+        let path = self.path(hash);
+        let len = match fs::metadata(&path) {
+            Ok(metadata) => metadata.len(),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(StoreError::Io { what: "look up a chunk", path, source }),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(len),
+            // Removed concurrently: not ours to count.
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+            Err(source) => Err(StoreError::Io { what: "remove a chunk", path, source }),
+        }
+    }
+
+    /// Every stored chunk, sorted. Skips `tmp` and any name that is not a chunk in its right
+    /// place (a stray file is not a chunk the store can serve under that hash).
+    pub fn hashes(&self) -> Result<Vec<Hash>, StoreError> {
+        let mut hashes = Vec::new();
+        for level1 in self.read_dir(&self.root)? {
+            let Some(prefix1) = fan_out_name(&level1) else { continue };
+            for level2 in self.read_dir(&level1)? {
+                let Some(prefix2) = fan_out_name(&level2) else { continue };
+                for chunk in self.read_dir(&level2)? {
+                    let Some(hash) = chunk.file_name().and_then(|n| n.to_str()).and_then(|n| Hash::from_hex(n).ok())
+                    else {
+                        continue;
+                    };
+                    let hex = hash.to_hex();
+                    if hex[0..2] == prefix1 && hex[2..4] == prefix2 && chunk.is_file() {
+                        hashes.push(hash);
+                    }
+                }
+            }
+        }
+        hashes.sort_unstable();
+        Ok(hashes)
+    }
+
+    /// The paths of the entries of `dir`.
+    fn read_dir(&self, dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        let io_error = |source| StoreError::Io { what: "list a store directory", path: dir.to_owned(), source };
+        let mut paths = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io_error)? {
+            paths.push(entry.map_err(io_error)?.path());
+        }
+        Ok(paths)
+    }
+}
+
+/// The two-hex-digit name of a fan-out directory, lowercase as `Hash::to_hex` writes it.
+fn fan_out_name(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let is_fan_out = name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    (is_fan_out && path.is_dir()).then(|| name.to_owned())
+}
+
+/// A uniquely named file in the temp directory, removed when dropped (after a successful
+/// link the chunk lives on under its final name).
+struct TempFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl TempFile {
+    fn create(dir: &Path, hash: &Hash) -> Result<TempFile, StoreError> {
+        let counter = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("{}.{}.{counter}", hash.to_hex(), std::process::id()));
+        // create_new: a leftover of a crashed process with a recycled pid is an error, never
+        // a file two writers share.
+        let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|source| StoreError::Io {
+            what: "create a temp file",
+            path: path.clone(),
+            source,
+        })?;
+        Ok(TempFile { path, file })
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        // Best effort: a leftover temp file wastes space but is never read as a chunk.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("chunk content does not match its hash: expected {expected}, got {actual}")]
+    HashMismatch { expected: Hash, actual: Hash },
+    #[error("cannot {what}: {}", path.display())]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("chunk {hash} is not in the store")]
+    Missing { hash: Hash },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store() -> (tempfile::TempDir, ChunkStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(&dir.path().join("chunks")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn test_path_layout() {
+        let store = ChunkStore { root: PathBuf::from("/srv/chunks") };
+        let hash = Hash::of(b"");
+        assert_eq!(
+            store.path(&hash),
+            Path::new("/srv/chunks/af/13/af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262")
+        );
+    }
+
+    #[test]
+    fn test_put_get_contains_remove() {
+        let (_dir, store) = temp_store();
+        let data = b"a chunk of an image".to_vec();
+        let hash = Hash::of(&data);
+        assert!(!store.contains(&hash));
+        assert!(matches!(store.get(&hash), Err(StoreError::Missing { hash: h }) if h == hash));
+
+        assert!(store.put(&hash, &data).unwrap());
+        assert!(store.contains(&hash));
+        assert_eq!(fs::read(store.path(&hash)).unwrap(), data);
+        assert_eq!(store.get(&hash).unwrap(), data);
+        // Storing again is a no-op that says so.
+        assert!(!store.put(&hash, &data).unwrap());
+        assert_eq!(store.hashes().unwrap(), vec![hash]);
+
+        assert_eq!(store.remove(&hash).unwrap(), data.len() as u64);
+        assert!(!store.contains(&hash));
+        assert_eq!(store.remove(&hash).unwrap(), 0);
+        assert_eq!(store.hashes().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn test_put_rejects_wrong_hash() {
+        let (_dir, store) = temp_store();
+        let claimed = Hash::of(b"what the sender said");
+        match store.put(&claimed, b"what it sent") {
+            Err(StoreError::HashMismatch { expected, actual }) => {
+                assert_eq!(expected, claimed);
+                assert_eq!(actual, Hash::of(b"what it sent"));
+            }
+            other => panic!("expected a hash mismatch, got {other:?}"),
+        }
+        assert!(!store.contains(&claimed));
+    }
+
+    #[test]
+    fn test_get_detects_damage() {
+        let (_dir, store) = temp_store();
+        let hash = Hash::of(b"good bytes");
+        store.put(&hash, b"good bytes").unwrap();
+        fs::write(store.path(&hash), b"bad bytes").unwrap();
+        match store.get(&hash) {
+            Err(StoreError::HashMismatch { expected, actual }) => {
+                assert_eq!(expected, hash);
+                assert_eq!(actual, Hash::of(b"bad bytes"));
+            }
+            other => panic!("expected a hash mismatch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_hashes_lists_only_chunks() {
+        let (dir, store) = temp_store();
+        let mut expected: Vec<Hash> = (0..20u8)
+            .map(|i| {
+                let data = vec![i; 100];
+                let hash = Hash::of(&data);
+                store.put(&hash, &data).unwrap();
+                hash
+            })
+            .collect();
+        expected.sort();
+        let root = dir.path().join("chunks");
+        // A leftover temp file, a stray file, and a chunk-named file in the wrong place.
+        fs::write(root.join(TMP_DIR).join(Hash::of(b"x").to_hex()), b"x").unwrap();
+        fs::write(root.join("README"), b"not a chunk").unwrap();
+        let misplaced = Hash::of(b"misplaced");
+        fs::create_dir_all(root.join("00/00")).unwrap();
+        fs::write(root.join("00/00").join(misplaced.to_hex()), b"misplaced").unwrap();
+        assert_eq!(store.hashes().unwrap(), expected);
+        // No temp files left behind by the puts.
+        assert_eq!(fs::read_dir(root.join(TMP_DIR)).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn test_concurrent_puts_of_one_chunk() {
+        let (_dir, store) = temp_store();
+        let data = vec![42u8; 64 * 1024];
+        let hash = Hash::of(&data);
+        let newly_stored: Vec<bool> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8).map(|_| scope.spawn(|| store.put(&hash, &data).unwrap())).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(newly_stored.iter().filter(|&&new| new).count(), 1, "{newly_stored:?}");
+        assert_eq!(store.get(&hash).unwrap(), data);
+        assert_eq!(fs::read_dir(store.root.join(TMP_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn test_open_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        fs::write(&file, b"").unwrap();
+        assert!(matches!(ChunkStore::open(&file), Err(StoreError::Io { .. })));
+    }
+}

@@ -1,0 +1,370 @@
+//! End to end: `imgtool push` into the region's catalogue, racks syncing it by chunks, policies,
+//! faults (damaged chunks, kill -9 mid-sync), garbage collection and bad uploads.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use metalrack_api::images::{ImageView, SyncPhase, SyncPolicy, SyncPolicyKind};
+use metalrack_api::{RackState, RackView};
+use metalrack_image_tools::chunker::{chunk_file, ChunkerConfig};
+use metalrack_image_tools::diff::diff;
+use metalrack_image_tools::Hash;
+use metalrack_tests::{binary, stderr, wait_for, Rack, Region, DEADLINE, FAST_REGION_CONFIG};
+use reqwest::StatusCode;
+
+/// Region settings: fast heartbeats, and a chunk-batch limit (1 MiB) far below the test files,
+/// so every push must stream in many requests.
+fn region_config() -> String {
+    format!("{FAST_REGION_CONFIG}upload_batch_bytes_max = 1048576\n")
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so files do not compress or dedupe by accident.
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn push(region: &Region, api_key: &str, file: &Path, name: &str, version: &str) -> std::process::Output {
+    Command::new(binary("imgtool"))
+        .arg("push")
+        .arg(file)
+        .args(["--name", name, "--arch", "amd64", "--kind", "root-disk", "--version", version])
+        .args(["--url", &region.url, "--api-key", api_key])
+        .output()
+        .expect("run imgtool")
+}
+
+fn push_ok(region: &Region, api_key: &str, file: &Path, name: &str, version: &str) -> String {
+    let output = push(region, api_key, file, name, version);
+    assert!(output.status.success(), "imgtool push failed: {}", stderr(&output));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn file_hash(path: &Path) -> String {
+    Hash::of(&std::fs::read(path).unwrap()).to_hex()
+}
+
+fn snapshot_file(rack: &Rack, name: &str, version: &str) -> PathBuf {
+    rack.data_dir.join("images/current").join(name).join("amd64").join(version).join("root-disk")
+}
+
+async fn api(region: &Region, api_key: &str, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::new().request(method, format!("{}/api/v1{path}", region.url)).bearer_auth(api_key)
+}
+
+async fn set_policy(region: &Region, api_key: &str, rack_id: &str, policy: &SyncPolicy) {
+    let response = api(region, api_key, reqwest::Method::PUT, &format!("/racks/{rack_id}/sync-policy"))
+        .await
+        .json(policy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT, "{}", response.text().await.unwrap());
+}
+
+async fn rack_view(region: &Region, api_key: &str, name: &str) -> RackView {
+    region.racks(api_key).await.into_iter().find(|r| r.name == name).expect("rack listed")
+}
+
+/// Waits until the rack reports `file_hash` in its current snapshot.
+async fn wait_synced(region: &Region, api_key: &str, rack: &str, file_hash: &str) -> RackView {
+    wait_for(&format!("{rack} to sync {}", &file_hash[..12]), DEADLINE, || async {
+        let view = rack_view(region, api_key, rack).await;
+        let synced = view
+            .sync
+            .as_ref()
+            .is_some_and(|s| s.file_hashes.iter().any(|h| h == file_hash) && s.phase == SyncPhase::Idle);
+        synced.then_some(view)
+    })
+    .await
+}
+
+async fn start_racks(region: &Region, api_key: &str, root: &Path, names: &[&str], policy: &SyncPolicy) -> Vec<Rack> {
+    let secret = region.secret();
+    let mut racks = Vec::new();
+    for name in names {
+        let mut rack = Rack::new(root, name);
+        rack.register_ok(&region.url, &secret);
+        let id = rack_view(region, api_key, name).await.id;
+        set_policy(region, api_key, &id, policy).await;
+        rack.serve();
+        region.wait_rack_state(api_key, name, RackState::Online).await;
+        racks.push(rack);
+    }
+    racks
+}
+
+fn auto(delay_ms: u64) -> SyncPolicy {
+    SyncPolicy { policy: SyncPolicyKind::Auto, delay_ms, ..SyncPolicy::default() }
+}
+
+#[tokio::test]
+async fn two_racks_sync_identical_snapshots_and_a_delta_moves_only_new_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start_with_config(&dir.path().join("region"), &region_config());
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let racks = start_racks(&region, &api_key, dir.path(), &["r1", "r2"], &auto(100)).await;
+
+    // v1: 12 MiB, twelve times the region's request body limit.
+    let v1 = dir.path().join("v1.img");
+    std::fs::write(&v1, random_bytes(12 << 20, 1)).unwrap();
+    let out = push_ok(&region, &api_key, &v1, "ubuntu/jammy", "1");
+    assert!(out.contains("committed"), "{out}");
+    let v1_hash = file_hash(&v1);
+    for rack in &racks {
+        wait_synced(&region, &api_key, &rack.name, &v1_hash).await;
+        assert_eq!(file_hash(&snapshot_file(rack, "ubuntu/jammy", "1")), v1_hash, "{} holds v1 exactly", rack.name);
+    }
+
+    // v2: 4 KiB changed in the middle. The rack fetches exactly the chunks v1 lacks.
+    let mut bytes = std::fs::read(&v1).unwrap();
+    bytes[5 << 20..(5 << 20) + 4096].copy_from_slice(&random_bytes(4096, 2));
+    let v2 = dir.path().join("v2.img");
+    std::fs::write(&v2, &bytes).unwrap();
+    let v2_hash = file_hash(&v2);
+    let config = ChunkerConfig::default();
+    let delta = diff(&chunk_file(&v1, config, |_| {}).unwrap(), &chunk_file(&v2, config, |_| {}).unwrap());
+    assert!(delta.bytes_to_move > 0 && delta.bytes_to_move < 1 << 20, "{delta:?}");
+    let out = push_ok(&region, &api_key, &v2, "ubuntu/jammy", "2");
+    assert!(out.contains(&format!("{} bytes sent", delta.bytes_to_move)), "only new chunks are uploaded: {out}");
+    for rack in &racks {
+        let view = wait_synced(&region, &api_key, &rack.name, &v2_hash).await;
+        let last = view.sync.unwrap().last_sync.unwrap();
+        assert_eq!(last.bytes_fetched, delta.bytes_to_move, "{}: only new chunks cross the network", rack.name);
+        assert!(last.bytes_reused >= (12 << 20) - delta.bytes_to_move - (256 << 10), "{last:?}");
+        assert_eq!(file_hash(&snapshot_file(rack, "ubuntu/jammy", "2")), v2_hash);
+        assert_eq!(file_hash(&snapshot_file(rack, "ubuntu/jammy", "1")), v1_hash, "v1 stays in the snapshot");
+    }
+
+    // The Images API shows both versions synced on both racks.
+    let images: Vec<ImageView> =
+        api(&region, &api_key, reqwest::Method::GET, "/images").await.send().await.unwrap().json().await.unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].versions.len(), 2);
+    for version in &images[0].versions {
+        assert_eq!(version.size_bytes, 12 << 20);
+        assert!(
+            version.racks.iter().all(|r| r.status == metalrack_api::images::VersionSyncStatus::Synced),
+            "{version:?}"
+        );
+    }
+
+    // Deleting v1 reclaims the chunks only it used; racks drop it from their snapshots.
+    let image_id = &images[0].id;
+    let response = api(&region, &api_key, reqwest::Method::DELETE, &format!("/images/{image_id}/versions/1"))
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let deleted: metalrack_api::images::DeleteVersionResponse = response.json().await.unwrap();
+    assert!(deleted.reclaimed_bytes > 0 && deleted.reclaimed_bytes < 1 << 20, "{deleted:?}");
+    for rack in &racks {
+        wait_for("v1 gone from the rack", DEADLINE, || async {
+            (!snapshot_file(rack, "ubuntu/jammy", "1").exists()).then_some(())
+        })
+        .await;
+        assert_eq!(file_hash(&snapshot_file(rack, "ubuntu/jammy", "2")), v2_hash);
+    }
+}
+
+#[tokio::test]
+async fn damaged_chunks_in_transit_are_detected_and_refetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start_with_env(
+        &dir.path().join("region"),
+        &region_config(),
+        &[("METALRACK_FAULT_CORRUPT_CHUNKS", "3")],
+    );
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let racks = start_racks(&region, &api_key, dir.path(), &["r1"], &auto(0)).await;
+    let image = dir.path().join("img");
+    std::fs::write(&image, random_bytes(3 << 20, 7)).unwrap();
+    push_ok(&region, &api_key, &image, "custom/damaged", "1");
+    let view = wait_synced(&region, &api_key, "r1", &file_hash(&image)).await;
+    assert_eq!(view.sync.unwrap().last_sync.unwrap().chunks_refetched, 3);
+    assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/damaged", "1")), file_hash(&image));
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(
+                    |e| {
+                        if e.path().is_dir() {
+                            dir_bytes(&e.path())
+                        } else {
+                            e.metadata().map(|m| m.len()).unwrap_or(0)
+                        }
+                    },
+                )
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn kill_9_mid_sync_publishes_nothing_half_done_and_resumes_without_refetching() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start_with_config(&dir.path().join("region"), &region_config());
+    let api_key = region.create_admin("admin", "correct horse battery");
+    // 8 MiB at 2 MiB/s: about four seconds of sync to interrupt.
+    let policy = SyncPolicy { bandwidth_bytes_per_s: 2 << 20, ..auto(0) };
+    let mut racks = start_racks(&region, &api_key, dir.path(), &["r1"], &policy).await;
+    let image = dir.path().join("img");
+    std::fs::write(&image, random_bytes(8 << 20, 11)).unwrap();
+    let image_hash = file_hash(&image);
+    push_ok(&region, &api_key, &image, "custom/big", "1");
+
+    let incoming = racks[0].data_dir.join("images/incoming");
+    let fetched_before_kill =
+        wait_for("some chunks fetched", DEADLINE, || async { Some(dir_bytes(&incoming)).filter(|n| *n >= 2 << 20) })
+            .await;
+    racks[0].daemon.as_mut().unwrap().kill();
+    let fetched_before_kill = dir_bytes(&incoming).max(fetched_before_kill);
+    assert!(fetched_before_kill < 8 << 20, "killed mid-sync");
+    assert!(!snapshot_file(&racks[0], "custom/big", "1").exists(), "nothing half done is published");
+
+    racks[0].serve();
+    let view = wait_synced(&region, &api_key, "r1", &image_hash).await;
+    let last = view.sync.unwrap().last_sync.unwrap();
+    assert!(
+        last.bytes_fetched + fetched_before_kill <= (8 << 20) + (512 << 10),
+        "verified chunks are not fetched again: {} after restart, {} before",
+        last.bytes_fetched,
+        fetched_before_kill
+    );
+    assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/big", "1")), image_hash);
+    assert_eq!(dir_bytes(&incoming), 0, "fetched chunks are cleared once published");
+}
+
+#[tokio::test]
+async fn window_and_manual_policies_sync_only_when_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start_with_config(&dir.path().join("region"), &region_config());
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let now = jiff::Zoned::now();
+    let hhmm = |minutes: i64| {
+        let m = (now.hour() as i64 * 60 + now.minute() as i64 + minutes).rem_euclid(24 * 60);
+        format!("{:02}:{:02}", m / 60, m % 60)
+    };
+    let closed = SyncPolicy {
+        policy: SyncPolicyKind::Window,
+        window_start: hhmm(120),
+        window_end: hhmm(180),
+        ..SyncPolicy::default()
+    };
+    let manual = SyncPolicy { policy: SyncPolicyKind::Manual, ..SyncPolicy::default() };
+    let racks = start_racks(&region, &api_key, dir.path(), &["win"], &closed).await;
+    let mut manual_racks = start_racks(&region, &api_key, dir.path(), &["man", "man2"], &manual).await;
+    let image = dir.path().join("img");
+    std::fs::write(&image, random_bytes(2 << 20, 3)).unwrap();
+    let image_hash = file_hash(&image);
+    push_ok(&region, &api_key, &image, "custom/policy", "1");
+
+    // Each rack knows of the change and says why it waits.
+    for (name, reason) in [("win", "window policy"), ("man", "manual policy"), ("man2", "manual policy")] {
+        wait_for(&format!("{name} waiting"), DEADLINE, || async {
+            let sync = rack_view(&region, &api_key, name).await.sync?;
+            (sync.phase == SyncPhase::Waiting && sync.message.contains(reason)).then_some(())
+        })
+        .await;
+    }
+    assert!(!snapshot_file(&racks[0], "custom/policy", "1").exists());
+
+    // Opening the window (around now) lets the window rack sync by itself.
+    let open = SyncPolicy { window_start: hhmm(-60), window_end: hhmm(60), ..closed.clone() };
+    set_policy(&region, &api_key, &rack_view(&region, &api_key, "win").await.id, &open).await;
+    wait_synced(&region, &api_key, "win", &image_hash).await;
+
+    // The manual racks still wait; `rackd sync --now --wait` syncs one and prints the figures...
+    assert!(!snapshot_file(&manual_racks[0], "custom/policy", "1").exists());
+    let output = manual_racks[0].command(&["sync", "--now", "--wait"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains(&format!("{} bytes fetched", 2 << 20)), "{text}");
+    assert_eq!(file_hash(&snapshot_file(&manual_racks[0], "custom/policy", "1")), image_hash);
+
+    // ...and the API's "sync now" (the UI's button) syncs the other.
+    let id = rack_view(&region, &api_key, "man2").await.id;
+    let response =
+        api(&region, &api_key, reqwest::Method::POST, &format!("/racks/{id}/sync")).await.send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    wait_synced(&region, &api_key, "man2", &image_hash).await;
+    let output = manual_racks[1].command(&["sync"]);
+    assert!(String::from_utf8(output.stdout).unwrap().contains("Idle"));
+    manual_racks[1].daemon.as_mut().unwrap().kill();
+    let output = manual_racks[1].command(&["sync"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("is it running"), "{}", stderr(&output));
+}
+
+#[tokio::test]
+async fn malformed_manifests_and_chunk_uploads_get_4xx_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start_with_config(&dir.path().join("region"), &region_config());
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let client = reqwest::Client::new();
+    let upload_url = format!("{}/api/v1/uploads?name=custom/x&arch=amd64&kind=root-disk&version=1", region.url);
+
+    for (body, reason) in [(b"nonsense".to_vec(), "invalid manifest"), (vec![0u8; 200], "invalid manifest")] {
+        let response = client.post(&upload_url).bearer_auth(&api_key).body(body).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert!(response.json::<metalrack_api::ErrorBody>().await.unwrap().error.contains(reason));
+    }
+    let bad_name = format!("{}/api/v1/uploads?name=../x&arch=amd64&kind=root-disk&version=1", region.url);
+    let response = client.post(&bad_name).bearer_auth(&api_key).body(b"x".to_vec()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    // A valid manifest, then a chunk whose bytes do not match its hash.
+    let file = dir.path().join("f");
+    std::fs::write(&file, random_bytes(300 << 10, 5)).unwrap();
+    let manifest = chunk_file(&file, ChunkerConfig::default(), |_| {}).unwrap();
+    let response = client.post(&upload_url).bearer_auth(&api_key).body(manifest.to_bytes()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let upload: metalrack_api::images::UploadResponse = response.json().await.unwrap();
+    let first = manifest.chunks[0];
+    let mut frame = Vec::new();
+    metalrack_image_tools::frame::encode_frame(&first.hash, &vec![0u8; first.len as usize], &mut frame);
+    let chunks_url = format!("{}/api/v1/uploads/{}/chunks", region.url, upload.upload_id);
+    let response = client.post(&chunks_url).bearer_auth(&api_key).body(frame).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(response.json::<metalrack_api::ErrorBody>().await.unwrap().error.contains("damaged"));
+    // A truncated frame, and committing with chunks missing.
+    let response = client.post(&chunks_url).bearer_auth(&api_key).body(vec![1u8; 20]).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let commit_url = format!("{}/api/v1/uploads/{}/commit", region.url, upload.upload_id);
+    let response = client.post(&commit_url).bearer_auth(&api_key).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    assert!(response.json::<metalrack_api::ErrorBody>().await.unwrap().error.contains("missing"));
+
+    // Nothing changed: no image, no stored chunk.
+    let images: Vec<ImageView> = client
+        .get(format!("{}/api/v1/images", region.url))
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(images.is_empty());
+    assert_eq!(dir_bytes(&region.data_dir.join("chunks")), 0);
+    // Anonymous uploads are refused.
+    let response = client.post(&upload_url).body(manifest.to_bytes()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+    // An interrupted push resumes: the same command finishes it.
+    let out = push_ok(&region, &api_key, &file, "custom/x", "1");
+    assert!(out.contains("committed"), "{out}");
+}
