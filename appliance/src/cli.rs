@@ -126,6 +126,9 @@ async fn serve(data_dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCod
     let stop = std::sync::Arc::new(tokio::sync::Notify::new());
     let handle = crate::sync::start(data_dir.to_owned(), stop.clone())?;
     let control = tokio::spawn(crate::control::serve(crate::sync::control_socket(data_dir), handle.clone()));
+    if let Some(pxe) = config.pxe.clone() {
+        crate::pxe::start(pxe, data_dir.to_owned(), handle.boot_table.clone(), handle.status.clone()).await?;
+    }
     let result = crate::heartbeat::run(data_dir, &config, Some(handle.status.clone()), shutdown_signal()).await;
     stop.notify_waiters();
     control.abort();

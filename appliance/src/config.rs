@@ -1,6 +1,7 @@
 //! The rack's configuration file (TOML): every setting, its unit and its default.
 
-use std::path::Path;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -16,11 +17,134 @@ pub struct RackConfig {
     pub retry_backoff_max_ms: u64,
     /// Deadline for any one request to the region. Default 10000 ms.
     pub region_request_timeout_ms: u64,
+    /// PXE services for the machines of this rack. Absent: the rack serves no PXE.
+    pub pxe: Option<PxeConfig>,
+}
+
+/// PXE: DHCP, TFTP and HTTP boot on the rack's provisioning network.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PxeConfig {
+    /// The provisioning interface (DHCP binds to it), e.g. "eth1".
+    pub interface: String,
+    /// This rack's address on that network: machines reach TFTP and HTTP boot here.
+    pub address: Ipv4Addr,
+    /// HTTP boot server. Default 0.0.0.0:5248 (MAAS' rack port).
+    #[serde(default = "default_http_listen")]
+    pub http_listen: SocketAddr,
+    /// Streams the HTTP boot server sends at once; more get 503. Default 1024: each costs a
+    /// socket and a mapping, no buffer (files are mmapped).
+    #[serde(default = "default_http_streams_max")]
+    pub http_streams_max: usize,
+    /// Where Debian's `ipxe` package put the iPXE loaders; copied into the rack's boot files.
+    #[serde(default = "default_loaders_dir")]
+    pub loaders_dir: PathBuf,
+    #[serde(default)]
+    pub tftp: TftpConfig,
+    pub dhcp: DhcpConfig,
+}
+
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5248))
+}
+fn default_http_streams_max() -> usize {
+    1024
+}
+fn default_loaders_dir() -> PathBuf {
+    PathBuf::from("/usr/lib/ipxe")
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TftpConfig {
+    /// Default 0.0.0.0:69, where PXE firmware looks.
+    pub listen: SocketAddr,
+    /// Largest block size granted (RFC 2348). Default 1468: fills a 1500-byte Ethernet frame.
+    pub blksize_max: u16,
+    /// Largest window granted (RFC 7440). Default 16 blocks in flight.
+    pub windowsize_max: u16,
+    /// Retransmission timeout when the client asks for none. Default 3000 ms.
+    pub timeout_ms: u64,
+    /// Transfers at once; more are refused. Default 256: 256 × 16 × 1468 ≈ 6 MiB in flight.
+    pub sessions_max: usize,
+}
+
+impl Default for TftpConfig {
+    fn default() -> Self {
+        TftpConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 69)),
+            blksize_max: 1468,
+            windowsize_max: 16,
+            timeout_ms: 3000,
+            sessions_max: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DhcpMode {
+    /// Full DHCP server: leases from `range_start`..=`range_end`.
+    Managed,
+    /// proxyDHCP beside an existing DHCP server: PXE options only, no addresses.
+    Proxy,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpConfig {
+    pub mode: DhcpMode,
+    /// Managed mode: the subnet mask handed out.
+    #[serde(default = "default_netmask")]
+    pub subnet_mask: Ipv4Addr,
+    pub range_start: Option<Ipv4Addr>,
+    pub range_end: Option<Ipv4Addr>,
+    pub router: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub dns_servers: Vec<Ipv4Addr>,
+    /// Default 3600 s.
+    #[serde(default = "default_lease_time")]
+    pub lease_time_s: u32,
+    /// Leases kept at most (each ~100 bytes, persisted). Default 4096.
+    #[serde(default = "default_leases_max")]
+    pub leases_max: usize,
+    /// Packets handled per client (MAC) per second; more are dropped and counted. Default 20:
+    /// firmware retries a few times a second at most.
+    #[serde(default = "default_packets_per_s")]
+    pub packets_per_s_per_client: u32,
+    #[serde(default)]
+    pub reservations: Vec<Reservation>,
+}
+
+fn default_netmask() -> Ipv4Addr {
+    Ipv4Addr::new(255, 255, 255, 0)
+}
+fn default_lease_time() -> u32 {
+    3600
+}
+fn default_leases_max() -> usize {
+    4096
+}
+fn default_packets_per_s() -> u32 {
+    20
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Reservation {
+    pub mac: String,
+    pub address: Ipv4Addr,
 }
 
 impl Default for RackConfig {
     fn default() -> Self {
-        RackConfig { heartbeat_interval_ms: None, retry_backoff_max_ms: 60_000, region_request_timeout_ms: 10_000 }
+        RackConfig {
+            heartbeat_interval_ms: None,
+            retry_backoff_max_ms: 60_000,
+            region_request_timeout_ms: 10_000,
+            pxe: None,
+        }
     }
 }
 
@@ -49,7 +173,25 @@ impl RackConfig {
                 problem: "region_request_timeout_ms and retry_backoff_max_ms must be above 0",
             });
         }
+        if let Some(pxe) = &config.pxe {
+            pxe.check().map_err(|problem| ConfigError::Invalid { path: name, problem })?;
+        }
         Ok(config)
+    }
+}
+
+impl PxeConfig {
+    fn check(&self) -> Result<(), &'static str> {
+        if self.dhcp.mode == DhcpMode::Managed {
+            match (self.dhcp.range_start, self.dhcp.range_end) {
+                (Some(start), Some(end)) if u32::from(start) <= u32::from(end) => {}
+                _ => return Err("pxe.dhcp: managed mode needs range_start <= range_end"),
+            }
+        }
+        if self.tftp.blksize_max < 512 || self.tftp.windowsize_max == 0 {
+            return Err("pxe.tftp: blksize_max is at least 512 and windowsize_max at least 1");
+        }
+        Ok(())
     }
 }
 

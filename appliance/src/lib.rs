@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod health;
 pub mod heartbeat;
+pub mod pxe;
 pub mod region_client;
 pub mod registration;
 pub mod status;

@@ -123,6 +123,16 @@ impl RegionClient {
         Err(self.refusal(status, &bytes))
     }
 
+    pub async fn boot_events(
+        &self,
+        authorization: &str,
+        events: &[metalrack_api::machines::BootEvent],
+    ) -> Result<(), RegionError> {
+        let url = format!("{}{API_PREFIX}/rack/events", self.base);
+        let request = self.http.post(&url).header(reqwest::header::AUTHORIZATION, authorization).json(events);
+        self.send(request).await.map(|_| ())
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<bytes::Bytes, RegionError> {
         let unreachable = |source| RegionError::Unreachable { url: self.base.clone(), source };
         let response = request.send().await.map_err(unreachable)?;

@@ -37,6 +37,7 @@ pub fn router() -> Router<AppState> {
         .route("/events", get(list_events))
         .route("/account", get(account))
         .merge(crate::images::router())
+        .merge(crate::machines::router())
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
 }
 

@@ -594,11 +594,13 @@ async fn rack_catalogue(
             tokio::time::Instant::now() >= deadline || state.closing.load(std::sync::atomic::Ordering::SeqCst);
         if changed || timed_out {
             let files = state.store.catalogue_files().await.map_err(ApiError::internal)?;
+            let machines = state.store.machines().await.map_err(ApiError::internal)?;
             return Ok(Json(RackCatalogue {
                 revision,
                 sync_requested: rack.sync_requested,
                 policy: rack.sync_policy,
                 files,
+                machines,
             }));
         }
         tokio::select! {
@@ -614,6 +616,7 @@ async fn rack_catalogue(
                     sync_requested: rack.sync_requested,
                     policy: rack.sync_policy,
                     files,
+                    machines: state.store.machines().await.map_err(ApiError::internal)?,
                 }));
             }
             _ = tokio::time::sleep_until(deadline) => {}

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod images;
+pub mod machines;
 pub mod secret;
 pub mod server;
 pub mod store;

@@ -64,6 +64,13 @@ fn migrator() -> Migrator {
             Cow::Borrowed(include_str!("../migrations/sqlite/0002_images.sql")),
             false,
         ),
+        Migration::new(
+            3,
+            Cow::Borrowed("machines"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../migrations/sqlite/0003_machines.sql")),
+            false,
+        ),
     ];
     Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
 }

@@ -1,6 +1,8 @@
 //! Harness for end-to-end tests: runs the real `regiond` and `rackd` binaries on port 0 in a temp
 //! dir per test, and waits for conditions with deadlines instead of sleeping.
 
+pub mod tftp;
+
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -178,6 +180,18 @@ impl Region {
         .await
     }
 
+    /// Events as `KIND ACTOR: MESSAGE`, newest first.
+    pub async fn event_lines(&self, api_key: &str) -> Vec<String> {
+        let response = reqwest::Client::new()
+            .get(format!("{}/api/v1/events?limit=1000", self.url))
+            .bearer_auth(api_key)
+            .send()
+            .await
+            .expect("GET events");
+        let events: Vec<metalrack_api::EventView> = response.json().await.expect("events JSON");
+        events.into_iter().map(|e| format!("{} {}: {}", e.kind, e.actor, e.message)).collect()
+    }
+
     pub async fn event_messages(&self, api_key: &str) -> Vec<String> {
         let response = reqwest::Client::new()
             .get(format!("{}/api/v1/events?limit=1000", self.url))
@@ -236,8 +250,13 @@ impl Rack {
     }
 
     pub fn serve(&mut self) {
+        self.serve_with_config("");
+    }
+
+    /// Starts `rackd serve` with `extra` TOML (e.g. a `[pxe]` section) after the fast defaults.
+    pub fn serve_with_config(&mut self, extra: &str) {
         let config = self.data_dir.with_extension("toml");
-        std::fs::write(&config, FAST_RACK_CONFIG).unwrap();
+        std::fs::write(&config, format!("{FAST_RACK_CONFIG}{extra}")).unwrap();
         let log = self.data_dir.with_extension("log");
         let child = Command::new(binary("rackd"))
             .arg("--data-dir")
@@ -253,6 +272,17 @@ impl Rack {
 
     pub fn status(&self) -> String {
         String::from_utf8(self.command(&["status"]).stdout).unwrap()
+    }
+}
+
+/// A port free on 127.0.0.1 right now (for servers whose port must be known in advance).
+pub fn free_port() -> u16 {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    // The same number must be free for UDP too (TFTP).
+    match std::net::UdpSocket::bind(("127.0.0.1", port)) {
+        Ok(_) => port,
+        Err(_) => free_port(),
     }
 }
 

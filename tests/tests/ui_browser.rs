@@ -148,6 +148,48 @@ async fn log_in_see_controllers_and_register_a_rack_with_the_shown_command() {
     .await;
     screenshot(&client, "controllers-after").await;
 
+    // Images: a pushed image shows per-rack sync state; "Sync now" and the policy form work.
+    let image = dir.path().join("kernel");
+    std::fs::write(
+        &image,
+        (0..600_000u32).flat_map(|i| (i.wrapping_mul(2_654_435_761)).to_le_bytes()).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let output = Command::new(metalrack_tests::binary("imgtool"))
+        .arg("push")
+        .arg(&image)
+        .args(["--name", "ubuntu/noble", "--arch", "amd64", "--kind", "kernel", "--version", "1"])
+        .args(["--url", &region.url, "--api-key", &api_key])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    client.find(Locator::LinkText("Images")).await.unwrap().click().await.unwrap();
+    wait_for("rack-a synced on the Images page", DEADLINE, || async {
+        client.refresh().await.unwrap();
+        let badge = client
+            .find(Locator::Css(
+                "section[data-image='ubuntu/noble'] tr[data-version='1'] div[data-rack='rack-a'] .badge",
+            ))
+            .await
+            .ok()?;
+        (badge.attr("data-status").await.ok()?? == "synced").then_some(())
+    })
+    .await;
+    screenshot(&client, "images").await;
+    client.find(Locator::Id("sync-all")).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Css("section[data-image='ubuntu/noble']")).await.unwrap();
+
+    // A rack's page sets its sync policy; Controllers shows it.
+    client.goto(&format!("{}/controllers", region.url)).await.unwrap();
+    client.find(Locator::Css("tr[data-rack='rack-b'] td.sync a")).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Id("policy-form")).await.unwrap();
+    client.find(Locator::Css("#policy option[value='window']")).await.unwrap().click().await.unwrap();
+    screenshot(&client, "rack-policy").await;
+    client.find(Locator::Id("save-policy")).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Id("sync-state")).await.unwrap();
+    client.goto(&format!("{}/controllers", region.url)).await.unwrap();
+    assert_eq!(text(&client, "tr[data-rack='rack-b'] td.sync a").await, "window 04:00–06:00");
+
     // Logging out ends the session: Controllers sends the browser back to the login page.
     client.find(Locator::Css("button.link")).await.unwrap().click().await.unwrap();
     client.wait().at_most(Duration::from_secs(10)).for_element(Locator::Id("login")).await.unwrap();

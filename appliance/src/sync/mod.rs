@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metalrack_api::images::{in_window, parse_hhmm, RackCatalogue, SyncPhase, SyncPolicy, SyncPolicyKind, SyncReport};
+use metalrack_api::machines::MachineBoot;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
@@ -38,6 +39,18 @@ pub struct LocalStatus {
 pub struct SyncHandle {
     pub status: watch::Receiver<LocalStatus>,
     pub trigger: Arc<Notify>,
+    /// The machines' boot decisions, as last received from the region (kept on disk, so
+    /// machines boot with the region away, also after a rack restart).
+    pub boot_table: watch::Receiver<Arc<Vec<MachineBoot>>>,
+}
+
+/// File holding the boot table.
+pub fn boot_table_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("boot-table.json")
+}
+
+fn load_boot_table(data_dir: &Path) -> Vec<MachineBoot> {
+    std::fs::read(boot_table_path(data_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -87,12 +100,14 @@ pub fn start(data_dir: PathBuf, shutdown: Arc<Notify>) -> Result<SyncHandle, lay
         watch::channel(LocalStatus { report: report_for(current.as_ref()), completed_runs: 0 });
     let trigger = Arc::new(Notify::new());
     let task_trigger = trigger.clone();
+    let (boot_table_tx, boot_table_rx) = watch::channel(Arc::new(load_boot_table(&data_dir)));
     tokio::spawn(async move {
         let mut controller = Controller {
             data_dir,
             layout,
             status: status_tx,
             trigger: task_trigger,
+            boot_table: boot_table_tx,
             retry: RETRY_MIN,
             not_before: None,
         };
@@ -101,7 +116,7 @@ pub fn start(data_dir: PathBuf, shutdown: Arc<Notify>) -> Result<SyncHandle, lay
             _ = shutdown.notified() => {}
         }
     });
-    Ok(SyncHandle { status: status_rx, trigger })
+    Ok(SyncHandle { status: status_rx, trigger, boot_table: boot_table_rx })
 }
 
 struct Controller {
@@ -109,6 +124,7 @@ struct Controller {
     layout: Layout,
     status: watch::Sender<LocalStatus>,
     trigger: Arc<Notify>,
+    boot_table: watch::Sender<Arc<Vec<MachineBoot>>>,
     retry: Duration,
     /// After a failure, no automatic attempt before this.
     not_before: Option<tokio::time::Instant>,
@@ -162,6 +178,7 @@ impl Controller {
                         }
                         seen_revision = new.revision;
                         seen_requested = new.sync_requested;
+                        self.update_boot_table(&new.machines);
                         catalogue = Some(new);
                     }
                     Err(e) => {
@@ -215,6 +232,18 @@ impl Controller {
                 }
             }
         }
+    }
+
+    fn update_boot_table(&self, machines: &[MachineBoot]) {
+        if self.boot_table.borrow().as_slice() == machines {
+            return;
+        }
+        let json = serde_json::to_vec_pretty(machines).expect("boot table serializes");
+        if let Err(e) = metalrack_api::private_file::write_private_file(&boot_table_path(&self.data_dir), &json) {
+            tracing::warn!(error = %e, "cannot save the boot table; serving it from memory");
+        }
+        tracing::info!(n_machines = machines.len(), "boot table updated");
+        self.boot_table.send_replace(Arc::new(machines.to_vec()));
     }
 
     fn finish_request(&self, state: &mut PersistentState, target: &RackCatalogue, local_request: &mut bool) {

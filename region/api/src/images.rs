@@ -136,6 +136,9 @@ pub struct RackCatalogue {
     pub sync_requested: i64,
     pub policy: SyncPolicy,
     pub files: Vec<CatalogueFile>,
+    /// Boot decisions for the machines this rack serves (all known machines, for now).
+    #[serde(default)]
+    pub machines: Vec<crate::machines::MachineBoot>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

@@ -3,6 +3,7 @@
 //! they cannot drift apart.
 
 pub mod images;
+pub mod machines;
 pub mod private_file;
 
 use hmac::{Hmac, Mac};

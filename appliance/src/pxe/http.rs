@@ -1,0 +1,289 @@
+//! HTTP boot on port 5248 (axum on hyper): snapshot files and loaders streamed zero-copy from
+//! mmap with Range, HEAD, ETag (the content hash) and Last-Modified; per-MAC iPXE scripts;
+//! callbacks; Prometheus metrics. A semaphore bounds concurrent streams.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use metalrack_api::machines::normalize_mac;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::metrics::KindLabel;
+use super::tftp::{resolve, Refusal};
+use super::{Pxe, PxeError};
+use crate::config::PxeConfig;
+
+/// Bytes handed to the socket per body frame: large enough for few wakeups, small enough that
+/// a page-fault stall on a cold file is short.
+const STREAM_PIECE_BYTES: usize = 512 * 1024;
+
+/// How far ahead of the sender the kernel is asked to read a file in (madvise WILLNEED), so
+/// the async workers rarely fault on a cold page.
+const READAHEAD_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Clone)]
+struct HttpState {
+    pxe: Arc<Pxe>,
+    streams: Arc<Semaphore>,
+}
+
+pub async fn bind(config: &PxeConfig) -> Result<tokio::net::TcpListener, PxeError> {
+    tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| PxeError::Http { address: config.http_listen, source })
+}
+
+pub fn router(pxe: Arc<Pxe>) -> Router {
+    let state = HttpState { streams: Arc::new(Semaphore::new(pxe.config.http_streams_max)), pxe };
+    Router::new()
+        .route("/boot/{*path}", get(boot_file).head(boot_file))
+        .route("/images/{*path}", get(image_file).head(image_file))
+        .route("/ipxe/{mac}", get(ipxe_script))
+        .route("/callback/{mac}", get(callback))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
+    let app = router(pxe).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "HTTP boot server stopped");
+    }
+}
+
+fn mac_of_peer(pxe: &Pxe, peer: &SocketAddr) -> String {
+    match peer.ip() {
+        std::net::IpAddr::V4(v4) => pxe.mac_of(v4),
+        other => other.to_string(),
+    }
+}
+
+async fn boot_file(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    UrlPath(path): UrlPath<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    let requested = PathBuf::from(&path);
+    match resolve(&state.pxe.boot_files_dir, None, &requested) {
+        Ok(full) => {
+            let etag = state.pxe.loader_hashes.get(&path).cloned();
+            send_file(&state, &peer, &full, etag, &method, &headers, &format!("/boot/{path}")).await
+        }
+        Err(refusal) => refused(&state, &peer, &format!("/boot/{path}"), refusal),
+    }
+}
+
+async fn image_file(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    UrlPath(path): UrlPath<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    let snapshot = state.pxe.layout.current_link();
+    let requested = Path::new("images").join(&path);
+    match resolve(&state.pxe.boot_files_dir, snapshot.exists().then_some(snapshot.as_path()), &requested) {
+        Ok(full) => {
+            // Snapshot files are hard links to `files/<hash>`: the name is the content hash.
+            let etag = etag_of_snapshot_file(&state.pxe, &path);
+            send_file(&state, &peer, &full, etag, &method, &headers, &format!("/images/{path}")).await
+        }
+        Err(refusal) => refused(&state, &peer, &format!("/images/{path}"), refusal),
+    }
+}
+
+fn etag_of_snapshot_file(pxe: &Pxe, path: &str) -> Option<String> {
+    let meta = pxe.layout.current().ok()??;
+    meta.files
+        .iter()
+        .find(|f| crate::sync::layout::relative_path(f).ok().is_some_and(|p| p == Path::new(path)))
+        .map(|f| f.file_hash.clone())
+}
+
+fn refused(state: &HttpState, peer: &SocketAddr, path: &str, refusal: Refusal) -> Response {
+    let mac = mac_of_peer(&state.pxe, peer);
+    let (status, why) = match refusal {
+        Refusal::Escape => (StatusCode::FORBIDDEN, "path leaves the boot root"),
+        Refusal::NotFound => (StatusCode::NOT_FOUND, "no such file in the current snapshot"),
+    };
+    state.pxe.record(&mac, "boot.refused", format!("HTTP {path} refused: {why}"));
+    (status, format!("{why}\n")).into_response()
+}
+
+/// One streamed file: the permit and the active-stream gauge are released when the body ends
+/// or the client goes away.
+struct StreamGuard {
+    _permit: OwnedSemaphorePermit,
+    pxe: Arc<Pxe>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.pxe.metrics.http_streams_active.dec();
+    }
+}
+
+async fn send_file(
+    state: &HttpState,
+    peer: &SocketAddr,
+    full: &Path,
+    etag: Option<String>,
+    method: &Method,
+    headers: &HeaderMap,
+    label: &str,
+) -> Response {
+    let Ok(permit) = state.streams.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], "too many boot streams; retry\n")
+            .into_response();
+    };
+    let file = match std::fs::File::open(full) {
+        Ok(file) => file,
+        Err(_) => return (StatusCode::NOT_FOUND, "no such file\n").into_response(),
+    };
+    let metadata = file.metadata().ok();
+    let len = metadata.as_ref().map(|m| m.len()).unwrap_or(0);
+    let etag = etag.map(|hash| format!("\"{hash}\""));
+    let last_modified = metadata.and_then(|m| m.modified().ok()).map(httpdate);
+    if let (Some(tag), Some(presented)) = (&etag, headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())) {
+        if presented.split(',').any(|t| t.trim() == tag || t.trim() == "*") {
+            return StatusCode::NOT_MODIFIED.into_response();
+        }
+    }
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(text) => match http_range_header::parse_range_header(text).and_then(|r| r.validate(len)) {
+            Ok(ranges) if ranges.len() == 1 => Some(ranges[0].clone()),
+            // Several ranges would need multipart bodies; nothing that boots asks for them.
+            Ok(_) => None,
+            Err(_) => {
+                return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))])
+                    .into_response()
+            }
+        },
+    };
+    let (start, end) = match &range {
+        Some(r) => (*r.start(), *r.end() + 1),
+        None => (0, len),
+    };
+    let mut response = Response::builder()
+        .status(if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK })
+        .header(header::CONTENT_LENGTH, end - start)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, "application/octet-stream");
+    if let Some(r) = &range {
+        response = response.header(header::CONTENT_RANGE, format!("bytes {}-{}/{len}", r.start(), r.end()));
+    }
+    if let Some(tag) = &etag {
+        response = response.header(header::ETAG, tag);
+    }
+    if let Some(date) = &last_modified {
+        response = response.header(header::LAST_MODIFIED, date);
+    }
+    let mac = mac_of_peer(&state.pxe, peer);
+    if method == Method::HEAD || len == 0 {
+        return response.body(Body::empty()).expect("valid response");
+    }
+    // Snapshot files never change once published, so the mapping is stable (layout invariant).
+    let map = match super::mapped::map_immutable(&file) {
+        Ok(map) => map,
+        Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "cannot map file\n").into_response(),
+    };
+    let _ = map.advise(memmap2::Advice::Sequential);
+    let bytes = Bytes::from_owner(map);
+    state.pxe.metrics.http_streams.inc();
+    state.pxe.metrics.http_streams_active.inc();
+    state.pxe.record(&mac, "boot.http", format!("HTTP {label} ({} bytes) to {peer}", end - start));
+    let guard = Arc::new(StreamGuard { _permit: permit, pxe: state.pxe.clone() });
+    let pxe = state.pxe.clone();
+    let stream = futures_util::stream::unfold(start as usize, move |offset| {
+        let bytes = bytes.clone();
+        let guard = guard.clone();
+        let pxe = pxe.clone();
+        async move {
+            let end = end as usize;
+            if offset >= end {
+                drop(guard);
+                return None;
+            }
+            let piece_end = (offset + STREAM_PIECE_BYTES).min(end);
+            // Read ahead on a blocking thread so the async worker does not fault on cold pages.
+            let ahead = bytes.slice(piece_end..(piece_end + READAHEAD_BYTES).min(end));
+            if !ahead.is_empty() {
+                let _ = tokio::task::spawn_blocking(move || prefault(&ahead)).await;
+            }
+            let piece = bytes.slice(offset..piece_end);
+            pxe.metrics.http_bytes.inc_by(piece.len() as u64);
+            Some((Ok::<Bytes, std::io::Error>(piece), piece_end))
+        }
+    });
+    response.body(Body::from_stream(stream)).expect("valid response")
+}
+
+/// Touches one byte per page so the kernel reads the range in now, on a blocking thread.
+fn prefault(bytes: &[u8]) {
+    let mut sum = 0u8;
+    for page in bytes.chunks(4096) {
+        sum = sum.wrapping_add(page[0]);
+    }
+    std::hint::black_box(sum);
+}
+
+fn httpdate(t: std::time::SystemTime) -> String {
+    // RFC 7231 IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT".
+    let ts = jiff::Timestamp::try_from(t).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    ts.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
+async fn ipxe_script(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    UrlPath(mac): UrlPath<String>,
+) -> Response {
+    let Ok(mac) = normalize_mac(&mac) else {
+        return (StatusCode::BAD_REQUEST, "expected /ipxe/aa-bb-cc-dd-ee-ff\n").into_response();
+    };
+    let table = state.pxe.boot_table.borrow().clone();
+    let machine = table.iter().find(|m| m.mac == mac);
+    let script = super::ipxe::script(&state.pxe.base_url(), &mac, machine);
+    let what = machine.map(|m| format!("{:?}", m.boot)).unwrap_or_else(|| "enlist (unknown MAC)".into());
+    state.pxe.record(&mac, "boot.script", format!("iPXE script to {peer}: {what}"));
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))], script).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct CallbackQuery {
+    #[serde(default)]
+    event: String,
+}
+
+async fn callback(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    UrlPath(mac): UrlPath<String>,
+    Query(query): Query<CallbackQuery>,
+) -> Response {
+    let Ok(mac) = normalize_mac(&mac) else {
+        return (StatusCode::BAD_REQUEST, "expected /callback/aa-bb-cc-dd-ee-ff\n").into_response();
+    };
+    let event: String = query.event.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
+    state.pxe.record(&mac, "boot.callback", format!("machine reported {event:?} from {peer}"));
+    "ok\n".into_response()
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let phase = format!("{:?}", state.pxe.sync_status.borrow().report.phase).to_lowercase();
+    for name in ["idle", "waiting", "syncing", "paused", "failed"] {
+        state.pxe.metrics.sync_phase.get_or_create(&KindLabel { kind: name.into() }).set(i64::from(name == phase));
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.pxe.metrics.encode())
+        .into_response()
+}

@@ -1,0 +1,75 @@
+//! Per-MAC iPXE scripts, rendered from the rack's local boot table (no region needed).
+
+use metalrack_api::machines::{BootAction, MachineBoot};
+
+/// The script for `mac` (lower-case, colon-separated). Every script ends by fetching a
+/// callback URL, so the rack knows the machine got that far.
+pub fn script(base_url: &str, mac: &str, machine: Option<&MachineBoot>) -> String {
+    let dashed = mac.replace(':', "-");
+    let callback = |event: &str| format!("{base_url}/callback/{dashed}?event={event}");
+    match machine.map(|m| &m.boot) {
+        None | Some(BootAction::Enlist) => format!(
+            "#!ipxe\n\
+             echo Metalrack: {mac} is not known here yet: enlisting\n\
+             imgfetch {} ||\n\
+             echo Enlistment is recorded; waiting for an operator. Retrying in 30 s\n\
+             sleep 30\n\
+             chain {base_url}/ipxe/{dashed}\n",
+            callback("enlist")
+        ),
+        Some(BootAction::Local) => format!(
+            "#!ipxe\n\
+             echo Metalrack: {mac} boots from its local disk\n\
+             imgfetch {} ||\n\
+             exit 1\n",
+            callback("local")
+        ),
+        Some(BootAction::Image { image, arch, version, kernel_params }) => {
+            let files = format!("{base_url}/images/{image}/{arch}/{version}");
+            let params = if kernel_params.is_empty() { String::new() } else { format!(" {kernel_params}") };
+            format!(
+                "#!ipxe\n\
+                 echo Metalrack: {mac} boots {image} {arch} {version}\n\
+                 imgfetch --name kernel {files}/kernel BOOTIF=01-{dashed}{params} || goto failed\n\
+                 imgfetch --name initrd {files}/initrd || goto failed\n\
+                 imgfetch {} ||\n\
+                 boot kernel\n\
+                 :failed\n\
+                 imgfetch {} ||\n\
+                 echo Metalrack: could not load {image} {version}; retrying in 10 s\n\
+                 sleep 10\n\
+                 chain {base_url}/ipxe/{dashed}\n",
+                callback("loaded"),
+                callback("failed")
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_by_boot_action() {
+        let base = "http://10.99.0.1:5248";
+        let enlist = script(base, "52:54:00:aa:bb:01", None);
+        assert!(enlist.starts_with("#!ipxe\n") && enlist.contains("/callback/52-54-00-aa-bb-01?event=enlist"));
+        let machine = MachineBoot {
+            mac: "52:54:00:aa:bb:01".into(),
+            hostname: "n1".into(),
+            boot: BootAction::Image {
+                image: "ubuntu/noble".into(),
+                arch: "amd64".into(),
+                version: "1".into(),
+                kernel_params: "console=ttyS0".into(),
+            },
+        };
+        let boot = script(base, &machine.mac, Some(&machine));
+        assert!(boot.contains("imgfetch --name kernel http://10.99.0.1:5248/images/ubuntu/noble/amd64/1/kernel BOOTIF=01-52-54-00-aa-bb-01 console=ttyS0"));
+        assert!(boot.contains("images/ubuntu/noble/amd64/1/initrd"));
+        assert!(boot.find("event=loaded").unwrap() < boot.find("boot kernel").unwrap());
+        let local = script(base, &machine.mac, Some(&MachineBoot { boot: BootAction::Local, ..machine.clone() }));
+        assert!(local.contains("event=local") && local.contains("exit"));
+    }
+}

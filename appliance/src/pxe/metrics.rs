@@ -1,0 +1,87 @@
+//! Prometheus metrics of the rack's PXE services (prometheus-client's text format on /metrics).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub dhcp_packets: Family<KindLabel, Counter>,
+    pub dhcp_dropped: Family<KindLabel, Counter>,
+    pub dhcp_leases: Gauge,
+    pub tftp_sessions: Counter,
+    pub tftp_sessions_active: Gauge,
+    pub tftp_bytes: Counter,
+    pub tftp_refused: Counter,
+    pub http_streams: Counter,
+    pub http_streams_active: Gauge,
+    pub http_bytes: Counter,
+    pub sync_phase: Family<KindLabel, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("metalrack_rack");
+        let metrics_registry = &mut registry;
+        let dhcp_packets = Family::<KindLabel, Counter>::default();
+        metrics_registry.register("dhcp_packets", "DHCP packets received, by message type", dhcp_packets.clone());
+        let dhcp_dropped = Family::<KindLabel, Counter>::default();
+        metrics_registry.register("dhcp_dropped", "DHCP packets dropped, by reason", dhcp_dropped.clone());
+        let dhcp_leases = Gauge::default();
+        metrics_registry.register("dhcp_leases", "DHCP leases held", dhcp_leases.clone());
+        let tftp_sessions = Counter::default();
+        metrics_registry.register("tftp_sessions", "TFTP transfers started", tftp_sessions.clone());
+        let tftp_sessions_active = Gauge::default();
+        metrics_registry.register("tftp_sessions_active", "TFTP transfers running", tftp_sessions_active.clone());
+        let tftp_bytes = Counter::default();
+        metrics_registry.register("tftp_bytes", "Bytes sent over TFTP", tftp_bytes.clone());
+        let tftp_refused = Counter::default();
+        metrics_registry.register("tftp_refused", "TFTP requests refused", tftp_refused.clone());
+        let http_streams = Counter::default();
+        metrics_registry.register("http_streams", "HTTP boot file streams started", http_streams.clone());
+        let http_streams_active = Gauge::default();
+        metrics_registry.register("http_streams_active", "HTTP boot file streams running", http_streams_active.clone());
+        let http_bytes = Counter::default();
+        metrics_registry.register("http_bytes", "Bytes sent by HTTP boot", http_bytes.clone());
+        let sync_phase = Family::<KindLabel, Gauge>::default();
+        metrics_registry.register("sync_phase", "1 for the image sync's current phase", sync_phase.clone());
+        Metrics {
+            registry,
+            dhcp_packets,
+            dhcp_dropped,
+            dhcp_leases,
+            tftp_sessions,
+            tftp_sessions_active,
+            tftp_bytes,
+            tftp_refused,
+            http_streams,
+            http_streams_active,
+            http_bytes,
+            sync_phase,
+        }
+    }
+
+    pub fn count(family: &Family<KindLabel, Counter>, kind: &str) {
+        family.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String works");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
