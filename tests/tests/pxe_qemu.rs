@@ -34,7 +34,17 @@ fn callbacks(events: &[String]) -> usize {
 }
 
 #[test]
-fn a_qemu_machine_network_boots_from_the_rack_also_with_the_region_down() {
+fn a_bios_machine_network_boots_from_the_rack_also_with_the_region_down() {
+    in_lab(Firmware::Bios, Nic::E1000, true);
+}
+
+#[test]
+fn a_uefi_machine_network_boots_from_the_rack() {
+    assert!(Firmware::Uefi.available(), "OVMF is installed (apt-get install ovmf; scripts/test does it)");
+    in_lab(Firmware::Uefi, Nic::Virtio, false);
+}
+
+fn in_lab(firmware: Firmware, nic: Nic, also_with_region_down: bool) {
     let lab = Lab::new([10, 99, 0]).expect("a lab namespace (needs root)");
     let tap = lab.add_tap().expect("a tap for the machine");
     let lab_name = lab.name().to_owned();
@@ -42,7 +52,13 @@ fn a_qemu_machine_network_boots_from_the_rack_also_with_the_region_down() {
     let inside = lab.clone();
     // Everything runs on a thread inside the namespace: sockets and child processes stay there.
     lab.in_namespace(move || {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(scenario(&inside, &tap))
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(scenario(
+            &inside,
+            &tap,
+            firmware,
+            nic,
+            also_with_region_down,
+        ))
     })
     .expect("ran inside the lab");
     drop(lab);
@@ -50,7 +66,7 @@ fn a_qemu_machine_network_boots_from_the_rack_also_with_the_region_down() {
     assert!(!String::from_utf8_lossy(&listed.stdout).contains(&lab_name), "lab removed");
 }
 
-async fn scenario(lab: &Lab, tap: &str) {
+async fn scenario(lab: &Lab, tap: &str, firmware: Firmware, nic: Nic, also_with_region_down: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut region = Region::start(&dir.path().join("region"));
     let api_key = region.create_admin("admin", "correct horse battery");
@@ -99,7 +115,8 @@ async fn scenario(lab: &Lab, tap: &str) {
     // Boot 1: the whole chain, seen from the region's events.
     let logs = dir.path().join("qemu");
     std::fs::create_dir_all(&logs).unwrap();
-    let spec = MachineSpec { mac: MAC.into(), firmware: Firmware::Bios, nic: Nic::E1000, memory_mib: 256 };
+    let spec = MachineSpec { mac: MAC.into(), firmware, nic, memory_mib: 256 };
+    let loader = if firmware == Firmware::Bios { "undionly.kpxe" } else { "ipxe.efi" };
     let mut machine = Machine::power_on(lab, tap, &spec, &logs).expect("QEMU starts");
     let events = wait_for("the machine to fetch its final callback", BOOT_DEADLINE, || async {
         let events = region.event_lines(&api_key).await;
@@ -110,7 +127,7 @@ async fn scenario(lab: &Lab, tap: &str) {
     let seen =
         |kind: &str, text: &str| events.iter().any(|e| e.starts_with(kind) && e.contains(MAC) && e.contains(text));
     assert!(seen("boot.dhcp", "DHCP ack: 10.99.0.1"), "DHCP lease: {events:#?}");
-    assert!(seen("boot.tftp", "undionly.kpxe"), "loader over TFTP: {events:#?}");
+    assert!(seen("boot.tftp", loader), "loader over TFTP: {events:#?}");
     assert!(seen("boot.dhcp", "/ipxe/52-54-00-aa-bb-01"), "iPXE sent to its script: {events:#?}");
     assert!(seen("boot.script", "Image"), "script over HTTP: {events:#?}");
     assert!(seen("boot.http", "/images/ubuntu/noble/amd64/1/kernel (1048576 bytes)"), "kernel: {events:#?}");
@@ -127,6 +144,9 @@ async fn scenario(lab: &Lab, tap: &str) {
     assert!(counter("metalrack_rack_tftp_bytes_total") > 0.0, "{metrics}");
     assert!(metrics.contains("metalrack_rack_dhcp_packets_total{kind=\"discover\"}"), "{metrics}");
 
+    if !also_with_region_down {
+        return;
+    }
     // Boot 2 with the region stopped: the rack serves from its snapshot and boot table alone.
     region.daemon.terminate();
     let mut machine = Machine::power_on(lab, tap, &spec, &logs).expect("QEMU starts again");
