@@ -206,6 +206,25 @@ mod tests {
     }
 
     #[test]
+    fn shipped_pxe_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/rack-pxe.toml");
+        let config = RackConfig::load(&path).unwrap();
+        let pxe = config.pxe.expect("a [pxe] section");
+        assert_eq!(pxe.tftp, TftpConfig::default());
+        assert_eq!(pxe.dhcp.mode, DhcpMode::Managed);
+        assert_eq!(pxe.dhcp.reservations.len(), 1);
+    }
+
+    #[test]
+    fn managed_dhcp_needs_a_range() {
+        let text = "[pxe]\ninterface = \"eth1\"\naddress = \"10.0.0.1\"\n[pxe.dhcp]\nmode = \"managed\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rack.toml");
+        std::fs::write(&path, text).unwrap();
+        assert!(RackConfig::load(&path).unwrap_err().to_string().contains("range"));
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<RackConfig>("heartbeat_ms = 5").is_err());
     }
