@@ -287,7 +287,7 @@ impl DhcpServer {
     /// Handles one packet. `loader_just_sent` says whether our loader recently went to the
     /// address this client holds.
     pub fn handle(&mut self, bytes: &[u8], port: u16, loader_just_sent: impl Fn(Ipv4Addr) -> bool) -> Outcome {
-        let Ok(request) = Message::decode(&mut Decoder::new(bytes)) else { return Outcome::Drop("malformed") };
+        let Some(request) = decode(bytes) else { return Outcome::Drop("malformed") };
         if request.opcode() != Opcode::BootRequest || request.hlen() != 6 {
             return Outcome::Drop("not a request");
         }
@@ -411,6 +411,13 @@ impl DhcpServer {
     }
 }
 
+/// Decodes a packet, or `None` if it is malformed. dhcproto asserts on some option lengths (a
+/// `debug_assert!` for the bulk-leasequery options, a `len - 1` underflow): a hostile packet
+/// must never take the server down, so a panic in the decoder counts as malformed too.
+pub fn decode(bytes: &[u8]) -> Option<Message> {
+    std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(bytes))).ok()?.ok()
+}
+
 /// RFC 2131 4.1: to the relay, to a configured client, or broadcast to a client without an address.
 fn reply_destination(request: &Message, kind: MessageType) -> SocketAddr {
     if !request.giaddr().is_unspecified() {
@@ -465,7 +472,7 @@ pub async fn serve((socket, port): (UdpSocket, u16), pxe: Arc<Pxe>) {
                 sent.get(&address).is_some_and(|t| t.elapsed() < LOADER_CHAIN_WINDOW)
             })
         };
-        if let Ok(message) = Message::decode(&mut Decoder::new(&buf[..n])) {
+        if let Some(message) = decode(&buf[..n]) {
             if let Some(kind) = message.opts().msg_type() {
                 Metrics::count(&pxe.metrics.dhcp_packets, &format!("{kind:?}").to_lowercase());
             }
@@ -643,6 +650,27 @@ mod tests {
             .filter(|_| matches!(server.handle(&discover, 67, |_| false), Outcome::Drop("rate limited")))
             .count();
         assert!(dropped >= 70, "{dropped} of 100 dropped");
+    }
+
+    proptest::proptest! {
+        /// Any bytes, and any mutation of a valid packet, are handled without a panic.
+        #[test]
+        fn arbitrary_packets_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let mut server = DhcpServer::new(&config(), None);
+            let _ = server.handle(&bytes, 67, |_| false);
+        }
+
+        #[test]
+        fn mutated_packets_never_panic(index in 0usize..400, value: u8, truncate in 0usize..400) {
+            let mut bytes = packet([2, 0, 0, 0, 9, 9], MessageType::Discover, Some(7), true, Some(Ipv4Addr::new(10, 99, 0, 100)));
+            if index < bytes.len() {
+                bytes[index] = value;
+            }
+            bytes.truncate(truncate.max(1));
+            let mut server = DhcpServer::new(&config(), None);
+            let _ = server.handle(&bytes, 67, |_| false);
+            let _ = server.handle(&bytes, 4011, |_| true);
+        }
     }
 
     #[test]
