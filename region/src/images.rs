@@ -76,7 +76,8 @@ pub enum CatalogueOpenError {
 impl Catalogue {
     pub fn open(data_dir: &Path) -> Result<Catalogue, CatalogueOpenError> {
         let chunks =
-            ChunkStore::open(&data_dir.join("chunks")).map_err(|source| CatalogueOpenError::Chunks { source })?;
+            // Chunks are flushed in bulk (one syncfs) before a version commits, not one by one.
+            ChunkStore::open_volatile(&data_dir.join("chunks")).map_err(|source| CatalogueOpenError::Chunks { source })?;
         let manifests_dir = data_dir.join("manifests");
         std::fs::create_dir_all(&manifests_dir)
             .map_err(|source| CatalogueOpenError::Manifests { path: manifests_dir.clone(), source })?;
@@ -300,8 +301,18 @@ async fn commit_upload(
         }
         let mut hasher = blake3::Hasher::new();
         for chunk in &manifest.chunks {
-            hasher.update(&chunks.get(&chunk.hash)?);
+            match chunks.get(&chunk.hash) {
+                Ok(data) => hasher.update(&data),
+                // Torn by a crash before it was flushed: drop it so the next push sends it again.
+                Err(ChunkStoreError::HashMismatch { .. }) => {
+                    chunks.remove(&chunk.hash)?;
+                    return Ok(Err(format!("chunk {} was damaged on disk and removed; push again", chunk.hash)));
+                }
+                Err(e) => return Err(e),
+            };
         }
+        // Make every chunk of the version durable before the catalogue points at it.
+        chunks.sync()?;
         let actual = Hash(*hasher.finalize().as_bytes());
         if actual != expected {
             return Ok(Err(format!("the chunks make a file hashing to {actual}, not the manifest's {expected}")));

@@ -122,7 +122,9 @@ struct ChunkSource {
 impl SyncRun<'_> {
     pub async fn run(&self, target: &RackCatalogue) -> Result<RunOutcome, SyncError> {
         let started = Instant::now();
-        let incoming = ChunkStore::open(&self.layout.incoming_dir())?;
+        // Fetched chunks are verified again when files are built, so they need no flush each:
+        // a chunk torn by a crash is found then, removed, and fetched again.
+        let incoming = ChunkStore::open_volatile(&self.layout.incoming_dir())?;
         // Manifests of every target file, fetched once and verified by their id.
         let mut manifests: HashMap<String, Manifest> = HashMap::new();
         for file in &target.files {
@@ -410,7 +412,14 @@ fn assemble_file(
             }
             None => {
                 flush(&mut run, &mut open_sources)?;
-                let data = incoming.get(&chunk.hash)?;
+                let data = match incoming.get(&chunk.hash) {
+                    Ok(data) => data,
+                    Err(e @ ChunkStoreError::HashMismatch { .. }) => {
+                        incoming.remove(&chunk.hash)?;
+                        return Err(e.into());
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 out.write_all_at(&data, out_offset).map_err(io("write", partial))?;
             }
         }
