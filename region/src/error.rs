@@ -53,14 +53,4 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// An error and its sources as one line: "cannot open database x: unable to open file".
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use metalrack_api::error_chain as chain;

@@ -275,6 +275,21 @@ impl Rack {
     }
 }
 
+/// Deterministic pseudo-random bytes (xorshift), so test files neither compress nor share
+/// chunks by accident, and a failure reproduces.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// A port free on 127.0.0.1 right now (for servers whose port must be known in advance).
 pub fn free_port() -> u16 {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -9,27 +9,13 @@ use metalrack_api::{RackState, RackView};
 use metalrack_image_tools::chunker::{chunk_file, ChunkerConfig};
 use metalrack_image_tools::diff::diff;
 use metalrack_image_tools::Hash;
-use metalrack_tests::{binary, stderr, wait_for, Rack, Region, DEADLINE, FAST_REGION_CONFIG};
+use metalrack_tests::{binary, random_bytes, stderr, wait_for, Rack, Region, DEADLINE, FAST_REGION_CONFIG};
 use reqwest::StatusCode;
 
 /// Region settings: fast heartbeats, and a chunk-batch limit (1 MiB) far below the test files,
 /// so every push must stream in many requests.
 fn region_config() -> String {
     format!("{FAST_REGION_CONFIG}upload_batch_bytes_max = 1048576\n")
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so files do not compress or dedupe by accident.
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn push(region: &Region, api_key: &str, file: &Path, name: &str, version: &str) -> std::process::Output {

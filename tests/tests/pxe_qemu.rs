@@ -9,25 +9,13 @@ use std::time::Duration;
 use metalrack_api::images::SyncPhase;
 use metalrack_api::RackState;
 use metalrack_hardware::{Firmware, Lab, Machine, MachineSpec, Nic};
-use metalrack_tests::{binary, wait_for, Rack, Region, DEADLINE};
+use metalrack_tests::{binary, random_bytes, wait_for, Rack, Region, DEADLINE};
 
 const MAC: &str = "52:54:00:aa:bb:01";
 
 /// iPXE under TCG: DHCP, TFTP and two HTTP downloads take well under a minute here; allow for
 /// a loaded CI machine.
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
-
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn callbacks(events: &[String]) -> usize {
     events.iter().filter(|e| e.starts_with("boot.callback") && e.contains("\"loaded\"")).count()

@@ -8,22 +8,10 @@ use std::process::Command;
 use metalrack_api::images::SyncPhase;
 use metalrack_api::RackState;
 use metalrack_tests::tftp::{self, TftpError};
-use metalrack_tests::{binary, free_port, wait_for, Rack, Region, DEADLINE};
+use metalrack_tests::{binary, free_port, random_bytes, wait_for, Rack, Region, DEADLINE};
 use reqwest::StatusCode;
 
 const MAC: &str = "52:54:00:aa:bb:01";
-
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn push(region: &Region, api_key: &str, file: &std::path::Path, kind: &str) {
     let output = Command::new(binary("imgtool"))
