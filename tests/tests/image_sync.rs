@@ -212,13 +212,18 @@ async fn kill_9_mid_sync_publishes_nothing_half_done_and_resumes_without_refetch
     let image_hash = file_hash(&image);
     push_ok(&region, &api_key, &image, "custom/big", "1");
 
-    let incoming = racks[0].data_dir.join("images/incoming");
-    let fetched_before_kill =
-        wait_for("some chunks fetched", DEADLINE, || async { Some(dir_bytes(&incoming)).filter(|n| *n >= 2 << 20) })
-            .await;
+    // Chunks land in the partial file as they arrive; the progress log lists them (4 bytes each).
+    let progress = racks[0].data_dir.join(format!("images/files/.{image_hash}.progress"));
+    let chunks_logged = || std::fs::metadata(&progress).map(|m| m.len() / 4).unwrap_or(0);
+    wait_for("some chunks fetched", DEADLINE, || async { (chunks_logged() >= 24).then_some(()) }).await;
     racks[0].daemon.as_mut().unwrap().kill();
-    let fetched_before_kill = dir_bytes(&incoming).max(fetched_before_kill);
-    assert!(fetched_before_kill < 8 << 20, "killed mid-sync");
+    let manifest = chunk_file(&image, ChunkerConfig::default(), |_| {}).unwrap();
+    let logged = std::fs::read(&progress).unwrap();
+    let fetched_before_kill: u64 = logged
+        .chunks_exact(4)
+        .map(|e| u64::from(manifest.chunks[u32::from_le_bytes(e.try_into().unwrap()) as usize].len))
+        .sum();
+    assert!(fetched_before_kill >= 1 << 20 && fetched_before_kill < 8 << 20, "killed mid-sync: {fetched_before_kill}");
     assert!(!snapshot_file(&racks[0], "custom/big", "1").exists(), "nothing half done is published");
 
     racks[0].serve();
@@ -231,7 +236,7 @@ async fn kill_9_mid_sync_publishes_nothing_half_done_and_resumes_without_refetch
         fetched_before_kill
     );
     assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/big", "1")), image_hash);
-    assert_eq!(dir_bytes(&incoming), 0, "fetched chunks are cleared once published");
+    assert!(!progress.exists(), "the partial file's log is gone once the file is published");
 }
 
 #[tokio::test]

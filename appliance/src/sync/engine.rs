@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use futures_util::StreamExt;
 use metalrack_api::images::{CatalogueFile, RackCatalogue, SyncFigures};
 use metalrack_image_tools::frame::FrameDecoder;
 use metalrack_image_tools::manifest::{Manifest, CHUNK_LEN_MAX};
-use metalrack_image_tools::store::{ChunkStore, StoreError as ChunkStoreError};
+use metalrack_image_tools::store::StoreError as ChunkStoreError;
 use metalrack_image_tools::Hash;
 use tokio::sync::Mutex;
 
@@ -27,6 +28,9 @@ pub const FETCHES_IN_FLIGHT: usize = 4;
 /// Target bytes per chunk request (the region caps the count at 1024 hashes).
 pub const FETCH_BATCH_BYTES: u64 = 8 * 1024 * 1024;
 const FETCH_BATCH_CHUNKS_MAX: usize = 1024;
+
+/// Verified chunk bytes gathered before they are written out (and logged) in one blocking call.
+const WRITE_PIECE_BYTES: usize = 1024 * 1024;
 
 /// A chunk that arrives damaged this many times in one run fails the sync (the region's copy is
 /// probably bad; the operator has to look).
@@ -122,9 +126,6 @@ struct ChunkSource {
 impl SyncRun<'_> {
     pub async fn run(&self, target: &RackCatalogue) -> Result<RunOutcome, SyncError> {
         let started = Instant::now();
-        // Fetched chunks are verified again when files are built, so they need no flush each:
-        // a chunk torn by a crash is found then, removed, and fetched again.
-        let incoming = ChunkStore::open_volatile(&self.layout.incoming_dir())?;
         // Manifests of every target file, fetched once and verified by their id.
         let mut manifests: HashMap<String, Manifest> = HashMap::new();
         for file in &target.files {
@@ -133,7 +134,7 @@ impl SyncRun<'_> {
                 manifests.insert(file.manifest_id.clone(), manifest);
             }
         }
-        let mut index = self.local_chunk_index(target, &manifests)?;
+        let index = Arc::new(self.local_chunk_index(target, &manifests)?);
         let needed: Vec<&CatalogueFile> = {
             let mut seen = HashSet::new();
             target
@@ -142,30 +143,45 @@ impl SyncRun<'_> {
                 .filter(|f| !self.layout.file_path(&f.file_hash).exists() && seen.insert(f.file_hash.as_str()))
                 .collect()
         };
-        // Chunks neither in a local file nor already fetched by an earlier (interrupted) run.
-        let mut missing: Vec<(Hash, u32)> = Vec::new();
-        let mut seen = HashSet::new();
+        // Open (or resume) each new file, copy what local files have, and list what to fetch.
+        let mut builds = Vec::new();
         for file in &needed {
-            for chunk in &manifests[&file.manifest_id].chunks {
-                if seen.insert(chunk.hash) && !index.contains_key(&chunk.hash) && !incoming.contains(&chunk.hash) {
+            let manifest = manifests[&file.manifest_id].clone();
+            let layout = self.layout.clone();
+            let file_hash = file.file_hash.clone();
+            let index = index.clone();
+            let build = tokio::task::spawn_blocking(move || Build::open(&layout, &file_hash, manifest, &index))
+                .await
+                .map_err(|e| SyncError::Task(e.to_string()))??;
+            builds.push(Arc::new(build));
+        }
+        let mut figures = SyncFigures { bytes_reused: builds.iter().map(|b| b.reused).sum(), ..SyncFigures::default() };
+        // Where each missing chunk goes: (build, offset, chunk index) for every place it occurs.
+        let mut places: HashMap<Hash, Vec<(usize, u64, u32)>> = HashMap::new();
+        let mut missing: Vec<(Hash, u32)> = Vec::new();
+        for (slot, build) in builds.iter().enumerate() {
+            for &(index, offset) in &build.missing {
+                let chunk = build.manifest.chunks[index];
+                let entry = places.entry(chunk.hash).or_default();
+                if entry.is_empty() {
                     missing.push((chunk.hash, chunk.len));
                 }
+                entry.push((slot, offset, index as u32));
             }
         }
         let bytes_total: u64 = missing.iter().map(|(_, len)| u64::from(*len)).sum();
-        let mut figures = SyncFigures::default();
         (self.progress)(0, bytes_total);
-        if !self.fetch_all(&incoming, missing, bytes_total, &mut figures).await? {
+        let places = Arc::new(places);
+        if !self.fetch_all(&builds, &places, missing, bytes_total, &mut figures).await? {
+            for build in &builds {
+                build.flush_progress()?;
+            }
             return Ok(RunOutcome::Paused);
         }
-        for file in needed {
-            let manifest = manifests[&file.manifest_id].clone();
-            let reused = self.assemble(file, manifest, &index, &incoming).await?;
-            figures.bytes_reused += reused;
-            let path = Arc::new(self.layout.file_path(&file.file_hash));
-            for (offset, chunk) in manifests[&file.manifest_id].chunk_offsets() {
-                index.entry(chunk.hash).or_insert_with(|| ChunkSource { file: path.clone(), offset });
-            }
+        drop(places);
+        for build in builds {
+            let build = Arc::try_unwrap(build).map_err(|_| SyncError::Task("a file build is still shared".into()))?;
+            tokio::task::spawn_blocking(move || build.finish()).await.map_err(|e| SyncError::Task(e.to_string()))??;
         }
         let layout = self.layout.clone();
         let revision = target.revision;
@@ -237,10 +253,12 @@ impl SyncRun<'_> {
         Ok(index)
     }
 
-    /// Fetches `missing` into `incoming`. Returns false when paused by `may_continue`.
+    /// Fetches `missing` and writes each chunk where it belongs. Returns false when paused by
+    /// `may_continue`.
     async fn fetch_all(
         &self,
-        incoming: &ChunkStore,
+        builds: &[Arc<Build>],
+        places: &Arc<HashMap<Hash, Vec<(usize, u64, u32)>>>,
         mut missing: Vec<(Hash, u32)>,
         bytes_total: u64,
         figures: &mut SyncFigures,
@@ -251,18 +269,18 @@ impl SyncRun<'_> {
             let mut batches: Vec<Vec<(Hash, u32)>> = Vec::new();
             let mut batch_bytes = 0;
             for chunk in missing.drain(..) {
-                if batches.is_empty()
-                    || batch_bytes >= FETCH_BATCH_BYTES
-                    || batches.last().unwrap().len() >= FETCH_BATCH_CHUNKS_MAX
-                {
+                let full = batches
+                    .last()
+                    .is_none_or(|b| batch_bytes >= FETCH_BATCH_BYTES || b.len() >= FETCH_BATCH_CHUNKS_MAX);
+                if full {
                     batches.push(Vec::new());
                     batch_bytes = 0;
                 }
                 batch_bytes += u64::from(chunk.1);
-                batches.last_mut().unwrap().push(chunk);
+                batches.last_mut().expect("pushed above").push(chunk);
             }
             let mut results =
-                futures_util::stream::iter(batches.into_iter().map(|batch| self.fetch_batch(incoming, batch)))
+                futures_util::stream::iter(batches.into_iter().map(|batch| self.fetch_batch(builds, places, batch)))
                     .buffer_unordered(FETCHES_IN_FLIGHT);
             while let Some(result) = results.next().await {
                 let batch = result?;
@@ -288,13 +306,20 @@ impl SyncRun<'_> {
         Ok(true)
     }
 
-    async fn fetch_batch(&self, incoming: &ChunkStore, batch: Vec<(Hash, u32)>) -> Result<FetchedBatch, SyncError> {
+    async fn fetch_batch(
+        &self,
+        builds: &[Arc<Build>],
+        places: &Arc<HashMap<Hash, Vec<(usize, u64, u32)>>>,
+        batch: Vec<(Hash, u32)>,
+    ) -> Result<FetchedBatch, SyncError> {
         let hashes: Vec<[u8; 32]> = batch.iter().map(|(h, _)| h.0).collect();
         let response = self.client.chunks(self.authorization, &hashes).await?;
         let mut stream = response.bytes_stream();
         let mut decoder = FrameDecoder::new(CHUNK_LEN_MAX);
         let mut expected = batch.into_iter();
         let mut out = FetchedBatch::default();
+        let mut verified: Vec<(Hash, Vec<u8>)> = Vec::new();
+        let mut verified_bytes = 0usize;
         loop {
             while let Some((hash, data)) =
                 decoder.next_frame().map_err(|e| SyncError::Protocol { reason: e.to_string() })?
@@ -308,19 +333,20 @@ impl SyncRun<'_> {
                 if let Some(limiter) = self.limiter {
                     limiter.take(data.len() as u64).await;
                 }
-                let store = incoming.clone();
-                let n_bytes = data.len() as u64;
-                // `put` hashes the data: a damaged chunk is never written anywhere.
-                match tokio::task::spawn_blocking(move || store.put(&hash, &data))
-                    .await
-                    .map_err(|e| SyncError::Task(e.to_string()))?
-                {
-                    Ok(_) => {
-                        out.stored += 1;
-                        out.bytes += n_bytes;
-                    }
-                    Err(ChunkStoreError::HashMismatch { .. }) => out.damaged.push((hash, len)),
-                    Err(e) => return Err(e.into()),
+                // A damaged chunk is never written anywhere.
+                if Hash::of(&data) == hash {
+                    out.stored += 1;
+                    out.bytes += data.len() as u64;
+                    verified_bytes += data.len();
+                    verified.push((hash, data));
+                } else {
+                    out.damaged.push((hash, len));
+                }
+                // Write as we go: memory stays at one piece per request, and a crash loses
+                // at most this much.
+                if verified_bytes >= WRITE_PIECE_BYTES {
+                    write_verified(builds, places, std::mem::take(&mut verified)).await?;
+                    verified_bytes = 0;
                 }
             }
             match stream.next().await {
@@ -332,29 +358,35 @@ impl SyncRun<'_> {
         if let Some((missing, _)) = expected.next() {
             return Err(SyncError::Protocol { reason: format!("the stream ended before chunk {missing}") });
         }
+        write_verified(builds, places, verified).await?;
         Ok(out)
     }
+}
 
-    /// Builds one file as `.HASH.partial`, verifies it whole, then renames it into place.
-    /// Returns the bytes copied from local files.
-    async fn assemble(
-        &self,
-        file: &CatalogueFile,
-        manifest: Manifest,
-        index: &HashMap<Hash, ChunkSource>,
-        incoming: &ChunkStore,
-    ) -> Result<u64, SyncError> {
-        let partial = self.layout.partial_path(&file.file_hash);
-        let target = self.layout.file_path(&file.file_hash);
-        let sources: Vec<Option<ChunkSource>> = manifest.chunks.iter().map(|c| index.get(&c.hash).cloned()).collect();
-        let incoming = incoming.clone();
-        let file_hash = file.file_hash.clone();
-        tokio::task::spawn_blocking(move || {
-            assemble_file(&partial, &target, &file_hash, &manifest, &sources, &incoming)
-        })
-        .await
-        .map_err(|e| SyncError::Task(e.to_string()))?
+/// Writes verified chunks at every place they occur, on the blocking pool, and logs them.
+async fn write_verified(
+    builds: &[Arc<Build>],
+    places: &Arc<HashMap<Hash, Vec<(usize, u64, u32)>>>,
+    verified: Vec<(Hash, Vec<u8>)>,
+) -> Result<(), SyncError> {
+    if verified.is_empty() {
+        return Ok(());
     }
+    let builds: Vec<Arc<Build>> = builds.to_vec();
+    let places = places.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
+        for (hash, data) in &verified {
+            for &(slot, offset, index) in &places[hash] {
+                builds[slot].write_chunk(index, offset, data)?;
+            }
+        }
+        for build in &builds {
+            build.flush_progress()?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| SyncError::Task(e.to_string()))?
 }
 
 #[derive(Debug, Default)]
@@ -364,73 +396,160 @@ struct FetchedBatch {
     damaged: Vec<(Hash, u32)>,
 }
 
-fn assemble_file(
-    partial: &Path,
-    target: &Path,
-    file_hash: &str,
-    manifest: &Manifest,
-    sources: &[Option<ChunkSource>],
-    incoming: &ChunkStore,
-) -> Result<u64, SyncError> {
-    let io = |what: &'static str, path: &Path| {
-        let path = path.to_owned();
-        move |source| SyncError::Io { what, path, source }
-    };
-    let out = File::create(partial).map_err(io("create", partial))?;
-    out.set_len(manifest.file_len).map_err(io("size", partial))?;
-    let mut open_sources: HashMap<Arc<PathBuf>, File> = HashMap::new();
-    let mut reused = 0u64;
-    // A run of consecutive chunks that sit consecutively in one source file: one copy call.
-    let mut run: Option<(Arc<PathBuf>, u64, u64, u64)> = None; // (source, source offset, out offset, len)
-    let mut flush = |run: &mut Option<(Arc<PathBuf>, u64, u64, u64)>,
-                     open_sources: &mut HashMap<Arc<PathBuf>, File>|
-     -> Result<(), SyncError> {
-        if let Some((source, source_offset, out_offset, len)) = run.take() {
-            if !open_sources.contains_key(&source) {
-                let f = File::open(source.as_path()).map_err(io("open", source.as_path()))?;
-                open_sources.insert(source.clone(), f);
-            }
-            copy_range(&open_sources[&source], source_offset, &out, out_offset, len)
-                .map_err(io("copy into", partial))?;
-            reused += len;
-        }
-        Ok(())
-    };
-    for ((out_offset, chunk), source) in manifest.chunk_offsets().zip(sources) {
-        let len = u64::from(chunk.len);
-        match source {
-            Some(src) => {
-                let extends = matches!(&run, Some((file, s, o, l)) if Arc::ptr_eq(file, &src.file) && s + l == src.offset && o + l == out_offset);
-                if extends {
-                    if let Some(r) = run.as_mut() {
-                        r.3 += len;
-                    }
-                } else {
-                    flush(&mut run, &mut open_sources)?;
-                    run = Some((src.file.clone(), src.offset, out_offset, len));
+/// One file being built as `.HASH.partial`, with a progress log `.HASH.progress` listing the
+/// indices of the chunks written. The log is only a hint: on resume every listed chunk is read
+/// back and hashed before it is trusted, so neither file needs a flush until the whole file is
+/// verified, and a crash at any point costs at most the chunks not yet listed.
+struct Build {
+    file_hash: String,
+    partial: PathBuf,
+    target: PathBuf,
+    progress_path: PathBuf,
+    file: File,
+    /// Indices written since the last flush of the log.
+    progress: std::sync::Mutex<Vec<u8>>,
+    progress_file: std::sync::Mutex<File>,
+    manifest: Manifest,
+    /// (chunk index, offset) of the chunks still to fetch.
+    missing: Vec<(usize, u64)>,
+    /// Bytes copied from local files.
+    reused: u64,
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SyncError {
+    let path = path.to_owned();
+    move |source| SyncError::Io { what, path, source }
+}
+
+/// A run of consecutive chunks found consecutively in one source file: (source, source offset,
+/// out offset, length). One `copy_file_range` per run.
+type CopyRun = (Arc<PathBuf>, u64, u64, u64);
+
+impl Build {
+    /// Opens or resumes the partial file: keeps the chunks a previous run wrote (checked),
+    /// copies the chunks local files have, and lists the rest to fetch.
+    fn open(
+        layout: &Layout,
+        file_hash: &str,
+        manifest: Manifest,
+        index: &HashMap<Hash, ChunkSource>,
+    ) -> Result<Build, SyncError> {
+        let partial = layout.partial_path(file_hash);
+        let progress_path = layout.progress_path(file_hash);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&partial)
+            .map_err(io_error("open", &partial))?;
+        file.set_len(manifest.file_len).map_err(io_error("size", &partial))?;
+        let offsets: Vec<u64> = manifest.chunk_offsets().map(|(offset, _)| offset).collect();
+        let mut done = vec![false; manifest.chunks.len()];
+        if let Ok(log) = std::fs::read(&progress_path) {
+            let mut buf = Vec::new();
+            for entry in log.chunks_exact(4) {
+                let i = u32::from_le_bytes(entry.try_into().expect("4 bytes")) as usize;
+                if i >= done.len() || done[i] {
+                    continue;
+                }
+                let chunk = manifest.chunks[i];
+                buf.resize(chunk.len as usize, 0);
+                if file.read_exact_at(&mut buf, offsets[i]).is_ok() && Hash::of(&buf) == chunk.hash {
+                    done[i] = true;
                 }
             }
-            None => {
-                flush(&mut run, &mut open_sources)?;
-                let data = match incoming.get(&chunk.hash) {
-                    Ok(data) => data,
-                    Err(e @ ChunkStoreError::HashMismatch { .. }) => {
-                        incoming.remove(&chunk.hash)?;
-                        return Err(e.into());
+        }
+        let mut log: Vec<u8> =
+            done.iter().enumerate().filter(|(_, d)| **d).flat_map(|(i, _)| (i as u32).to_le_bytes()).collect();
+        let mut open_sources: HashMap<Arc<PathBuf>, File> = HashMap::new();
+        let mut reused = 0u64;
+        let mut missing = Vec::new();
+        let mut run: Option<CopyRun> = None;
+        let mut flush = |run: &mut Option<CopyRun>| -> Result<(), SyncError> {
+            if let Some((source, source_offset, out_offset, len)) = run.take() {
+                if !open_sources.contains_key(&source) {
+                    let f = File::open(source.as_path()).map_err(io_error("open", source.as_path()))?;
+                    open_sources.insert(source.clone(), f);
+                }
+                copy_range(&open_sources[&source], source_offset, &file, out_offset, len)
+                    .map_err(io_error("copy into", &partial))?;
+                reused += len;
+            }
+            Ok(())
+        };
+        for (i, chunk) in manifest.chunks.iter().enumerate() {
+            let (out_offset, len) = (offsets[i], u64::from(chunk.len));
+            if done[i] {
+                flush(&mut run)?;
+                continue;
+            }
+            match index.get(&chunk.hash) {
+                Some(src) => {
+                    let extends = matches!(&run, Some((f, s, o, l))
+                        if Arc::ptr_eq(f, &src.file) && s + l == src.offset && o + l == out_offset);
+                    if extends {
+                        if let Some(r) = run.as_mut() {
+                            r.3 += len;
+                        }
+                    } else {
+                        flush(&mut run)?;
+                        run = Some((src.file.clone(), src.offset, out_offset, len));
                     }
-                    Err(e) => return Err(e.into()),
-                };
-                out.write_all_at(&data, out_offset).map_err(io("write", partial))?;
+                    log.extend_from_slice(&(i as u32).to_le_bytes());
+                }
+                None => {
+                    flush(&mut run)?;
+                    missing.push((i, out_offset));
+                }
             }
         }
+        flush(&mut run)?;
+        let mut progress_file = File::create(&progress_path).map_err(io_error("create", &progress_path))?;
+        progress_file.write_all(&log).map_err(io_error("write", &progress_path))?;
+        Ok(Build {
+            file_hash: file_hash.to_owned(),
+            target: layout.file_path(file_hash),
+            partial,
+            progress_path,
+            file,
+            progress: std::sync::Mutex::new(Vec::new()),
+            progress_file: std::sync::Mutex::new(progress_file),
+            manifest,
+            missing,
+            reused,
+        })
     }
-    flush(&mut run, &mut open_sources)?;
-    out.sync_all().map_err(io("sync", partial))?;
-    drop(out);
-    metalrack_image_tools::verify::verify_file(partial, manifest, |_| {})
-        .map_err(|source| SyncError::Verify { file_hash: file_hash.to_owned(), source })?;
-    std::fs::rename(partial, target).map_err(io("rename", partial))?;
-    Ok(reused)
+
+    /// Writes a verified chunk at its place and notes it for the progress log.
+    fn write_chunk(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), SyncError> {
+        self.file.write_all_at(data, offset).map_err(io_error("write", &self.partial))?;
+        self.progress.lock().expect("lock").extend_from_slice(&index.to_le_bytes());
+        Ok(())
+    }
+
+    fn flush_progress(&self) -> Result<(), SyncError> {
+        let pending = std::mem::take(&mut *self.progress.lock().expect("lock"));
+        if !pending.is_empty() {
+            let mut log = self.progress_file.lock().expect("lock");
+            log.write_all(&pending).map_err(io_error("write", &self.progress_path))?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the file, verifies it whole against its manifest, and renames it into place.
+    fn finish(self) -> Result<(), SyncError> {
+        self.file.sync_all().map_err(io_error("sync", &self.partial))?;
+        if let Err(source) = metalrack_image_tools::verify::verify_file(&self.partial, &self.manifest, |_| {}) {
+            // Start this file over: what is on disk is not what was verified on arrival.
+            let _ = std::fs::remove_file(&self.progress_path);
+            let _ = std::fs::remove_file(&self.partial);
+            return Err(SyncError::Verify { file_hash: self.file_hash, source });
+        }
+        std::fs::rename(&self.partial, &self.target).map_err(io_error("rename", &self.partial))?;
+        let _ = std::fs::remove_file(&self.progress_path);
+        Ok(())
+    }
 }
 
 /// Copies `len` bytes between files in the kernel (reflink-capable filesystems share extents).

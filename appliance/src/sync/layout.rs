@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! DATA/images/manifests/<manifest id>   manifests fetched from the region (id = BLAKE3 of the bytes)
-//! DATA/images/incoming/                 verified chunks fetched but not yet built into files
 //! DATA/images/files/<file hash>         complete, verified, immutable files
-//! DATA/images/files/.<hash>.partial     a file being built; never served, deleted on start
+//! DATA/images/files/.<hash>.partial     a file being built; never served; kept to resume
+//! DATA/images/files/.<hash>.progress    indices of the chunks written to it (checked on resume)
 //! DATA/images/snapshots/<id>/           snapshot.json + IMAGE/ARCH/VERSION/KIND hard links
 //! DATA/images/current -> snapshots/<id> the snapshot in service, swapped by rename
 //! ```
@@ -80,28 +80,18 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Opens the store under `data_dir/images`, removing what a crash may have left half done.
+    /// Opens the store under `data_dir/images`. Partial files a crash left are kept: the next
+    /// sync resumes them, checking every chunk it keeps.
     pub fn open(data_dir: &Path) -> Result<Layout, LayoutError> {
         let layout = Layout { root: data_dir.join("images") };
-        for dir in [layout.manifests_dir(), layout.incoming_dir(), layout.files_dir(), layout.snapshots_dir()] {
+        for dir in [layout.manifests_dir(), layout.files_dir(), layout.snapshots_dir()] {
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        }
-        let files_dir = layout.files_dir();
-        for entry in std::fs::read_dir(&files_dir).map_err(io("list", &files_dir))? {
-            let entry = entry.map_err(io("list", &files_dir))?;
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                let path = entry.path();
-                std::fs::remove_file(&path).map_err(io("remove partial file", &path))?;
-            }
         }
         Ok(layout)
     }
 
     pub fn manifests_dir(&self) -> PathBuf {
         self.root.join("manifests")
-    }
-    pub fn incoming_dir(&self) -> PathBuf {
-        self.root.join("incoming")
     }
     pub fn files_dir(&self) -> PathBuf {
         self.root.join("files")
@@ -117,6 +107,9 @@ impl Layout {
     }
     pub fn partial_path(&self, file_hash: &str) -> PathBuf {
         self.files_dir().join(format!(".{file_hash}.partial"))
+    }
+    pub fn progress_path(&self, file_hash: &str) -> PathBuf {
+        self.files_dir().join(format!(".{file_hash}.progress"))
     }
     pub fn manifest_path(&self, manifest_id: &str) -> PathBuf {
         self.manifests_dir().join(manifest_id)
@@ -169,8 +162,8 @@ impl Layout {
         Ok(meta)
     }
 
-    /// Removes what the current snapshot does not use: other snapshots, files, fetched chunks
-    /// and manifests. Returns the bytes freed.
+    /// Removes what the current snapshot does not use: other snapshots, files, partial files
+    /// of builds no longer wanted, and manifests. Returns the bytes freed.
     pub fn collect_garbage(&self, current: &SnapshotMeta) -> Result<u64, LayoutError> {
         let mut freed = 0;
         let snapshots = self.snapshots_dir();
@@ -187,30 +180,15 @@ impl Layout {
             for entry in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
                 let entry = entry.map_err(io("list", &dir))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !keep.contains(name.as_str()) && !name.starts_with('.') {
+                if !keep.contains(name.as_str()) {
                     freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
                     let path = entry.path();
                     std::fs::remove_file(&path).map_err(io("remove", &path))?;
                 }
             }
         }
-        let incoming = self.incoming_dir();
-        freed += dir_size(&incoming);
-        std::fs::remove_dir_all(&incoming).map_err(io("remove", &incoming))?;
-        std::fs::create_dir_all(&incoming).map_err(io("create", &incoming))?;
         Ok(freed)
     }
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_size(&e.path()),
-            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
-        })
-        .sum()
 }
 
 #[cfg(test)]
@@ -258,12 +236,17 @@ mod tests {
     }
 
     #[test]
-    fn partial_files_are_removed_on_open() {
+    fn partial_files_survive_open_and_go_with_garbage() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::open(dir.path()).unwrap();
         let partial = layout.partial_path(&"c".repeat(64));
         std::fs::write(&partial, b"half").unwrap();
         Layout::open(dir.path()).unwrap();
-        assert!(!partial.exists());
+        assert!(partial.exists(), "kept for resuming");
+        let a = "a".repeat(64);
+        std::fs::write(layout.file_path(&a), b"one").unwrap();
+        let meta = layout.publish(1, &[file("img", &a)]).unwrap();
+        layout.collect_garbage(&meta).unwrap();
+        assert!(!partial.exists(), "an obsolete partial goes once a snapshot is published");
     }
 }
