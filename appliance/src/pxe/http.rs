@@ -24,9 +24,18 @@ use crate::config::PxeConfig;
 /// a page-fault stall on a cold file is short.
 const STREAM_PIECE_BYTES: usize = 512 * 1024;
 
-/// How far ahead of the sender the kernel is asked to read a file in (madvise WILLNEED), so
-/// the async workers rarely fault on a cold page.
+/// How far ahead of the sender the kernel is asked to read a file in (madvise WILLNEED, which
+/// starts the reads and returns at once), so the async workers rarely fault on a cold page.
 const READAHEAD_BYTES: usize = 8 * 1024 * 1024;
+
+/// A mapping shared by the body (as `Bytes`) and the readahead hints.
+struct SharedMap(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 #[derive(Clone)]
 struct HttpState {
@@ -198,7 +207,14 @@ async fn send_file(
         Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "cannot map file\n").into_response(),
     };
     let _ = map.advise(memmap2::Advice::Sequential);
-    let bytes = Bytes::from_owner(map);
+    let map = Arc::new(map);
+    let bytes = Bytes::from_owner(SharedMap(map.clone()));
+    let readahead = |map: &memmap2::Mmap, from: usize, to: usize| {
+        if from < to {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, from, to - from);
+        }
+    };
+    readahead(&map, start as usize, (start as usize + READAHEAD_BYTES).min(end as usize));
     state.pxe.metrics.http_streams.inc();
     state.pxe.metrics.http_streams_active.inc();
     state.pxe.record(&mac, "boot.http", format!("HTTP {label} ({} bytes) to {peer}", end - start));
@@ -208,6 +224,7 @@ async fn send_file(
         let bytes = bytes.clone();
         let guard = guard.clone();
         let pxe = pxe.clone();
+        let map = map.clone();
         async move {
             let end = end as usize;
             if offset >= end {
@@ -215,26 +232,15 @@ async fn send_file(
                 return None;
             }
             let piece_end = (offset + STREAM_PIECE_BYTES).min(end);
-            // Read ahead on a blocking thread so the async worker does not fault on cold pages.
-            let ahead = bytes.slice(piece_end..(piece_end + READAHEAD_BYTES).min(end));
-            if !ahead.is_empty() {
-                let _ = tokio::task::spawn_blocking(move || prefault(&ahead)).await;
-            }
+            // Keep the kernel reading READAHEAD_BYTES ahead: only the piece entering the window.
+            let window_end = (piece_end + READAHEAD_BYTES).min(end);
+            readahead(&map, (offset + READAHEAD_BYTES).min(window_end), window_end);
             let piece = bytes.slice(offset..piece_end);
             pxe.metrics.http_bytes.inc_by(piece.len() as u64);
             Some((Ok::<Bytes, std::io::Error>(piece), piece_end))
         }
     });
     response.body(Body::from_stream(stream)).expect("valid response")
-}
-
-/// Touches one byte per page so the kernel reads the range in now, on a blocking thread.
-fn prefault(bytes: &[u8]) {
-    let mut sum = 0u8;
-    for page in bytes.chunks(4096) {
-        sum = sum.wrapping_add(page[0]);
-    }
-    std::hint::black_box(sum);
 }
 
 fn httpdate(t: std::time::SystemTime) -> String {
