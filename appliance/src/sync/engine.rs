@@ -29,6 +29,9 @@ pub const FETCHES_IN_FLIGHT: usize = 4;
 pub const FETCH_BATCH_BYTES: u64 = 8 * 1024 * 1024;
 const FETCH_BATCH_CHUNKS_MAX: usize = 1024;
 
+/// Where each missing chunk goes: (build slot, offset, chunk index) for every place it occurs.
+type Places = HashMap<Hash, Vec<(usize, u64, u32)>>;
+
 /// Verified chunk bytes gathered before they are written out (and logged) in one blocking call.
 const WRITE_PIECE_BYTES: usize = 1024 * 1024;
 
@@ -157,7 +160,7 @@ impl SyncRun<'_> {
         }
         let mut figures = SyncFigures { bytes_reused: builds.iter().map(|b| b.reused).sum(), ..SyncFigures::default() };
         // Where each missing chunk goes: (build, offset, chunk index) for every place it occurs.
-        let mut places: HashMap<Hash, Vec<(usize, u64, u32)>> = HashMap::new();
+        let mut places: Places = HashMap::new();
         let mut missing: Vec<(Hash, u32)> = Vec::new();
         for (slot, build) in builds.iter().enumerate() {
             for &(index, offset) in &build.missing {
@@ -258,7 +261,7 @@ impl SyncRun<'_> {
     async fn fetch_all(
         &self,
         builds: &[Arc<Build>],
-        places: &Arc<HashMap<Hash, Vec<(usize, u64, u32)>>>,
+        places: &Arc<Places>,
         mut missing: Vec<(Hash, u32)>,
         bytes_total: u64,
         figures: &mut SyncFigures,
@@ -309,7 +312,7 @@ impl SyncRun<'_> {
     async fn fetch_batch(
         &self,
         builds: &[Arc<Build>],
-        places: &Arc<HashMap<Hash, Vec<(usize, u64, u32)>>>,
+        places: &Arc<Places>,
         batch: Vec<(Hash, u32)>,
     ) -> Result<FetchedBatch, SyncError> {
         let hashes: Vec<[u8; 32]> = batch.iter().map(|(h, _)| h.0).collect();
@@ -366,7 +369,7 @@ impl SyncRun<'_> {
 /// Writes verified chunks at every place they occur, on the blocking pool, and logs them.
 async fn write_verified(
     builds: &[Arc<Build>],
-    places: &Arc<HashMap<Hash, Vec<(usize, u64, u32)>>>,
+    places: &Arc<Places>,
     verified: Vec<(Hash, Vec<u8>)>,
 ) -> Result<(), SyncError> {
     if verified.is_empty() {

@@ -219,6 +219,19 @@ pub struct AccountView {
     pub ssh_keys: Vec<String>,
 }
 
+/// An error and its sources as one line ("cannot open x: permission denied"), for logs and
+/// one-line command-line errors in both daemons.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,17 +294,4 @@ mod tests {
         assert!(validate_rack_name("a b").is_err());
         assert!(validate_rack_name(&"a".repeat(64)).is_err());
     }
-}
-
-/// An error and its sources as one line ("cannot open x: permission denied"), for logs and
-/// one-line command-line errors in both daemons.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
