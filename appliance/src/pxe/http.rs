@@ -41,6 +41,44 @@ impl AsRef<[u8]> for SharedMap {
 struct HttpState {
     pxe: Arc<Pxe>,
     streams: Arc<Semaphore>,
+    maps: Arc<MapCache>,
+}
+
+/// Mappings kept between requests. Mapping and unmapping a 1 GiB file per request costs ~10 ms
+/// of page-table work and re-faults every page; files named by their content hash never change,
+/// so a mapping can be shared by every request for that hash.
+const MAPPINGS_CACHED_MAX: usize = 64;
+
+#[derive(Default)]
+struct MapCache {
+    /// Content hash → mapping and when it was last used.
+    maps: std::sync::Mutex<std::collections::HashMap<String, (Arc<memmap2::Mmap>, std::time::Instant)>>,
+}
+
+impl MapCache {
+    /// The shared mapping for content `hash`, or a fresh one (cached when the hash is known).
+    fn get_or_map(&self, hash: Option<&str>, file: &std::fs::File) -> std::io::Result<Arc<memmap2::Mmap>> {
+        if let Some(hash) = hash {
+            if let Some((map, used)) = self.maps.lock().expect("lock").get_mut(hash) {
+                *used = std::time::Instant::now();
+                return Ok(map.clone());
+            }
+        }
+        // Snapshot files never change once published, so the mapping is stable (layout invariant).
+        let map = Arc::new(super::mapped::map_immutable(file)?);
+        let _ = map.advise(memmap2::Advice::Sequential);
+        if let Some(hash) = hash {
+            let mut maps = self.maps.lock().expect("lock");
+            if maps.len() >= MAPPINGS_CACHED_MAX {
+                // Drop the least recently used; streams still holding it keep it alive.
+                if let Some(oldest) = maps.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone()) {
+                    maps.remove(&oldest);
+                }
+            }
+            maps.insert(hash.to_owned(), (map.clone(), std::time::Instant::now()));
+        }
+        Ok(map)
+    }
 }
 
 pub async fn bind(config: &PxeConfig) -> Result<tokio::net::TcpListener, PxeError> {
@@ -50,7 +88,7 @@ pub async fn bind(config: &PxeConfig) -> Result<tokio::net::TcpListener, PxeErro
 }
 
 pub fn router(pxe: Arc<Pxe>) -> Router {
-    let state = HttpState { streams: Arc::new(Semaphore::new(pxe.config.http_streams_max)), pxe };
+    let state = HttpState { streams: Arc::new(Semaphore::new(pxe.config.http_streams_max)), pxe, maps: Arc::default() };
     Router::new()
         .route("/boot/{*path}", get(boot_file).head(boot_file))
         .route("/images/{*path}", get(image_file).head(image_file))
@@ -201,13 +239,10 @@ async fn send_file(
     if method == Method::HEAD || len == 0 {
         return response.body(Body::empty()).expect("valid response");
     }
-    // Snapshot files never change once published, so the mapping is stable (layout invariant).
-    let map = match super::mapped::map_immutable(&file) {
+    let map = match state.maps.get_or_map(etag.as_deref(), &file) {
         Ok(map) => map,
         Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "cannot map file\n").into_response(),
     };
-    let _ = map.advise(memmap2::Advice::Sequential);
-    let map = Arc::new(map);
     let bytes = Bytes::from_owner(SharedMap(map.clone()));
     let readahead = |map: &memmap2::Mmap, from: usize, to: usize| {
         if from < to {
