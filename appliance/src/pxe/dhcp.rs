@@ -287,7 +287,19 @@ impl DhcpServer {
     /// Handles one packet. `loader_just_sent` says whether our loader recently went to the
     /// address this client holds.
     pub fn handle(&mut self, bytes: &[u8], port: u16, loader_just_sent: impl Fn(Ipv4Addr) -> bool) -> Outcome {
-        let Some(request) = decode(bytes) else { return Outcome::Drop("malformed") };
+        match decode(bytes) {
+            Some(request) => self.handle_message(&request, port, loader_just_sent),
+            None => Outcome::Drop("malformed"),
+        }
+    }
+
+    /// Handles one decoded packet (the server loop decodes once, for metrics and for this).
+    pub fn handle_message(
+        &mut self,
+        request: &Message,
+        port: u16,
+        loader_just_sent: impl Fn(Ipv4Addr) -> bool,
+    ) -> Outcome {
         if request.opcode() != Opcode::BootRequest || request.hlen() != 6 {
             return Outcome::Drop("not a request");
         }
@@ -466,17 +478,18 @@ pub async fn serve((socket, port): (UdpSocket, u16), pxe: Arc<Pxe>) {
                 continue;
             }
         };
-        let outcome = {
-            let sent = pxe.loader_sent.lock().expect("lock");
-            server.handle(&buf[..n], port, |address| {
-                sent.get(&address).is_some_and(|t| t.elapsed() < LOADER_CHAIN_WINDOW)
-            })
-        };
-        if let Some(message) = decode(&buf[..n]) {
-            if let Some(kind) = message.opts().msg_type() {
-                Metrics::count(&pxe.metrics.dhcp_packets, &format!("{kind:?}").to_lowercase());
+        let outcome = match decode(&buf[..n]) {
+            None => Outcome::Drop("malformed"),
+            Some(request) => {
+                if let Some(kind) = request.opts().msg_type() {
+                    Metrics::count(&pxe.metrics.dhcp_packets, &format!("{kind:?}").to_lowercase());
+                }
+                let sent = pxe.loader_sent.lock().expect("lock");
+                server.handle_message(&request, port, |address| {
+                    sent.get(&address).is_some_and(|t| t.elapsed() < LOADER_CHAIN_WINDOW)
+                })
             }
-        }
+        };
         match outcome {
             Outcome::Drop(reason) => {
                 if matches!(
