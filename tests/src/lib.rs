@@ -181,6 +181,35 @@ impl Region {
     }
 
     /// Events as `KIND ACTOR: MESSAGE`, newest first.
+    /// `imgtool push FILE` of `name` amd64 `kind` `version`; panics (with imgtool's error) if it fails.
+    pub fn push(&self, api_key: &str, file: &Path, name: &str, kind: &str, version: &str) -> String {
+        let output = Command::new(binary("imgtool"))
+            .arg("push")
+            .arg(file)
+            .args(["--name", name, "--arch", "amd64", "--kind", kind, "--version", version])
+            .args(["--url", &self.url, "--api-key", api_key])
+            .output()
+            .expect("run imgtool");
+        assert!(output.status.success(), "imgtool push failed: {}", stderr(&output));
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Tells the region that `mac` boots `ubuntu/noble` amd64 version 1 with `console=ttyS0`.
+    pub async fn boot_machine_from_noble(&self, api_key: &str, mac: &str) {
+        let machine = serde_json::json!({
+            "hostname": "node1",
+            "boot": { "kind": "image", "image": "ubuntu/noble", "arch": "amd64", "version": "1", "kernel_params": "console=ttyS0" }
+        });
+        let response = reqwest::Client::new()
+            .put(format!("{}/api/v1/machines/{}", self.url, mac.replace(':', "-")))
+            .bearer_auth(api_key)
+            .json(&machine)
+            .send()
+            .await
+            .expect("PUT machine");
+        assert_eq!(response.status(), reqwest::StatusCode::NO_CONTENT);
+    }
+
     pub async fn event_lines(&self, api_key: &str) -> Vec<String> {
         let response = reqwest::Client::new()
             .get(format!("{}/api/v1/events?limit=1000", self.url))

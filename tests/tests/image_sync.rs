@@ -2,14 +2,13 @@
 //! faults (damaged chunks, kill -9 mid-sync), garbage collection and bad uploads.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use metalrack_api::images::{ImageView, SyncPhase, SyncPolicy, SyncPolicyKind};
 use metalrack_api::{RackState, RackView};
 use metalrack_image_tools::chunker::{chunk_file, ChunkerConfig};
 use metalrack_image_tools::diff::diff;
 use metalrack_image_tools::Hash;
-use metalrack_tests::{binary, random_bytes, stderr, wait_for, Rack, Region, DEADLINE, FAST_REGION_CONFIG};
+use metalrack_tests::{random_bytes, stderr, wait_for, Rack, Region, DEADLINE, FAST_REGION_CONFIG};
 use reqwest::StatusCode;
 
 /// Region settings: fast heartbeats, and a chunk-batch limit (1 MiB) far below the test files,
@@ -18,20 +17,8 @@ fn region_config() -> String {
     format!("{FAST_REGION_CONFIG}upload_batch_bytes_max = 1048576\n")
 }
 
-fn push(region: &Region, api_key: &str, file: &Path, name: &str, version: &str) -> std::process::Output {
-    Command::new(binary("imgtool"))
-        .arg("push")
-        .arg(file)
-        .args(["--name", name, "--arch", "amd64", "--kind", "root-disk", "--version", version])
-        .args(["--url", &region.url, "--api-key", api_key])
-        .output()
-        .expect("run imgtool")
-}
-
 fn push_ok(region: &Region, api_key: &str, file: &Path, name: &str, version: &str) -> String {
-    let output = push(region, api_key, file, name, version);
-    assert!(output.status.success(), "imgtool push failed: {}", stderr(&output));
-    String::from_utf8(output.stdout).unwrap()
+    region.push(api_key, file, name, "root-disk", version)
 }
 
 fn file_hash(path: &Path) -> String {

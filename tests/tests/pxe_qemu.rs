@@ -9,7 +9,7 @@ use std::time::Duration;
 use metalrack_api::images::SyncPhase;
 use metalrack_api::RackState;
 use metalrack_hardware::{Firmware, Lab, Machine, MachineSpec, Nic};
-use metalrack_tests::{binary, random_bytes, wait_for, Rack, Region, DEADLINE};
+use metalrack_tests::{random_bytes, wait_for, Rack, Region, DEADLINE};
 
 const MAC: &str = "52:54:00:aa:bb:01";
 
@@ -59,29 +59,11 @@ async fn scenario(lab: &Lab, tap: &str, firmware: Firmware, nic: Nic, also_with_
     let mut region = Region::start(&dir.path().join("region"));
     let api_key = region.create_admin("admin", "correct horse battery");
     let client = reqwest::Client::new();
-    let machine = serde_json::json!({
-        "hostname": "node1",
-        "boot": { "kind": "image", "image": "ubuntu/noble", "arch": "amd64", "version": "1", "kernel_params": "console=ttyS0" }
-    });
-    let response = client
-        .put(format!("{}/api/v1/machines/{}", region.url, MAC.replace(':', "-")))
-        .bearer_auth(&api_key)
-        .json(&machine)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
+    region.boot_machine_from_noble(&api_key, MAC).await;
     for (kind, len, seed) in [("kernel", 1 << 20, 1), ("initrd", 2 << 20, 2)] {
         let file = dir.path().join(kind);
         std::fs::write(&file, random_bytes(len, seed)).unwrap();
-        let output = Command::new(binary("imgtool"))
-            .arg("push")
-            .arg(&file)
-            .args(["--name", "ubuntu/noble", "--arch", "amd64", "--kind", kind, "--version", "1"])
-            .args(["--url", &region.url, "--api-key", &api_key])
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        region.push(&api_key, &file, "ubuntu/noble", kind, "1");
     }
 
     let gateway = lab.gateway();

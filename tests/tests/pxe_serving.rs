@@ -3,26 +3,14 @@
 //! events queued while the region is down and delivered after.
 
 use std::net::SocketAddr;
-use std::process::Command;
 
 use metalrack_api::images::SyncPhase;
 use metalrack_api::RackState;
 use metalrack_tests::tftp::{self, TftpError};
-use metalrack_tests::{binary, free_port, random_bytes, wait_for, Rack, Region, DEADLINE};
+use metalrack_tests::{free_port, random_bytes, wait_for, Rack, Region, DEADLINE};
 use reqwest::StatusCode;
 
 const MAC: &str = "52:54:00:aa:bb:01";
-
-fn push(region: &Region, api_key: &str, file: &std::path::Path, kind: &str) {
-    let output = Command::new(binary("imgtool"))
-        .arg("push")
-        .arg(file)
-        .args(["--name", "ubuntu/noble", "--arch", "amd64", "--kind", kind, "--version", "1"])
-        .args(["--url", &region.url, "--api-key", api_key])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-}
 
 #[tokio::test]
 async fn http_boot_tftp_scripts_metrics_and_events_with_the_region_down() {
@@ -30,25 +18,14 @@ async fn http_boot_tftp_scripts_metrics_and_events_with_the_region_down() {
     let mut region = Region::start(&dir.path().join("region"));
     let api_key = region.create_admin("admin", "correct horse battery");
     let client = reqwest::Client::new();
-    let machine = serde_json::json!({
-        "hostname": "node1",
-        "boot": { "kind": "image", "image": "ubuntu/noble", "arch": "amd64", "version": "1", "kernel_params": "console=ttyS0" }
-    });
-    let response = client
-        .put(format!("{}/api/v1/machines/{}", region.url, MAC.replace(':', "-")))
-        .bearer_auth(&api_key)
-        .json(&machine)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    region.boot_machine_from_noble(&api_key, MAC).await;
 
     let kernel = dir.path().join("vmlinuz");
     let initrd = dir.path().join("initrd.img");
     std::fs::write(&kernel, random_bytes(300_000, 1)).unwrap();
     std::fs::write(&initrd, random_bytes(1_000_000, 2)).unwrap();
-    push(&region, &api_key, &kernel, "kernel");
-    push(&region, &api_key, &initrd, "initrd");
+    region.push(&api_key, &kernel, "ubuntu/noble", "kernel", "1");
+    region.push(&api_key, &initrd, "ubuntu/noble", "initrd", "1");
 
     let loaders = dir.path().join("loaders");
     std::fs::create_dir_all(&loaders).unwrap();
