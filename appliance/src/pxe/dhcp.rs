@@ -304,7 +304,7 @@ impl DhcpServer {
             return Outcome::Drop("not a request");
         }
         let Some(kind) = request.opts().msg_type() else { return Outcome::Drop("no message type") };
-        let client = classify(&request);
+        let client = classify(request);
         if !self.limits.allow(&client.mac, self.config.packets_per_s_per_client) {
             return Outcome::Drop("rate limited");
         }
@@ -324,15 +324,15 @@ impl DhcpServer {
                     return Outcome::Drop("address pool or lease table full");
                 };
                 let just_sent = loader_just_sent(address);
-                self.reply(&request, client, MessageType::Offer, address, just_sent, "offer")
+                self.reply(request, client, MessageType::Offer, address, just_sent, "offer")
             }
             (DhcpMode::Managed, MessageType::Request) => {
                 let address = requested.unwrap_or(request.ciaddr());
                 if self.leases.bind(&client.mac, address) {
                     let just_sent = loader_just_sent(address);
-                    self.reply(&request, client, MessageType::Ack, address, just_sent, "ack")
+                    self.reply(request, client, MessageType::Ack, address, just_sent, "ack")
                 } else {
-                    self.nak(&request, client)
+                    self.nak(request, client)
                 }
             }
             (DhcpMode::Managed, MessageType::Release) => {
@@ -347,15 +347,15 @@ impl DhcpServer {
             }
             (_, MessageType::Inform) => {
                 let just_sent = loader_just_sent(request.ciaddr());
-                self.reply(&request, client, MessageType::Ack, Ipv4Addr::UNSPECIFIED, just_sent, "inform-ack")
+                self.reply(request, client, MessageType::Ack, Ipv4Addr::UNSPECIFIED, just_sent, "inform-ack")
             }
             (DhcpMode::Proxy, MessageType::Discover) if client.firmware != Firmware::Other => {
-                self.reply(&request, client, MessageType::Offer, Ipv4Addr::UNSPECIFIED, false, "proxy-offer")
+                self.reply(request, client, MessageType::Offer, Ipv4Addr::UNSPECIFIED, false, "proxy-offer")
             }
             // Port 4011: PXE boot server discovery after a proxy offer.
             (DhcpMode::Proxy, MessageType::Request) if port == 4011 && client.firmware != Firmware::Other => {
                 let just_sent = loader_just_sent(request.ciaddr());
-                self.reply(&request, client, MessageType::Ack, Ipv4Addr::UNSPECIFIED, just_sent, "proxy-ack")
+                self.reply(request, client, MessageType::Ack, Ipv4Addr::UNSPECIFIED, just_sent, "proxy-ack")
             }
             _ => Outcome::Drop("not for this server"),
         }

@@ -42,6 +42,7 @@ struct HttpState {
     pxe: Arc<Pxe>,
     streams: Arc<Semaphore>,
     maps: Arc<MapCache>,
+    hashes: Arc<SnapshotHashes>,
 }
 
 /// Mappings kept between requests. Mapping and unmapping a 1 GiB file per request costs ~10 ms
@@ -88,7 +89,12 @@ pub async fn bind(config: &PxeConfig) -> Result<tokio::net::TcpListener, PxeErro
 }
 
 pub fn router(pxe: Arc<Pxe>) -> Router {
-    let state = HttpState { streams: Arc::new(Semaphore::new(pxe.config.http_streams_max)), pxe, maps: Arc::default() };
+    let state = HttpState {
+        streams: Arc::new(Semaphore::new(pxe.config.http_streams_max)),
+        pxe,
+        maps: Arc::default(),
+        hashes: Arc::default(),
+    };
     Router::new()
         .route("/boot/{*path}", get(boot_file).head(boot_file))
         .route("/images/{*path}", get(image_file).head(image_file))
@@ -141,19 +147,35 @@ async fn image_file(
     match resolve(&state.pxe.boot_files_dir, snapshot.exists().then_some(snapshot.as_path()), &requested) {
         Ok(full) => {
             // Snapshot files are hard links to `files/<hash>`: the name is the content hash.
-            let etag = etag_of_snapshot_file(&state.pxe, &path);
+            let etag = state.hashes.etag(&state.pxe, &path);
             send_file(&state, &peer, &full, etag, &method, &headers, &format!("/images/{path}")).await
         }
         Err(refusal) => refused(&state, &peer, &format!("/images/{path}"), refusal),
     }
 }
 
-fn etag_of_snapshot_file(pxe: &Pxe, path: &str) -> Option<String> {
-    let meta = pxe.layout.current().ok()??;
-    meta.files
-        .iter()
-        .find(|f| crate::sync::layout::relative_path(f).ok().is_some_and(|p| p == Path::new(path)))
-        .map(|f| f.file_hash.clone())
+/// Content hashes of the current snapshot's files by path, read from `snapshot.json` once per
+/// published snapshot (keyed by where `current` points), not once per request.
+#[derive(Default)]
+struct SnapshotHashes {
+    cached: std::sync::Mutex<Option<(PathBuf, Arc<std::collections::HashMap<PathBuf, String>>)>>,
+}
+
+impl SnapshotHashes {
+    fn etag(&self, pxe: &Pxe, path: &str) -> Option<String> {
+        let target = std::fs::read_link(pxe.layout.current_link()).ok()?;
+        let mut cached = self.cached.lock().expect("lock");
+        if cached.as_ref().is_none_or(|(t, _)| *t != target) {
+            let meta = pxe.layout.current().ok()??;
+            let hashes = meta
+                .files
+                .iter()
+                .filter_map(|f| Some((crate::sync::layout::relative_path(f).ok()?, f.file_hash.clone())))
+                .collect();
+            *cached = Some((target, Arc::new(hashes)));
+        }
+        cached.as_ref()?.1.get(Path::new(path)).cloned()
+    }
 }
 
 fn refused(state: &HttpState, peer: &SocketAddr, path: &str, refusal: Refusal) -> Response {
