@@ -154,11 +154,14 @@ async fn image_file(
     }
 }
 
+type HashesByPath = std::collections::HashMap<PathBuf, String>;
+
 /// Content hashes of the current snapshot's files by path, read from `snapshot.json` once per
 /// published snapshot (keyed by where `current` points), not once per request.
 #[derive(Default)]
 struct SnapshotHashes {
-    cached: std::sync::Mutex<Option<(PathBuf, Arc<std::collections::HashMap<PathBuf, String>>)>>,
+    /// (where `current` pointed, path → content hash).
+    cached: std::sync::Mutex<Option<(PathBuf, Arc<HashesByPath>)>>,
 }
 
 impl SnapshotHashes {
