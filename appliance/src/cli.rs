@@ -235,9 +235,10 @@ fn print_sync(report: &metalrack_api::images::SyncReport, triggered: bool) {
     );
     if let Some(last) = &report.last_sync {
         println!(
-            "last sync:    {} chunks fetched, {} bytes fetched, {} bytes reused, {} refetched, {:.1} s",
+            "last sync:    {} chunks fetched, {} bytes fetched ({} received), {} bytes reused, {} refetched, {:.1} s",
             last.chunks_fetched,
             last.bytes_fetched,
+            last.bytes_received,
             last.bytes_reused,
             last.chunks_refetched,
             last.duration_ms as f64 / 1000.0

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use metalrack_api::images::RackCatalogue;
+use metalrack_api::images::{RackCatalogue, MANIFEST_DELTA_TYPE};
 use metalrack_api::{
     ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse, API_PREFIX,
@@ -97,21 +97,43 @@ impl RegionClient {
             .map_err(|_| RegionError::NotARegion { url: self.base.clone(), status: StatusCode::OK })
     }
 
-    pub async fn manifest(&self, authorization: &str, manifest_id: &str) -> Result<Vec<u8>, RegionError> {
-        let url = format!("{}{API_PREFIX}/rack/manifests/{manifest_id}", self.base);
+    /// A manifest by id. With `base` (a manifest the rack has), the region may answer with a
+    /// delta payload against it: the second value says whether it did.
+    pub async fn manifest(
+        &self,
+        authorization: &str,
+        manifest_id: &str,
+        base: Option<&str>,
+    ) -> Result<(Vec<u8>, bool), RegionError> {
+        let mut url = format!("{}{API_PREFIX}/rack/manifests/{manifest_id}", self.base);
+        if let Some(base) = base {
+            url.push_str(&format!("?base={base}"));
+        }
         let request = self.streaming.get(&url).header(reqwest::header::AUTHORIZATION, authorization);
-        Ok(self.send(request).await?.to_vec())
+        let response =
+            request.send().await.map_err(|source| RegionError::Unreachable { url: self.base.clone(), source })?;
+        let status = response.status();
+        let is_delta = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes() == MANIFEST_DELTA_TYPE.as_bytes());
+        let bytes =
+            response.bytes().await.map_err(|source| RegionError::Unreachable { url: self.base.clone(), source })?;
+        if !status.is_success() {
+            return Err(self.refusal(status, &bytes));
+        }
+        Ok((bytes.to_vec(), is_delta))
     }
 
-    /// Asks for chunks by hash; the response body streams their frames in the same order.
-    pub async fn chunks(&self, authorization: &str, hashes: &[[u8; 32]]) -> Result<reqwest::Response, RegionError> {
+    /// Asks for chunks with a body of wants (`metalrack_image_tools::delta::Want`); the response
+    /// body streams one frame per want, in the same order.
+    pub async fn chunks(&self, authorization: &str, wants: Vec<u8>) -> Result<reqwest::Response, RegionError> {
         let url = format!("{}{API_PREFIX}/rack/chunks", self.base);
-        let body: Vec<u8> = hashes.iter().flatten().copied().collect();
         let response = self
             .streaming
             .post(&url)
             .header(reqwest::header::AUTHORIZATION, authorization)
-            .body(body)
+            .body(wants)
             .send()
             .await
             .map_err(|source| RegionError::Unreachable { url: self.base.clone(), source })?;

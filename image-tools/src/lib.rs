@@ -9,6 +9,7 @@
 //! its manifest without ever holding the file in memory.
 
 pub mod chunker;
+pub mod delta;
 pub mod diff;
 pub mod frame;
 pub mod manifest;

@@ -17,8 +17,10 @@ use futures_util::StreamExt;
 use metalrack_api::images::{
     validate_image_name, validate_image_token, validate_kind, ChunksStored, CommitResponse, DeleteVersionResponse,
     FileView, ImageView, RackCatalogue, RackSyncView, SyncPhase, SyncPolicy, VersionSyncStatus, VersionView,
+    MANIFEST_DELTA_TYPE,
 };
-use metalrack_image_tools::frame::{encode_frame, FrameDecoder};
+use metalrack_image_tools::delta;
+use metalrack_image_tools::frame::{self, encode_frame, FrameDecoder};
 use metalrack_image_tools::manifest::{Manifest, CHUNK_LEN_MAX};
 use metalrack_image_tools::store::{ChunkStore, StoreError as ChunkStoreError};
 use metalrack_image_tools::Hash;
@@ -117,7 +119,7 @@ pub fn router() -> Router<AppState> {
         .route("/sync", post(sync_all))
         .route("/rack/catalogue", get(rack_catalogue))
         .route("/rack/manifests/{id}", get(rack_manifest))
-        .route("/rack/chunks", post(rack_chunks))
+        .route("/rack/chunks", post(rack_chunks).layer(DefaultBodyLimit::max(CHUNK_REQUEST_BYTES_MAX)))
 }
 
 fn require_admin(user: &crate::store::User) -> Result<(), ApiError> {
@@ -635,41 +637,64 @@ async fn rack_catalogue(
     }
 }
 
+#[derive(Debug, Deserialize)]
+struct ManifestQuery {
+    /// A manifest the rack already has (usually the previous version of the same file): the
+    /// answer is then a delta payload against it, which for a small change is a few hundred
+    /// bytes instead of 36 bytes per chunk.
+    base: Option<String>,
+}
+
 async fn rack_manifest(
     State(state): State<AppState>,
     _rack: AuthedRack,
     UrlPath(id): UrlPath<String>,
+    Query(query): Query<ManifestQuery>,
 ) -> Result<Response, ApiError> {
     parse_hash(&id)?;
-    match tokio::fs::read(state.catalogue.manifest_path(&id)).await {
-        Ok(bytes) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::not_found(format!("no manifest {id}"))),
-        Err(e) => Err(ApiError::internal(e)),
-    }
+    let bytes = match tokio::fs::read(state.catalogue.manifest_path(&id)).await {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::not_found(format!("no manifest {id}")))
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    let Some(base_id) = query.base else {
+        return Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response());
+    };
+    parse_hash(&base_id)?;
+    // A base the region no longer has costs nothing: the payload is then the manifest, raw.
+    let base = tokio::fs::read(state.catalogue.manifest_path(&base_id)).await.unwrap_or_default();
+    let payload = tokio::task::spawn_blocking(move || {
+        let mut payload = Vec::with_capacity(bytes.len() + 1);
+        delta::encode_payload(&bytes, &base, &mut payload).map(|_| payload)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    Ok(([(header::CONTENT_TYPE, MANIFEST_DELTA_TYPE)], payload).into_response())
 }
 
-/// Chunks for a rack: the body lists 32-byte hashes; the answer streams their frames in order.
+/// Largest chunk request body: [`CHUNK_FETCH_MAX`] wants naming every base they may.
+const CHUNK_REQUEST_BYTES_MAX: usize = CHUNK_FETCH_MAX * (delta::WANT_HEADER_LEN + 32 * delta::BASES_MAX);
+
+/// Chunks for a rack: the body lists wants (a chunk hash and up to four chunks the rack has
+/// where that chunk goes, see `metalrack_image_tools::delta`); the answer streams one frame per
+/// want, in order, carrying the chunk raw or as a zstd delta against those bases.
 async fn rack_chunks(State(state): State<AppState>, _rack: AuthedRack, body: Bytes) -> Result<Response, ApiError> {
-    if !body.len().is_multiple_of(32) || body.len() / 32 > CHUNK_FETCH_MAX {
-        return Err(ApiError::bad_request(format!("send 1 to {CHUNK_FETCH_MAX} chunk hashes of 32 bytes each")));
+    let wants = delta::Want::parse_all(&body, CHUNK_FETCH_MAX).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if wants.is_empty() {
+        return Err(ApiError::bad_request(format!("ask for 1 to {CHUNK_FETCH_MAX} chunks")));
     }
-    let hashes: Vec<Hash> = body.chunks_exact(32).map(|b| Hash(b.try_into().expect("32 bytes"))).collect();
-    if let Some(missing) = hashes.iter().find(|h| !state.catalogue.chunks.contains(h)) {
-        return Err(ApiError::not_found(format!("no chunk {missing}")));
+    if let Some(missing) = wants.iter().find(|w| !state.catalogue.chunks.contains(&w.hash)) {
+        return Err(ApiError::not_found(format!("no chunk {}", missing.hash)));
     }
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(SERVE_QUEUE_FRAMES);
-    let chunks = state.catalogue.chunks.clone();
     let catalogue = state.catalogue.clone();
     tokio::task::spawn_blocking(move || {
-        for hash in hashes {
-            let item = std::fs::read(chunks.path(&hash)).map(|mut data| {
-                if catalogue.take_corruption() && !data.is_empty() {
-                    data[0] ^= 0xff;
-                }
-                let mut frame = Vec::with_capacity(data.len() + 36);
-                encode_frame(&hash, &data, &mut frame);
-                Bytes::from(frame)
-            });
+        let mut prefix = Vec::new();
+        for want in wants {
+            let item = catalogue.chunk_payload(&want, &mut prefix).map(Bytes::from);
             let failed = item.is_err();
             if sender.blocking_send(item).is_err() || failed {
                 break; // the rack hung up, or the read failed and the stream ends in an error
@@ -680,6 +705,40 @@ async fn rack_chunks(State(state): State<AppState>, _rack: AuthedRack, body: Byt
         receiver.recv().await.map(|item| (item, receiver))
     });
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+}
+
+impl Catalogue {
+    /// The frame answering one want: the chunk as a delta against the want's bases when the
+    /// region has them all and that is smaller, raw otherwise. `prefix` is scratch space.
+    fn chunk_payload(&self, want: &delta::Want, prefix: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
+        let data = std::fs::read(self.chunks.path(&want.hash))?;
+        prefix.clear();
+        for base in &want.bases {
+            // A base the region no longer has (its version was deleted) or bases over the limit:
+            // the chunk goes raw, which the rack takes just as well.
+            let Ok(base_data) = std::fs::read(self.chunks.path(base)) else {
+                prefix.clear();
+                break;
+            };
+            if (prefix.len() + base_data.len()) as u64 > delta::BASE_BYTES_MAX {
+                prefix.clear();
+                break;
+            }
+            prefix.extend_from_slice(&base_data);
+        }
+        let mut payload = Vec::with_capacity(data.len() + 1);
+        delta::encode_payload(&data, prefix, &mut payload).map_err(std::io::Error::other)?;
+        if self.take_corruption() {
+            // Damage the last byte: inside the chunk for raw payloads, inside the zstd frame for
+            // deltas; either way the rack's hash check must catch it.
+            if let Some(last) = payload.last_mut() {
+                *last ^= 0xff;
+            }
+        }
+        let mut frame = Vec::with_capacity(payload.len() + frame::HEADER_LEN);
+        encode_frame(&want.hash, &payload, &mut frame);
+        Ok(frame)
+    }
 }
 
 impl Catalogue {

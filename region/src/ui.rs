@@ -565,7 +565,8 @@ fn controller_markup(rack: &RackView, user: &User, error: Option<&str>) -> Marku
                     p id="sync-state" { (sync_label(sync)) }
                     @if let Some(id) = &sync.snapshot_id { p.muted { "Snapshot " code { (id) } } }
                     @if let Some(last) = &sync.last_sync {
-                        p.muted { "Last sync: " (last.chunks_fetched) " chunks, " (human_bytes(last.bytes_fetched)) " fetched, "
+                        p.muted { "Last sync: " (last.chunks_fetched) " chunks, " (human_bytes(last.bytes_fetched)) " fetched ("
+                            (human_bytes(last.bytes_received)) " over the network), "
                             (human_bytes(last.bytes_reused)) " reused, " (format!("{:.1}", last.duration_ms as f64 / 1000.0)) " s" }
                     }
                 }

@@ -112,6 +112,16 @@ async fn two_racks_sync_identical_snapshots_and_a_delta_moves_only_new_chunks() 
         let view = wait_synced(&region, &api_key, &rack.name, &v2_hash).await;
         let last = view.sync.unwrap().last_sync.unwrap();
         assert_eq!(last.bytes_fetched, delta.bytes_to_move, "{}: only new chunks cross the network", rack.name);
+        // ...and they cross it as a delta against the v1 chunks at the same place, with the
+        // manifest as a delta against v1's: about the 4 KiB that changed, not whole chunks.
+        assert!(
+            last.bytes_received < 12 << 10 && last.bytes_received * 4 < delta.bytes_to_move,
+            "{}: {} bytes received for {} bytes of new chunks",
+            rack.name,
+            last.bytes_received,
+            delta.bytes_to_move
+        );
+        assert!(last.bytes_sent > 0 && last.bytes_sent < 1024, "{last:?}");
         assert!(last.bytes_reused >= (12 << 20) - delta.bytes_to_move - (256 << 10), "{last:?}");
         assert_eq!(file_hash(&snapshot_file(rack, "ubuntu/jammy", "2")), v2_hash);
         assert_eq!(file_hash(&snapshot_file(rack, "ubuntu/jammy", "1")), v1_hash, "v1 stays in the snapshot");

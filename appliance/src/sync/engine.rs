@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use metalrack_api::images::{CatalogueFile, RackCatalogue, SyncFigures};
-use metalrack_image_tools::frame::FrameDecoder;
-use metalrack_image_tools::manifest::{Manifest, CHUNK_LEN_MAX};
+use metalrack_image_tools::delta::{self, Want};
+use metalrack_image_tools::frame::{self, FrameDecoder};
+use metalrack_image_tools::manifest::{self, Manifest, CHUNK_LEN_MAX};
 use metalrack_image_tools::store::StoreError as ChunkStoreError;
 use metalrack_image_tools::Hash;
 use tokio::sync::Mutex;
 
+use super::bases::{self, BaseRef, OldFile};
 use super::layout::{Layout, LayoutError, SnapshotMeta};
 use crate::region_client::{RegionClient, RegionError};
 
@@ -31,6 +33,14 @@ const FETCH_BATCH_CHUNKS_MAX: usize = 1024;
 
 /// Where each missing chunk goes: (build slot, offset, chunk index) for every place it occurs.
 type Places = HashMap<Hash, Vec<(usize, u64, u32)>>;
+
+/// A chunk to fetch, with the local chunks (if any) the region may send it as a delta against.
+#[derive(Debug, Clone)]
+struct Wanted {
+    hash: Hash,
+    len: u32,
+    bases: Vec<BaseRef>,
+}
 
 /// Verified chunk bytes gathered before they are written out (and logged) in one blocking call.
 const WRITE_PIECE_BYTES: usize = 1024 * 1024;
@@ -129,11 +139,20 @@ struct ChunkSource {
 impl SyncRun<'_> {
     pub async fn run(&self, target: &RackCatalogue) -> Result<RunOutcome, SyncError> {
         let started = Instant::now();
+        let mut figures = SyncFigures::default();
+        // Complete local files of the current snapshot: sources of chunks and delta bases.
+        let have: Vec<CatalogueFile> = match self.layout.current()? {
+            Some(current) => {
+                current.files.into_iter().filter(|f| self.layout.file_path(&f.file_hash).exists()).collect()
+            }
+            None => Vec::new(),
+        };
         // Manifests of every target file, fetched once and verified by their id.
         let mut manifests: HashMap<String, Manifest> = HashMap::new();
         for file in &target.files {
             if !manifests.contains_key(&file.manifest_id) {
-                let manifest = self.manifest(file).await?;
+                let base = bases::predecessor(file, &have).map(|f| f.manifest_id.as_str());
+                let manifest = self.manifest(file, base, &mut figures).await?;
                 manifests.insert(file.manifest_id.clone(), manifest);
             }
         }
@@ -158,21 +177,23 @@ impl SyncRun<'_> {
                 .map_err(|e| SyncError::Task(e.to_string()))??;
             builds.push(Arc::new(build));
         }
-        let mut figures = SyncFigures { bytes_reused: builds.iter().map(|b| b.reused).sum(), ..SyncFigures::default() };
+        figures.bytes_reused = builds.iter().map(|b| b.reused).sum();
         // Where each missing chunk goes: (build, offset, chunk index) for every place it occurs.
         let mut places: Places = HashMap::new();
-        let mut missing: Vec<(Hash, u32)> = Vec::new();
+        let mut missing: Vec<Wanted> = Vec::new();
         for (slot, build) in builds.iter().enumerate() {
+            let mut found = self.delta_bases(needed[slot], &build.manifest, &build.missing, &have);
             for &(index, offset) in &build.missing {
                 let chunk = build.manifest.chunks[index];
                 let entry = places.entry(chunk.hash).or_default();
                 if entry.is_empty() {
-                    missing.push((chunk.hash, chunk.len));
+                    let bases = found.remove(&index).unwrap_or_default();
+                    missing.push(Wanted { hash: chunk.hash, len: chunk.len, bases });
                 }
                 entry.push((slot, offset, index as u32));
             }
         }
-        let bytes_total: u64 = missing.iter().map(|(_, len)| u64::from(*len)).sum();
+        let bytes_total: u64 = missing.iter().map(|w| u64::from(w.len)).sum();
         (self.progress)(0, bytes_total);
         let places = Arc::new(places);
         if !self.fetch_all(&builds, &places, missing, bytes_total, &mut figures).await? {
@@ -201,13 +222,34 @@ impl SyncRun<'_> {
         Ok(RunOutcome::Published { meta, figures })
     }
 
-    async fn manifest(&self, file: &CatalogueFile) -> Result<Manifest, SyncError> {
+    /// The manifest of `file`, from disk or from the region (as a delta against `base`, a
+    /// manifest the rack has, when the region can), checked against its id.
+    async fn manifest(
+        &self,
+        file: &CatalogueFile,
+        base: Option<&str>,
+        figures: &mut SyncFigures,
+    ) -> Result<Manifest, SyncError> {
         let invalid = |reason: String| SyncError::Manifest { manifest_id: file.manifest_id.clone(), reason };
         let path = self.layout.manifest_path(&file.manifest_id);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(_) => {
-                let bytes = self.client.manifest(self.authorization, &file.manifest_id).await?;
+                let base_bytes = base.and_then(|id| std::fs::read(self.layout.manifest_path(id)).ok());
+                let base = base.filter(|_| base_bytes.is_some());
+                let (received, is_delta) = self.client.manifest(self.authorization, &file.manifest_id, base).await?;
+                figures.bytes_received += received.len() as u64;
+                let bytes = if is_delta {
+                    let len = usize::try_from(file.n_chunks)
+                        .ok()
+                        .and_then(|n| n.checked_mul(manifest::ENTRY_LEN))
+                        .and_then(|n| n.checked_add(manifest::HEADER_LEN))
+                        .ok_or_else(|| invalid("the catalogue's chunk count is out of range".into()))?;
+                    delta::decode_payload(&received, base_bytes.as_deref().unwrap_or_default(), len)
+                        .map_err(|e| invalid(format!("its delta does not decode: {e}")))?
+                } else {
+                    received
+                };
                 if Hash::of(&bytes).to_hex() != file.manifest_id {
                     return Err(invalid("its content does not match its id".into()));
                 }
@@ -224,6 +266,30 @@ impl SyncRun<'_> {
             return Err(invalid("it describes another file than the catalogue says".into()));
         }
         Ok(manifest)
+    }
+
+    /// Delta bases for the chunks of `file` still to fetch, from the local file it most likely
+    /// replaces. None when there is no such file or its manifest is unreadable.
+    fn delta_bases(
+        &self,
+        file: &CatalogueFile,
+        manifest: &Manifest,
+        missing: &[(usize, u64)],
+        have: &[CatalogueFile],
+    ) -> HashMap<usize, Vec<BaseRef>> {
+        let Some(old) = bases::predecessor(file, have) else {
+            return HashMap::new();
+        };
+        let old_manifest = std::fs::read(self.layout.manifest_path(&old.manifest_id))
+            .ok()
+            .and_then(|bytes| Manifest::parse(&bytes).ok());
+        match old_manifest {
+            Some(old_manifest) => {
+                let old = OldFile::new(self.layout.file_path(&old.file_hash), old_manifest);
+                bases::bases_for(manifest, &old, missing)
+            }
+            None => HashMap::new(),
+        }
     }
 
     /// Every chunk of every complete local file we have a manifest for.
@@ -262,14 +328,14 @@ impl SyncRun<'_> {
         &self,
         builds: &[Arc<Build>],
         places: &Arc<Places>,
-        mut missing: Vec<(Hash, u32)>,
+        mut missing: Vec<Wanted>,
         bytes_total: u64,
         figures: &mut SyncFigures,
     ) -> Result<bool, SyncError> {
         let mut attempts: HashMap<Hash, u32> = HashMap::new();
         let mut bytes_done = 0u64;
         while !missing.is_empty() {
-            let mut batches: Vec<Vec<(Hash, u32)>> = Vec::new();
+            let mut batches: Vec<Vec<Wanted>> = Vec::new();
             let mut batch_bytes = 0;
             for chunk in missing.drain(..) {
                 let full = batches
@@ -279,7 +345,7 @@ impl SyncRun<'_> {
                     batches.push(Vec::new());
                     batch_bytes = 0;
                 }
-                batch_bytes += u64::from(chunk.1);
+                batch_bytes += u64::from(chunk.len);
                 batches.last_mut().expect("pushed above").push(chunk);
             }
             let mut results =
@@ -289,17 +355,20 @@ impl SyncRun<'_> {
                 let batch = result?;
                 figures.chunks_fetched += batch.stored;
                 figures.bytes_fetched += batch.bytes;
+                figures.bytes_received += batch.received;
+                figures.bytes_sent += batch.sent;
                 bytes_done += batch.bytes;
                 (self.progress)(bytes_done, bytes_total);
-                for (hash, len) in batch.damaged {
-                    let n = attempts.entry(hash).or_insert(0);
+                for wanted in batch.damaged {
+                    let n = attempts.entry(wanted.hash).or_insert(0);
                     *n += 1;
                     figures.chunks_refetched += 1;
                     if *n >= CHUNK_ATTEMPTS_MAX {
-                        return Err(SyncError::ChunkDamaged { hash, attempts: *n });
+                        return Err(SyncError::ChunkDamaged { hash: wanted.hash, attempts: *n });
                     }
-                    tracing::warn!(chunk = %hash, "chunk arrived damaged; fetching it again");
-                    missing.push((hash, len));
+                    tracing::warn!(chunk = %wanted.hash, "chunk arrived damaged; fetching it again, whole");
+                    // Whole this time: if a base was the trouble, the raw chunk does not need it.
+                    missing.push(Wanted { bases: Vec::new(), ..wanted });
                 }
                 if !(self.may_continue)() {
                     return Ok(false);
@@ -313,37 +382,48 @@ impl SyncRun<'_> {
         &self,
         builds: &[Arc<Build>],
         places: &Arc<Places>,
-        batch: Vec<(Hash, u32)>,
+        batch: Vec<Wanted>,
     ) -> Result<FetchedBatch, SyncError> {
-        let hashes: Vec<[u8; 32]> = batch.iter().map(|(h, _)| h.0).collect();
-        let response = self.client.chunks(self.authorization, &hashes).await?;
+        let mut body = Vec::with_capacity(batch.iter().map(|w| delta::WANT_HEADER_LEN + 32 * w.bases.len()).sum());
+        for wanted in &batch {
+            Want { hash: wanted.hash, bases: wanted.bases.iter().map(|b| b.hash).collect() }.emit(&mut body);
+        }
+        let mut out = FetchedBatch { sent: body.len() as u64, ..FetchedBatch::default() };
+        let response = self.client.chunks(self.authorization, body).await?;
         let mut stream = response.bytes_stream();
-        let mut decoder = FrameDecoder::new(CHUNK_LEN_MAX);
+        // A payload is a tag byte and at most the chunk.
+        let mut decoder = FrameDecoder::new(CHUNK_LEN_MAX + 1);
         let mut expected = batch.into_iter();
-        let mut out = FetchedBatch::default();
+        let mut bases = BaseReader::default();
         let mut verified: Vec<(Hash, Vec<u8>)> = Vec::new();
         let mut verified_bytes = 0usize;
         loop {
-            while let Some((hash, data)) =
+            while let Some((hash, payload)) =
                 decoder.next_frame().map_err(|e| SyncError::Protocol { reason: e.to_string() })?
             {
-                let Some((want, len)) = expected.next() else {
+                let Some(wanted) = expected.next() else {
                     return Err(SyncError::Protocol { reason: "more chunks than asked for".into() });
                 };
-                if hash != want {
-                    return Err(SyncError::Protocol { reason: format!("got chunk {hash}, expected {want}") });
+                if hash != wanted.hash {
+                    return Err(SyncError::Protocol { reason: format!("got chunk {hash}, expected {}", wanted.hash) });
                 }
+                out.received += (payload.len() + frame::HEADER_LEN) as u64;
                 if let Some(limiter) = self.limiter {
-                    limiter.take(data.len() as u64).await;
+                    limiter.take(payload.len() as u64).await;
                 }
-                // A damaged chunk is never written anywhere.
-                if Hash::of(&data) == hash {
-                    out.stored += 1;
-                    out.bytes += data.len() as u64;
-                    verified_bytes += data.len();
-                    verified.push((hash, data));
-                } else {
-                    out.damaged.push((hash, len));
+                // A chunk whose delta does not decode, or decodes to other bytes, is damaged:
+                // it is never written anywhere.
+                let data = bases
+                    .prefix(&wanted.bases)
+                    .and_then(|prefix| delta::decode_payload(&payload, prefix, wanted.len as usize).ok());
+                match data {
+                    Some(data) if Hash::of(&data) == hash => {
+                        out.stored += 1;
+                        out.bytes += data.len() as u64;
+                        verified_bytes += data.len();
+                        verified.push((hash, data));
+                    }
+                    _ => out.damaged.push(wanted),
                 }
                 // Write as we go: memory stays at one piece per request, and a crash loses
                 // at most this much.
@@ -358,11 +438,35 @@ impl SyncRun<'_> {
             }
         }
         decoder.finish().map_err(|e| SyncError::Protocol { reason: e.to_string() })?;
-        if let Some((missing, _)) = expected.next() {
-            return Err(SyncError::Protocol { reason: format!("the stream ended before chunk {missing}") });
+        if let Some(missing) = expected.next() {
+            return Err(SyncError::Protocol { reason: format!("the stream ended before chunk {}", missing.hash) });
         }
         write_verified(builds, places, verified).await?;
         Ok(out)
+    }
+}
+
+/// Reads delta bases back from local files, keeping the files of one request open.
+#[derive(Default)]
+struct BaseReader {
+    files: HashMap<Arc<PathBuf>, File>,
+    prefix: Vec<u8>,
+}
+
+impl BaseReader {
+    /// The bases' bytes, concatenated in order; None if a file cannot be read (the chunk then
+    /// fails to decode, counts as damaged, and is fetched again without bases).
+    fn prefix(&mut self, bases: &[BaseRef]) -> Option<&[u8]> {
+        self.prefix.clear();
+        for base in bases {
+            if !self.files.contains_key(&base.file) {
+                self.files.insert(base.file.clone(), File::open(base.file.as_path()).ok()?);
+            }
+            let start = self.prefix.len();
+            self.prefix.resize(start + base.len as usize, 0);
+            self.files[&base.file].read_exact_at(&mut self.prefix[start..], base.offset).ok()?;
+        }
+        Some(&self.prefix)
     }
 }
 
@@ -396,7 +500,10 @@ async fn write_verified(
 struct FetchedBatch {
     stored: u64,
     bytes: u64,
-    damaged: Vec<(Hash, u32)>,
+    /// Frame bytes received and request bytes sent.
+    received: u64,
+    sent: u64,
+    damaged: Vec<Wanted>,
 }
 
 /// One file being built as `.HASH.partial`, with a progress log `.HASH.progress` listing the

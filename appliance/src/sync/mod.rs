@@ -2,6 +2,7 @@
 //! long-poll, decide by policy (auto after a delay, a time window, or manual), run the sync, and
 //! publish progress for heartbeats, `rackd sync` and `rackd status`.
 
+pub mod bases;
 pub mod engine;
 pub mod layout;
 
@@ -350,6 +351,7 @@ impl Controller {
                     snapshot = %meta.id,
                     chunks_fetched = figures.chunks_fetched,
                     bytes_fetched = figures.bytes_fetched,
+                    bytes_received = figures.bytes_received,
                     bytes_reused = figures.bytes_reused,
                     chunks_refetched = figures.chunks_refetched,
                     duration_ms = figures.duration_ms,

@@ -155,11 +155,23 @@ pub enum SyncPhase {
     Failed,
 }
 
+/// Media type of a manifest the region sends as a delta payload against the manifest the rack
+/// named as `?base=` (`metalrack_image_tools::delta`; the tag byte says delta or raw).
+pub const MANIFEST_DELTA_TYPE: &str = "application/vnd.metalrack.manifest-delta";
+
 /// The figures of a finished sync.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SyncFigures {
     pub chunks_fetched: u64,
+    /// Bytes of the fetched chunks (as decoded).
     pub bytes_fetched: u64,
+    /// Bytes the rack received for this sync: manifests and chunk streams as they crossed the
+    /// network (frames and deltas; HTTP headers not counted).
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Bytes the rack sent asking for them (chunk request bodies).
+    #[serde(default)]
+    pub bytes_sent: u64,
     /// Bytes copied from files the rack already had instead of fetched.
     pub bytes_reused: u64,
     /// Chunks that arrived damaged (hash mismatch) and were fetched again.

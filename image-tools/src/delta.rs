@@ -1,0 +1,325 @@
+//! Chunk deltas: fetching a new chunk as a zstd delta against chunks the receiver already has.
+//!
+//! Content-defined chunking moves every chunk that changed at all, however little. When a rack
+//! holds an older version of the same file, the chunk that replaced a local one is usually
+//! almost the same bytes, so the rack names, for each chunk it wants, up to [`BASES_MAX`] chunks
+//! it has at the same place in the old file (its *bases*), and the region answers with the new
+//! chunk compressed by zstd with the bases as its reference prefix (`ZSTD_CCtx_refPrefix`): in
+//! effect a binary diff. The receiver rebuilds the chunk from the same bases and checks its BLAKE3
+//! hash as for any chunk, so a wrong base or a damaged delta is caught like a damaged chunk.
+//!
+//! Request body: a sequence of wants, no count (the body ends after the last one):
+//!
+//! ```text
+//!  0        32           33
+//!  +--------+------------+---------------------------+
+//!  | hash   | base_count | base hashes [32 × count]  |  × as many wants as the body holds
+//!  +--------+------------+---------------------------+
+//! ```
+//!
+//! Answer: one chunk frame ([`crate::frame`]) per want, in order, whose data is a payload: one
+//! tag byte, then either the chunk itself ([`PayloadTag::Raw`]) or a zstd frame to be decoded
+//! against the concatenation of *all* the want's bases in request order ([`PayloadTag::Delta`]).
+//! The sender falls back to raw whenever a delta would not be smaller or it lacks a base.
+
+use crate::Hash;
+
+/// Bases a want may name. Four cover a chunk and its neighbours when boundaries moved.
+pub const BASES_MAX: usize = 4;
+
+/// The most base bytes a sender reads and indexes for one want (a rack asking for more gets
+/// the chunk raw): bounds the sender's memory per request in flight.
+pub const BASE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Largest zstd window: enough for [`BASE_BYTES_MAX`] of bases plus the largest chunk
+/// (`manifest::CHUNK_LEN_MAX`, 16 MiB), and what every zstd decoder accepts by default (2^27).
+const WINDOW_LOG_MAX: u32 = 27;
+const WINDOW_LOG_MIN: u32 = 10;
+
+/// zstd level for deltas: level 1 already finds every long match against the bases (which is
+/// all a delta needs); higher levels cost the region CPU for a few bytes.
+pub const DELTA_LEVEL: i32 = 1;
+
+mod field {
+    pub const HASH: std::ops::Range<usize> = 0..32;
+    pub const BASE_COUNT: usize = 32;
+    pub const BASES: usize = 33;
+}
+
+/// Bytes of a want before its base hashes.
+pub const WANT_HEADER_LEN: usize = field::BASES;
+
+/// One chunk asked for, with the chunks the asker has that resemble it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    pub hash: Hash,
+    pub bases: Vec<Hash>,
+}
+
+impl Want {
+    /// Bytes this want takes in a request body.
+    pub fn buffer_len(&self) -> usize {
+        WANT_HEADER_LEN + 32 * self.bases.len()
+    }
+
+    /// Appends this want to a request body. Panics if it names more than [`BASES_MAX`] bases.
+    pub fn emit(&self, out: &mut Vec<u8>) {
+        assert!(self.bases.len() <= BASES_MAX, "a want names at most {BASES_MAX} bases");
+        out.extend_from_slice(self.hash.as_bytes());
+        out.push(self.bases.len() as u8);
+        for base in &self.bases {
+            out.extend_from_slice(base.as_bytes());
+        }
+    }
+
+    /// Parses a whole request body, refusing more than `wants_max` wants.
+    pub fn parse_all(mut bytes: &[u8], wants_max: usize) -> Result<Vec<Want>, DeltaError> {
+        let mut wants = Vec::new();
+        while !bytes.is_empty() {
+            if wants.len() == wants_max {
+                return Err(DeltaError::TooManyWants { max: wants_max });
+            }
+            if bytes.len() < WANT_HEADER_LEN {
+                return Err(DeltaError::Truncated { want: wants.len() });
+            }
+            let count = usize::from(bytes[field::BASE_COUNT]);
+            if count > BASES_MAX {
+                return Err(DeltaError::TooManyBases { want: wants.len(), count });
+            }
+            let len = WANT_HEADER_LEN + 32 * count;
+            if bytes.len() < len {
+                return Err(DeltaError::Truncated { want: wants.len() });
+            }
+            let hash = Hash(bytes[field::HASH].try_into().expect("32 bytes"));
+            let bases = bytes[field::BASES..len]
+                .chunks_exact(32)
+                .map(|b| Hash(b.try_into().expect("32 bytes")))
+                .collect();
+            wants.push(Want { hash, bases });
+            bytes = &bytes[len..];
+        }
+        Ok(wants)
+    }
+}
+
+/// What follows a payload's tag byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PayloadTag {
+    /// The chunk's bytes.
+    Raw = 0,
+    /// A zstd frame to decode with the want's bases, concatenated, as reference prefix.
+    Delta = 1,
+}
+
+/// Why a request or a payload is invalid.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DeltaError {
+    #[error("want {want} is cut short")]
+    Truncated { want: usize },
+    #[error("want {want} names {count} bases, more than {BASES_MAX}")]
+    TooManyBases { want: usize, count: usize },
+    #[error("more than {max} chunks asked for in one request")]
+    TooManyWants { max: usize },
+    #[error("empty chunk payload")]
+    EmptyPayload,
+    #[error("unknown chunk payload tag {tag}")]
+    UnknownTag { tag: u8 },
+    #[error("zstd could not {step}: {reason}")]
+    Zstd { step: &'static str, reason: &'static str },
+    #[error("the delta does not say how long the chunk is")]
+    NoContentSize,
+    #[error("the delta decodes to {got} bytes, the chunk has {expected}")]
+    WrongLength { got: u64, expected: usize },
+}
+
+fn zstd_error(step: &'static str) -> impl FnOnce(zstd::zstd_safe::ErrorCode) -> DeltaError {
+    move |code| DeltaError::Zstd { step, reason: zstd::zstd_safe::get_error_name(code) }
+}
+
+/// A window that holds the prefix and the chunk, so every match against the bases is in reach.
+fn window_log(prefix_len: usize, data_len: usize) -> u32 {
+    let total = (prefix_len + data_len).max(1) as u64;
+    (64 - (total - 1).leading_zeros()).clamp(WINDOW_LOG_MIN, WINDOW_LOG_MAX)
+}
+
+/// Appends the payload for `data` to `out`: a delta against `prefix` (the bases concatenated)
+/// when that is smaller than the chunk, the chunk itself otherwise.
+pub fn encode_payload(data: &[u8], prefix: &[u8], out: &mut Vec<u8>) -> Result<PayloadTag, DeltaError> {
+    if !prefix.is_empty() {
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        let step = zstd_error("set up the compressor");
+        cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(DELTA_LEVEL)).map_err(step)?;
+        let step = zstd_error("set the window");
+        cctx.set_parameter(zstd::zstd_safe::CParameter::WindowLog(window_log(prefix.len(), data.len())))
+            .map_err(step)?;
+        // Checksums are the chunk hash's job; the frame content size lets the receiver check
+        // the length before it allocates.
+        cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false)).map_err(zstd_error("set flags"))?;
+        cctx.ref_prefix(prefix).map_err(zstd_error("reference the bases"))?;
+        // Only worth it when smaller than raw, so zstd gets exactly that much room and fails
+        // (incompressible against these bases) when it needs more.
+        let mut delta = Vec::with_capacity(data.len().saturating_sub(1));
+        if cctx.compress2(&mut delta, data).is_ok() {
+            out.push(PayloadTag::Delta as u8);
+            out.extend_from_slice(&delta);
+            return Ok(PayloadTag::Delta);
+        }
+    }
+    out.push(PayloadTag::Raw as u8);
+    out.extend_from_slice(data);
+    Ok(PayloadTag::Raw)
+}
+
+/// Decodes a payload into the chunk of `expected_len` bytes, using `prefix` (the want's bases
+/// concatenated) for a delta. The caller still checks the chunk's hash.
+pub fn decode_payload(payload: &[u8], prefix: &[u8], expected_len: usize) -> Result<Vec<u8>, DeltaError> {
+    let (&tag, body) = payload.split_first().ok_or(DeltaError::EmptyPayload)?;
+    let data = if tag == PayloadTag::Raw as u8 {
+        body.to_vec()
+    } else if tag == PayloadTag::Delta as u8 {
+        let mut dctx = zstd::zstd_safe::DCtx::create();
+        dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(WINDOW_LOG_MAX))
+            .map_err(zstd_error("set the window limit"))?;
+        dctx.ref_prefix(prefix).map_err(zstd_error("reference the bases"))?;
+        // The frame says its decoded size (the encoder knows it): check before allocating.
+        match zstd::zstd_safe::get_frame_content_size(body) {
+            Ok(Some(size)) if size == expected_len as u64 => {}
+            Ok(Some(size)) => return Err(DeltaError::WrongLength { got: size, expected: expected_len }),
+            Ok(None) | Err(_) => return Err(DeltaError::NoContentSize),
+        }
+        let mut data = vec![0u8; expected_len];
+        let n = dctx.decompress(&mut data[..], body).map_err(zstd_error("decode the delta"))?;
+        data.truncate(n);
+        data
+    } else {
+        return Err(DeltaError::UnknownTag { tag });
+    };
+    if data.len() != expected_len {
+        return Err(DeltaError::WrongLength { got: data.len() as u64, expected: expected_len });
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_chunk_with_a_small_change_travels_as_a_small_delta() {
+        let old = noise(1, 96 * 1024);
+        let mut new = old.clone();
+        new[40_000..44_096].copy_from_slice(&noise(2, 4096));
+        let mut payload = Vec::new();
+        assert_eq!(encode_payload(&new, &old, &mut payload).unwrap(), PayloadTag::Delta);
+        assert!(payload.len() < 4096 + 200, "delta of a 4 KiB change is {} bytes", payload.len());
+        assert_eq!(decode_payload(&payload, &old, new.len()).unwrap(), new);
+    }
+
+    #[test]
+    fn shifted_content_and_several_bases_still_match() {
+        let a = noise(3, 64 * 1024);
+        let b = noise(4, 64 * 1024);
+        let prefix = [a.as_slice(), b.as_slice()].concat();
+        // A new chunk that straddles the two old ones, with 1000 new bytes in the middle.
+        let new = [&a[30_000..], &noise(5, 1000)[..], &b[..20_000]].concat();
+        let mut payload = Vec::new();
+        assert_eq!(encode_payload(&new, &prefix, &mut payload).unwrap(), PayloadTag::Delta);
+        assert!(payload.len() < 1000 + 200);
+        assert_eq!(decode_payload(&payload, &prefix, new.len()).unwrap(), new);
+    }
+
+    #[test]
+    fn unrelated_or_baseless_chunks_go_raw() {
+        let data = noise(6, 10_000);
+        let mut payload = Vec::new();
+        assert_eq!(encode_payload(&data, &noise(7, 10_000), &mut payload).unwrap(), PayloadTag::Raw);
+        assert_eq!(payload.len(), data.len() + 1);
+        assert_eq!(decode_payload(&payload, &[], data.len()).unwrap(), data);
+        let mut payload = Vec::new();
+        assert_eq!(encode_payload(&data, &[], &mut payload).unwrap(), PayloadTag::Raw);
+    }
+
+    #[test]
+    fn decoding_against_the_wrong_bases_or_length_fails_or_differs() {
+        let old = noise(8, 50_000);
+        let mut new = old.clone();
+        new[100] ^= 1;
+        let mut payload = Vec::new();
+        encode_payload(&new, &old, &mut payload).unwrap();
+        // A wrong prefix of the same length decodes to other bytes (the hash check catches it).
+        if let Ok(data) = decode_payload(&payload, &noise(9, 50_000), new.len()) {
+            assert_ne!(data, new);
+        }
+        assert_eq!(
+            decode_payload(&payload, &old, new.len() - 1),
+            Err(DeltaError::WrongLength { got: new.len() as u64, expected: new.len() - 1 })
+        );
+        assert!(matches!(decode_payload(&payload, &old, new.len() + 1), Err(DeltaError::WrongLength { .. })));
+        // A raw payload of the wrong length too.
+        assert!(matches!(decode_payload(&[0, 1, 2], &old, 3), Err(DeltaError::WrongLength { got: 2, expected: 3 })));
+        assert_eq!(decode_payload(&[], &old, 1), Err(DeltaError::EmptyPayload));
+        assert_eq!(decode_payload(&[7, 1, 2], &old, 2), Err(DeltaError::UnknownTag { tag: 7 }));
+    }
+
+    #[test]
+    fn request_bodies_are_checked() {
+        let want = Want { hash: Hash([1; 32]), bases: vec![Hash([2; 32])] };
+        let mut body = Vec::new();
+        want.emit(&mut body);
+        want.emit(&mut body);
+        assert_eq!(Want::parse_all(&body, 1), Err(DeltaError::TooManyWants { max: 1 }));
+        assert_eq!(Want::parse_all(&body[..body.len() - 1], 2), Err(DeltaError::Truncated { want: 1 }));
+        let mut bad = body[..WANT_HEADER_LEN].to_vec();
+        bad[field::BASE_COUNT] = BASES_MAX as u8 + 1;
+        assert_eq!(Want::parse_all(&bad, 2), Err(DeltaError::TooManyBases { want: 0, count: BASES_MAX + 1 }));
+    }
+
+    fn want() -> impl Strategy<Value = Want> {
+        (any::<[u8; 32]>(), proptest::collection::vec(any::<[u8; 32]>(), 0..=BASES_MAX))
+            .prop_map(|(hash, bases)| Want { hash: Hash(hash), bases: bases.into_iter().map(Hash).collect() })
+    }
+
+    proptest! {
+        #[test]
+        fn wants_round_trip(wants in proptest::collection::vec(want(), 0..20)) {
+            let mut body = Vec::new();
+            for want in &wants {
+                want.emit(&mut body);
+            }
+            prop_assert_eq!(body.len(), wants.iter().map(Want::buffer_len).sum::<usize>());
+            prop_assert_eq!(Want::parse_all(&body, 20).unwrap(), wants);
+        }
+
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Want::parse_all(&bytes, 8);
+            let _ = decode_payload(&bytes, &bytes, 300);
+        }
+
+        #[test]
+        fn payloads_round_trip(seed: u64, len in 1usize..20_000, edit in 0usize..20_000, with_base: bool) {
+            let old = noise(seed, len);
+            let mut new = old.clone();
+            new[edit % len] ^= 0x5a;
+            let prefix = if with_base { old.clone() } else { Vec::new() };
+            let mut payload = Vec::new();
+            encode_payload(&new, &prefix, &mut payload).unwrap();
+            prop_assert!(payload.len() <= new.len() + 1);
+            prop_assert_eq!(decode_payload(&payload, &prefix, new.len()).unwrap(), new);
+        }
+    }
+}
