@@ -2,6 +2,7 @@
 //! faults (damaged chunks, kill -9 mid-sync), garbage collection and bad uploads.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use metalrack_api::images::{ImageView, SyncPhase, SyncPolicy, SyncPolicyKind};
 use metalrack_api::{RackState, RackView};
@@ -355,4 +356,66 @@ async fn malformed_manifests_and_chunk_uploads_get_4xx_and_change_nothing() {
     // An interrupted push resumes: the same command finishes it.
     let out = push_ok(&region, &api_key, &file, "custom/x", "1");
     assert!(out.contains("committed"), "{out}");
+}
+
+#[tokio::test]
+async fn a_sync_running_when_its_window_closes_pauses_and_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start_with_config(&dir.path().join("region"), &region_config());
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let hhmm = |now: &jiff::Zoned, minutes: i64| {
+        let m = (now.hour() as i64 * 60 + now.minute() as i64 + minutes).rem_euclid(24 * 60);
+        format!("{:02}:{:02}", m / 60, m % 60)
+    };
+    let now = jiff::Zoned::now();
+    let closed = SyncPolicy {
+        policy: SyncPolicyKind::Window,
+        window_start: hhmm(&now, 120),
+        window_end: hhmm(&now, 180),
+        ..SyncPolicy::default()
+    };
+    let racks = start_racks(&region, &api_key, dir.path(), &["night"], &closed).await;
+    let size: u64 = 8 << 20;
+    let image = dir.path().join("img");
+    std::fs::write(&image, random_bytes(size as usize, 4)).unwrap();
+    let image_hash = file_hash(&image);
+    push_ok(&region, &api_key, &image, "custom/night", "1");
+    let id = rack_view(&region, &api_key, "night").await.id;
+
+    // A window of this minute only, and a cap that makes the sync take ~90 s: the window closes
+    // (at the next minute, 15-60 s away) with the sync half done. Start early in a minute.
+    let now = wait_for("the start of a minute", Duration::from_secs(70), || async {
+        let now = jiff::Zoned::now();
+        (now.second() < 45).then_some(now)
+    })
+    .await;
+    let short = SyncPolicy {
+        window_start: hhmm(&now, 0),
+        window_end: hhmm(&now, 1),
+        bandwidth_bytes_per_s: size / 90,
+        ..closed.clone()
+    };
+    set_policy(&region, &api_key, &id, &short).await;
+    let paused = wait_for("the sync to pause at the window's end", Duration::from_secs(120), || async {
+        let sync = rack_view(&region, &api_key, "night").await.sync?;
+        (sync.phase == SyncPhase::Paused).then_some(sync)
+    })
+    .await;
+    assert!(paused.message.contains("window closed"), "{paused:?}");
+    assert!(paused.bytes_done > 0 && paused.bytes_done < size, "paused half way: {paused:?}");
+    assert!(!snapshot_file(&racks[0], "custom/night", "1").exists(), "nothing half done is published");
+
+    // The next window (here: one around now, uncapped) finishes it, fetching only the rest.
+    let now = jiff::Zoned::now();
+    let open = SyncPolicy { window_start: hhmm(&now, -60), window_end: hhmm(&now, 60), ..closed };
+    set_policy(&region, &api_key, &id, &open).await;
+    let view = wait_synced(&region, &api_key, "night", &image_hash).await;
+    let last = view.sync.unwrap().last_sync.unwrap();
+    assert!(
+        last.bytes_fetched + paused.bytes_done <= size + (256 << 10),
+        "the resumed run fetched {} of {size} bytes after {} before the pause",
+        last.bytes_fetched,
+        paused.bytes_done
+    );
+    assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/night", "1")), image_hash);
 }

@@ -370,7 +370,7 @@ impl SyncRun<'_> {
                     // Whole this time: if a base was the trouble, the raw chunk does not need it.
                     missing.push(Wanted { bases: Vec::new(), ..wanted });
                 }
-                if !(self.may_continue)() {
+                if batch.paused || !(self.may_continue)() {
                     return Ok(false);
                 }
             }
@@ -397,7 +397,7 @@ impl SyncRun<'_> {
         let mut bases = BaseReader::default();
         let mut verified: Vec<(Hash, Vec<u8>)> = Vec::new();
         let mut verified_bytes = 0usize;
-        loop {
+        'stream: loop {
             while let Some((hash, payload)) =
                 decoder.next_frame().map_err(|e| SyncError::Protocol { reason: e.to_string() })?
             {
@@ -410,6 +410,12 @@ impl SyncRun<'_> {
                 out.received += (payload.len() + frame::HEADER_LEN) as u64;
                 if let Some(limiter) = self.limiter {
                     limiter.take(payload.len() as u64).await;
+                }
+                // The window may close in the middle of a batch (a capped one can take long):
+                // stop at this chunk; what is verified so far is written below and kept.
+                if !(self.may_continue)() {
+                    out.paused = true;
+                    break 'stream;
                 }
                 // A chunk whose delta does not decode, or decodes to other bytes, is damaged:
                 // it is never written anywhere.
@@ -436,6 +442,10 @@ impl SyncRun<'_> {
                 Some(piece) => decoder.push(&piece.map_err(|source| SyncError::Stream { source })?),
                 None => break,
             }
+        }
+        if out.paused {
+            write_verified(builds, places, verified).await?;
+            return Ok(out);
         }
         decoder.finish().map_err(|e| SyncError::Protocol { reason: e.to_string() })?;
         if let Some(missing) = expected.next() {
@@ -504,6 +514,8 @@ struct FetchedBatch {
     received: u64,
     sent: u64,
     damaged: Vec<Wanted>,
+    /// The window closed before the batch was done.
+    paused: bool,
 }
 
 /// One file being built as `.HASH.partial`, with a progress log `.HASH.progress` listing the
