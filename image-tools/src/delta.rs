@@ -35,6 +35,8 @@ pub const BASE_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// (`manifest::CHUNK_LEN_MAX`, 16 MiB), and what every zstd decoder accepts by default (2^27).
 const WINDOW_LOG_MAX: u32 = 27;
 const WINDOW_LOG_MIN: u32 = 10;
+/// Largest match table (2^24 entries, 64 MiB): bounds the sender's memory per delta.
+const HASH_LOG_MAX: u32 = 24;
 
 /// zstd level for deltas: level 1 already finds every long match against the bases (which is
 /// all a delta needs); higher levels cost the region CPU for a few bytes.
@@ -91,10 +93,8 @@ impl Want {
                 return Err(DeltaError::Truncated { want: wants.len() });
             }
             let hash = Hash(bytes[field::HASH].try_into().expect("32 bytes"));
-            let bases = bytes[field::BASES..len]
-                .chunks_exact(32)
-                .map(|b| Hash(b.try_into().expect("32 bytes")))
-                .collect();
+            let bases =
+                bytes[field::BASES..len].chunks_exact(32).map(|b| Hash(b.try_into().expect("32 bytes"))).collect();
             wants.push(Want { hash, bases });
             bytes = &bytes[len..];
         }
@@ -143,40 +143,72 @@ fn window_log(prefix_len: usize, data_len: usize) -> u32 {
     (64 - (total - 1).leading_zeros()).clamp(WINDOW_LOG_MIN, WINDOW_LOG_MAX)
 }
 
-/// Appends the payload for `data` to `out`: a delta against `prefix` (the bases concatenated)
-/// when that is smaller than the chunk, the chunk itself otherwise.
+/// `data` as a zstd delta against `prefix` (the bases concatenated), or None when that would
+/// not be smaller than `data` itself (or there is no prefix).
+pub fn encode_delta(data: &[u8], prefix: &[u8]) -> Result<Option<Vec<u8>>, DeltaError> {
+    if prefix.is_empty() {
+        return Ok(None);
+    }
+    let mut cctx = zstd::zstd_safe::CCtx::create();
+    let step = zstd_error("set up the compressor");
+    cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(DELTA_LEVEL)).map_err(step)?;
+    let window = window_log(prefix.len(), data.len());
+    cctx.set_parameter(zstd::zstd_safe::CParameter::WindowLog(window)).map_err(zstd_error("set the window"))?;
+    // Level 1's hash table keeps 2^14 positions: most of a 200 KiB prefix would be forgotten
+    // before the chunk is compressed, and its matches missed. One slot per prefix position
+    // (as `zstd --patch-from` sizes it) finds them all.
+    cctx.set_parameter(zstd::zstd_safe::CParameter::HashLog(window.min(HASH_LOG_MAX)))
+        .map_err(zstd_error("size the match table"))?;
+    // Checksums are the chunk hash's job; the frame content size lets the receiver check the
+    // length before it allocates.
+    cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false)).map_err(zstd_error("set flags"))?;
+    cctx.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true)).map_err(zstd_error("set flags"))?;
+    cctx.ref_prefix(prefix).map_err(zstd_error("reference the bases"))?;
+    // Only worth it when smaller than raw, so zstd gets exactly that much room and fails
+    // (incompressible against these bases) when it needs more.
+    let mut delta = Vec::with_capacity(data.len().saturating_sub(1));
+    Ok(cctx.compress2(&mut delta, data).is_ok().then_some(delta))
+}
+
+/// Appends the payload for `data` to `out`: a delta against `prefix` when that is smaller
+/// than the chunk, the chunk itself otherwise.
 pub fn encode_payload(data: &[u8], prefix: &[u8], out: &mut Vec<u8>) -> Result<PayloadTag, DeltaError> {
-    if !prefix.is_empty() {
-        let mut cctx = zstd::zstd_safe::CCtx::create();
-        let step = zstd_error("set up the compressor");
-        cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(DELTA_LEVEL)).map_err(step)?;
-        let step = zstd_error("set the window");
-        cctx.set_parameter(zstd::zstd_safe::CParameter::WindowLog(window_log(prefix.len(), data.len())))
-            .map_err(step)?;
-        // Checksums are the chunk hash's job; the frame content size lets the receiver check
-        // the length before it allocates.
-        cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false)).map_err(zstd_error("set flags"))?;
-        cctx.ref_prefix(prefix).map_err(zstd_error("reference the bases"))?;
-        // Only worth it when smaller than raw, so zstd gets exactly that much room and fails
-        // (incompressible against these bases) when it needs more.
-        let mut delta = Vec::with_capacity(data.len().saturating_sub(1));
-        if cctx.compress2(&mut delta, data).is_ok() {
+    match encode_delta(data, prefix)? {
+        Some(delta) => {
             out.push(PayloadTag::Delta as u8);
             out.extend_from_slice(&delta);
-            return Ok(PayloadTag::Delta);
+            Ok(PayloadTag::Delta)
+        }
+        None => {
+            out.push(PayloadTag::Raw as u8);
+            out.extend_from_slice(data);
+            Ok(PayloadTag::Raw)
         }
     }
-    out.push(PayloadTag::Raw as u8);
-    out.extend_from_slice(data);
-    Ok(PayloadTag::Raw)
+}
+
+/// A decoded chunk: the payload's own buffer past its tag for raw payloads (no copy), a new
+/// buffer for deltas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    buffer: Vec<u8>,
+    start: usize,
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.buffer[self.start..]
+    }
 }
 
 /// Decodes a payload into the chunk of `expected_len` bytes, using `prefix` (the want's bases
 /// concatenated) for a delta. The caller still checks the chunk's hash.
-pub fn decode_payload(payload: &[u8], prefix: &[u8], expected_len: usize) -> Result<Vec<u8>, DeltaError> {
+pub fn decode_payload(payload: Vec<u8>, prefix: &[u8], expected_len: usize) -> Result<Chunk, DeltaError> {
     let (&tag, body) = payload.split_first().ok_or(DeltaError::EmptyPayload)?;
-    let data = if tag == PayloadTag::Raw as u8 {
-        body.to_vec()
+    let chunk = if tag == PayloadTag::Raw as u8 {
+        Chunk { buffer: payload, start: 1 }
     } else if tag == PayloadTag::Delta as u8 {
         let mut dctx = zstd::zstd_safe::DCtx::create();
         dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(WINDOW_LOG_MAX))
@@ -191,14 +223,14 @@ pub fn decode_payload(payload: &[u8], prefix: &[u8], expected_len: usize) -> Res
         let mut data = vec![0u8; expected_len];
         let n = dctx.decompress(&mut data[..], body).map_err(zstd_error("decode the delta"))?;
         data.truncate(n);
-        data
+        Chunk { buffer: data, start: 0 }
     } else {
         return Err(DeltaError::UnknownTag { tag });
     };
-    if data.len() != expected_len {
-        return Err(DeltaError::WrongLength { got: data.len() as u64, expected: expected_len });
+    if chunk.len() != expected_len {
+        return Err(DeltaError::WrongLength { got: chunk.len() as u64, expected: expected_len });
     }
-    Ok(data)
+    Ok(chunk)
 }
 
 #[cfg(test)]
@@ -226,7 +258,19 @@ mod tests {
         let mut payload = Vec::new();
         assert_eq!(encode_payload(&new, &old, &mut payload).unwrap(), PayloadTag::Delta);
         assert!(payload.len() < 4096 + 200, "delta of a 4 KiB change is {} bytes", payload.len());
-        assert_eq!(decode_payload(&payload, &old, new.len()).unwrap(), new);
+        assert_eq!(decode_payload(payload.clone(), &old, new.len()).unwrap().to_vec(), new);
+    }
+
+    #[test]
+    fn matches_are_found_across_a_whole_large_base() {
+        // A manifest-sized base (1 MB): the delta of a small insertion stays small only if the
+        // match table covers the whole base, not just its last positions.
+        let old = noise(11, 1_000_000);
+        let new = [&old[..100_000], &noise(12, 500)[..], &old[100_036..]].concat();
+        let mut payload = Vec::new();
+        assert_eq!(encode_payload(&new, &old, &mut payload).unwrap(), PayloadTag::Delta);
+        assert!(payload.len() < 2000, "delta of a 500-byte insertion into 1 MB is {} bytes", payload.len());
+        assert_eq!(decode_payload(payload, &old, new.len()).unwrap().to_vec(), new);
     }
 
     #[test]
@@ -239,7 +283,7 @@ mod tests {
         let mut payload = Vec::new();
         assert_eq!(encode_payload(&new, &prefix, &mut payload).unwrap(), PayloadTag::Delta);
         assert!(payload.len() < 1000 + 200);
-        assert_eq!(decode_payload(&payload, &prefix, new.len()).unwrap(), new);
+        assert_eq!(decode_payload(payload.clone(), &prefix, new.len()).unwrap().to_vec(), new);
     }
 
     #[test]
@@ -248,7 +292,7 @@ mod tests {
         let mut payload = Vec::new();
         assert_eq!(encode_payload(&data, &noise(7, 10_000), &mut payload).unwrap(), PayloadTag::Raw);
         assert_eq!(payload.len(), data.len() + 1);
-        assert_eq!(decode_payload(&payload, &[], data.len()).unwrap(), data);
+        assert_eq!(decode_payload(payload.clone(), &[], data.len()).unwrap().to_vec(), data);
         let mut payload = Vec::new();
         assert_eq!(encode_payload(&data, &[], &mut payload).unwrap(), PayloadTag::Raw);
     }
@@ -261,18 +305,18 @@ mod tests {
         let mut payload = Vec::new();
         encode_payload(&new, &old, &mut payload).unwrap();
         // A wrong prefix of the same length decodes to other bytes (the hash check catches it).
-        if let Ok(data) = decode_payload(&payload, &noise(9, 50_000), new.len()) {
-            assert_ne!(data, new);
+        if let Ok(data) = decode_payload(payload.clone(), &noise(9, 50_000), new.len()) {
+            assert_ne!(data.to_vec(), new);
         }
         assert_eq!(
-            decode_payload(&payload, &old, new.len() - 1),
+            decode_payload(payload.clone(), &old, new.len() - 1),
             Err(DeltaError::WrongLength { got: new.len() as u64, expected: new.len() - 1 })
         );
-        assert!(matches!(decode_payload(&payload, &old, new.len() + 1), Err(DeltaError::WrongLength { .. })));
+        assert!(matches!(decode_payload(payload.clone(), &old, new.len() + 1), Err(DeltaError::WrongLength { .. })));
         // A raw payload of the wrong length too.
-        assert!(matches!(decode_payload(&[0, 1, 2], &old, 3), Err(DeltaError::WrongLength { got: 2, expected: 3 })));
-        assert_eq!(decode_payload(&[], &old, 1), Err(DeltaError::EmptyPayload));
-        assert_eq!(decode_payload(&[7, 1, 2], &old, 2), Err(DeltaError::UnknownTag { tag: 7 }));
+        assert!(matches!(decode_payload(vec![0, 1, 2], &old, 3), Err(DeltaError::WrongLength { got: 2, expected: 3 })));
+        assert_eq!(decode_payload(Vec::new(), &old, 1), Err(DeltaError::EmptyPayload));
+        assert_eq!(decode_payload(vec![7, 1, 2], &old, 2), Err(DeltaError::UnknownTag { tag: 7 }));
     }
 
     #[test]
@@ -307,7 +351,7 @@ mod tests {
         #[test]
         fn any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = Want::parse_all(&bytes, 8);
-            let _ = decode_payload(&bytes, &bytes, 300);
+            let _ = decode_payload(bytes.clone(), &bytes, 300);
         }
 
         #[test]
@@ -319,7 +363,7 @@ mod tests {
             let mut payload = Vec::new();
             encode_payload(&new, &prefix, &mut payload).unwrap();
             prop_assert!(payload.len() <= new.len() + 1);
-            prop_assert_eq!(decode_payload(&payload, &prefix, new.len()).unwrap(), new);
+            prop_assert_eq!(decode_payload(payload.clone(), &prefix, new.len()).unwrap().to_vec(), new);
         }
     }
 }

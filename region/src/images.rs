@@ -20,7 +20,7 @@ use metalrack_api::images::{
     MANIFEST_DELTA_TYPE,
 };
 use metalrack_image_tools::delta;
-use metalrack_image_tools::frame::{self, encode_frame, FrameDecoder};
+use metalrack_image_tools::frame::{self, FrameDecoder};
 use metalrack_image_tools::manifest::{Manifest, CHUNK_LEN_MAX};
 use metalrack_image_tools::store::{ChunkStore, StoreError as ChunkStoreError};
 use metalrack_image_tools::Hash;
@@ -711,7 +711,13 @@ impl Catalogue {
     /// The frame answering one want: the chunk as a delta against the want's bases when the
     /// region has them all and that is smaller, raw otherwise. `prefix` is scratch space.
     fn chunk_payload(&self, want: &delta::Want, prefix: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
-        let data = std::fs::read(self.chunks.path(&want.hash))?;
+        use std::io::Read;
+        // The frame is built in place: header, raw tag, then the chunk read straight after them,
+        // so a raw chunk (every chunk of a first sync) costs no copy beyond the read.
+        let data_start = frame::HEADER_LEN + 1;
+        let mut frame = vec![0u8; data_start];
+        frame[frame::HEADER_LEN] = delta::PayloadTag::Raw as u8;
+        std::fs::File::open(self.chunks.path(&want.hash))?.read_to_end(&mut frame)?;
         prefix.clear();
         for base in &want.bases {
             // A base the region no longer has (its version was deleted) or bases over the limit:
@@ -726,17 +732,22 @@ impl Catalogue {
             }
             prefix.extend_from_slice(&base_data);
         }
-        let mut payload = Vec::with_capacity(data.len() + 1);
-        delta::encode_payload(&data, prefix, &mut payload).map_err(std::io::Error::other)?;
+        if let Some(delta) = delta::encode_delta(&frame[data_start..], prefix).map_err(std::io::Error::other)? {
+            frame.truncate(frame::HEADER_LEN);
+            frame.push(delta::PayloadTag::Delta as u8);
+            frame.extend_from_slice(&delta);
+        }
         if self.take_corruption() {
             // Damage the last byte: inside the chunk for raw payloads, inside the zstd frame for
             // deltas; either way the rack's hash check must catch it.
-            if let Some(last) = payload.last_mut() {
+            if let Some(last) = frame.last_mut() {
                 *last ^= 0xff;
             }
         }
-        let mut frame = Vec::with_capacity(payload.len() + frame::HEADER_LEN);
-        encode_frame(&want.hash, &payload, &mut frame);
+        let payload_len = u32::try_from(frame.len() - frame::HEADER_LEN).map_err(std::io::Error::other)?;
+        let mut header = frame::FrameHeader::new_unchecked(&mut frame[..frame::HEADER_LEN]);
+        header.set_hash(&want.hash);
+        header.set_data_len(payload_len);
         Ok(frame)
     }
 }

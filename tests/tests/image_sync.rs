@@ -116,7 +116,7 @@ async fn two_racks_sync_identical_snapshots_and_a_delta_moves_only_new_chunks() 
         // ...and they cross it as a delta against the v1 chunks at the same place, with the
         // manifest as a delta against v1's: about the 4 KiB that changed, not whole chunks.
         assert!(
-            last.bytes_received < 12 << 10 && last.bytes_received * 4 < delta.bytes_to_move,
+            last.bytes_received < 6 << 10 && last.bytes_received * 4 < delta.bytes_to_move,
             "{}: {} bytes received for {} bytes of new chunks",
             rack.name,
             last.bytes_received,

@@ -245,8 +245,9 @@ impl SyncRun<'_> {
                         .and_then(|n| n.checked_mul(manifest::ENTRY_LEN))
                         .and_then(|n| n.checked_add(manifest::HEADER_LEN))
                         .ok_or_else(|| invalid("the catalogue's chunk count is out of range".into()))?;
-                    delta::decode_payload(&received, base_bytes.as_deref().unwrap_or_default(), len)
+                    delta::decode_payload(received, base_bytes.as_deref().unwrap_or_default(), len)
                         .map_err(|e| invalid(format!("its delta does not decode: {e}")))?
+                        .to_vec()
                 } else {
                     received
                 };
@@ -395,7 +396,7 @@ impl SyncRun<'_> {
         let mut decoder = FrameDecoder::new(CHUNK_LEN_MAX + 1);
         let mut expected = batch.into_iter();
         let mut bases = BaseReader::default();
-        let mut verified: Vec<(Hash, Vec<u8>)> = Vec::new();
+        let mut verified: Vec<(Hash, delta::Chunk)> = Vec::new();
         let mut verified_bytes = 0usize;
         'stream: loop {
             while let Some((hash, payload)) =
@@ -407,9 +408,10 @@ impl SyncRun<'_> {
                 if hash != wanted.hash {
                     return Err(SyncError::Protocol { reason: format!("got chunk {hash}, expected {}", wanted.hash) });
                 }
-                out.received += (payload.len() + frame::HEADER_LEN) as u64;
+                let payload_len = payload.len() as u64;
+                out.received += payload_len + frame::HEADER_LEN as u64;
                 if let Some(limiter) = self.limiter {
-                    limiter.take(payload.len() as u64).await;
+                    limiter.take(payload_len).await;
                 }
                 // The window may close in the middle of a batch (a capped one can take long):
                 // stop at this chunk; what is verified so far is written below and kept.
@@ -421,7 +423,7 @@ impl SyncRun<'_> {
                 // it is never written anywhere.
                 let data = bases
                     .prefix(&wanted.bases)
-                    .and_then(|prefix| delta::decode_payload(&payload, prefix, wanted.len as usize).ok());
+                    .and_then(|prefix| delta::decode_payload(payload, prefix, wanted.len as usize).ok());
                 match data {
                     Some(data) if Hash::of(&data) == hash => {
                         out.stored += 1;
@@ -484,7 +486,7 @@ impl BaseReader {
 async fn write_verified(
     builds: &[Arc<Build>],
     places: &Arc<Places>,
-    verified: Vec<(Hash, Vec<u8>)>,
+    verified: Vec<(Hash, delta::Chunk)>,
 ) -> Result<(), SyncError> {
     if verified.is_empty() {
         return Ok(());

@@ -16,7 +16,7 @@ fuzz_target!(|input: &[u8]| {
     }
     let Some((&split, rest)) = input.split_first() else { return };
     let (prefix, payload) = rest.split_at(usize::from(split).min(rest.len()));
-    if let Ok(data) = decode_payload(payload, prefix, 512) {
+    if let Ok(data) = decode_payload(payload.to_vec(), prefix, 512) {
         assert_eq!(data.len(), 512);
     }
 });
