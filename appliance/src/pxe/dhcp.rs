@@ -1,18 +1,24 @@
-//! DHCP for PXE (dhcproto): managed mode (leases from a range, persisted, reservations) or
-//! proxy mode (PXE options only, beside another DHCP server). Picks the loader by firmware
-//! (option 93), sends iPXE (option 77) its per-MAC script URL. Malformed packets are dropped
-//! and counted; each client is rate-limited.
+//! DHCP for PXE (dhcproto): managed mode (leases from a range, reservations, persisted by
+//! [`lease_journal`]) or proxy mode (PXE options only, beside another DHCP server). Picks the
+//! loader by firmware (option 93), sends iPXE (option 77) its per-MAC script URL. Malformed
+//! packets are dropped and counted; each client is rate-limited. An ACK goes out only once its
+//! lease is on disk; the receive loop does not wait for that, it answers other clients meanwhile.
+
+pub mod lease_journal;
+mod leases;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
-use serde::{Deserialize, Serialize};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::net::UdpSocket;
+
+pub use lease_journal::{Durable, LeaseJournal, Record};
+pub use leases::{Lease, Leases};
 
 use super::metrics::Metrics;
 use super::{Pxe, LOADER_CHAIN_WINDOW};
@@ -21,11 +27,8 @@ use crate::config::{DhcpConfig, DhcpMode, PxeConfig};
 /// Largest DHCP packet read; anything longer is truncated by the kernel and dropped as malformed.
 const PACKET_LEN_MAX: usize = 1500;
 
-/// An address offered but not requested is held for this long before it can go to another client.
-const OFFER_HOLD: Duration = Duration::from_secs(60);
-
-/// A declined address (in use by someone else) is not offered again for this long.
-const DECLINE_HOLD: Duration = Duration::from_secs(600);
+/// How long to wait before trying again to open a lease store that could not be opened.
+const LEASE_STORE_RETRY: Duration = Duration::from_secs(10);
 
 /// What a client firmware is, from options 93, 60 and 77.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,143 +93,6 @@ pub fn boot_file(client: &Client, base_url: &str, loader_just_sent: bool) -> Opt
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Lease {
-    pub mac: String,
-    pub address: Ipv4Addr,
-    pub expires_at_ms: i64,
-    /// False while only offered.
-    pub bound: bool,
-}
-
-/// Leases of managed mode, persisted to `DATA/dhcp-leases.json` on every change.
-#[derive(Debug)]
-pub struct Leases {
-    config: DhcpConfig,
-    server: Ipv4Addr,
-    path: Option<PathBuf>,
-    by_mac: HashMap<String, Lease>,
-    offered_at: HashMap<String, Instant>,
-    declined: HashMap<Ipv4Addr, Instant>,
-}
-
-impl Leases {
-    pub fn load(config: &DhcpConfig, server: Ipv4Addr, path: Option<PathBuf>) -> Leases {
-        let now = crate::status::now_ms();
-        let by_mac: HashMap<String, Lease> = path
-            .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|bytes| serde_json::from_slice::<Vec<Lease>>(&bytes).ok())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|l| l.bound && l.expires_at_ms > now)
-            .map(|l| (l.mac.clone(), l))
-            .collect();
-        Leases { config: config.clone(), server, path, by_mac, offered_at: HashMap::new(), declined: HashMap::new() }
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_mac.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_mac.is_empty()
-    }
-
-    pub fn get(&self, mac: &str) -> Option<&Lease> {
-        self.by_mac.get(mac)
-    }
-
-    fn save(&self) {
-        if let Some(path) = &self.path {
-            let leases: Vec<&Lease> = self.by_mac.values().filter(|l| l.bound).collect();
-            let json = serde_json::to_vec_pretty(&leases).expect("leases serialize");
-            if let Err(e) = metalrack_api::private_file::write_private_file(path, &json) {
-                tracing::warn!(error = %e, "cannot save DHCP leases");
-            }
-        }
-    }
-
-    fn in_use(&self, address: Ipv4Addr, mac: &str, now_ms: i64) -> bool {
-        address == self.server
-            || Some(address) == self.config.router
-            || self.config.reservations.iter().any(|r| r.address == address && !r.mac.eq_ignore_ascii_case(mac))
-            || self.declined.get(&address).is_some_and(|t| t.elapsed() < DECLINE_HOLD)
-            || self.by_mac.values().any(|l| {
-                l.address == address
-                    && l.mac != mac
-                    && (if l.bound {
-                        l.expires_at_ms > now_ms
-                    } else {
-                        self.offered_at.get(&l.mac).is_some_and(|t| t.elapsed() < OFFER_HOLD)
-                    })
-            })
-    }
-
-    /// The address to offer `mac`: its reservation, its lease, the one it asks for, or the
-    /// first free one in the range. `None` when the pool or the lease table is full.
-    pub fn offer(&mut self, mac: &str, requested: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
-        let now = crate::status::now_ms();
-        let address = if let Some(r) = self.config.reservations.iter().find(|r| r.mac.eq_ignore_ascii_case(mac)) {
-            r.address
-        } else if let Some(lease) = self.by_mac.get(mac).filter(|l| !self.in_use(l.address, mac, now)) {
-            lease.address
-        } else {
-            let (start, end) = (u32::from(self.config.range_start?), u32::from(self.config.range_end?));
-            let wanted = requested.filter(|a| (start..=end).contains(&u32::from(*a)) && !self.in_use(*a, mac, now));
-            match wanted {
-                Some(a) => a,
-                None => (start..=end).map(Ipv4Addr::from).find(|a| !self.in_use(*a, mac, now))?,
-            }
-        };
-        if !self.by_mac.contains_key(mac) && self.by_mac.len() >= self.config.leases_max {
-            self.by_mac.retain(|_, l| l.bound && l.expires_at_ms > now);
-            if self.by_mac.len() >= self.config.leases_max {
-                return None;
-            }
-        }
-        let lease = self.by_mac.entry(mac.to_owned()).or_insert(Lease {
-            mac: mac.to_owned(),
-            address,
-            expires_at_ms: 0,
-            bound: false,
-        });
-        lease.address = address;
-        self.offered_at.insert(mac.to_owned(), Instant::now());
-        Some(address)
-    }
-
-    /// Binds `address` to `mac` if it is the one this server would give it.
-    pub fn bind(&mut self, mac: &str, address: Ipv4Addr) -> bool {
-        let now = crate::status::now_ms();
-        let expected = match self.by_mac.get(mac) {
-            Some(lease) => lease.address == address,
-            // INIT-REBOOT after a rack restart lost an offer: accept a free address in range.
-            None => self.offer(mac, Some(address)) == Some(address),
-        };
-        if !expected || self.in_use(address, mac, now) {
-            return false;
-        }
-        let lease = self.by_mac.get_mut(mac).expect("offered above");
-        lease.bound = true;
-        lease.expires_at_ms = now + i64::from(self.config.lease_time_s) * 1000;
-        self.save();
-        true
-    }
-
-    pub fn release(&mut self, mac: &str) {
-        if self.by_mac.remove(mac).is_some() {
-            self.save();
-        }
-    }
-
-    pub fn decline(&mut self, mac: &str, address: Ipv4Addr) {
-        self.declined.insert(address, Instant::now());
-        self.by_mac.remove(mac);
-        self.save();
-    }
-}
-
 /// Per-client token buckets; the table is bounded by pruning idle clients.
 #[derive(Debug, Default)]
 struct RateLimits {
@@ -261,24 +127,38 @@ pub struct DhcpServer {
     pub server: Ipv4Addr,
     pub base_url: String,
     pub leases: Leases,
+    /// Where lease changes go in managed mode; `None` keeps them in memory only (tests, fuzzing).
+    journal: Option<LeaseJournal>,
     config: DhcpConfig,
     limits: RateLimits,
 }
 
 /// What to do with a request: a reply and where to send it, or a reason to drop it.
 #[derive(Debug)]
+// One per packet, moved once or twice: boxing the reply would cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
-    Reply { message: Message, to: SocketAddr, kind: &'static str, client: Client },
+    /// `durable`: send the reply only once this resolves `Ok` (an ACK whose lease is being saved).
+    Reply {
+        message: Message,
+        to: SocketAddr,
+        kind: &'static str,
+        client: Client,
+        durable: Option<Durable>,
+    },
     Drop(&'static str),
 }
 
 impl DhcpServer {
-    pub fn new(config: &PxeConfig, leases_path: Option<PathBuf>) -> DhcpServer {
+    /// A server whose leases start from, and are saved to, `journal` (or memory only).
+    pub fn new(config: &PxeConfig, mut journal: Option<LeaseJournal>) -> DhcpServer {
+        let loaded = journal.as_mut().map(LeaseJournal::take_loaded).unwrap_or_default();
         DhcpServer {
             mode: config.dhcp.mode,
             server: config.address,
             base_url: format!("http://{}:{}", config.address, config.http_listen.port()),
-            leases: Leases::load(&config.dhcp, config.address, leases_path),
+            leases: Leases::new(&config.dhcp, config.address, loaded, crate::status::now_ms()),
+            journal,
             config: config.dhcp.clone(),
             limits: RateLimits::default(),
         }
@@ -328,20 +208,34 @@ impl DhcpServer {
             }
             (DhcpMode::Managed, MessageType::Request) => {
                 let address = requested.unwrap_or(request.ciaddr());
-                if self.leases.bind(&client.mac, address) {
-                    let just_sent = loader_just_sent(address);
-                    self.reply(request, client, MessageType::Ack, address, just_sent, "ack")
-                } else {
-                    self.nak(request, client)
+                let Some(lease) = self.leases.bind(&client.mac, address) else { return self.nak(request, client) };
+                // The lease stays bound in memory either way: if it cannot be queued the client
+                // gets no ACK, retries, and its retry is queued.
+                let durable = match &self.journal {
+                    Some(journal) => match journal.append_durable(Record::bind(&lease)) {
+                        Ok(durable) => Some(durable),
+                        Err(_) => return Outcome::Drop("lease journal busy"),
+                    },
+                    None => None,
+                };
+                let just_sent = loader_just_sent(address);
+                let mut outcome = self.reply(request, client, MessageType::Ack, address, just_sent, "ack");
+                if let Outcome::Reply { durable: gate, .. } = &mut outcome {
+                    *gate = durable;
                 }
+                outcome
             }
             (DhcpMode::Managed, MessageType::Release) => {
-                self.leases.release(&client.mac);
+                if let Some(lease) = self.leases.release(&client.mac).filter(|l| l.bound) {
+                    self.journal_forget(Record::Release { mac: lease.mac, address: lease.address });
+                }
                 Outcome::Drop("released")
             }
             (DhcpMode::Managed, MessageType::Decline) => {
                 if let Some(address) = requested {
-                    self.leases.decline(&client.mac, address);
+                    if let Some(lease) = self.leases.decline(&client.mac, address).filter(|l| l.bound) {
+                        self.journal_forget(Record::Decline { mac: lease.mac, address });
+                    }
                 }
                 Outcome::Drop("declined")
             }
@@ -358,6 +252,16 @@ impl DhcpServer {
                 self.reply(request, client, MessageType::Ack, Ipv4Addr::UNSPECIFIED, just_sent, "proxy-ack")
             }
             _ => Outcome::Drop("not for this server"),
+        }
+    }
+
+    /// Queues a change nobody waits for. Losing it is harmless: the lease comes back from disk
+    /// after a restart and only holds its address until it ends.
+    fn journal_forget(&self, record: Record) {
+        if let Some(journal) = &self.journal {
+            if journal.append(record).is_err() {
+                tracing::debug!("DHCP lease journal busy; a release or decline is not saved");
+            }
         }
     }
 
@@ -404,7 +308,7 @@ impl DhcpServer {
             opts.insert(DhcpOption::ClassIdentifier(class.to_vec()));
         }
         let to = reply_destination(request, kind);
-        Outcome::Reply { message: reply, to, kind: label, client }
+        Outcome::Reply { message: reply, to, kind: label, client, durable: None }
     }
 
     fn nak(&self, request: &Message, client: Client) -> Outcome {
@@ -419,7 +323,13 @@ impl DhcpServer {
         reply.set_opcode(Opcode::BootReply).set_flags(Flags::default().set_broadcast());
         reply.opts_mut().insert(DhcpOption::MessageType(MessageType::Nak));
         reply.opts_mut().insert(DhcpOption::ServerIdentifier(self.server));
-        Outcome::Reply { message: reply, to: SocketAddr::from((Ipv4Addr::BROADCAST, 68)), kind: "nak", client }
+        Outcome::Reply {
+            message: reply,
+            to: SocketAddr::from((Ipv4Addr::BROADCAST, 68)),
+            kind: "nak",
+            client,
+            durable: None,
+        }
     }
 }
 
@@ -463,69 +373,116 @@ pub fn bind(config: &PxeConfig) -> Result<Vec<(UdpSocket, u16)>, super::PxeError
     Ok(sockets)
 }
 
+/// Opens the lease store (managed mode) and builds the server. Retries while the store cannot be
+/// opened: answering without saving leases could give an address twice after a restart.
+async fn open_server(pxe: &Arc<Pxe>) -> DhcpServer {
+    if pxe.config.dhcp.mode != DhcpMode::Managed {
+        return DhcpServer::new(&pxe.config, None);
+    }
+    loop {
+        let dir = pxe.data_dir.clone();
+        match tokio::task::spawn_blocking(move || LeaseJournal::open(&dir)).await {
+            Ok(Ok(journal)) => return DhcpServer::new(&pxe.config, Some(journal)),
+            Ok(Err(e)) => tracing::error!(
+                error = %metalrack_api::error_chain(&e),
+                retry_s = LEASE_STORE_RETRY.as_secs(),
+                "DHCP not serving: cannot open the lease store"
+            ),
+            Err(e) => tracing::error!(error = %e, "DHCP not serving: opening the lease store failed"),
+        }
+        tokio::time::sleep(LEASE_STORE_RETRY).await;
+    }
+}
+
+/// A reply ready to go, and the client it is for.
+struct PendingReply {
+    message: Message,
+    to: SocketAddr,
+    kind: &'static str,
+    client: Client,
+}
+
 /// Serves one DHCP socket forever.
 pub async fn serve((socket, port): (UdpSocket, u16), pxe: Arc<Pxe>) {
-    let leases_path = (pxe.config.dhcp.mode == DhcpMode::Managed).then(|| pxe.data_dir.join("dhcp-leases.json"));
-    let mut server = DhcpServer::new(&pxe.config, leases_path);
+    let mut server = open_server(&pxe).await;
     pxe.metrics.dhcp_leases.set(server.leases.len() as i64);
     let mut buf = vec![0u8; PACKET_LEN_MAX];
+    // ACKs waiting for their lease to be durable. Bounded by the journal: each holds a queued
+    // change, and a full queue refuses the change (and so the ACK) instead of waiting.
+    let mut waiting = FuturesUnordered::new();
     loop {
-        let (n, _peer) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(e) => {
-                tracing::warn!(error = %e, "DHCP receive failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let outcome = match decode(&buf[..n]) {
-            None => Outcome::Drop("malformed"),
-            Some(request) => {
-                if let Some(kind) = request.opts().msg_type() {
-                    Metrics::count(&pxe.metrics.dhcp_packets, &format!("{kind:?}").to_lowercase());
+        tokio::select! {
+            // Replies whose lease is now durable go first: they are the oldest work.
+            biased;
+            Some((durable, reply)) = waiting.next(), if !waiting.is_empty() => match durable {
+                Ok(()) => send_reply(&socket, &pxe, reply).await,
+                // The writer logged why; the client retries its REQUEST.
+                Err(lease_journal::NotDurable) => Metrics::count(&pxe.metrics.dhcp_dropped, "lease not durable"),
+            },
+            received = socket.recv_from(&mut buf) => {
+                let (n, _peer) = match received {
+                    Ok(received) => received,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "DHCP receive failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                match handle_packet(&mut server, &pxe, &buf[..n], port) {
+                    Outcome::Drop(reason) => {
+                        if matches!(
+                            reason,
+                            "malformed"
+                                | "not a request"
+                                | "no message type"
+                                | "rate limited"
+                                | "address pool or lease table full"
+                                | "lease journal busy"
+                        ) {
+                            Metrics::count(&pxe.metrics.dhcp_dropped, reason);
+                            tracing::debug!(reason, "DHCP packet dropped");
+                        }
+                    }
+                    Outcome::Reply { message, to, kind, client, durable } => {
+                        let reply = PendingReply { message, to, kind, client };
+                        match durable {
+                            Some(durable) => waiting.push(async move { (durable.await, reply) }),
+                            None => send_reply(&socket, &pxe, reply).await,
+                        }
+                    }
                 }
-                let sent = pxe.loader_sent.lock().expect("lock");
-                server.handle_message(&request, port, |address| {
-                    sent.get(&address).is_some_and(|t| t.elapsed() < LOADER_CHAIN_WINDOW)
-                })
-            }
-        };
-        match outcome {
-            Outcome::Drop(reason) => {
-                if matches!(
-                    reason,
-                    "malformed"
-                        | "not a request"
-                        | "no message type"
-                        | "rate limited"
-                        | "address pool or lease table full"
-                ) {
-                    Metrics::count(&pxe.metrics.dhcp_dropped, reason);
-                    tracing::debug!(reason, "DHCP packet dropped");
-                }
-            }
-            Outcome::Reply { message, to, kind, client } => {
-                let mut bytes = Vec::with_capacity(600);
-                if message.encode(&mut Encoder::new(&mut bytes)).is_err() {
-                    continue;
-                }
-                if let Err(e) = socket.send_to(&bytes, to).await {
-                    tracing::warn!(error = %e, %to, "DHCP send failed");
-                    continue;
-                }
-                if !message.yiaddr().is_unspecified() {
-                    pxe.macs_by_address.lock().expect("lock").insert(message.yiaddr(), client.mac.clone());
-                }
-                let file = message.fname_str().and_then(Result::ok).unwrap_or_default().to_owned();
-                pxe.record(
-                    &client.mac,
-                    "boot.dhcp",
-                    format!("DHCP {kind}: {} {file} ({:?})", message.yiaddr(), client.firmware),
-                );
+                pxe.metrics.dhcp_leases.set(server.leases.len() as i64);
             }
         }
-        pxe.metrics.dhcp_leases.set(server.leases.len() as i64);
     }
+}
+
+/// Decodes once, for the metrics and for the handling.
+fn handle_packet(server: &mut DhcpServer, pxe: &Pxe, bytes: &[u8], port: u16) -> Outcome {
+    let Some(request) = decode(bytes) else { return Outcome::Drop("malformed") };
+    if let Some(kind) = request.opts().msg_type() {
+        Metrics::count(&pxe.metrics.dhcp_packets, &format!("{kind:?}").to_lowercase());
+    }
+    let sent = pxe.loader_sent.lock().expect("lock");
+    server
+        .handle_message(&request, port, |address| sent.get(&address).is_some_and(|t| t.elapsed() < LOADER_CHAIN_WINDOW))
+}
+
+async fn send_reply(socket: &UdpSocket, pxe: &Pxe, reply: PendingReply) {
+    let PendingReply { message, to, kind, client } = reply;
+    let mut bytes = Vec::with_capacity(600);
+    if message.encode(&mut Encoder::new(&mut bytes)).is_err() {
+        return;
+    }
+    if let Err(e) = socket.send_to(&bytes, to).await {
+        tracing::warn!(error = %e, %to, "DHCP send failed");
+        return;
+    }
+    if !message.yiaddr().is_unspecified() {
+        pxe.macs_by_address.lock().expect("lock").insert(message.yiaddr(), client.mac.clone());
+    }
+    let file = message.fname_str().and_then(Result::ok).unwrap_or_default().to_owned();
+    pxe.record(&client.mac, "boot.dhcp", format!("DHCP {kind}: {} {file} ({:?})", message.yiaddr(), client.firmware));
 }
 
 #[cfg(test)]
@@ -640,17 +597,89 @@ mod tests {
     #[test]
     fn leases_persist_across_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("leases.json");
         let mac = [2, 0, 0, 0, 2, 1];
         {
-            let mut server = DhcpServer::new(&config(), Some(path.clone()));
+            let mut server = DhcpServer::new(&config(), Some(LeaseJournal::open(dir.path()).unwrap()));
             let offer = reply(server.handle(&packet(mac, MessageType::Discover, Some(0), false, None), 67, |_| false));
             reply(
                 server.handle(&packet(mac, MessageType::Request, Some(0), false, Some(offer.yiaddr())), 67, |_| false),
             );
         }
-        let server = DhcpServer::new(&config(), Some(path));
+        let server = DhcpServer::new(&config(), Some(LeaseJournal::open(dir.path()).unwrap()));
         assert_eq!(server.leases.get("02:00:00:00:02:01").unwrap().address, Ipv4Addr::new(10, 99, 0, 100));
+    }
+
+    fn wide_config() -> PxeConfig {
+        let mut config = config();
+        config.dhcp.range_end = Some(Ipv4Addr::new(10, 99, 0, 250));
+        config
+    }
+
+    /// DISCOVER then REQUEST; returns the ACK and its durability ticket.
+    fn bind_client(server: &mut DhcpServer, mac: [u8; 6]) -> (Message, Option<Durable>) {
+        let offer = reply(server.handle(&packet(mac, MessageType::Discover, Some(0), false, None), 67, |_| false));
+        match server.handle(&packet(mac, MessageType::Request, Some(0), false, Some(offer.yiaddr())), 67, |_| false) {
+            Outcome::Reply { message, durable, .. } => (message, durable),
+            Outcome::Drop(reason) => panic!("dropped: {reason}"),
+        }
+    }
+
+    #[test]
+    fn ack_is_released_only_once_its_lease_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = DhcpServer::new(&wide_config(), Some(LeaseJournal::open(dir.path()).unwrap()));
+        let stall = server.journal.as_ref().unwrap().stall();
+        let stalled = stall.lock().unwrap();
+        let (ack, durable) = bind_client(&mut server, [2, 0, 0, 0, 5, 1]);
+        assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+        let mut durable = durable.expect("a managed ACK waits for its lease");
+        // The disk is stalled: the ACK is held, and other clients are answered meanwhile.
+        let offer =
+            reply(
+                server.handle(&packet([2, 0, 0, 0, 5, 2], MessageType::Discover, Some(0), false, None), 67, |_| false),
+            );
+        assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+        assert!(matches!(
+            server.handle(&packet([2, 0, 0, 0, 5, 2], MessageType::Discover, Some(0), false, None), 67, |_| false),
+            Outcome::Reply { durable: None, .. }
+        ));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(durable.try_result(), None);
+        drop(stalled);
+        assert_eq!(durable.wait_blocking(), Ok(()));
+        // A crash right after the ACK: what is on disk already has the lease.
+        let restarted = DhcpServer::new(&wide_config(), Some(LeaseJournal::open(dir.path()).unwrap()));
+        assert_eq!(restarted.leases.get("02:00:00:00:05:01").unwrap().address, ack.yiaddr());
+    }
+
+    #[test]
+    fn restart_after_many_binds_reloads_every_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bound = Vec::new();
+        {
+            let mut server = DhcpServer::new(&wide_config(), Some(LeaseJournal::open(dir.path()).unwrap()));
+            for i in 0..120u8 {
+                let (ack, durable) = bind_client(&mut server, [2, 0, 0, 0, 6, i]);
+                assert_eq!(durable.unwrap().wait_blocking(), Ok(()));
+                bound.push((format!("02:00:00:00:06:{i:02x}"), ack.yiaddr()));
+            }
+            // Released leases stay released.
+            server.handle(&packet([2, 0, 0, 0, 6, 0], MessageType::Release, Some(0), false, None), 67, |_| false);
+        }
+        let server = DhcpServer::new(&wide_config(), Some(LeaseJournal::open(dir.path()).unwrap()));
+        assert_eq!(server.leases.len(), 119);
+        assert!(server.leases.get("02:00:00:00:06:00").is_none());
+        for (mac, address) in &bound[1..] {
+            assert_eq!(server.leases.get(mac).map(|l| l.address), Some(*address), "{mac}");
+        }
+    }
+
+    #[test]
+    fn without_a_journal_replies_are_not_held() {
+        let mut server = DhcpServer::new(&config(), None);
+        let (ack, durable) = bind_client(&mut server, [2, 0, 0, 0, 7, 1]);
+        assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+        assert!(durable.is_none());
     }
 
     #[test]
