@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
@@ -12,10 +13,13 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper::body::Incoming;
+use tower::ServiceExt;
 use metalrack_api::machines::normalize_mac;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::metrics::KindLabel;
+use super::sendfile::{Mapping, Registry, SendfileStream};
 use super::tftp::{resolve, Refusal};
 use super::{Pxe, PxeError};
 use crate::config::PxeConfig;
@@ -28,12 +32,13 @@ const STREAM_PIECE_BYTES: usize = 512 * 1024;
 /// starts the reads and returns at once), so the async workers rarely fault on a cold page.
 const READAHEAD_BYTES: usize = 8 * 1024 * 1024;
 
-/// A mapping shared by the body (as `Bytes`) and the readahead hints.
-struct SharedMap(Arc<memmap2::Mmap>);
+/// A mapping shared by the body (as `Bytes`, sent by `sendfile` from its range) and the
+/// readahead hints.
+struct SharedMap(Arc<Mapping>);
 
 impl AsRef<[u8]> for SharedMap {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        self.0.as_ref().as_ref()
     }
 }
 
@@ -53,12 +58,14 @@ const MAPPINGS_CACHED_MAX: usize = 64;
 #[derive(Default)]
 struct MapCache {
     /// Content hash → mapping and when it was last used.
-    maps: std::sync::Mutex<std::collections::HashMap<String, (Arc<memmap2::Mmap>, std::time::Instant)>>,
+    maps: std::sync::Mutex<std::collections::HashMap<String, (Arc<Mapping>, std::time::Instant)>>,
+    /// Live mappings, so connections send their bytes with `sendfile`.
+    registry: Arc<Registry>,
 }
 
 impl MapCache {
     /// The shared mapping for content `hash`, or a fresh one (cached when the hash is known).
-    fn get_or_map(&self, hash: Option<&str>, file: &std::fs::File) -> std::io::Result<Arc<memmap2::Mmap>> {
+    fn get_or_map(&self, hash: Option<&str>, file: std::fs::File) -> std::io::Result<Arc<Mapping>> {
         if let Some(hash) = hash {
             if let Some((map, used)) = self.maps.lock().expect("lock").get_mut(hash) {
                 *used = std::time::Instant::now();
@@ -66,8 +73,8 @@ impl MapCache {
             }
         }
         // Snapshot files never change once published, so the mapping is stable (layout invariant).
-        let map = Arc::new(super::mapped::map_immutable(file)?);
-        let _ = map.advise(memmap2::Advice::Sequential);
+        let map = Arc::new(Mapping::new(file, self.registry.clone())?);
+        let _ = map.map().advise(memmap2::Advice::Sequential);
         if let Some(hash) = hash {
             let mut maps = self.maps.lock().expect("lock");
             if maps.len() >= MAPPINGS_CACHED_MAX {
@@ -88,26 +95,59 @@ pub async fn bind(config: &PxeConfig) -> Result<tokio::net::TcpListener, PxeErro
         .map_err(|source| PxeError::Http { address: config.http_listen, source })
 }
 
-pub fn router(pxe: Arc<Pxe>) -> Router {
+pub fn router(pxe: Arc<Pxe>) -> (Router, Arc<Registry>) {
+    let maps = Arc::new(MapCache::default());
+    let registry = maps.registry.clone();
     let state = HttpState {
         streams: Arc::new(Semaphore::new(pxe.config.http_streams_max)),
         pxe,
-        maps: Arc::default(),
+        maps,
         hashes: Arc::default(),
     };
-    Router::new()
+    let router = Router::new()
         .route("/boot/{*path}", get(boot_file).head(boot_file))
         .route("/images/{*path}", get(image_file).head(image_file))
         .route("/ipxe/{mac}", get(ipxe_script))
         .route("/callback/{mac}", get(callback))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state);
+    (router, registry)
 }
 
+/// A client that has not sent its request headers within this long is cut off (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves HTTP/1.1 on `listener`. Not `axum::serve`: each connection is a [`SendfileStream`],
+/// so file bodies leave by `sendfile`.
 pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
-    let app = router(pxe).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "HTTP boot server stopped");
+    let (router, registry) = router(pxe);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, usually: back off instead of spinning.
+                tracing::warn!(error = %e, "HTTP boot accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let io = hyper_util::rt::TokioIo::new(SendfileStream::new(stream, registry.clone()));
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: axum::http::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request)
+        });
+        tokio::spawn(async move {
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "HTTP boot connection ended with an error");
+            }
+        });
     }
 }
 
@@ -264,14 +304,14 @@ async fn send_file(
     if method == Method::HEAD || len == 0 {
         return response.body(Body::empty()).expect("valid response");
     }
-    let map = match state.maps.get_or_map(etag.as_deref(), &file) {
+    let map = match state.maps.get_or_map(etag.as_deref(), file) {
         Ok(map) => map,
         Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "cannot map file\n").into_response(),
     };
     let bytes = Bytes::from_owner(SharedMap(map.clone()));
-    let readahead = |map: &memmap2::Mmap, from: usize, to: usize| {
+    let readahead = |map: &Mapping, from: usize, to: usize| {
         if from < to {
-            let _ = map.advise_range(memmap2::Advice::WillNeed, from, to - from);
+            let _ = map.map().advise_range(memmap2::Advice::WillNeed, from, to - from);
         }
     };
     readahead(&map, start as usize, (start as usize + READAHEAD_BYTES).min(end as usize));

@@ -1,0 +1,226 @@
+//! Zero-copy sending of mapped files: a connection type for hyper whose writes of bytes that
+//! lie inside a registered file mapping become `sendfile(2)` from that file.
+//!
+//! HTTP boot bodies are slices of `mmap`ed snapshot files (`Bytes` over the mapping). Written
+//! with `write`, every byte is copied from the mapping into socket buffers, which costs a core
+//! at a few GB/s and makes a new client's first byte wait behind the copies for every other
+//! stream. hyper only ever hands its connection type byte slices, so this type recognises a
+//! slice by its address: a [`Mapping`] registers its address range and file for exactly as long
+//! as it is mapped (registered after mapping, unregistered before unmapping), and a write of a
+//! slice inside such a range is sent as `sendfile(socket, file, offset)` instead. The file is
+//! immutable while mapped (see `mapped.rs`), so the page cache holds the same bytes the mapping
+//! shows, and the kernel hands the pages to the socket without copying them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Address ranges of live mappings and the files they map.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// Start address → (end address, file).
+    ranges: RwLock<BTreeMap<usize, (usize, Arc<File>)>>,
+    /// Bytes every connection sent with `sendfile` (for metrics and tests).
+    sendfile_bytes: AtomicU64,
+}
+
+impl Registry {
+    pub fn sendfile_bytes(&self) -> u64 {
+        self.sendfile_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The file and offset behind `bytes`, if they lie wholly inside one live mapping.
+    fn find(&self, bytes: &[u8]) -> Option<(Arc<File>, u64)> {
+        let start = bytes.as_ptr() as usize;
+        let ranges = self.ranges.read().expect("lock");
+        let (&base, (end, file)) = ranges.range(..=start).next_back()?;
+        (start + bytes.len() <= *end).then(|| (file.clone(), (start - base) as u64))
+    }
+}
+
+/// A file mapping whose bytes [`SendfileStream`] sends with `sendfile`.
+pub struct Mapping {
+    map: memmap2::Mmap,
+    registry: Arc<Registry>,
+}
+
+impl Mapping {
+    /// Maps `file` (immutable, see `mapped::map_immutable`) and registers the mapping.
+    pub fn new(file: File, registry: Arc<Registry>) -> io::Result<Mapping> {
+        let map = super::mapped::map_immutable(&file)?;
+        if !map.is_empty() {
+            let start = map.as_ptr() as usize;
+            registry.ranges.write().expect("lock").insert(start, (start + map.len(), Arc::new(file)));
+        }
+        Ok(Mapping { map, registry })
+    }
+
+    pub fn map(&self) -> &memmap2::Mmap {
+        &self.map
+    }
+}
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // Before `map` is unmapped (fields drop after this): once unmapped, the address range may
+        // be reused by another mapping, which must never be taken for this file.
+        if !self.map.is_empty() {
+            self.registry.ranges.write().expect("lock").remove(&(self.map.as_ptr() as usize));
+        }
+    }
+}
+
+/// A TCP connection that sends registered mapped bytes with `sendfile` and the rest with
+/// `writev`.
+pub struct SendfileStream {
+    stream: TcpStream,
+    registry: Arc<Registry>,
+    /// Bytes this connection sent with `sendfile`.
+    sendfile_bytes: u64,
+}
+
+impl SendfileStream {
+    pub fn new(stream: TcpStream, registry: Arc<Registry>) -> SendfileStream {
+        SendfileStream { stream, registry, sendfile_bytes: 0 }
+    }
+
+    pub fn sendfile_bytes(&self) -> u64 {
+        self.sendfile_bytes
+    }
+
+    /// One `sendfile` of up to `len` bytes at `offset`, waiting for the socket to be writable.
+    fn poll_sendfile(&self, cx: &mut Context<'_>, file: &File, offset: u64, len: usize) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            let sent = self.stream.try_io(Interest::WRITABLE, || {
+                let mut at = offset as nix::libc::off_t;
+                nix::sys::sendfile::sendfile(&self.stream, file, Some(&mut at), len).map_err(io::Error::from)
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue, // readiness was stale
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+}
+
+impl AsyncRead for SendfileStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendfileStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.registry.find(buf) {
+            Some((file, offset)) => {
+                let sent = ready!(self.poll_sendfile(cx, &file, offset, buf.len()))?;
+                self.sendfile_bytes += sent as u64;
+                self.registry.sendfile_bytes.fetch_add(sent as u64, Ordering::Relaxed);
+                Poll::Ready(Ok(sent))
+            }
+            None => Pin::new(&mut self.stream).poll_write(cx, buf),
+        }
+    }
+
+    /// hyper queues its header buffer and the body's `Bytes` as separate slices when the
+    /// connection says it writes vectored (otherwise it would copy the body into its own
+    /// buffer, and the addresses would be lost). Leading ordinary slices go out with one
+    /// `writev`; a mapped slice with `sendfile`. Returns what went out before anything blocked.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let plain = bufs.iter().take_while(|b| self.registry.find(b).is_none()).count();
+        if plain > 0 {
+            return Pin::new(&mut self.stream).poll_write_vectored(cx, &bufs[..plain]);
+        }
+        match bufs.first() {
+            Some(first) => self.as_mut().poll_write(cx, first),
+            None => Poll::Ready(Ok(0)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn only_live_mappings_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 10_000]).unwrap();
+        let registry = Arc::new(Registry::default());
+        let mapping = Mapping::new(File::open(&path).unwrap(), registry.clone()).unwrap();
+        let (_, offset) = registry.find(&mapping.as_ref()[100..200]).unwrap();
+        assert_eq!(offset, 100);
+        assert!(registry.find(&[1, 2, 3]).is_none(), "ordinary memory");
+        assert!(registry.find(&mapping.as_ref()[9_999..]).is_some());
+        drop(mapping);
+        assert!(registry.ranges.read().unwrap().is_empty(), "unregistered before unmapping");
+    }
+
+    #[tokio::test]
+    async fn mapped_slices_go_out_by_sendfile_and_arrive_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let registry = Arc::new(Registry::default());
+        let mapping = Mapping::new(File::open(&path).unwrap(), registry.clone()).unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let reader = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            socket.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut stream = SendfileStream::new(TcpStream::connect(address).await.unwrap(), registry);
+        // A header, then a mapped range in a vectored write, then more of the mapping alone.
+        let header = b"HEADER\n".to_vec();
+        let body = &mapping.as_ref()[1000..2_000_000];
+        let mut slices = [IoSlice::new(&header), IoSlice::new(body)];
+        let mut slices: &mut [IoSlice<'_>] = &mut slices;
+        while !slices.is_empty() {
+            let n = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, slices)).await.unwrap();
+            IoSlice::advance_slices(&mut slices, n);
+        }
+        stream.write_all(&mapping.as_ref()[2_000_000..]).await.unwrap();
+        stream.shutdown().await.unwrap();
+        assert_eq!(stream.sendfile_bytes(), content.len() as u64 - 1000, "every mapped byte went by sendfile");
+        let got = reader.await.unwrap();
+        let expected = [header.as_slice(), &content[1000..]].concat();
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "bytes differ");
+    }
+}
