@@ -114,6 +114,9 @@ pub fn router(pxe: Arc<Pxe>) -> (Router, Arc<Registry>) {
     (router, registry)
 }
 
+/// Socket send buffer per connection (SO_SNDBUF; the kernel doubles it).
+const SEND_BUFFER_BYTES: usize = 512 * 1024;
+
 /// A client that has not sent its request headers within this long is cut off (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -132,6 +135,7 @@ pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
             }
         };
         let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES);
         let io = hyper_util::rt::TokioIo::new(SendfileStream::new(stream, registry.clone()));
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: axum::http::Request<Incoming>| {
