@@ -14,9 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use hyper::body::Incoming;
-use tower::ServiceExt;
 use metalrack_api::machines::normalize_mac;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
 
 use super::metrics::KindLabel;
 use super::sendfile::{Mapping, Registry, SendfileStream};
@@ -110,12 +110,8 @@ pub async fn bind(config: &PxeConfig) -> Result<tokio::net::TcpListener, PxeErro
 pub fn router(pxe: Arc<Pxe>) -> (Router, Arc<Registry>) {
     let maps = Arc::new(MapCache::default());
     let registry = maps.registry.clone();
-    let state = HttpState {
-        streams: Arc::new(Semaphore::new(pxe.config.http_streams_max)),
-        pxe,
-        maps,
-        hashes: Arc::default(),
-    };
+    let state =
+        HttpState { streams: Arc::new(Semaphore::new(pxe.config.http_streams_max)), pxe, maps, hashes: Arc::default() };
     let router = Router::new()
         .route("/boot/{*path}", get(boot_file).head(boot_file))
         .route("/images/{*path}", get(image_file).head(image_file))

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub tftp_sessions_active: Gauge,
     pub tftp_bytes: Counter,
     pub tftp_refused: Counter,
+    pub tftp_dropped: Family<KindLabel, Counter>,
+    pub tftp_failed: Family<KindLabel, Counter>,
+    pub tftp_retransmits: Counter,
     pub http_streams: Counter,
     pub http_streams_active: Gauge,
     pub http_bytes: Counter,
@@ -45,6 +48,12 @@ impl Metrics {
         metrics_registry.register("tftp_bytes", "Bytes sent over TFTP", tftp_bytes.clone());
         let tftp_refused = Counter::default();
         metrics_registry.register("tftp_refused", "TFTP requests refused", tftp_refused.clone());
+        let tftp_dropped = Family::<KindLabel, Counter>::default();
+        metrics_registry.register("tftp_dropped", "Packets to the TFTP port dropped, by reason", tftp_dropped.clone());
+        let tftp_failed = Family::<KindLabel, Counter>::default();
+        metrics_registry.register("tftp_failed", "TFTP transfers not completed, by reason", tftp_failed.clone());
+        let tftp_retransmits = Counter::default();
+        metrics_registry.register("tftp_retransmits", "TFTP windows resent after a timeout", tftp_retransmits.clone());
         let http_streams = Counter::default();
         metrics_registry.register("http_streams", "HTTP boot file streams started", http_streams.clone());
         let http_streams_active = Gauge::default();
@@ -62,6 +71,9 @@ impl Metrics {
             tftp_sessions_active,
             tftp_bytes,
             tftp_refused,
+            tftp_dropped,
+            tftp_failed,
+            tftp_retransmits,
             http_streams,
             http_streams_active,
             http_bytes,

@@ -40,7 +40,7 @@ pub enum PxeError {
     #[error("cannot start DHCP on {interface}")]
     Dhcp { interface: String, source: std::io::Error },
     #[error("cannot start TFTP on {address}")]
-    Tftp { address: std::net::SocketAddr, source: async_tftp::Error },
+    Tftp { address: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot start HTTP boot on {address}")]
     Http { address: std::net::SocketAddr, source: std::io::Error },
 }
@@ -127,12 +127,10 @@ pub async fn start(
     let http = http::bind(&config).await?;
     tracing::info!(address = %http.local_addr().map_err(|source| PxeError::Http { address: config.http_listen, source })?, "HTTP boot listening");
     tokio::spawn(http::serve(http, pxe.clone()));
-    let tftp = tftp::build(pxe.clone()).await?;
-    tokio::spawn(async move {
-        if let Err(e) = tftp.serve().await {
-            tracing::error!(error = %e, "TFTP server stopped");
-        }
-    });
+    let tftp = tftp::bind(pxe.clone()).await?;
+    let tftp_address = config.tftp.listen;
+    tracing::info!(address = %tftp.local_addr().map_err(|source| PxeError::Tftp { address: tftp_address, source })?, "TFTP listening");
+    tokio::spawn(tftp.serve());
     if config.dhcp.mode != DhcpMode::Off {
         let servers = dhcp::bind(&config)?;
         for socket in servers {

@@ -54,7 +54,6 @@ const SCATTERED_BLOCK: u64 = 4 * KIB;
 const INSERT_LEN: u64 = MIB;
 const INSERT_AT: u64 = 100 * MIB;
 
-
 /// How often waits look again. Short, because the wall time of a sync is read off these polls.
 const POLL: Duration = Duration::from_millis(20);
 
