@@ -104,17 +104,21 @@ async fn http_boot_tftp_scripts_metrics_and_events_with_the_region_down() {
     }
 
     let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    for name in
-        ["metalrack_rack_http_bytes_total", "metalrack_rack_tftp_bytes_total", "metalrack_rack_tftp_refused_total"]
-    {
-        let value: f64 = metrics
+    let metric = |name: &str| -> f64 {
+        metrics
             .lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.split_whitespace().last())
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"));
-        assert!(value > 0.0, "{name} = {value}");
+            .unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"))
+    };
+    for name in
+        ["metalrack_rack_http_bytes_total", "metalrack_rack_tftp_bytes_total", "metalrack_rack_tftp_refused_total"]
+    {
+        assert!(metric(name) > 0.0, "{name} = {}", metric(name));
     }
+    // Every body byte left zero-copy: what the streams handed out went by sendfile.
+    assert_eq!(metric("metalrack_rack_http_sendfile_bytes_total"), metric("metalrack_rack_http_bytes_total"));
     assert!(metrics.contains("metalrack_rack_sync_phase{kind=\"idle\"} 1"), "{metrics}");
 
     // Boot events reach the region.

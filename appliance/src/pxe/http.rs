@@ -55,7 +55,6 @@ struct HttpState {
 /// so a mapping can be shared by every request for that hash.
 const MAPPINGS_CACHED_MAX: usize = 64;
 
-#[derive(Default)]
 struct MapCache {
     /// Content hash → mapping and when it was last used.
     maps: std::sync::Mutex<std::collections::HashMap<String, (Arc<Mapping>, std::time::Instant)>>,
@@ -108,7 +107,10 @@ pub async fn bind(config: &PxeConfig) -> Result<tokio::net::TcpListener, PxeErro
 }
 
 pub fn router(pxe: Arc<Pxe>) -> (Router, Arc<Registry>) {
-    let maps = Arc::new(MapCache::default());
+    let maps = Arc::new(MapCache {
+        maps: std::sync::Mutex::default(),
+        registry: Arc::new(Registry::new(pxe.metrics.http_sendfile_bytes.clone())),
+    });
     let registry = maps.registry.clone();
     let state =
         HttpState { streams: Arc::new(Semaphore::new(pxe.config.http_streams_max)), pxe, maps, hashes: Arc::default() };

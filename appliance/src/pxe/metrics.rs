@@ -27,6 +27,7 @@ pub struct Metrics {
     pub http_streams: Counter,
     pub http_streams_active: Gauge,
     pub http_bytes: Counter,
+    pub http_sendfile_bytes: Counter,
     pub sync_phase: Family<KindLabel, Gauge>,
 }
 
@@ -60,6 +61,12 @@ impl Metrics {
         metrics_registry.register("http_streams_active", "HTTP boot file streams running", http_streams_active.clone());
         let http_bytes = Counter::default();
         metrics_registry.register("http_bytes", "Bytes sent by HTTP boot", http_bytes.clone());
+        let http_sendfile_bytes = Counter::default();
+        metrics_registry.register(
+            "http_sendfile_bytes",
+            "Bytes of HTTP boot bodies sent zero-copy with sendfile",
+            http_sendfile_bytes.clone(),
+        );
         let sync_phase = Family::<KindLabel, Gauge>::default();
         metrics_registry.register("sync_phase", "1 for the image sync's current phase", sync_phase.clone());
         Metrics {
@@ -77,6 +84,7 @@ impl Metrics {
             http_streams,
             http_streams_active,
             http_bytes,
+            http_sendfile_bytes,
             sync_phase,
         }
     }

@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -29,17 +29,22 @@ use tokio::net::TcpStream;
 pub const SENDFILE_CALL_BYTES_MAX: usize = 256 * 1024;
 
 /// Address ranges of live mappings and the files they map.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     /// Start address → (end address, file).
     ranges: RwLock<BTreeMap<usize, (usize, Arc<File>)>>,
-    /// Bytes every connection sent with `sendfile` (for metrics and tests).
-    sendfile_bytes: AtomicU64,
+    /// Bytes every connection sent with `sendfile` (the `/metrics` counter).
+    sendfile_bytes: Counter,
 }
 
 impl Registry {
+    /// A registry counting what it sends in `sendfile_bytes`.
+    pub fn new(sendfile_bytes: Counter) -> Registry {
+        Registry { ranges: RwLock::default(), sendfile_bytes }
+    }
+
     pub fn sendfile_bytes(&self) -> u64 {
-        self.sendfile_bytes.load(Ordering::Relaxed)
+        self.sendfile_bytes.get()
     }
 
     /// The file and offset behind `bytes`, if they lie wholly inside one live mapping.
@@ -145,7 +150,7 @@ impl AsyncWrite for SendfileStream {
                 let sent = ready!(self.poll_sendfile(cx, &file, offset, len))?;
                 self.yield_first = true;
                 self.sendfile_bytes += sent as u64;
-                self.registry.sendfile_bytes.fetch_add(sent as u64, Ordering::Relaxed);
+                self.registry.sendfile_bytes.inc_by(sent as u64);
                 Poll::Ready(Ok(sent))
             }
             None => Pin::new(&mut self.stream).poll_write(cx, buf),
@@ -187,14 +192,15 @@ impl AsyncWrite for SendfileStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn only_live_mappings_are_found() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, vec![7u8; 10_000]).unwrap();
-        let registry = Arc::new(Registry::default());
+        let registry = Arc::new(Registry::new(Counter::default()));
         let mapping = Mapping::new(File::open(&path).unwrap(), registry.clone()).unwrap();
         let (_, offset) = registry.find(&mapping.as_ref()[100..200]).unwrap();
         assert_eq!(offset, 100);
@@ -210,7 +216,7 @@ mod tests {
         let path = dir.path().join("f");
         let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &content).unwrap();
-        let registry = Arc::new(Registry::default());
+        let registry = Arc::new(Registry::new(Counter::default()));
         let mapping = Mapping::new(File::open(&path).unwrap(), registry.clone()).unwrap();
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
