@@ -245,15 +245,18 @@ mod tests {
             let mut block_sender = BlockSender::new(path);
             block_sender.send(&sender, &file, &transfer, blksize, 0..transfer.n_blocks()).await.unwrap();
             assert_eq!(block_sender.path(), path, "loopback takes every path");
-            let mut buf = vec![0u8; 65_536];
-            for index in 0..transfer.n_blocks() {
-                let len = receiver.recv(&mut buf).await.unwrap();
-                let expected = wire::Repr::Data {
-                    block: Transfer::block_number(index),
-                    payload: block_data(&file, &transfer, index),
-                };
-                assert_eq!(wire::parse(&buf[..len]), Ok(expected), "{path:?}, block {index}");
-            }
+            expect_blocks(&receiver, &file, &transfer, &format!("{path:?}")).await;
+        }
+    }
+
+    /// Receives every block of `transfer` and checks each datagram is exactly its DATA packet.
+    async fn expect_blocks(receiver: &UdpSocket, file: &[u8], transfer: &Transfer, what: &str) {
+        let mut buf = vec![0u8; 65_536];
+        for index in 0..transfer.n_blocks() {
+            let len = receiver.recv(&mut buf).await.unwrap();
+            let expected =
+                wire::Repr::Data { block: Transfer::block_number(index), payload: block_data(file, transfer, index) };
+            assert_eq!(wire::parse(&buf[..len]), Ok(expected), "{what}, block {index}");
         }
     }
 
@@ -270,13 +273,7 @@ mod tests {
             block_sender.gso_refusal = Some(refusal);
             block_sender.send(&sender, &file, &transfer, blksize, 0..transfer.n_blocks()).await.unwrap();
             assert_eq!(block_sender.path(), SendPath::Multiple, "{refusal}");
-            let mut buf = vec![0u8; 65_536];
-            for index in 0..transfer.n_blocks() {
-                let len = receiver.recv(&mut buf).await.unwrap();
-                let packet = wire::Packet::new_checked(&buf[..len]).unwrap();
-                assert_eq!(packet.block_number(), Transfer::block_number(index));
-                assert_eq!(packet.payload(), block_data(&file, &transfer, index));
-            }
+            expect_blocks(&receiver, &file, &transfer, &format!("after {refusal}")).await;
         }
     }
 
