@@ -238,15 +238,21 @@ mod tests {
         let file: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
         let blksize = 1024u16;
         for path in [SendPath::Gso, SendPath::Multiple, SendPath::Single] {
-            let receiver = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            sender.connect(receiver.local_addr().unwrap()).await.unwrap();
+            let (sender, receiver) = connected_pair().await;
             let transfer = Transfer::new(file.len() as u64, blksize, 16);
             let mut block_sender = BlockSender::new(path);
             block_sender.send(&sender, &file, &transfer, blksize, 0..transfer.n_blocks()).await.unwrap();
             assert_eq!(block_sender.path(), path, "loopback takes every path");
             expect_blocks(&receiver, &file, &transfer, &format!("{path:?}")).await;
         }
+    }
+
+    /// A sender connected to a receiver on loopback, as a session's socket is to its client.
+    async fn connected_pair() -> (UdpSocket, UdpSocket) {
+        let receiver = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sender.connect(receiver.local_addr().unwrap()).await.unwrap();
+        (sender, receiver)
     }
 
     /// Receives every block of `transfer` and checks each datagram is exactly its DATA packet.
@@ -265,9 +271,7 @@ mod tests {
         let file: Vec<u8> = (0..5_000u32).map(|i| (i % 249) as u8).collect();
         let blksize = 512u16;
         for refusal in [Errno::EIO, Errno::EINVAL, Errno::EMSGSIZE] {
-            let receiver = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            sender.connect(receiver.local_addr().unwrap()).await.unwrap();
+            let (sender, receiver) = connected_pair().await;
             let transfer = Transfer::new(file.len() as u64, blksize, 8);
             let mut block_sender = BlockSender::new(SendPath::Gso);
             block_sender.gso_refusal = Some(refusal);
