@@ -134,25 +134,39 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// so file bodies leave by `sendfile`.
 pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
     let (router, registry) = router(pxe);
-    loop {
-        let (stream, peer) = match listener.accept().await {
+    let runtime = tokio::runtime::Handle::current();
+    // Accepting on its own thread: on the runtime, the accept task queued behind every busy
+    // stream, and the last of a burst of new clients waited for several rounds of them.
+    let listener = match listener.into_std().and_then(|l| l.set_nonblocking(false).map(|()| l)) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "HTTP boot server cannot take its listener");
+            return;
+        }
+    };
+    let accepting = std::thread::Builder::new().name("http-accept".into()).spawn(move || loop {
+        let (stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, usually: back off instead of spinning.
                 tracing::warn!(error = %e, "HTTP boot accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES);
-        let io = hyper_util::rt::TokioIo::new(SendfileStream::new(stream, registry.clone()));
         let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: axum::http::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(request)
-        });
-        tokio::spawn(async move {
+        let registry = registry.clone();
+        runtime.spawn(async move {
+            let Ok(stream) = stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream)) else {
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES);
+            let io = hyper_util::rt::TokioIo::new(SendfileStream::new(stream, registry));
+            let service = hyper::service::service_fn(move |mut request: axum::http::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                router.clone().oneshot(request)
+            });
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -162,6 +176,9 @@ pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
                 tracing::debug!(%peer, error = %e, "HTTP boot connection ended with an error");
             }
         });
+    });
+    if let Err(e) = accepting {
+        tracing::error!(error = %e, "HTTP boot server cannot start its accept thread");
     }
 }
 
