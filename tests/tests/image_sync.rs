@@ -76,6 +76,12 @@ async fn start_racks(region: &Region, api_key: &str, root: &Path, names: &[&str]
     racks
 }
 
+/// `now` plus `minutes` as the `HH:MM` of a sync window (wrapping at midnight).
+fn hhmm(now: &jiff::Zoned, minutes: i64) -> String {
+    let m = (now.hour() as i64 * 60 + now.minute() as i64 + minutes).rem_euclid(24 * 60);
+    format!("{:02}:{:02}", m / 60, m % 60)
+}
+
 fn auto(delay_ms: u64) -> SyncPolicy {
     SyncPolicy { policy: SyncPolicyKind::Auto, delay_ms, ..SyncPolicy::default() }
 }
@@ -243,10 +249,7 @@ async fn window_and_manual_policies_sync_only_when_allowed() {
     let region = Region::start_with_config(&dir.path().join("region"), &region_config());
     let api_key = region.create_admin("admin", "correct horse battery");
     let now = jiff::Zoned::now();
-    let hhmm = |minutes: i64| {
-        let m = (now.hour() as i64 * 60 + now.minute() as i64 + minutes).rem_euclid(24 * 60);
-        format!("{:02}:{:02}", m / 60, m % 60)
-    };
+    let hhmm = |minutes: i64| hhmm(&now, minutes);
     let closed = SyncPolicy {
         policy: SyncPolicyKind::Window,
         window_start: hhmm(120),
@@ -363,10 +366,6 @@ async fn a_sync_running_when_its_window_closes_pauses_and_resumes_where_it_stopp
     let dir = tempfile::tempdir().unwrap();
     let region = Region::start_with_config(&dir.path().join("region"), &region_config());
     let api_key = region.create_admin("admin", "correct horse battery");
-    let hhmm = |now: &jiff::Zoned, minutes: i64| {
-        let m = (now.hour() as i64 * 60 + now.minute() as i64 + minutes).rem_euclid(24 * 60);
-        format!("{:02}:{:02}", m / 60, m % 60)
-    };
     let now = jiff::Zoned::now();
     let closed = SyncPolicy {
         policy: SyncPolicyKind::Window,
