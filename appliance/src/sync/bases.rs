@@ -28,16 +28,16 @@ pub struct BaseRef {
 
 /// The previous version of a file, complete on local disk, with its manifest.
 #[derive(Debug)]
-pub struct OldFile {
+pub struct OldFile<'m> {
     path: Arc<PathBuf>,
-    manifest: Manifest,
+    manifest: &'m Manifest,
     offsets: Vec<u64>,
     /// Offset of the first occurrence of each chunk.
     by_hash: HashMap<Hash, u64>,
 }
 
-impl OldFile {
-    pub fn new(path: PathBuf, manifest: Manifest) -> OldFile {
+impl OldFile<'_> {
+    pub fn new(path: PathBuf, manifest: &Manifest) -> OldFile<'_> {
         let mut offsets = Vec::with_capacity(manifest.chunks.len());
         let mut by_hash = HashMap::with_capacity(manifest.chunks.len());
         for (offset, chunk) in manifest.chunk_offsets() {
@@ -118,7 +118,8 @@ mod tests {
 
     #[test]
     fn an_edited_chunk_gets_the_old_chunk_at_its_place() {
-        let old = OldFile::new("old".into(), manifest(&[(1, 100), (2, 100), (3, 100)]));
+        let old_manifest = manifest(&[(1, 100), (2, 100), (3, 100)]);
+        let old = OldFile::new("old".into(), &old_manifest);
         let new = manifest(&[(1, 100), (9, 100), (3, 100)]);
         let bases = bases_for(&new, &old, &[(1, 100)]);
         assert_eq!(hashes(&bases[&1]), vec![2]);
@@ -129,7 +130,8 @@ mod tests {
     fn after_an_insertion_the_shift_follows_the_shared_chunks() {
         // 50 bytes inserted inside chunk 2: its replacement (150 bytes) overlaps only old chunk 2
         // once placed by the shift of chunk 1; the chunk after the insertion is shared again.
-        let old = OldFile::new("old".into(), manifest(&[(1, 100), (2, 100), (3, 100), (4, 100)]));
+        let old_manifest = manifest(&[(1, 100), (2, 100), (3, 100), (4, 100)]);
+        let old = OldFile::new("old".into(), &old_manifest);
         let new = manifest(&[(5, 40), (1, 100), (9, 150), (3, 100), (4, 100)]);
         let bases = bases_for(&new, &old, &[(0, 0), (2, 140)]);
         // Chunk 0 is before any shared chunk: shift 0, overlaps old chunk 1.
@@ -141,7 +143,8 @@ mod tests {
     #[test]
     fn bases_are_capped_and_clipped_to_the_old_file() {
         let small: Vec<(u8, u32)> = (1..=10).map(|h| (h, 10)).collect();
-        let old = OldFile::new("old".into(), manifest(&small));
+        let old_manifest = manifest(&small);
+        let old = OldFile::new("old".into(), &old_manifest);
         let new = manifest(&[(20, 100), (21, 100)]);
         let bases = bases_for(&new, &old, &[(0, 0), (1, 100)]);
         assert_eq!(bases[&0].len(), BASES_MAX);

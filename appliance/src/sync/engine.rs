@@ -156,7 +156,15 @@ impl SyncRun<'_> {
                 manifests.insert(file.manifest_id.clone(), manifest);
             }
         }
-        let index = Arc::new(self.local_chunk_index(target, &manifests)?);
+        // Manifests of the local files, read once: chunk sources and delta bases come from them.
+        let have_manifests: HashMap<&str, Manifest> = have
+            .iter()
+            .filter_map(|f| {
+                let bytes = std::fs::read(self.layout.manifest_path(&f.manifest_id)).ok()?;
+                Some((f.manifest_id.as_str(), Manifest::parse(&bytes).ok()?))
+            })
+            .collect();
+        let index = Arc::new(self.local_chunk_index(target, &manifests, &have, &have_manifests));
         let needed: Vec<&CatalogueFile> = {
             let mut seen = HashSet::new();
             target
@@ -182,7 +190,7 @@ impl SyncRun<'_> {
         let mut places: Places = HashMap::new();
         let mut missing: Vec<Wanted> = Vec::new();
         for (slot, build) in builds.iter().enumerate() {
-            let mut found = self.delta_bases(needed[slot], &build.manifest, &build.missing, &have);
+            let mut found = self.delta_bases(needed[slot], &build.manifest, &build.missing, &have, &have_manifests);
             for &(index, offset) in &build.missing {
                 let chunk = build.manifest.chunks[index];
                 let entry = places.entry(chunk.hash).or_default();
@@ -277,15 +285,12 @@ impl SyncRun<'_> {
         manifest: &Manifest,
         missing: &[(usize, u64)],
         have: &[CatalogueFile],
+        have_manifests: &HashMap<&str, Manifest>,
     ) -> HashMap<usize, Vec<BaseRef>> {
-        let Some(old) = bases::predecessor(file, have) else {
-            return HashMap::new();
-        };
-        let old_manifest = std::fs::read(self.layout.manifest_path(&old.manifest_id))
-            .ok()
-            .and_then(|bytes| Manifest::parse(&bytes).ok());
-        match old_manifest {
-            Some(old_manifest) => {
+        let old =
+            bases::predecessor(file, have).and_then(|old| Some((old, have_manifests.get(old.manifest_id.as_str())?)));
+        match old {
+            Some((old, old_manifest)) => {
                 let old = OldFile::new(self.layout.file_path(&old.file_hash), old_manifest);
                 bases::bases_for(manifest, &old, missing)
             }
@@ -293,12 +298,14 @@ impl SyncRun<'_> {
         }
     }
 
-    /// Every chunk of every complete local file we have a manifest for.
+    /// Every chunk of every complete local file (the current snapshot's and the target's own).
     fn local_chunk_index(
         &self,
         target: &RackCatalogue,
         manifests: &HashMap<String, Manifest>,
-    ) -> Result<HashMap<Hash, ChunkSource>, SyncError> {
+        have: &[CatalogueFile],
+        have_manifests: &HashMap<&str, Manifest>,
+    ) -> HashMap<Hash, ChunkSource> {
         let mut index = HashMap::new();
         let mut add = |file_hash: &str, manifest: &Manifest| {
             let path = Arc::new(self.layout.file_path(file_hash));
@@ -308,19 +315,15 @@ impl SyncRun<'_> {
                 }
             }
         };
-        if let Some(current) = self.layout.current()? {
-            for file in &current.files {
-                if let Ok(bytes) = std::fs::read(self.layout.manifest_path(&file.manifest_id)) {
-                    if let Ok(manifest) = Manifest::parse(&bytes) {
-                        add(&file.file_hash, &manifest);
-                    }
-                }
+        for file in have {
+            if let Some(manifest) = have_manifests.get(file.manifest_id.as_str()) {
+                add(&file.file_hash, manifest);
             }
         }
         for file in &target.files {
             add(&file.file_hash, &manifests[&file.manifest_id]);
         }
-        Ok(index)
+        index
     }
 
     /// Fetches `missing` and writes each chunk where it belongs. Returns false when paused by
