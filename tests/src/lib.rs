@@ -210,26 +210,23 @@ impl Region {
         assert_eq!(response.status(), reqwest::StatusCode::NO_CONTENT);
     }
 
-    pub async fn event_lines(&self, api_key: &str) -> Vec<String> {
+    /// The region's newest 1000 events.
+    pub async fn events(&self, api_key: &str) -> Vec<metalrack_api::EventView> {
         let response = reqwest::Client::new()
             .get(format!("{}/api/v1/events?limit=1000", self.url))
             .bearer_auth(api_key)
             .send()
             .await
             .expect("GET events");
-        let events: Vec<metalrack_api::EventView> = response.json().await.expect("events JSON");
-        events.into_iter().map(|e| format!("{} {}: {}", e.kind, e.actor, e.message)).collect()
+        response.json().await.expect("events JSON")
+    }
+
+    pub async fn event_lines(&self, api_key: &str) -> Vec<String> {
+        self.events(api_key).await.into_iter().map(|e| format!("{} {}: {}", e.kind, e.actor, e.message)).collect()
     }
 
     pub async fn event_messages(&self, api_key: &str) -> Vec<String> {
-        let response = reqwest::Client::new()
-            .get(format!("{}/api/v1/events?limit=1000", self.url))
-            .bearer_auth(api_key)
-            .send()
-            .await
-            .expect("GET events");
-        let events: Vec<metalrack_api::EventView> = response.json().await.expect("events JSON");
-        events.into_iter().map(|e| format!("{} {}", e.kind, e.message)).collect()
+        self.events(api_key).await.into_iter().map(|e| format!("{} {}", e.kind, e.message)).collect()
     }
 }
 
