@@ -196,14 +196,9 @@ async fn boot_file(
     method: Method,
     headers: HeaderMap,
 ) -> Response {
-    let requested = PathBuf::from(&path);
-    match resolve(&state.pxe.boot_files_dir, None, &requested) {
-        Ok(full) => {
-            let etag = state.pxe.loader_hashes.get(&path).cloned();
-            send_file(&state, &peer, &full, etag, &method, &headers, &format!("/boot/{path}")).await
-        }
-        Err(refusal) => refused(&state, &peer, &format!("/boot/{path}"), refusal),
-    }
+    let etag = state.pxe.loader_hashes.get(&path).cloned();
+    let request = FileRequest { peer, method, headers, label: format!("/boot/{path}") };
+    resolve_and_send(&state, None, &PathBuf::from(&path), etag, request).await
 }
 
 async fn image_file(
@@ -214,14 +209,35 @@ async fn image_file(
     headers: HeaderMap,
 ) -> Response {
     let snapshot = state.pxe.layout.current_link();
+    // Snapshot files are hard links to `files/<hash>`: the name is the content hash.
+    let etag = state.hashes.etag(&state.pxe, &path);
+    let request = FileRequest { peer, method, headers, label: format!("/images/{path}") };
     let requested = Path::new("images").join(&path);
-    match resolve(&state.pxe.boot_files_dir, snapshot.exists().then_some(snapshot.as_path()), &requested) {
-        Ok(full) => {
-            // Snapshot files are hard links to `files/<hash>`: the name is the content hash.
-            let etag = state.hashes.etag(&state.pxe, &path);
-            send_file(&state, &peer, &full, etag, &method, &headers, &format!("/images/{path}")).await
-        }
-        Err(refusal) => refused(&state, &peer, &format!("/images/{path}"), refusal),
+    resolve_and_send(&state, snapshot.exists().then_some(snapshot.as_path()), &requested, etag, request).await
+}
+
+/// What a file request brings besides its path.
+struct FileRequest {
+    peer: SocketAddr,
+    method: Method,
+    headers: HeaderMap,
+    /// The URL path, for events.
+    label: String,
+}
+
+/// Confines `requested` to its root (loaders, or `images/` in the snapshot) and sends the file,
+/// or refuses with an event.
+async fn resolve_and_send(
+    state: &HttpState,
+    snapshot: Option<&Path>,
+    requested: &Path,
+    etag: Option<String>,
+    request: FileRequest,
+) -> Response {
+    let FileRequest { peer, method, headers, label } = request;
+    match resolve(&state.pxe.boot_files_dir, snapshot, requested) {
+        Ok(full) => send_file(state, &peer, &full, etag, &method, &headers, &label).await,
+        Err(refusal) => refused(state, &peer, &label, refusal),
     }
 }
 
