@@ -1,6 +1,7 @@
 //! Harness for end-to-end tests: runs the real `regiond` and `rackd` binaries on port 0 in a temp
 //! dir per test, and waits for conditions with deadlines instead of sleeping.
 
+pub mod bench;
 pub mod tftp;
 
 use std::future::Future;

@@ -55,6 +55,7 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use metalrack_hardware::Lab;
+use metalrack_tests::bench::{exited, free_bytes, load_average, Binaries};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::net::{TcpStream, UdpSocket};
@@ -521,32 +522,6 @@ fn wait_quiet(options: &Options, report: &mut Report) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Tools, processes, namespaces.
 
-#[derive(Debug)]
-struct Binaries {
-    regiond: PathBuf,
-    rackd: PathBuf,
-    imgtool: PathBuf,
-}
-
-impl Binaries {
-    /// The workspace binaries next to this executable (`target/release/` in the documented use).
-    /// (The harness's `metalrack_tests::binary` looks one level higher, right for test binaries.)
-    fn locate() -> Result<Binaries> {
-        let exe = std::env::current_exe().context("cannot find this executable's path")?;
-        let dir = exe.parent().context("this executable has no directory")?;
-        let find = |name: &str| {
-            let path = dir.join(name);
-            ensure!(
-                path.is_file(),
-                "{} is missing: run `cargo build --release --workspace --bins` first",
-                path.display()
-            );
-            Ok(path)
-        };
-        Ok(Binaries { regiond: find("regiond")?, rackd: find("rackd")?, imgtool: find("imgtool")? })
-    }
-}
-
 fn check_tools() -> Result<()> {
     for (program, arg, install) in [
         ("nginx", "-v", "apt-get install nginx-light"),
@@ -563,13 +538,6 @@ fn check_tools() -> Result<()> {
         ensure!(present, "{program} is not installed: {install}");
     }
     Ok(())
-}
-
-fn free_bytes(dir: &Path) -> Result<u64> {
-    let output = Command::new("df").args(["--output=avail", "-B1"]).arg(dir).output().context("cannot run df")?;
-    ensure!(output.status.success(), "df {}: {}", dir.display(), String::from_utf8_lossy(&output.stderr).trim());
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.lines().nth(1).and_then(|l| l.trim().parse().ok()).with_context(|| format!("unexpected df output {text:?}"))
 }
 
 fn lab_gateway(prefix: [u8; 3]) -> Ipv4Addr {
@@ -641,16 +609,10 @@ impl Daemon {
     }
 
     fn check_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            bail!(
-                "{} exited ({status}); last log lines:\n{}",
-                self.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
+        match self.child.try_wait()? {
+            Some(status) => exited(&self.name, status, &self.log),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -1614,15 +1576,6 @@ fn machine_facts() -> Vec<(String, String)> {
         ("dnsmasq".into(), version("dnsmasq", "--version")),
         ("load average at start".into(), load_average()),
     ]
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn percentile(values: &[Duration], p: f64) -> Option<Duration> {

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use metalrack_api::images::{ImageView, SyncFigures, SyncPhase, SyncPolicy, SyncPolicyKind};
 use metalrack_api::RackView;
+use metalrack_tests::bench::{exited, free_bytes, load_average, Binaries};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -288,31 +289,6 @@ where
 // ---------------------------------------------------------------------------------------------
 // Tools and processes.
 
-#[derive(Debug)]
-struct Binaries {
-    regiond: PathBuf,
-    rackd: PathBuf,
-    imgtool: PathBuf,
-}
-
-impl Binaries {
-    /// The workspace binaries next to this executable (`target/release/` in the documented use).
-    fn locate() -> Result<Binaries> {
-        let exe = std::env::current_exe().context("cannot find this executable's path")?;
-        let dir = exe.parent().context("this executable has no directory")?;
-        let find = |name: &str| {
-            let path = dir.join(name);
-            ensure!(
-                path.is_file(),
-                "{} is missing: run `cargo build --release --workspace --bins` first",
-                path.display()
-            );
-            Ok(path)
-        };
-        Ok(Binaries { regiond: find("regiond")?, rackd: find("rackd")?, imgtool: find("imgtool")? })
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum HttpKind {
     #[default]
@@ -342,12 +318,6 @@ fn check_tools() -> Result<HttpKind> {
     note("nginx not found (apt-get install nginx-light); falling back to python3 -m http.server");
     ensure!(present("python3", "--version"), "neither nginx nor python3 is installed: apt-get install nginx-light");
     Ok(HttpKind::PythonHttpServer)
-}
-
-/// The 1, 5 and 15 minute load averages: the machine is shared, so a busy neighbour shows here.
-fn load_average() -> String {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
 /// What the figures depend on: cores, memory, the work dir's filesystem, the tools' versions,
@@ -391,15 +361,6 @@ fn machine_summary(work_dir: &Path, http_kind: HttpKind) -> String {
     )
 }
 
-/// Free bytes on the filesystem holding `dir`, as `df` reports them.
-fn free_bytes(dir: &Path) -> Result<u64> {
-    let output =
-        std::process::Command::new("df").args(["--output=avail", "-B1"]).arg(dir).output().context("cannot run df")?;
-    ensure!(output.status.success(), "df {}: {}", dir.display(), String::from_utf8_lossy(&output.stderr).trim());
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.lines().nth(1).and_then(|l| l.trim().parse().ok()).with_context(|| format!("unexpected df output {text:?}"))
-}
-
 /// A port on 127.0.0.1 free right now. Daemons that cannot bind port 0 and report it get one of
 /// these; the small race with other programs is checked by waiting for *our* daemon to answer.
 fn free_port() -> Result<u16> {
@@ -435,16 +396,10 @@ impl Daemon {
     }
 
     fn check_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            bail!(
-                "{} exited ({status}); last log lines:\n{}",
-                self.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
+        match self.child.try_wait()? {
+            Some(status) => exited(&self.name, status, &self.log),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
