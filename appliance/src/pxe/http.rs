@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 use super::metrics::KindLabel;
+use super::priority::{FirstResponses, FRESH_FOR};
 use super::sendfile::{Mapping, Registry, SendfileStream};
 use super::tftp::{resolve, Refusal};
 use super::{Pxe, PxeError};
@@ -30,6 +31,9 @@ const STREAM_PIECE_BYTES: usize = 512 * 1024;
 
 /// How far ahead of the sender the kernel is asked to read a file in (madvise WILLNEED, which
 /// starts the reads and returns at once), so the async workers rarely fault on a cold page.
+/// A stream's window starts at two pieces and grows by one per piece sent: advising all 8 MiB
+/// up front cost every new request ~115 µs even with the file cached (the kernel looks up each
+/// page), which made the last of a burst of new connections wait for all the others' advice.
 const READAHEAD_BYTES: usize = 8 * 1024 * 1024;
 
 /// A mapping shared by the body (as `Bytes`, sent by `sendfile` from its range) and the
@@ -135,6 +139,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
     let (router, registry) = router(pxe);
     let runtime = tokio::runtime::Handle::current();
+    let first_responses = Arc::new(FirstResponses::default());
     // Accepting on its own thread: on the runtime, the accept task queued behind every busy
     // stream, and the last of a burst of new clients waited for several rounds of them.
     let listener = match listener.into_std().and_then(|l| l.set_nonblocking(false).map(|()| l)) {
@@ -156,22 +161,42 @@ pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
         };
         let router = router.clone();
         let registry = registry.clone();
+        // Registered with the runtime here, before its task is spawned: the readiness of the
+        // request that is probably already on its way is then known by the task's first poll.
+        let stream = {
+            let _entered = runtime.enter();
+            match stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream)) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "HTTP boot connection could not be registered");
+                    continue;
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES);
+        let fresh = Arc::new(first_responses.admit());
+        let first_responses = first_responses.clone();
         runtime.spawn(async move {
-            let Ok(stream) = stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream)) else {
-                return;
-            };
-            let _ = stream.set_nodelay(true);
-            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES);
-            let io = hyper_util::rt::TokioIo::new(SendfileStream::new(stream, registry));
+            let stream = SendfileStream::new(stream, registry).going_first(first_responses, fresh.clone());
+            let io = hyper_util::rt::TokioIo::new(stream);
             let service = hyper::service::service_fn(move |mut request: axum::http::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 router.clone().oneshot(request)
             });
-            let served = hyper::server::conn::http1::Builder::new()
+            let serving = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(io, service)
-                .await;
+                .serve_connection(io, service);
+            let mut serving = std::pin::pin!(serving);
+            // Unanswered after FRESH_FOR, it stops going first (see `priority`).
+            let served = tokio::select! {
+                served = &mut serving => served,
+                () = tokio::time::sleep(FRESH_FOR) => {
+                    fresh.release();
+                    serving.await
+                }
+            };
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "HTTP boot connection ended with an error");
             }
@@ -361,13 +386,14 @@ async fn send_file(
             let _ = map.map().advise_range(memmap2::Advice::WillNeed, from, to - from);
         }
     };
-    readahead(&map, start as usize, (start as usize + READAHEAD_BYTES).min(end as usize));
+    let first_advised = (start as usize + 2 * STREAM_PIECE_BYTES).min(end as usize);
+    readahead(&map, start as usize, first_advised);
     state.pxe.metrics.http_streams.inc();
     state.pxe.metrics.http_streams_active.inc();
     state.pxe.record(&mac, "boot.http", format!("HTTP {label} ({} bytes) to {peer}", end - start));
     let guard = Arc::new(StreamGuard { _permit: permit, pxe: state.pxe.clone() });
     let pxe = state.pxe.clone();
-    let stream = futures_util::stream::unfold(start as usize, move |offset| {
+    let stream = futures_util::stream::unfold((start as usize, first_advised), move |(offset, advised)| {
         let bytes = bytes.clone();
         let guard = guard.clone();
         let pxe = pxe.clone();
@@ -379,12 +405,13 @@ async fn send_file(
                 return None;
             }
             let piece_end = (offset + STREAM_PIECE_BYTES).min(end);
-            // Keep the kernel reading READAHEAD_BYTES ahead: only the piece entering the window.
             let window_end = (piece_end + READAHEAD_BYTES).min(end);
-            readahead(&map, (offset + READAHEAD_BYTES).min(window_end), window_end);
+            let advised_end = window_end.min(advised.max(offset) + 2 * STREAM_PIECE_BYTES);
+            readahead(&map, advised.max(offset), advised_end);
+            let advised_end = advised_end.max(advised);
             let piece = bytes.slice(offset..piece_end);
             pxe.metrics.http_bytes.inc_by(piece.len() as u64);
-            Some((Ok::<Bytes, std::io::Error>(piece), piece_end))
+            Some((Ok::<Bytes, std::io::Error>(piece), (piece_end, advised_end)))
         }
     });
     response.body(Body::from_stream(stream)).expect("valid response")

@@ -8,6 +8,7 @@ pub mod http;
 pub mod ipxe;
 pub mod mapped;
 pub mod metrics;
+pub mod priority;
 pub mod sendfile;
 pub mod tftp;
 

@@ -22,6 +22,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::priority::{FirstResponses, Fresh, Turns};
+
 /// Most bytes one `sendfile` call sends, after which the connection yields to other tasks before
 /// sending more. Without it one poll of a stream filled the whole socket buffer (MBs on a fast
 /// link) and a new client's first byte waited behind every busy stream's fill. bench_pxe at
@@ -105,15 +107,45 @@ pub struct SendfileStream {
     /// Set after each `sendfile`: the next one first yields the task (see
     /// [`SENDFILE_CALL_BYTES_MAX`]).
     yield_first: bool,
+    /// Present until this connection is first answered (see `priority`).
+    fresh: Option<Arc<Fresh>>,
+    /// The server's fresh connections, for which this stream steps aside between chunks.
+    first_responses: Option<Arc<FirstResponses>>,
+    turns: Turns,
 }
 
 impl SendfileStream {
     pub fn new(stream: TcpStream, registry: Arc<Registry>) -> SendfileStream {
-        SendfileStream { stream, registry, sendfile_bytes: 0, yield_first: false }
+        SendfileStream {
+            stream,
+            registry,
+            sendfile_bytes: 0,
+            yield_first: false,
+            fresh: None,
+            first_responses: None,
+            turns: Turns::default(),
+        }
+    }
+
+    /// Takes part in "new connections first" (see `priority`): `fresh` is released on this
+    /// connection's first write, and between chunks the stream steps aside for fresh ones.
+    pub fn going_first(mut self, first_responses: Arc<FirstResponses>, fresh: Arc<Fresh>) -> SendfileStream {
+        self.first_responses = Some(first_responses);
+        self.fresh = Some(fresh);
+        self
     }
 
     pub fn sendfile_bytes(&self) -> u64 {
         self.sendfile_bytes
+    }
+
+    /// After a write went out: the connection has been answered.
+    fn wrote(&mut self, written: &Poll<io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            if let Some(fresh) = self.fresh.take() {
+                fresh.release();
+            }
+        }
     }
 
     /// One `sendfile` of up to `len` bytes at `offset`, waiting for the socket to be writable.
@@ -142,19 +174,34 @@ impl AsyncWrite for SendfileStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.registry.find(buf) {
             Some((file, offset)) => {
-                if std::mem::take(&mut self.yield_first) {
-                    // Let every other ready task run before this stream sends more.
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
+                if self.yield_first {
+                    let this = &mut *self;
+                    // Back from stepping aside for new connections, it sends at once; otherwise
+                    // it lets every other ready task run before it sends more.
+                    let resumed = match &this.first_responses {
+                        Some(first_responses) => ready!(this.turns.poll_next_chunk(first_responses, cx)),
+                        None => false,
+                    };
+                    this.yield_first = false;
+                    if !resumed {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                 }
                 let len = buf.len().min(SENDFILE_CALL_BYTES_MAX);
                 let sent = ready!(self.poll_sendfile(cx, &file, offset, len))?;
                 self.yield_first = true;
                 self.sendfile_bytes += sent as u64;
                 self.registry.sendfile_bytes.inc_by(sent as u64);
-                Poll::Ready(Ok(sent))
+                let written = Poll::Ready(Ok(sent));
+                self.wrote(&written);
+                written
             }
-            None => Pin::new(&mut self.stream).poll_write(cx, buf),
+            None => {
+                let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+                self.wrote(&written);
+                written
+            }
         }
     }
 
@@ -169,7 +216,9 @@ impl AsyncWrite for SendfileStream {
     ) -> Poll<io::Result<usize>> {
         let plain = bufs.iter().take_while(|b| self.registry.find(b).is_none()).count();
         if plain > 0 {
-            return Pin::new(&mut self.stream).poll_write_vectored(cx, &bufs[..plain]);
+            let written = Pin::new(&mut self.stream).poll_write_vectored(cx, &bufs[..plain]);
+            self.wrote(&written);
+            return written;
         }
         match bufs.first() {
             Some(first) => self.as_mut().poll_write(cx, first),
@@ -193,6 +242,8 @@ impl AsyncWrite for SendfileStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
@@ -244,5 +295,47 @@ mod tests {
         let expected = [header.as_slice(), &content[1000..]].concat();
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "bytes differ");
+    }
+
+    /// "New connections first" as a connection sees it: its first write answers it, and a
+    /// stream that has sent a chunk waits while another connection is fresh.
+    #[tokio::test]
+    async fn a_stream_steps_aside_for_a_fresh_connection_until_it_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![3u8; 1 << 20]).unwrap();
+        let registry = Arc::new(Registry::new(Counter::default()));
+        let mapping = Mapping::new(File::open(&path).unwrap(), registry.clone()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let reader = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            socket.read_to_end(&mut got).await.unwrap();
+            got.len()
+        });
+
+        let first_responses = Arc::new(FirstResponses::default());
+        let mine = Arc::new(first_responses.admit());
+        let socket = TcpStream::connect(address).await.unwrap();
+        let mut stream = SendfileStream::new(socket, registry).going_first(first_responses.clone(), mine.clone());
+        stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        assert_eq!(first_responses.fresh(), 0, "answered by its first write");
+
+        let chunk = &mapping.as_ref()[..SENDFILE_CALL_BYTES_MAX];
+        assert_eq!(stream.write(chunk).await.unwrap(), chunk.len());
+        // Another connection arrives: the stream's next chunk waits for its answer.
+        let other = first_responses.admit();
+        let mut next = std::pin::pin!(stream.write(&mapping.as_ref()[SENDFILE_CALL_BYTES_MAX..]));
+        for _ in 0..3 {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+            assert!(polled.is_pending(), "sent while a connection is fresh");
+            tokio::task::yield_now().await;
+        }
+        other.release();
+        let sent = tokio::time::timeout(Duration::from_secs(10), next).await.expect("woken").unwrap();
+        assert_eq!(sent, SENDFILE_CALL_BYTES_MAX);
+        drop(stream);
+        assert_eq!(reader.await.unwrap(), 19 + 2 * SENDFILE_CALL_BYTES_MAX);
     }
 }
