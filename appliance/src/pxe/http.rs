@@ -176,9 +176,8 @@ pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
         let _ = stream.set_nodelay(true);
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES);
         let fresh = Arc::new(first_responses.admit());
-        let first_responses = first_responses.clone();
         runtime.spawn(async move {
-            let stream = SendfileStream::new(stream, registry).going_first(first_responses, fresh.clone());
+            let stream = SendfileStream::new(stream, registry).going_first(fresh.clone());
             let io = hyper_util::rt::TokioIo::new(stream);
             let service = hyper::service::service_fn(move |mut request: axum::http::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));

@@ -121,6 +121,11 @@ pub struct Fresh {
 }
 
 impl Fresh {
+    /// The server's fresh connections, which this one's stream later steps aside for.
+    pub fn first_responses(&self) -> &FirstResponses {
+        &self.shared
+    }
+
     pub fn release(&self) {
         if !self.released.swap(true, Ordering::AcqRel) {
             self.shared.release();

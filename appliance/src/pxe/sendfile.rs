@@ -22,7 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::priority::{FirstResponses, Fresh, Turns};
+use super::priority::{Fresh, Turns};
 
 /// Most bytes one `sendfile` call sends, after which the connection yields to other tasks before
 /// sending more. Without it one poll of a stream filled the whole socket buffer (MBs on a fast
@@ -107,30 +107,20 @@ pub struct SendfileStream {
     /// Set after each `sendfile`: the next one first yields the task (see
     /// [`SENDFILE_CALL_BYTES_MAX`]).
     yield_first: bool,
-    /// Present until this connection is first answered (see `priority`).
+    /// This connection's claim to go first, released by its first write; through it, the
+    /// server's fresh connections, for which the stream steps aside between chunks.
     fresh: Option<Arc<Fresh>>,
-    /// The server's fresh connections, for which this stream steps aside between chunks.
-    first_responses: Option<Arc<FirstResponses>>,
     turns: Turns,
 }
 
 impl SendfileStream {
     pub fn new(stream: TcpStream, registry: Arc<Registry>) -> SendfileStream {
-        SendfileStream {
-            stream,
-            registry,
-            sendfile_bytes: 0,
-            yield_first: false,
-            fresh: None,
-            first_responses: None,
-            turns: Turns::default(),
-        }
+        SendfileStream { stream, registry, sendfile_bytes: 0, yield_first: false, fresh: None, turns: Turns::default() }
     }
 
     /// Takes part in "new connections first" (see `priority`): `fresh` is released on this
     /// connection's first write, and between chunks the stream steps aside for fresh ones.
-    pub fn going_first(mut self, first_responses: Arc<FirstResponses>, fresh: Arc<Fresh>) -> SendfileStream {
-        self.first_responses = Some(first_responses);
+    pub fn going_first(mut self, fresh: Arc<Fresh>) -> SendfileStream {
         self.fresh = Some(fresh);
         self
     }
@@ -141,10 +131,8 @@ impl SendfileStream {
 
     /// After a write went out: the connection has been answered.
     fn wrote(&mut self, written: &Poll<io::Result<usize>>) {
-        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
-            if let Some(fresh) = self.fresh.take() {
-                fresh.release();
-            }
+        if let (Some(fresh), Poll::Ready(Ok(1..))) = (&self.fresh, written) {
+            fresh.release();
         }
     }
 
@@ -178,8 +166,8 @@ impl AsyncWrite for SendfileStream {
                     let this = &mut *self;
                     // Back from stepping aside for new connections, it sends at once; otherwise
                     // it lets every other ready task run before it sends more.
-                    let resumed = match &this.first_responses {
-                        Some(first_responses) => ready!(this.turns.poll_next_chunk(first_responses, cx)),
+                    let resumed = match &this.fresh {
+                        Some(fresh) => ready!(this.turns.poll_next_chunk(fresh.first_responses(), cx)),
                         None => false,
                     };
                     this.yield_first = false;
@@ -242,6 +230,7 @@ impl AsyncWrite for SendfileStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pxe::priority::FirstResponses;
     use std::future::Future;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -318,7 +307,7 @@ mod tests {
         let first_responses = Arc::new(FirstResponses::default());
         let mine = Arc::new(first_responses.admit());
         let socket = TcpStream::connect(address).await.unwrap();
-        let mut stream = SendfileStream::new(socket, registry).going_first(first_responses.clone(), mine.clone());
+        let mut stream = SendfileStream::new(socket, registry).going_first(mine.clone());
         stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
         assert_eq!(first_responses.fresh(), 0, "answered by its first write");
 
