@@ -235,13 +235,32 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[test]
-    fn only_live_mappings_are_found() {
+    /// A registered mapping of a file holding `content` (in the returned temp dir).
+    fn mapped(content: &[u8]) -> (tempfile::TempDir, Arc<Registry>, Mapping) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        std::fs::write(&path, vec![7u8; 10_000]).unwrap();
+        std::fs::write(&path, content).unwrap();
         let registry = Arc::new(Registry::new(Counter::default()));
         let mapping = Mapping::new(File::open(&path).unwrap(), registry.clone()).unwrap();
+        (dir, registry, mapping)
+    }
+
+    /// A listener that reads one connection to its end: its address, and what it read.
+    async fn sink() -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let reader = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            socket.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        (address, reader)
+    }
+
+    #[test]
+    fn only_live_mappings_are_found() {
+        let (_dir, registry, mapping) = mapped(&[7u8; 10_000]);
         let (_, offset) = registry.find(&mapping.as_ref()[100..200]).unwrap();
         assert_eq!(offset, 100);
         assert!(registry.find(&[1, 2, 3]).is_none(), "ordinary memory");
@@ -252,21 +271,9 @@ mod tests {
 
     #[tokio::test]
     async fn mapped_slices_go_out_by_sendfile_and_arrive_intact() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
         let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &content).unwrap();
-        let registry = Arc::new(Registry::new(Counter::default()));
-        let mapping = Mapping::new(File::open(&path).unwrap(), registry.clone()).unwrap();
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let reader = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut got = Vec::new();
-            socket.read_to_end(&mut got).await.unwrap();
-            got
-        });
+        let (_dir, registry, mapping) = mapped(&content);
+        let (address, reader) = sink().await;
         let mut stream = SendfileStream::new(TcpStream::connect(address).await.unwrap(), registry);
         // A header, then a mapped range in a vectored write, then more of the mapping alone.
         let header = b"HEADER\n".to_vec();
@@ -290,19 +297,8 @@ mod tests {
     /// stream that has sent a chunk waits while another connection is fresh.
     #[tokio::test]
     async fn a_stream_steps_aside_for_a_fresh_connection_until_it_is_answered() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, vec![3u8; 1 << 20]).unwrap();
-        let registry = Arc::new(Registry::new(Counter::default()));
-        let mapping = Mapping::new(File::open(&path).unwrap(), registry.clone()).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let reader = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut got = Vec::new();
-            socket.read_to_end(&mut got).await.unwrap();
-            got.len()
-        });
+        let (_dir, registry, mapping) = mapped(&vec![3u8; 1 << 20]);
+        let (address, reader) = sink().await;
 
         let first_responses = Arc::new(FirstResponses::default());
         let mine = Arc::new(first_responses.admit());
@@ -325,6 +321,6 @@ mod tests {
         let sent = tokio::time::timeout(Duration::from_secs(10), next).await.expect("woken").unwrap();
         assert_eq!(sent, SENDFILE_CALL_BYTES_MAX);
         drop(stream);
-        assert_eq!(reader.await.unwrap(), 19 + 2 * SENDFILE_CALL_BYTES_MAX);
+        assert_eq!(reader.await.unwrap().len(), 19 + 2 * SENDFILE_CALL_BYTES_MAX);
     }
 }
