@@ -159,6 +159,11 @@ async fn createadmin_login_sessions_and_api_authentication() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        response.headers().get("connection").and_then(|v| v.to_str().ok()),
+        Some("close"),
+        "the unread rest of the body ends the connection: the answer must say so"
+    );
     let bad_name = client
         .post(format!("{}/api/v1/racks/challenge", region.url))
         .json(&serde_json::json!({"name": "no spaces"}))
