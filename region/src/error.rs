@@ -1,6 +1,6 @@
 //! API errors: what the client is told (a status and a JSON reason) versus what goes to the log.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use metalrack_api::{ErrorBody, CODE_REREGISTER};
@@ -49,15 +49,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let too_large = self.status == StatusCode::PAYLOAD_TOO_LARGE;
-        let mut response = (self.status, Json(self.body)).into_response();
-        if too_large {
-            // The rest of the body is left unread, so the server closes the connection after
-            // this answer; without saying so, a client that reused it for its next request
-            // raced the close (seen in CI: `IncompleteMessage` on the request after a 413).
-            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
+        (self.status, Json(self.body)).into_response()
     }
 }
 

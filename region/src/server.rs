@@ -96,8 +96,41 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ui::router())
         .route("/", get(|| async { Redirect::permanent(&format!("{BASE_PATH}/")) }))
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
+        .layer(axum::middleware::from_fn(close_if_body_unread))
         .layer(GlobalConcurrencyLimitLayer::new(HTTP_REQUESTS_IN_FLIGHT_MAX))
         .with_state(state)
+}
+
+/// Answers `Connection: close` when the request's body was not read to its end (refused as too
+/// large, or an error before or in the middle of it). hyper then closes the connection, since
+/// the unread rest would be taken for the next request; without the header a client that reused
+/// the connection raced the close (seen in CI: `IncompleteMessage` on the request after a 413).
+async fn close_if_body_unread(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::body::{Body, HttpBody};
+    use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let (parts, body) = request.into_parts();
+    let read = Arc::new(AtomicBool::new(body.is_end_stream()));
+    let body = if read.load(Ordering::Relaxed) {
+        body
+    } else {
+        // Polled only once the body has ended without error.
+        let end = read.clone();
+        let marker = futures_util::stream::poll_fn(move |_| {
+            end.store(true, Ordering::Relaxed);
+            std::task::Poll::Ready(None)
+        });
+        Body::from_stream(body.into_data_stream().chain(marker))
+    };
+    let mut response = next.run(axum::extract::Request::from_parts(parts, body)).await;
+    if !read.load(Ordering::Relaxed) {
+        response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// Serves until `shutdown` completes. Prints the bound address on stdout first, so a caller that

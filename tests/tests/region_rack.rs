@@ -128,15 +128,9 @@ async fn createadmin_login_sessions_and_api_authentication() {
         let body: metalrack_api::ErrorBody = response.json().await.unwrap();
         assert!(!body.error.is_empty());
     }
-    let account: metalrack_api::AccountView = client
-        .get(format!("{}/api/v1/account", region.url))
-        .bearer_auth(&api_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let response = client.get(format!("{}/api/v1/account", region.url)).bearer_auth(&api_key).send().await.unwrap();
+    assert!(response.headers().get("connection").is_none(), "a request without a body keeps its connection");
+    let account: metalrack_api::AccountView = response.json().await.unwrap();
     assert_eq!(account.username, "admin");
     assert!(account.is_admin);
 
@@ -149,6 +143,7 @@ async fn createadmin_login_sessions_and_api_authentication() {
         .await
         .unwrap();
     assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+    assert!(malformed.headers().get("connection").is_none(), "its body was read whole: the connection stays");
     assert!(malformed.json::<metalrack_api::ErrorBody>().await.unwrap().error.contains("JSON"));
     let huge = format!("{{\"name\": \"{}\"}}", "a".repeat(200_000));
     let response = client
