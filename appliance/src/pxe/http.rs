@@ -385,14 +385,13 @@ async fn send_file(
             let _ = map.map().advise_range(memmap2::Advice::WillNeed, from, to - from);
         }
     };
-    let first_advised = (start as usize + 2 * STREAM_PIECE_BYTES).min(end as usize);
-    readahead(&map, start as usize, first_advised);
     state.pxe.metrics.http_streams.inc();
     state.pxe.metrics.http_streams_active.inc();
     state.pxe.record(&mac, "boot.http", format!("HTTP {label} ({} bytes) to {peer}", end - start));
     let guard = Arc::new(StreamGuard { _permit: permit, pxe: state.pxe.clone() });
     let pxe = state.pxe.clone();
-    let stream = futures_util::stream::unfold((start as usize, first_advised), move |(offset, advised)| {
+    // State: the next offset to send, and how far the kernel has been asked to read ahead.
+    let stream = futures_util::stream::unfold((start as usize, start as usize), move |(offset, advised)| {
         let bytes = bytes.clone();
         let guard = guard.clone();
         let pxe = pxe.clone();
@@ -405,9 +404,10 @@ async fn send_file(
             }
             let piece_end = (offset + STREAM_PIECE_BYTES).min(end);
             let window_end = (piece_end + READAHEAD_BYTES).min(end);
-            let advised_end = window_end.min(advised.max(offset) + 2 * STREAM_PIECE_BYTES);
-            readahead(&map, advised.max(offset), advised_end);
-            let advised_end = advised_end.max(advised);
+            // Two more pieces advised per piece sent, until the window reaches READAHEAD_BYTES.
+            let from = advised.max(offset);
+            let advised_end = window_end.min(from + 2 * STREAM_PIECE_BYTES);
+            readahead(&map, from, advised_end);
             let piece = bytes.slice(offset..piece_end);
             pxe.metrics.http_bytes.inc_by(piece.len() as u64);
             Some((Ok::<Bytes, std::io::Error>(piece), (piece_end, advised_end)))

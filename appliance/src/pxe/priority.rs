@@ -69,13 +69,10 @@ impl FirstResponses {
         if self.fresh() == 0 {
             return None;
         }
-        let now = Instant::now();
-        if parked.since.is_some_and(|since| now.duration_since(since) >= PAUSE_MAX) {
-            // Connections keep arriving: let every parked stream have a turn.
-            self.wake_all(&mut parked);
+        if self.wake_all_if_paused_too_long(&mut parked) {
             return None;
         }
-        parked.since.get_or_insert(now);
+        parked.since.get_or_insert_with(Instant::now);
         parked.wakers.push(cx.waker().clone());
         Some(self.wakeups.load(Ordering::Acquire))
     }
@@ -100,10 +97,17 @@ impl FirstResponses {
     }
 
     fn wake_if_paused_too_long(&self) {
-        let mut parked = self.parked.lock().expect("lock");
-        if parked.since.is_some_and(|since| since.elapsed() >= PAUSE_MAX) {
-            self.wake_all(&mut parked);
+        self.wake_all_if_paused_too_long(&mut self.parked.lock().expect("lock"));
+    }
+
+    /// Connections keep arriving: once the first parked stream has waited PAUSE_MAX, every
+    /// parked stream gets a turn.
+    fn wake_all_if_paused_too_long(&self, parked: &mut Parked) -> bool {
+        let too_long = parked.since.is_some_and(|since| since.elapsed() >= PAUSE_MAX);
+        if too_long {
+            self.wake_all(parked);
         }
+        too_long
     }
 
     #[cfg(test)]
