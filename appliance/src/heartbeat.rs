@@ -153,4 +153,4 @@ pub async fn run(
     }
 }
 
-pub use metalrack_api::error_chain;
+pub use metalrack_image_tools::error_chain;

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use metalrack_api::private_file::write_private_file;
+use metalrack_image_tools::private_file::write_private_file;
 use metalrack_api::{registration_proof, validate_rack_name, ChallengeRequest, RegisterRequest, Secret, SecretError};
 use serde::{Deserialize, Serialize};
 

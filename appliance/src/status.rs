@@ -50,7 +50,7 @@ pub fn status_path(data_dir: &Path) -> PathBuf {
 
 pub fn save(data_dir: &Path, status: &HeartbeatStatus) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(status).expect("status serializes");
-    metalrack_api::private_file::write_private_file(&status_path(data_dir), &json)
+    metalrack_image_tools::private_file::write_private_file(&status_path(data_dir), &json)
 }
 
 /// The last status written, or `None` if `rackd serve` never ran here (or the file is unreadable:

@@ -11,10 +11,14 @@
 pub mod chunker;
 pub mod delta;
 pub mod diff;
+pub mod error_chain;
 pub mod frame;
 pub mod manifest;
+pub mod private_file;
 pub mod store;
 pub mod verify;
+
+pub use error_chain::error_chain;
 
 use std::fmt;
 use std::str::FromStr;

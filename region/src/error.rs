@@ -53,4 +53,4 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub use metalrack_api::error_chain as chain;
+pub use metalrack_image_tools::error_chain as chain;

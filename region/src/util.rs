@@ -27,7 +27,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
-pub use metalrack_api::private_file::write_private_file;
+pub use metalrack_image_tools::private_file::write_private_file;
 
 /// "12 s ago", "3 min ago", "5 h ago", "2 days ago": how the UI shows a past time.
 pub fn ago(then_ms: i64, now_ms: i64) -> String {

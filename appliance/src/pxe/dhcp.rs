@@ -384,7 +384,7 @@ async fn open_server(pxe: &Arc<Pxe>) -> DhcpServer {
         match tokio::task::spawn_blocking(move || LeaseJournal::open(&dir)).await {
             Ok(Ok(journal)) => return DhcpServer::new(&pxe.config, Some(journal)),
             Ok(Err(e)) => tracing::error!(
-                error = %metalrack_api::error_chain(&e),
+                error = %metalrack_image_tools::error_chain(&e),
                 retry_s = LEASE_STORE_RETRY.as_secs(),
                 "DHCP not serving: cannot open the lease store"
             ),

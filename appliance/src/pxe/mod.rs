@@ -89,7 +89,7 @@ fn prepare_boot_files(config: &PxeConfig, dir: &Path) -> Result<HashMap<String, 
     for name in LOADERS {
         let source = config.loaders_dir.join(name);
         if let Ok(bytes) = std::fs::read(&source) {
-            metalrack_api::private_file::write_private_file(&dir.join(name), &bytes).map_err(fail)?;
+            metalrack_image_tools::private_file::write_private_file(&dir.join(name), &bytes).map_err(fail)?;
             hashes.insert(name.to_owned(), blake3::hash(&bytes).to_hex().to_string());
         }
     }

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use metalrack_api::images::{validate_image_name, validate_image_token, validate_kind, CatalogueFile};
-use metalrack_api::private_file::write_private_file;
+use metalrack_image_tools::private_file::write_private_file;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]

@@ -148,7 +148,7 @@ impl Controller {
 
     fn save_state(&self, state: &PersistentState) {
         let json = serde_json::to_vec(state).expect("state serializes");
-        if let Err(e) = metalrack_api::private_file::write_private_file(&state_path(&self.layout), &json) {
+        if let Err(e) = metalrack_image_tools::private_file::write_private_file(&state_path(&self.layout), &json) {
             tracing::warn!(error = %e, "cannot save sync state");
         }
     }
@@ -240,7 +240,7 @@ impl Controller {
             return;
         }
         let json = serde_json::to_vec_pretty(machines).expect("boot table serializes");
-        if let Err(e) = metalrack_api::private_file::write_private_file(&boot_table_path(&self.data_dir), &json) {
+        if let Err(e) = metalrack_image_tools::private_file::write_private_file(&boot_table_path(&self.data_dir), &json) {
             tracing::warn!(error = %e, "cannot save the boot table; serving it from memory");
         }
         tracing::info!(n_machines = machines.len(), "boot table updated");

@@ -4,7 +4,6 @@
 
 pub mod images;
 pub mod machines;
-pub mod private_file;
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -217,19 +216,6 @@ pub struct AccountView {
     pub email: String,
     pub is_admin: bool,
     pub ssh_keys: Vec<String>,
-}
-
-/// An error and its sources as one line ("cannot open x: permission denied"), for logs and
-/// one-line command-line errors in both daemons.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -461,7 +461,7 @@ impl Writer {
             if result.is_ok() && self.records_in_journal >= compact_at {
                 if let Err(e) = self.compact() {
                     tracing::warn!(
-                        error = %metalrack_api::error_chain(&e),
+                        error = %metalrack_image_tools::error_chain(&e),
                         "cannot compact the DHCP lease journal; it grows until a compaction succeeds"
                     );
                 }
@@ -502,7 +502,7 @@ impl Writer {
             Err(e) => {
                 if !self.failing {
                     tracing::error!(
-                        error = %metalrack_api::error_chain(&e),
+                        error = %metalrack_image_tools::error_chain(&e),
                         "DHCP leases cannot be saved; no lease is acknowledged until they can"
                     );
                 }
@@ -526,7 +526,7 @@ impl Writer {
         let snapshot = SnapshotOut { journal_seq: self.seq, leases: self.leases.values().collect() };
         let write_error = |source| LeaseStoreError::WriteSnapshot { path: self.snapshot_path.clone(), source };
         let json = serde_json::to_vec_pretty(&snapshot).map_err(|e| write_error(std::io::Error::other(e)))?;
-        metalrack_api::private_file::write_private_file(&self.snapshot_path, &json).map_err(write_error)?;
+        metalrack_image_tools::private_file::write_private_file(&self.snapshot_path, &json).map_err(write_error)?;
         // The helper syncs the directory but ignores a failure; here it matters: the journal is
         // emptied next, so a rename that is not durable would lose acknowledged leases.
         let dir = self.snapshot_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
