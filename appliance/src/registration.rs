@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use metalrack_image_tools::private_file::write_private_file;
 use metalrack_api::{registration_proof, validate_rack_name, ChallengeRequest, RegisterRequest, Secret, SecretError};
+use metalrack_image_tools::private_file::write_private_file;
 use serde::{Deserialize, Serialize};
 
 use crate::region_client::{parse_region_url, RegionClient, RegionError};

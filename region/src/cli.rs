@@ -8,10 +8,11 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use metalrack_api::Secret;
 
-use crate::auth::hash_password;
 use crate::config::RegionConfig;
-use crate::server::AppState;
-use crate::store::{NewUser, Store, StoreError};
+use crate::db::Store;
+use crate::http::AppState;
+use crate::state::Shared;
+use crate::users::{hash_password, validate_email, validate_ssh_key, validate_username, NewUser};
 
 /// The region server of Metalrack: catalogue, users, racks, events, web UI and API.
 ///
@@ -134,11 +135,8 @@ async fn serve(
     let store = Store::open(data_dir).await?;
     let (_, generation) = crate::secret::reconcile(data_dir, &store, "regiond serve").await?;
     tracing::info!(data_dir = %data_dir.display(), generation, "region starting");
-    let catalogue = crate::images::Catalogue::open(data_dir)?;
-    let state = AppState::new(store.clone(), config, data_dir.to_owned(), catalogue);
-    crate::server::serve(state, listen, shutdown_signal())
-        .await
-        .with_context(|| format!("cannot serve on {listen}"))?;
+    let state = AppState::new(Shared::new(store.clone(), config, data_dir.to_owned()))?;
+    crate::http::serve(state, listen, shutdown_signal()).await.with_context(|| format!("cannot serve on {listen}"))?;
     store.close().await;
     tracing::info!("region stopped");
     Ok(ExitCode::SUCCESS)
@@ -216,9 +214,7 @@ async fn createadmin(
         Some(e) => e,
         None => prompter.ask("Email")?,
     };
-    if !email.contains('@') || email.chars().any(char::is_whitespace) {
-        bail!("{email:?} is not an email address");
-    }
+    validate_email(&email)?;
     if fully_interactive && ssh_keys.is_empty() {
         let key = prompter.ask("SSH public key (optional, Enter to skip)")?;
         if !key.is_empty() {
@@ -237,45 +233,10 @@ async fn createadmin(
         is_admin: true,
         ssh_keys: &ssh_keys,
     };
-    match store.create_user(&new).await {
-        Ok(_) => {}
-        Err(StoreError::DuplicateUsername { username }) => {
-            bail!("a user named {username:?} already exists; nothing was changed")
-        }
-        Err(e) => return Err(e.into()),
-    }
-    store.record_event("user.created", "regiond createadmin", &format!("administrator {username:?} created")).await?;
+    crate::users::create_admin(&store, &new, "regiond createadmin").await?;
     store.close().await;
     println!("Created administrator {username:?}. Log in at http://HOST:5240/MAAS/");
     Ok(ExitCode::SUCCESS)
-}
-
-fn validate_username(username: &str) -> anyhow::Result<()> {
-    if username.is_empty() || username.len() > 150 {
-        bail!("a username has 1 to 150 characters");
-    }
-    if let Some(c) = username.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '@' | '+' | '-' | '_')))
-    {
-        bail!("a username holds letters, digits and . @ + - _, not {c:?}");
-    }
-    Ok(())
-}
-
-fn validate_ssh_key(key: &str) -> anyhow::Result<()> {
-    const KEY_TYPES: [&str; 6] = [
-        "ssh-rsa",
-        "ssh-ed25519",
-        "ecdsa-sha2-nistp256",
-        "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521",
-        "sk-ssh-ed25519@openssh.com",
-    ];
-    let mut parts = key.split_whitespace();
-    let kind = parts.next().unwrap_or_default();
-    if !KEY_TYPES.contains(&kind) || parts.next().is_none() {
-        bail!("{key:?} is not an SSH public key (expected e.g. 'ssh-ed25519 AAAA... comment')");
-    }
-    Ok(())
 }
 
 async fn secret(data_dir: &Path, action: SecretAction) -> anyhow::Result<ExitCode> {
@@ -310,16 +271,8 @@ async fn replace_secret(data_dir: &Path, secret: &Secret, actor: &str) -> anyhow
 
 async fn apikey(data_dir: &Path, username: &str, new: bool) -> anyhow::Result<ExitCode> {
     let store = Store::open(data_dir).await?;
-    let user = store
-        .user_by_username(username)
-        .await?
-        .ok_or_else(|| StoreError::NoSuchUser { username: username.to_owned() })?;
-    if new {
-        println!("{}", store.create_api_key(&user.id).await?);
-    } else {
-        for key in store.api_keys(&user.id).await? {
-            println!("{key}");
-        }
+    for key in crate::users::api_keys(&store, username, new).await? {
+        println!("{key}");
     }
     store.close().await;
     Ok(ExitCode::SUCCESS)
@@ -328,14 +281,6 @@ async fn apikey(data_dir: &Path, username: &str, new: bool) -> anyhow::Result<Ex
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn usernames_and_keys() {
-        assert!(validate_username("admin").is_ok());
-        assert!(validate_username("a b").is_err());
-        assert!(validate_ssh_key("ssh-ed25519 AAAAC3Nza op@host").is_ok());
-        assert!(validate_ssh_key("hello").is_err());
-    }
 
     #[test]
     fn cli_parses_contract() {

@@ -1,16 +1,35 @@
-//! regiond, the Metalrack region server: the authoritative catalogue of racks, users and events,
-//! its HTTP admin API and web UI. See `docs/ARCHITECTURE.md` for how the pieces fit.
+//! regiond, the Metalrack region server: the authoritative catalogue of images, racks, machines,
+//! users and events, its HTTP admin API and web UI. See `docs/ARCHITECTURE.md` for how the
+//! pieces fit.
+//!
+//! Modules in layers; each imports only from layers below it (checked by `tests/layers.rs`):
+//! 1. `util`, `config`: clocks, tokens and hashes; `region.toml`.
+//! 2. `db`: the database (pool, migrations, transactions) and the tables every domain writes:
+//!    the event log and settings.
+//! 3. `state`: what every domain shares (`Shared`: the store, config, data dir, change feed).
+//! 4. domains, each with its error type and its SQL beside it: `secret`, `users`, `cluster`;
+//!    then `racks`, `machines`; then `catalogue` (whose per-rack views read racks and whose
+//!    rack poll carries machines).
+//! 5. `http`: the router, extractors, `ApiError` (every domain error's status decided in one
+//!    place), and the thin API and UI handlers.
+//! 6. `cli`: the command line.
 
-pub mod api;
-pub mod auth;
-pub mod catalogue_store;
-pub mod cli;
 pub mod config;
-pub mod error;
-pub mod images;
-pub mod machines;
-pub mod secret;
-pub mod server;
-pub mod store;
-pub mod ui;
 pub mod util;
+
+pub mod db;
+
+pub mod state;
+
+pub mod cluster;
+pub mod secret;
+pub mod users;
+
+pub mod machines;
+pub mod racks;
+
+pub mod catalogue;
+
+pub mod http;
+
+pub mod cli;

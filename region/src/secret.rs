@@ -1,5 +1,6 @@
 //! The region's shared secret: the `DATA_DIR/secret` file (mode 0600) and the generation counter
-//! in the database that tells racks registered under an older secret to register again.
+//! in the database that tells racks registered under an older secret to register again (its SQL
+//! is at the end of this file).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -7,8 +8,10 @@ use std::path::{Path, PathBuf};
 use metalrack_api::{Secret, SecretError};
 use rand::RngCore;
 
-use crate::store::{Store, StoreError};
-use crate::util::{sha256_hex, write_private_file};
+use sqlx::Row;
+
+use crate::db::{query_error, Store, StoreError};
+use crate::util::{now_ms, sha256_hex, write_private_file};
 
 /// File name of the secret inside the data dir.
 pub const SECRET_FILE: &str = "secret";
@@ -93,6 +96,91 @@ pub async fn reconcile(data_dir: &Path, store: &Store, actor: &str) -> Result<(S
             .map_err(|source| SecretFileError::Store { source })?;
     }
     Ok((secret, generation))
+}
+
+/// The secret for an administrator to read (the UI's "Add rack controller" shows it in the
+/// register command); each showing is an event.
+pub async fn show(shared: &crate::state::Shared, actor: &str) -> Result<Secret, SecretFileError> {
+    let (secret, _) = reconcile(shared.data_dir(), &shared.store, actor).await?;
+    let message = format!("{actor} opened 'Add rack controller' (shows the secret)");
+    shared
+        .store
+        .record_event("secret.shown", actor, &message)
+        .await
+        .map_err(|source| SecretFileError::Store { source })?;
+    Ok(secret)
+}
+
+/// The secret generation in force (0 before the region's first start). A rack credential is
+/// valid only under the generation it was issued in.
+pub async fn current_generation(store: &Store) -> Result<i64, StoreError> {
+    Ok(store.secret_state().await?.map(|s| s.generation).unwrap_or(0))
+}
+
+// ---- the secret generation in the database ----
+
+#[derive(Debug, Clone)]
+pub struct SecretState {
+    pub generation: i64,
+    pub fingerprint: String,
+}
+
+impl Store {
+    pub async fn secret_state(&self) -> Result<Option<SecretState>, StoreError> {
+        let row = sqlx::query("SELECT generation, fingerprint FROM secret_state WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("read secret state"))?;
+        row.map(|row| {
+            Ok(SecretState {
+                generation: row.try_get(0).map_err(query_error("read secret state"))?,
+                fingerprint: row.try_get(1).map_err(query_error("read secret state"))?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records `fingerprint` as the secret in force. Returns the generation and whether it changed.
+    pub async fn adopt_secret(&self, fingerprint: &str) -> Result<(i64, bool), StoreError> {
+        let mut tx = self.begin_write().await.map_err(query_error("begin adopt secret"))?;
+        let row = sqlx::query("SELECT generation, fingerprint FROM secret_state WHERE id = 1")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(query_error("read secret state"))?;
+        let result = match row {
+            None => {
+                sqlx::query(
+                    "INSERT INTO secret_state (id, generation, fingerprint, changed_at_ms) VALUES (1, 1, $1, $2)",
+                )
+                .bind(fingerprint)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error("insert secret state"))?;
+                (1, false)
+            }
+            Some(row) => {
+                let generation: i64 = row.try_get(0).map_err(query_error("read secret state"))?;
+                let current: String = row.try_get(1).map_err(query_error("read secret state"))?;
+                if current == fingerprint {
+                    (generation, false)
+                } else {
+                    sqlx::query(
+                        "UPDATE secret_state SET generation = $1, fingerprint = $2, changed_at_ms = $3 WHERE id = 1",
+                    )
+                    .bind(generation + 1)
+                    .bind(fingerprint)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_error("update secret state"))?;
+                    (generation + 1, true)
+                }
+            }
+        };
+        tx.commit().await.map_err(query_error("commit adopt secret"))?;
+        Ok(result)
+    }
 }
 
 #[cfg(test)]

@@ -262,11 +262,8 @@ impl SyncRun<'_> {
                 if Hash::of(&bytes).to_hex() != file.manifest_id {
                     return Err(invalid("its content does not match its id".into()));
                 }
-                metalrack_image_tools::private_file::write_private_file(&path, &bytes).map_err(|source| SyncError::Io {
-                    what: "write",
-                    path: path.clone(),
-                    source,
-                })?;
+                metalrack_image_tools::private_file::write_private_file(&path, &bytes)
+                    .map_err(|source| SyncError::Io { what: "write", path: path.clone(), source })?;
                 bytes
             }
         };

@@ -240,7 +240,8 @@ impl Controller {
             return;
         }
         let json = serde_json::to_vec_pretty(machines).expect("boot table serializes");
-        if let Err(e) = metalrack_image_tools::private_file::write_private_file(&boot_table_path(&self.data_dir), &json) {
+        if let Err(e) = metalrack_image_tools::private_file::write_private_file(&boot_table_path(&self.data_dir), &json)
+        {
             tracing::warn!(error = %e, "cannot save the boot table; serving it from memory");
         }
         tracing::info!(n_machines = machines.len(), "boot table updated");

@@ -1,9 +1,11 @@
 //! The wire contract between the region, its racks and tools: JSON request and response types,
-//! the registration proof, and the header formats. Both sides compile against this one crate so
-//! they cannot drift apart.
+//! endpoint paths, the limits both sides must respect, the registration proof, and the header
+//! formats. Both sides compile against this one crate so they cannot drift apart.
 
 pub mod images;
+pub mod limits;
 pub mod machines;
+pub mod paths;
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};

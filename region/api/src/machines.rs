@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Boot events one request may carry; a rack with more queued sends several requests.
-pub const BOOT_EVENTS_PER_REQUEST_MAX: usize = 1000;
+pub use crate::limits::BOOT_EVENTS_PER_REQUEST_MAX;
 
 /// What a machine boots into next.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -2,7 +2,6 @@
 //! build step. Login, first-login welcome, dashboard, controllers, events, account.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 
 use axum::extract::{ConnectInfo, Form, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -16,24 +15,18 @@ use metalrack_api::images::{SyncPhase, SyncPolicy, SyncPolicyKind, SyncReport, V
 use metalrack_api::{RackState, RackView};
 use serde::Deserialize;
 
-use crate::api::{cluster_name, rack_views, CLUSTER_NAME_SETTING};
-use crate::auth::{hash_password, verify_password, SessionUser, SESSION_COOKIE};
-use crate::error::ApiError;
-use crate::server::{AppState, BASE_PATH};
-use crate::store::User;
-use crate::util::{ago, now_ms, random_hex, rfc3339, sha256_hex};
-
-/// Setting that records the welcome page was seen (saved or skipped).
-const WELCOME_DONE_SETTING: &str = "welcome_done";
-
-/// Longest cluster name.
-const CLUSTER_NAME_LEN_MAX: usize = 64;
+use super::error::ApiError;
+use super::extract::{SessionUser, SESSION_COOKIE};
+use super::{AppState, BASE_PATH};
+use crate::cluster::{ClusterError, CLUSTER_NAME_LEN_MAX};
+use crate::users::{Login, User};
+use crate::util::{ago, now_ms, rfc3339};
 
 /// Events shown on the events page and the dashboard.
 const EVENTS_PAGE_ROWS: i64 = 200;
 const DASHBOARD_EVENT_ROWS: i64 = 8;
 
-const STYLE: &str = include_str!("../static/style.css");
+const STYLE: &str = include_str!("../../static/style.css");
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -61,9 +54,18 @@ pub fn router() -> Router<AppState> {
 /// A page that failed: the log gets the details, the user a short page.
 struct PageError(ApiError);
 
-impl From<ApiError> for PageError {
-    fn from(e: ApiError) -> Self {
-        PageError(e)
+impl<E: Into<ApiError>> From<E> for PageError {
+    fn from(e: E) -> Self {
+        PageError(e.into())
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(error: ClusterError) -> ApiError {
+        match error {
+            ClusterError::InvalidName => ApiError::bad_request(error.to_string()),
+            ClusterError::Store { source, .. } => source.into(),
+        }
     }
 }
 
@@ -80,8 +82,8 @@ impl IntoResponse for PageError {
 
 type PageResult = Result<Response, PageError>;
 
-fn internal(e: impl std::error::Error) -> PageError {
-    PageError(ApiError::internal(e))
+async fn cluster_name(state: &AppState) -> Result<String, PageError> {
+    Ok(state.shared.cluster_name().await?)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -163,54 +165,33 @@ fn login_markup(cluster: &str, error: Option<&str>) -> Markup {
     )
 }
 
-/// A hash to check passwords of unknown users against, so a login for a missing user takes as
-/// long as one with a wrong password and does not reveal which usernames exist.
-fn dummy_hash() -> &'static str {
-    static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| hash_password(&random_hex(16)).expect("hashing a random password works"))
-}
-
 async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     jar: CookieJar,
     Form(form): Form<LoginForm>,
 ) -> PageResult {
-    let user = state.store.user_by_username(&form.username).await.map_err(internal)?;
-    let hash = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| dummy_hash().to_owned());
-    let password = form.password;
-    let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password)).await.map_err(internal)?;
-    let user = match user {
-        Some(user) if ok => user,
-        _ => {
-            tracing::warn!(username = %form.username, peer = %peer.ip(), "login failed");
-            let message = format!("failed login for {:?} from {}", form.username, peer.ip());
-            state.store.record_event("user.login_failed", &form.username, &message).await.map_err(internal)?;
-            let cluster = cluster_name(&state).await?;
-            return Ok(
-                (StatusCode::UNAUTHORIZED, login_markup(&cluster, Some("Wrong username or password."))).into_response()
-            );
-        }
-    };
-    let token = random_hex(32);
-    state
-        .store
-        .create_session(&sha256_hex(token.as_bytes()), &user.id, state.config.session_lifetime_ms as i64)
-        .await
-        .map_err(internal)?;
-    state
-        .store
-        .record_event("user.login", &user.username, &format!("{} logged in from {}", user.username, peer.ip()))
-        .await
-        .map_err(internal)?;
+    let (user, token) =
+        match crate::users::login(&state.shared, &form.username, form.password, &peer.ip().to_string()).await? {
+            Login::Session { user, token } => (user, token),
+            Login::Refused => {
+                let cluster = cluster_name(&state).await?;
+                return Ok((StatusCode::UNAUTHORIZED, login_markup(&cluster, Some("Wrong username or password.")))
+                    .into_response());
+            }
+        };
+    tracing::debug!(username = %user.username, "session opened");
     let cookie = Cookie::build((SESSION_COOKIE, token))
         .path(BASE_PATH)
         .http_only(true)
         .same_site(SameSite::Strict)
-        .max_age(time_duration(state.config.session_lifetime_ms))
+        .max_age(time_duration(state.shared.config.session_lifetime_ms))
         .build();
-    let welcome_done = state.store.setting(WELCOME_DONE_SETTING).await.map_err(internal)?.is_some();
-    let next = if welcome_done { format!("{BASE_PATH}/") } else { format!("{BASE_PATH}/welcome") };
+    let next = if crate::cluster::welcome_done(&state.shared).await? {
+        format!("{BASE_PATH}/")
+    } else {
+        format!("{BASE_PATH}/welcome")
+    };
     Ok((jar.add(cookie), Redirect::to(&next)).into_response())
 }
 
@@ -220,7 +201,7 @@ fn time_duration(ms: u64) -> cookie::time::Duration {
 
 async fn logout(State(state): State<AppState>, jar: CookieJar) -> PageResult {
     if let Some(cookie) = jar.get(SESSION_COOKIE) {
-        state.store.delete_session(&sha256_hex(cookie.value().as_bytes())).await.map_err(internal)?;
+        crate::users::logout(&state.shared, cookie.value()).await?;
     }
     let jar = jar.remove(Cookie::build(SESSION_COOKIE).path(BASE_PATH));
     Ok((jar, Redirect::to(&format!("{BASE_PATH}/login"))).into_response())
@@ -268,20 +249,18 @@ async fn welcome(
     Form(form): Form<WelcomeForm>,
 ) -> PageResult {
     if form.action == "save" {
-        let name = form.cluster_name.unwrap_or_default().trim().to_owned();
-        if name.is_empty() || name.chars().count() > CLUSTER_NAME_LEN_MAX || name.chars().any(char::is_control) {
-            let cluster = cluster_name(&state).await?;
-            let error = format!("A cluster name has 1 to {CLUSTER_NAME_LEN_MAX} printable characters.");
-            return Ok((StatusCode::BAD_REQUEST, welcome_markup(&cluster, &user, Some(&error))).into_response());
+        let name = form.cluster_name.unwrap_or_default();
+        match crate::cluster::rename(&state.shared, &user.username, &name).await {
+            Ok(()) => {}
+            Err(error @ ClusterError::InvalidName) => {
+                let cluster = cluster_name(&state).await?;
+                let body = welcome_markup(&cluster, &user, Some(&error.to_string()));
+                return Ok((StatusCode::BAD_REQUEST, body).into_response());
+            }
+            Err(error) => return Err(error.into()),
         }
-        state.store.set_setting(CLUSTER_NAME_SETTING, &name).await.map_err(internal)?;
-        state
-            .store
-            .record_event("cluster.renamed", &user.username, &format!("cluster named {name:?}"))
-            .await
-            .map_err(internal)?;
     }
-    state.store.set_setting(WELCOME_DONE_SETTING, "1").await.map_err(internal)?;
+    crate::cluster::mark_welcome_done(&state.shared).await?;
     Ok(Redirect::to(&format!("{BASE_PATH}/")).into_response())
 }
 
@@ -289,10 +268,10 @@ async fn welcome(
 
 async fn dashboard(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
     let cluster = cluster_name(&state).await?;
-    let racks = rack_views(&state).await?;
+    let racks = state.racks.views().await?;
     let count = |s: RackState| racks.iter().filter(|r| r.state == s).count();
-    let users = state.store.count_users().await.map_err(internal)?;
-    let events = state.store.events(DASHBOARD_EVENT_ROWS).await.map_err(internal)?;
+    let users = crate::users::count(&state.shared).await?;
+    let events = state.shared.store.events(DASHBOARD_EVENT_ROWS).await?;
     let content = html! {
         h1 { "Dashboard" }
         div.tiles {
@@ -337,7 +316,7 @@ fn events_table(events: &[metalrack_api::EventView]) -> Markup {
 
 async fn controllers(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
     let cluster = cluster_name(&state).await?;
-    let racks = rack_views(&state).await?;
+    let racks = state.racks.views().await?;
     let content = html! {
         div.heading {
             h1 { "Controllers" }
@@ -392,24 +371,14 @@ async fn add_controller(
         return Err(PageError(ApiError::forbidden("Only administrators can add rack controllers.")));
     }
     let cluster = cluster_name(&state).await?;
-    let url = match &state.config.public_url {
+    let url = match &state.shared.config.public_url {
         Some(url) => url.trim_end_matches('/').to_owned(),
         None => {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost:5240");
             format!("http://{host}{BASE_PATH}")
         }
     };
-    let (secret, _) =
-        crate::secret::reconcile(&state.data_dir, &state.store, &user.username).await.map_err(internal)?;
-    state
-        .store
-        .record_event(
-            "secret.shown",
-            &user.username,
-            &format!("{} opened 'Add rack controller' (shows the secret)", user.username),
-        )
-        .await
-        .map_err(internal)?;
+    let secret = crate::secret::show(&state.shared, &user.username).await?;
     let command = format!("rackd register --url {url} --secret {}", secret.expose());
     let content = html! {
         h1 { "Add rack controller" }
@@ -430,15 +399,14 @@ async fn add_controller(
 
 async fn events(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
     let cluster = cluster_name(&state).await?;
-    let events = state.store.events(EVENTS_PAGE_ROWS).await.map_err(internal)?;
+    let events = state.shared.store.events(EVENTS_PAGE_ROWS).await?;
     let content = html! { h1 { "Events" } section.card { (events_table(&events)) } };
     Ok(layout("Events", &cluster, Some(&user), Nav::Events, content).into_response())
 }
 
 async fn account(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
     let cluster = cluster_name(&state).await?;
-    let keys = state.store.api_keys(&user.id).await.map_err(internal)?;
-    let ssh_keys = state.store.ssh_keys(&user.id).await.map_err(internal)?;
+    let crate::users::Account { api_keys: keys, ssh_keys } = crate::users::account(&state.shared, &user).await?;
     let content = html! {
         h1 { (user.username) }
         section.card {
@@ -522,11 +490,11 @@ fn sync_label(sync: &SyncReport) -> String {
 }
 
 async fn rack_by_id(state: &AppState, id: &str) -> Result<RackView, PageError> {
-    rack_views(state)
-        .await?
-        .into_iter()
-        .find(|r| r.id == id)
-        .ok_or_else(|| PageError(ApiError::not_found("No such rack controller.")))
+    match state.racks.view(id).await {
+        Ok(rack) => Ok(rack),
+        Err(crate::racks::RacksError::NoSuchRack) => Err(PageError(ApiError::not_found("No such rack controller."))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn require_admin_page(user: &User) -> Result<(), PageError> {
@@ -627,9 +595,7 @@ async fn controller_policy(
         window_end: form.window_end,
         bandwidth_bytes_per_s: (form.bandwidth_mib_s.max(0.0) * 1048576.0) as u64,
     };
-    if let Err(PageError(error)) =
-        crate::images::store_sync_policy(&state, &user.username, &id, &policy).await.map_err(PageError)
-    {
+    if let Err(PageError(error)) = state.racks.set_sync_policy(&user, &id, &policy).await.map_err(PageError::from) {
         if error.status == StatusCode::BAD_REQUEST {
             let cluster = cluster_name(&state).await?;
             let rack = rack_by_id(&state, &id).await?;
@@ -653,13 +619,13 @@ async fn controller_sync(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> PageResult {
     require_admin_page(&user)?;
-    crate::images::request_sync(&state, &user.username, Some(&id)).await?;
+    state.racks.request_sync(&user, Some(&id)).await?;
     Ok(Redirect::to(&format!("{BASE_PATH}/controllers/{id}")).into_response())
 }
 
 async fn images_page(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
     let cluster = cluster_name(&state).await?;
-    let images = crate::images::image_views(&state).await?;
+    let images = state.catalogue.image_views().await?;
     let now = now_ms();
     let content = html! {
         div.heading {
@@ -718,7 +684,7 @@ async fn images_page(State(state): State<AppState>, SessionUser(user): SessionUs
 
 async fn images_sync(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
     require_admin_page(&user)?;
-    crate::images::request_sync(&state, &user.username, None).await?;
+    state.racks.request_sync(&user, None).await?;
     Ok(Redirect::to(&format!("{BASE_PATH}/images")).into_response())
 }
 
@@ -728,6 +694,6 @@ async fn images_delete(
     axum::extract::Path((image_id, version)): axum::extract::Path<(String, String)>,
 ) -> PageResult {
     require_admin_page(&user)?;
-    crate::images::delete_version_and_collect(&state, &user.username, &image_id, &version).await?;
+    state.catalogue.delete_version(&user, &image_id, &version).await?;
     Ok(Redirect::to(&format!("{BASE_PATH}/images")).into_response())
 }

@@ -1,13 +1,13 @@
-//! The catalogue's queries: uploads, committed image files, versions, the revision racks
-//! long-poll on, and each rack's sync settings.
+//! The catalogue's queries: uploads, committed image files, versions, and the revision racks
+//! long-poll on.
 
 use std::collections::HashSet;
 
-use metalrack_api::images::{CatalogueFile, SyncPolicy, SyncPolicyKind};
+use metalrack_api::images::CatalogueFile;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::store::{query_error, Store, StoreError};
+use crate::db::{query_error, Store, StoreError};
 use crate::util::{now_ms, random_hex};
 
 /// Uploads in progress at once; a new one past this fails until older ones commit or expire.
@@ -59,14 +59,6 @@ pub enum CommitOutcome {
     Conflict {
         file_hash: String,
     },
-}
-
-fn policy_name(kind: SyncPolicyKind) -> &'static str {
-    match kind {
-        SyncPolicyKind::Auto => "auto",
-        SyncPolicyKind::Window => "window",
-        SyncPolicyKind::Manual => "manual",
-    }
 }
 
 impl Store {
@@ -369,38 +361,6 @@ impl Store {
             .await
             .map_err(query_error("list manifests"))?;
         rows.iter().map(|row| row.try_get(0).map_err(query_error("read manifest id"))).collect()
-    }
-
-    pub async fn set_sync_policy(&self, rack_id: &str, policy: &SyncPolicy) -> Result<bool, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE racks SET sync_policy = $1, sync_delay_ms = $2, sync_window_start = $3, sync_window_end = $4, \
-             sync_bandwidth_bytes_per_s = $5 WHERE id = $6",
-        )
-        .bind(policy_name(policy.policy))
-        .bind(policy.delay_ms as i64)
-        .bind(&policy.window_start)
-        .bind(&policy.window_end)
-        .bind(policy.bandwidth_bytes_per_s as i64)
-        .bind(rack_id)
-        .execute(&self.pool)
-        .await
-        .map_err(query_error("set sync policy"))?
-        .rows_affected();
-        Ok(updated > 0)
-    }
-
-    /// "Sync now" for one rack or (with `None`) all. Returns how many racks were asked.
-    pub async fn request_sync(&self, rack_id: Option<&str>) -> Result<u64, StoreError> {
-        let result = match rack_id {
-            Some(id) => {
-                sqlx::query("UPDATE racks SET sync_requested = sync_requested + 1 WHERE id = $1")
-                    .bind(id)
-                    .execute(&self.pool)
-                    .await
-            }
-            None => sqlx::query("UPDATE racks SET sync_requested = sync_requested + 1").execute(&self.pool).await,
-        };
-        Ok(result.map_err(query_error("request sync"))?.rows_affected())
     }
 }
 

@@ -1,0 +1,743 @@
+//! The image catalogue: streaming uploads from `imgtool push` (manifest, missing chunks,
+//! commit), listing and deleting versions with garbage collection, each rack's sync status per
+//! version, and what racks sync through (the catalogue long-poll, manifests, chunk streams).
+//!
+//! The rules: a chunk is stored only once its hash is checked and it belongs to the upload's
+//! manifest; a version joins the catalogue only when every chunk is present and durable and
+//! together they hash to the manifest's file hash; a deleted version's chunks go once nothing
+//! references them.
+
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use metalrack_api::images::{
+    validate_image_name, validate_image_token, validate_kind, ChunksStored, CommitResponse, DeleteVersionResponse,
+    FileView, ImageView, RackCatalogue, RackSyncView, SyncPhase, UploadResponse, VersionSyncStatus, VersionView,
+};
+use metalrack_image_tools::delta::{self, DeltaError};
+use metalrack_image_tools::frame::{self, FrameDecoder, FrameError};
+use metalrack_image_tools::manifest::{self, Manifest, ManifestError, CHUNK_LEN_MAX};
+use metalrack_image_tools::store::{ChunkStore, StoreError as ChunkStoreError};
+use metalrack_image_tools::Hash;
+use tokio::sync::Mutex;
+
+use crate::db::StoreError;
+use crate::racks::RackRow;
+use crate::state::Shared;
+use crate::users::User;
+use crate::util::write_private_file;
+use store::{CommitOutcome, UploadRow};
+
+/// Largest manifest accepted: 64 MiB is ~1.8 M chunks, a 116 GiB file at the 64 KiB average.
+pub const MANIFEST_BYTES_MAX: usize = metalrack_api::limits::MANIFEST_BYTES_MAX;
+
+/// Chunks a rack may ask for in one request.
+pub const CHUNK_FETCH_MAX: usize = metalrack_api::limits::CHUNK_FETCH_MAX;
+
+/// Longest a rack's catalogue long-poll is held open.
+pub const LONG_POLL_MAX: Duration = metalrack_api::limits::CATALOGUE_POLL_HOLD_MAX;
+
+/// A client that sends nothing for this long while uploading chunks is cut off.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Largest chunk request body: [`CHUNK_FETCH_MAX`] wants naming every base they may.
+pub const CHUNK_REQUEST_BYTES_MAX: usize = CHUNK_FETCH_MAX * (delta::WANT_HEADER_LEN + 32 * delta::BASES_MAX);
+
+/// Chunk frames buffered between the disk reader and the socket per chunk request: bounds
+/// memory to ~4 chunks per rack download however slow the rack reads.
+const SERVE_QUEUE_FRAMES: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogueError {
+    #[error("only administrators may change the catalogue")]
+    NotAdmin,
+    #[error("{reason}")]
+    InvalidImage { reason: String },
+    #[error("invalid manifest")]
+    InvalidManifest { source: ManifestError },
+    #[error("{name} {arch} version {version} already has a different {kind}; push it as a new --version")]
+    VersionConflict { name: String, arch: String, version: String, kind: String },
+    #[error("cannot write manifest {path}")]
+    WriteManifest { path: PathBuf, source: std::io::Error },
+    #[error("cannot read manifest {manifest_id}")]
+    ReadManifest { manifest_id: String, source: std::io::Error },
+    #[error("stored manifest {manifest_id} is damaged")]
+    ManifestDamaged { manifest_id: String, source: ManifestError },
+    #[error("too many uploads in progress; retry later")]
+    UploadsFull,
+    #[error("no upload {upload_id:?} in progress (it was committed or expired); push again")]
+    NoSuchUpload { upload_id: String },
+    #[error("no data for {} s; send the batch again", BODY_IDLE_TIMEOUT.as_secs())]
+    BodyIdle,
+    #[error("upload interrupted: {reason}")]
+    UploadInterrupted { reason: String },
+    #[error("a chunk batch is at most {limit} bytes; send fewer chunks per request")]
+    BatchTooLarge { limit: u64 },
+    #[error("malformed chunk frame")]
+    MalformedFrame { source: FrameError },
+    #[error("the batch ends inside a chunk frame")]
+    BatchTruncated { source: FrameError },
+    #[error("chunk {hash} is not in this upload's manifest")]
+    ChunkNotInManifest { hash: Hash },
+    #[error("chunk {expected} was damaged in transit (its content hashes to {actual}); send it again")]
+    ChunkDamagedInTransit { expected: Hash, actual: Hash },
+    #[error("cannot store chunk {hash}")]
+    StoreChunk { hash: Hash, source: ChunkStoreError },
+    #[error("{n_missing} chunks are still missing; push again to send them")]
+    ChunksMissing { n_missing: usize },
+    #[error("chunk {hash} was damaged on disk and removed; push again")]
+    ChunkDamagedOnDisk { hash: Hash },
+    #[error("the chunks make a file hashing to {actual}, not the manifest's {expected}")]
+    FileHashMismatch { actual: Hash, expected: Hash },
+    #[error("cannot check the version's chunks")]
+    CheckChunks { source: ChunkStoreError },
+    #[error("this version already has a different file of that kind; push it as a new --version")]
+    FileConflict,
+    #[error("no version {version:?} of image {image_id:?}")]
+    NoSuchVersion { image_id: String, version: String },
+    #[error("the version was deleted but its chunks were not collected")]
+    CollectGarbage { step: &'static str, source: std::io::Error },
+    #[error("the version was deleted but its chunks were not collected")]
+    CollectChunks { source: ChunkStoreError },
+    #[error("{text:?} is not a 64-character hex hash")]
+    InvalidHash { text: String },
+    #[error("invalid chunk request")]
+    InvalidWants { source: DeltaError },
+    #[error("ask for 1 to {CHUNK_FETCH_MAX} chunks")]
+    NoWants,
+    #[error("no manifest {manifest_id}")]
+    NoSuchManifest { manifest_id: String },
+    #[error("no chunk {hash}")]
+    NoSuchChunk { hash: Hash },
+    #[error("cannot encode a manifest delta")]
+    EncodeDelta { source: DeltaError },
+    #[error("rack gone")]
+    RackGone,
+    #[error("region shutting down")]
+    ShuttingDown,
+    #[error("a catalogue task stopped before it finished")]
+    Task { source: tokio::task::JoinError },
+    #[error("cannot {step}")]
+    Store { step: &'static str, source: StoreError },
+}
+
+fn store_error(step: &'static str) -> impl FnOnce(StoreError) -> CatalogueError {
+    move |source| CatalogueError::Store { step, source }
+}
+
+fn task_error(source: tokio::task::JoinError) -> CatalogueError {
+    CatalogueError::Task { source }
+}
+
+fn require_admin(user: &User) -> Result<(), CatalogueError> {
+    if user.is_admin {
+        Ok(())
+    } else {
+        Err(CatalogueError::NotAdmin)
+    }
+}
+
+pub fn parse_hash(text: &str) -> Result<Hash, CatalogueError> {
+    Hash::from_hex(text).map_err(|_| CatalogueError::InvalidHash { text: text.to_owned() })
+}
+
+/// What an upload is for: one file of one image version.
+#[derive(Debug, Clone)]
+pub struct UploadTarget {
+    pub name: String,
+    pub arch: String,
+    pub kind: String,
+    pub version: String,
+}
+
+/// A manifest as a rack asked for it.
+#[derive(Debug)]
+pub enum ManifestPayload {
+    /// The manifest itself.
+    Raw(Vec<u8>),
+    /// A delta payload against the base the rack named.
+    Delta(Vec<u8>),
+}
+
+/// The catalogue's on-disk parts and in-memory caches, shared by all requests.
+#[derive(Debug)]
+pub struct Catalogue {
+    shared: Shared,
+    chunks: ChunkStore,
+    manifests_dir: PathBuf,
+    /// Chunk sets of active uploads, so each batch does not re-read the manifest. At most one
+    /// entry per pending upload (`UPLOADS_PENDING_MAX`).
+    upload_sets: Mutex<HashMap<String, Arc<HashSet<Hash>>>>,
+    /// Serializes garbage collection against itself.
+    gc: Mutex<()>,
+    /// Test fault hook: corrupt this many chunk frames served to racks (env
+    /// `METALRACK_FAULT_CORRUPT_CHUNKS`), to prove racks detect and refetch damaged chunks.
+    corrupt_chunks_left: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogueOpenError {
+    #[error("cannot open chunk store")]
+    Chunks { source: ChunkStoreError },
+    #[error("cannot create manifest dir {path}")]
+    Manifests { path: PathBuf, source: std::io::Error },
+}
+
+impl Catalogue {
+    pub fn open(shared: Shared) -> Result<Catalogue, CatalogueOpenError> {
+        let data_dir: &Path = shared.data_dir();
+        // Chunks are flushed in bulk (one syncfs) before a version commits, not one by one.
+        let chunks = ChunkStore::open_volatile(&data_dir.join("chunks"))
+            .map_err(|source| CatalogueOpenError::Chunks { source })?;
+        let manifests_dir = data_dir.join("manifests");
+        std::fs::create_dir_all(&manifests_dir)
+            .map_err(|source| CatalogueOpenError::Manifests { path: manifests_dir.clone(), source })?;
+        let corrupt = std::env::var("METALRACK_FAULT_CORRUPT_CHUNKS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if corrupt > 0 {
+            tracing::warn!(corrupt, "fault hook on: corrupting chunks served to racks");
+        }
+        Ok(Catalogue {
+            shared,
+            chunks,
+            manifests_dir,
+            upload_sets: Mutex::default(),
+            gc: Mutex::default(),
+            corrupt_chunks_left: corrupt.into(),
+        })
+    }
+
+    fn manifest_path(&self, manifest_id: &str) -> PathBuf {
+        self.manifests_dir.join(manifest_id)
+    }
+
+    async fn load_manifest(&self, manifest_id: &str) -> Result<Manifest, CatalogueError> {
+        let bytes = tokio::fs::read(self.manifest_path(manifest_id))
+            .await
+            .map_err(|source| CatalogueError::ReadManifest { manifest_id: manifest_id.to_owned(), source })?;
+        Manifest::parse(&bytes)
+            .map_err(|source| CatalogueError::ManifestDamaged { manifest_id: manifest_id.to_owned(), source })
+    }
+
+    /// Step 1 of a push: the manifest. Answers which chunks the region lacks.
+    pub async fn start_upload(
+        &self,
+        actor: &User,
+        target: &UploadTarget,
+        manifest_bytes: Bytes,
+    ) -> Result<UploadResponse, CatalogueError> {
+        require_admin(actor)?;
+        let invalid = |reason| CatalogueError::InvalidImage { reason };
+        validate_image_name(&target.name).map_err(invalid)?;
+        validate_image_token("arch", &target.arch).map_err(invalid)?;
+        validate_image_token("version", &target.version).map_err(invalid)?;
+        validate_kind(&target.kind).map_err(invalid)?;
+        let manifest = Manifest::parse(&manifest_bytes).map_err(|source| CatalogueError::InvalidManifest { source })?;
+        let file_hash = manifest.file_hash.to_hex();
+        let store = &self.shared.store;
+        let existing = store
+            .committed_file_hash(&target.name, &target.arch, &target.version, &target.kind)
+            .await
+            .map_err(store_error("look up the committed file"))?;
+        if existing.is_some_and(|existing| existing != file_hash) {
+            return Err(CatalogueError::VersionConflict {
+                name: target.name.clone(),
+                arch: target.arch.clone(),
+                version: target.version.clone(),
+                kind: target.kind.clone(),
+            });
+        }
+        let manifest_id = Hash::of(&manifest_bytes).to_hex();
+        let path = self.manifest_path(&manifest_id);
+        if !path.exists() {
+            let bytes = manifest_bytes.clone();
+            let target = path.clone();
+            tokio::task::spawn_blocking(move || write_private_file(&target, &bytes))
+                .await
+                .map_err(task_error)?
+                .map_err(|source| CatalogueError::WriteManifest { path, source })?;
+        }
+        let upload_id = store
+            .create_upload(&target.name, &target.arch, &target.kind, &target.version, &manifest_id)
+            .await
+            .map_err(store_error("start the upload"))?
+            .ok_or(CatalogueError::UploadsFull)?;
+        let chunks = self.chunks.clone();
+        let (missing, missing_bytes) = tokio::task::spawn_blocking(move || {
+            let mut seen = HashSet::new();
+            let mut missing = Vec::new();
+            let mut missing_bytes = 0u64;
+            for (index, chunk) in manifest.chunks.iter().enumerate() {
+                if seen.insert(chunk.hash) && !chunks.contains(&chunk.hash) {
+                    missing.push(index as u32);
+                    missing_bytes += u64::from(chunk.len);
+                }
+            }
+            (missing, missing_bytes)
+        })
+        .await
+        .map_err(task_error)?;
+        tracing::info!(upload = %upload_id, image = %target.name, kind = %target.kind, n_missing = missing.len(), "upload started");
+        Ok(UploadResponse {
+            upload_id,
+            manifest_id,
+            n_chunks: manifest_bytes.len().saturating_sub(manifest::HEADER_LEN) as u64 / manifest::ENTRY_LEN as u64,
+            missing,
+            missing_bytes,
+            batch_bytes_max: self.shared.config.upload_batch_bytes_max,
+        })
+    }
+
+    async fn upload_row(&self, upload_id: &str) -> Result<UploadRow, CatalogueError> {
+        self.shared
+            .store
+            .upload(upload_id)
+            .await
+            .map_err(store_error("look up the upload"))?
+            .ok_or_else(|| CatalogueError::NoSuchUpload { upload_id: upload_id.to_owned() })
+    }
+
+    async fn upload_set(&self, upload: &UploadRow) -> Result<Arc<HashSet<Hash>>, CatalogueError> {
+        if let Some(set) = self.upload_sets.lock().await.get(&upload.id) {
+            return Ok(set.clone());
+        }
+        let manifest = self.load_manifest(&upload.manifest_id).await?;
+        let set: Arc<HashSet<Hash>> = Arc::new(manifest.chunks.iter().map(|c| c.hash).collect());
+        self.upload_sets.lock().await.insert(upload.id.clone(), set.clone());
+        Ok(set)
+    }
+
+    /// Step 2: chunks, as a stream of frames. Each is checked against the manifest and its hash
+    /// before it is stored; the body is never held whole in memory.
+    pub async fn upload_chunks<S, E>(
+        &self,
+        actor: &User,
+        upload_id: &str,
+        mut body: S,
+    ) -> Result<ChunksStored, CatalogueError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        require_admin(actor)?;
+        let upload = self.upload_row(upload_id).await?;
+        let wanted = self.upload_set(&upload).await?;
+        let limit = self.shared.config.upload_batch_bytes_max;
+        let mut decoder = FrameDecoder::new(CHUNK_LEN_MAX);
+        let (mut received, mut stored, mut already_present) = (0u64, 0u64, 0u64);
+        loop {
+            let next =
+                tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next()).await.map_err(|_| CatalogueError::BodyIdle)?;
+            let Some(piece) = next else { break };
+            let piece = piece.map_err(|e| CatalogueError::UploadInterrupted { reason: e.to_string() })?;
+            received += piece.len() as u64;
+            if received > limit {
+                return Err(CatalogueError::BatchTooLarge { limit });
+            }
+            decoder.push(&piece);
+            while let Some((hash, data)) =
+                decoder.next_frame().map_err(|source| CatalogueError::MalformedFrame { source })?
+            {
+                if !wanted.contains(&hash) {
+                    return Err(CatalogueError::ChunkNotInManifest { hash });
+                }
+                let chunks = self.chunks.clone();
+                match tokio::task::spawn_blocking(move || chunks.put(&hash, &data)).await.map_err(task_error)? {
+                    Ok(true) => stored += 1,
+                    Ok(false) => already_present += 1,
+                    Err(ChunkStoreError::HashMismatch { expected, actual }) => {
+                        return Err(CatalogueError::ChunkDamagedInTransit { expected, actual })
+                    }
+                    Err(source) => return Err(CatalogueError::StoreChunk { hash, source }),
+                }
+            }
+        }
+        decoder.finish().map_err(|source| CatalogueError::BatchTruncated { source })?;
+        Ok(ChunksStored { stored, already_present })
+    }
+
+    /// Step 3: every chunk present and the whole file hashing right, the version joins the
+    /// catalogue.
+    pub async fn commit_upload(&self, actor: &User, upload_id: &str) -> Result<CommitResponse, CatalogueError> {
+        require_admin(actor)?;
+        let upload = self.upload_row(upload_id).await?;
+        let manifest = self.load_manifest(&upload.manifest_id).await?;
+        let chunks = self.chunks.clone();
+        let checked = manifest.clone();
+        tokio::task::spawn_blocking(move || check_version_chunks(&chunks, &checked)).await.map_err(task_error)??;
+        let file_hash = manifest.file_hash.to_hex();
+        let outcome = self
+            .shared
+            .store
+            .commit_upload(&upload, &file_hash, manifest.file_len, manifest.chunks.len() as u64)
+            .await
+            .map_err(store_error("commit the upload"))?;
+        if let CommitOutcome::Conflict { .. } = outcome {
+            return Err(CatalogueError::FileConflict);
+        }
+        self.upload_sets.lock().await.remove(&upload.id);
+        let message = format!(
+            "{} {} version {}: {} committed ({} bytes, {} chunks)",
+            upload.image_name,
+            upload.arch,
+            upload.version,
+            upload.kind,
+            manifest.file_len,
+            manifest.chunks.len()
+        );
+        self.shared
+            .store
+            .record_event("image.committed", &actor.username, &message)
+            .await
+            .map_err(store_error("record the commit"))?;
+        self.shared.notify_change();
+        Ok(CommitResponse {
+            image: upload.image_name,
+            arch: upload.arch,
+            version: upload.version,
+            kind: upload.kind,
+            file_hash,
+        })
+    }
+
+    /// Every image with its versions and each rack's sync status for each version.
+    pub async fn image_views(&self) -> Result<Vec<ImageView>, CatalogueError> {
+        let images = self.shared.store.images().await.map_err(store_error("list images"))?;
+        let racks = self.shared.store.racks().await.map_err(store_error("list racks"))?;
+        Ok(images
+            .into_iter()
+            .map(|image| ImageView {
+                id: image.id,
+                name: image.name,
+                arch: image.arch,
+                versions: image
+                    .versions
+                    .into_iter()
+                    .map(|version| {
+                        let files: Vec<FileView> = version
+                            .files
+                            .iter()
+                            .map(|f| FileView {
+                                kind: f.kind.clone(),
+                                file_hash: f.file_hash.clone(),
+                                file_len: f.file_len as u64,
+                                n_chunks: f.n_chunks as u64,
+                            })
+                            .collect();
+                        let racks = racks.iter().map(|rack| version_sync_view(rack, &files)).collect();
+                        VersionView {
+                            version: version.version,
+                            created_at_ms: version.created_at_ms,
+                            size_bytes: files.iter().map(|f| f.file_len).sum(),
+                            n_chunks: files.iter().map(|f| f.n_chunks).sum(),
+                            files,
+                            racks,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// Deletes a version, then removes the manifests and chunks nothing references any more.
+    pub async fn delete_version(
+        &self,
+        actor: &User,
+        image_id: &str,
+        version: &str,
+    ) -> Result<DeleteVersionResponse, CatalogueError> {
+        require_admin(actor)?;
+        let _gc = self.gc.lock().await;
+        let store = &self.shared.store;
+        if !store.delete_version(image_id, version).await.map_err(store_error("delete the version"))? {
+            return Err(CatalogueError::NoSuchVersion { image_id: image_id.to_owned(), version: version.to_owned() });
+        }
+        self.shared.notify_change();
+        let referenced = store.referenced_manifest_ids().await.map_err(store_error("list referenced manifests"))?;
+        let manifests_dir = self.manifests_dir.clone();
+        let chunks = self.chunks.clone();
+        let result = tokio::task::spawn_blocking(move || collect_garbage(&manifests_dir, &chunks, &referenced))
+            .await
+            .map_err(task_error)??;
+        let message = format!(
+            "version {version} of image {image_id} deleted: {} chunks, {} bytes reclaimed",
+            result.chunks_removed, result.reclaimed_bytes
+        );
+        store
+            .record_event("image.deleted", &actor.username, &message)
+            .await
+            .map_err(store_error("record the deletion"))?;
+        Ok(result)
+    }
+
+    /// The catalogue for a rack, held open (long-poll) until something changes or `wait`
+    /// passes (at most [`LONG_POLL_MAX`]). `after` is the revision the rack has seen and
+    /// `requested` the sync request counter it has handled: either differing answers at once.
+    pub async fn rack_catalogue(
+        &self,
+        rack_id: &str,
+        after: i64,
+        requested: i64,
+        wait: Duration,
+    ) -> Result<RackCatalogue, CatalogueError> {
+        let deadline = tokio::time::Instant::now() + wait.min(LONG_POLL_MAX);
+        // Subscribe before reading, so a change between the read and the wait is not missed.
+        let mut changes = self.shared.watch_changes();
+        let store = &self.shared.store;
+        let revision = store.catalogue_revision().await.map_err(store_error("read the catalogue revision"))?;
+        let rack =
+            store.rack(rack_id).await.map_err(store_error("look up the rack"))?.ok_or(CatalogueError::RackGone)?;
+        let changed = revision != after || rack.sync_requested != requested;
+        if !changed && !self.shared.is_closing() {
+            tokio::select! {
+                result = changes.changed() => {
+                    if result.is_err() {
+                        return Err(CatalogueError::ShuttingDown);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+        // Any change ends the wait, a policy change alone too: the rack needs the new policy.
+        self.rack_catalogue_now(rack_id).await
+    }
+
+    async fn rack_catalogue_now(&self, rack_id: &str) -> Result<RackCatalogue, CatalogueError> {
+        let store = &self.shared.store;
+        let rack =
+            store.rack(rack_id).await.map_err(store_error("look up the rack"))?.ok_or(CatalogueError::RackGone)?;
+        Ok(RackCatalogue {
+            revision: store.catalogue_revision().await.map_err(store_error("read the catalogue revision"))?,
+            sync_requested: rack.sync_requested,
+            policy: rack.sync_policy,
+            files: store.catalogue_files().await.map_err(store_error("list the catalogue"))?,
+            machines: store.machines().await.map_err(store_error("list machines"))?,
+        })
+    }
+
+    /// A manifest for a rack: raw, or (when the rack names a manifest it has, usually the
+    /// previous version of the same file) a delta payload against it, which for a small change
+    /// is a few hundred bytes instead of 36 bytes per chunk.
+    pub async fn rack_manifest(
+        &self,
+        manifest_id: &str,
+        base: Option<&str>,
+    ) -> Result<ManifestPayload, CatalogueError> {
+        parse_hash(manifest_id)?;
+        let bytes = match tokio::fs::read(self.manifest_path(manifest_id)).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CatalogueError::NoSuchManifest { manifest_id: manifest_id.to_owned() })
+            }
+            Err(source) => return Err(CatalogueError::ReadManifest { manifest_id: manifest_id.to_owned(), source }),
+        };
+        let Some(base_id) = base else {
+            return Ok(ManifestPayload::Raw(bytes));
+        };
+        parse_hash(base_id)?;
+        // A base the region no longer has costs nothing: the payload is then the manifest, raw.
+        let base = tokio::fs::read(self.manifest_path(base_id)).await.unwrap_or_default();
+        let payload = tokio::task::spawn_blocking(move || {
+            let mut payload = Vec::with_capacity(bytes.len() + 1);
+            delta::encode_payload(&bytes, &base, &mut payload).map(|_| payload)
+        })
+        .await
+        .map_err(task_error)?
+        .map_err(|source| CatalogueError::EncodeDelta { source })?;
+        Ok(ManifestPayload::Delta(payload))
+    }
+
+    /// Chunks for a rack: `body` lists wants (a chunk hash and up to four chunks the rack has
+    /// where that chunk goes, see `metalrack_image_tools::delta`); the stream carries one frame
+    /// per want, in order, with the chunk raw or as a zstd delta against those bases. At most
+    /// [`SERVE_QUEUE_FRAMES`] frames wait for a slow rack.
+    pub fn rack_chunks(
+        self: &Arc<Self>,
+        body: &[u8],
+    ) -> Result<impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static, CatalogueError> {
+        let wants =
+            delta::Want::parse_all(body, CHUNK_FETCH_MAX).map_err(|source| CatalogueError::InvalidWants { source })?;
+        if wants.is_empty() {
+            return Err(CatalogueError::NoWants);
+        }
+        if let Some(missing) = wants.iter().find(|w| !self.chunks.contains(&w.hash)) {
+            return Err(CatalogueError::NoSuchChunk { hash: missing.hash });
+        }
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(SERVE_QUEUE_FRAMES);
+        let catalogue = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut prefix = Vec::new();
+            for want in wants {
+                let item = catalogue.chunk_payload(&want, &mut prefix).map(Bytes::from);
+                let failed = item.is_err();
+                if sender.blocking_send(item).is_err() || failed {
+                    break; // the rack hung up, or the read failed and the stream ends in an error
+                }
+            }
+        });
+        Ok(futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|item| (item, receiver))
+        }))
+    }
+}
+
+/// Every chunk of a version present and intact, made durable, and together hashing to the
+/// manifest's file hash. A chunk torn by a crash before it was flushed is removed so the next
+/// push sends it again.
+fn check_version_chunks(chunks: &ChunkStore, manifest: &Manifest) -> Result<(), CatalogueError> {
+    let n_missing = manifest.chunks.iter().filter(|c| !chunks.contains(&c.hash)).count();
+    if n_missing > 0 {
+        return Err(CatalogueError::ChunksMissing { n_missing });
+    }
+    let mut hasher = blake3::Hasher::new();
+    for chunk in &manifest.chunks {
+        match chunks.get(&chunk.hash) {
+            Ok(data) => hasher.update(&data),
+            Err(ChunkStoreError::HashMismatch { .. }) => {
+                chunks.remove(&chunk.hash).map_err(|source| CatalogueError::CheckChunks { source })?;
+                return Err(CatalogueError::ChunkDamagedOnDisk { hash: chunk.hash });
+            }
+            Err(source) => return Err(CatalogueError::CheckChunks { source }),
+        };
+    }
+    // Make every chunk of the version durable before the catalogue points at it.
+    chunks.sync().map_err(|source| CatalogueError::CheckChunks { source })?;
+    let actual = Hash(*hasher.finalize().as_bytes());
+    if actual != manifest.file_hash {
+        return Err(CatalogueError::FileHashMismatch { actual, expected: manifest.file_hash });
+    }
+    Ok(())
+}
+
+/// Removes manifests not in `referenced` and chunks no referenced manifest lists.
+fn collect_garbage(
+    manifests_dir: &Path,
+    chunks: &ChunkStore,
+    referenced: &HashSet<String>,
+) -> Result<DeleteVersionResponse, CatalogueError> {
+    let gc = |step| move |source| CatalogueError::CollectGarbage { step, source };
+    let mut keep = HashSet::new();
+    let mut unreferenced = Vec::new();
+    for entry in std::fs::read_dir(manifests_dir).map_err(gc("list manifests"))? {
+        let entry = entry.map_err(gc("list manifests"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if referenced.contains(&name) {
+            let bytes = std::fs::read(entry.path()).map_err(gc("read a manifest"))?;
+            let manifest = Manifest::parse(&bytes)
+                .map_err(|source| CatalogueError::ManifestDamaged { manifest_id: name.clone(), source })?;
+            keep.extend(manifest.chunks.iter().map(|c| c.hash));
+        } else {
+            unreferenced.push(entry.path());
+        }
+    }
+    let mut response = DeleteVersionResponse { chunks_removed: 0, reclaimed_bytes: 0 };
+    let chunk_error = |source| CatalogueError::CollectChunks { source };
+    for hash in chunks.hashes().map_err(chunk_error)? {
+        if !keep.contains(&hash) {
+            response.reclaimed_bytes += chunks.remove(&hash).map_err(chunk_error)?;
+            response.chunks_removed += 1;
+        }
+    }
+    for path in unreferenced {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(response)
+}
+
+/// Where a rack stands with one version: synced when every file is in its snapshot.
+fn version_sync_view(rack: &RackRow, files: &[FileView]) -> RackSyncView {
+    let mut view = RackSyncView {
+        rack_id: rack.id.clone(),
+        rack_name: rack.name.clone(),
+        status: VersionSyncStatus::Behind,
+        percent: None,
+        bytes_to_go: None,
+        reason: None,
+    };
+    let Some(report) = &rack.sync_report else { return view };
+    if files.iter().all(|f| report.file_hashes.contains(&f.file_hash)) {
+        view.status = VersionSyncStatus::Synced;
+    } else {
+        match report.phase {
+            SyncPhase::Syncing | SyncPhase::Paused => {
+                view.status = VersionSyncStatus::Syncing;
+                let total = report.bytes_total.max(1);
+                view.percent = Some((report.bytes_done as f64 * 100.0 / total as f64).min(100.0));
+                view.bytes_to_go = Some(report.bytes_total.saturating_sub(report.bytes_done));
+                if report.phase == SyncPhase::Paused {
+                    view.reason = Some(report.message.clone());
+                }
+            }
+            SyncPhase::Failed => {
+                view.status = VersionSyncStatus::Failed;
+                view.reason = Some(report.message.clone());
+            }
+            SyncPhase::Idle | SyncPhase::Waiting => {
+                if !report.message.is_empty() {
+                    view.reason = Some(report.message.clone());
+                }
+            }
+        }
+    }
+    view
+}
+
+impl Catalogue {
+    /// The frame answering one want: the chunk as a delta against the want's bases when the
+    /// region has them all and that is smaller, raw otherwise. `prefix` is scratch space.
+    fn chunk_payload(&self, want: &delta::Want, prefix: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        // The frame is built in place: header, raw tag, then the chunk read straight after them,
+        // so a raw chunk (every chunk of a first sync) costs no copy beyond the read.
+        let data_start = frame::HEADER_LEN + 1;
+        let mut frame = vec![0u8; data_start];
+        frame[frame::HEADER_LEN] = delta::PayloadTag::Raw as u8;
+        std::fs::File::open(self.chunks.path(&want.hash))?.read_to_end(&mut frame)?;
+        prefix.clear();
+        for base in &want.bases {
+            // A base the region no longer has (its version was deleted) or bases over the limit:
+            // the chunk goes raw, which the rack takes just as well.
+            let Ok(base_data) = std::fs::read(self.chunks.path(base)) else {
+                prefix.clear();
+                break;
+            };
+            if (prefix.len() + base_data.len()) as u64 > delta::BASE_BYTES_MAX {
+                prefix.clear();
+                break;
+            }
+            prefix.extend_from_slice(&base_data);
+        }
+        if let Some(delta) = delta::encode_delta(&frame[data_start..], prefix).map_err(std::io::Error::other)? {
+            frame.truncate(frame::HEADER_LEN);
+            frame.push(delta::PayloadTag::Delta as u8);
+            frame.extend_from_slice(&delta);
+        }
+        if self.take_corruption() {
+            // Damage the last byte: inside the chunk for raw payloads, inside the zstd frame for
+            // deltas; either way the rack's hash check must catch it.
+            if let Some(last) = frame.last_mut() {
+                *last ^= 0xff;
+            }
+        }
+        let payload_len = u32::try_from(frame.len() - frame::HEADER_LEN).map_err(std::io::Error::other)?;
+        let mut header = frame::FrameHeader::new_unchecked(&mut frame[..frame::HEADER_LEN]);
+        header.set_hash(&want.hash);
+        header.set_data_len(payload_len);
+        Ok(frame)
+    }
+}
+
+impl Catalogue {
+    fn take_corruption(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.corrupt_chunks_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+}

@@ -1,0 +1,110 @@
+//! The region's database: opening and migrating it, transactions, and the two tables every
+//! domain writes to (the event log and settings). Each domain keeps its own queries beside it
+//! (`users/store.rs`, `racks/store.rs`, `catalogue/store.rs`, `machines/store.rs`, `secret.rs`).
+//!
+//! Queries go through sqlx's `Any` driver with `$N` placeholders and portable SQL, so PostgreSQL
+//! can be added as a second migration directory and a URL, without touching a query.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::AnyPool;
+
+pub mod events;
+pub mod settings;
+
+/// File name of the SQLite database inside the data dir.
+pub const DATABASE_FILE: &str = "region.db";
+
+/// Connections to SQLite: one writer at a time anyway, a few readers for the UI.
+const POOL_CONNECTIONS_MAX: u32 = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create data dir {path}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot open database {path}")]
+    Open { path: PathBuf, source: sqlx::Error },
+    #[error("cannot migrate database schema")]
+    Migrate { source: sqlx::migrate::MigrateError },
+    #[error("database query failed: {what}")]
+    Query { what: &'static str, source: sqlx::Error },
+    #[error("stored data is damaged: {what}")]
+    Corrupt { what: String },
+}
+
+pub fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { what, source }
+}
+
+fn migrator() -> Migrator {
+    let migrations = vec![
+        Migration::new(
+            1,
+            Cow::Borrowed("initial"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../../migrations/sqlite/0001_initial.sql")),
+            false,
+        ),
+        Migration::new(
+            2,
+            Cow::Borrowed("images"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../../migrations/sqlite/0002_images.sql")),
+            false,
+        ),
+        Migration::new(
+            3,
+            Cow::Borrowed("machines"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../../migrations/sqlite/0003_machines.sql")),
+            false,
+        ),
+    ];
+    Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pub(crate) pool: AnyPool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database in `data_dir` and brings its schema up to date.
+    pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| StoreError::CreateDir { path: data_dir.to_owned(), source })?;
+        let path = data_dir.join(DATABASE_FILE);
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let pool = AnyPoolOptions::new()
+            .max_connections(POOL_CONNECTIONS_MAX)
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // WAL lets the UI read while a CLI command (createadmin, secret set) writes.
+                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
+        migrator().run(&pool).await.map_err(|source| StoreError::Migrate { source })?;
+        Ok(Store { pool })
+    }
+
+    /// Starts a write transaction. SQLite needs `BEGIN IMMEDIATE`: a deferred transaction that
+    /// reads, then writes after another connection committed, fails with SQLITE_BUSY at once
+    /// instead of waiting out the busy timeout.
+    pub(crate) async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,22 @@
+//! The JSON API under `/MAAS/api/v1/`: one module per domain, each a thin layer of handlers that
+//! parse the request, call the domain, and answer. Anonymous calls are refused except the two
+//! registration steps.
+
+mod catalogue;
+mod machines;
+mod racks;
+mod users;
+
+use axum::Router;
+
+use super::error::ApiError;
+use super::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .merge(racks::router())
+        .merge(users::router())
+        .merge(catalogue::router())
+        .merge(machines::router())
+        .fallback(|| async { ApiError::not_found("no such API endpoint") })
+}

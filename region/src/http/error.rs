@@ -1,0 +1,176 @@
+//! API errors: what the client is told (a status and a JSON reason) versus what goes to the log.
+//! Every domain error becomes an [`ApiError`] here, so each status is decided in one place.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use metalrack_api::{ErrorBody, CODE_REREGISTER};
+use metalrack_image_tools::error_chain;
+
+use crate::catalogue::CatalogueError;
+use crate::db::StoreError;
+use crate::machines::MachinesError;
+use crate::racks::RacksError;
+use crate::secret::SecretFileError;
+use crate::users::UsersError;
+
+/// An error answered to an API client as `{"error": "...", "code": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, body: ErrorBody { error: message.into(), code: None } }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// A domain error with the status the caller chose. A server-side failure (5xx) is logged
+    /// with its whole chain and the client learns only the failing step, never the causes
+    /// (paths, SQL errors).
+    fn from_domain(status: StatusCode, error: &dyn std::error::Error) -> ApiError {
+        if status.is_server_error() {
+            tracing::error!(error = %error_chain(error), "request failed");
+        }
+        let mut message = error.to_string();
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            message.push_str("; see the region's log");
+        }
+        ApiError::new(status, message)
+    }
+
+    /// The rack's credential is no longer valid: it must run `rackd register` again.
+    fn reregister(error: &RacksError) -> ApiError {
+        let mut api = ApiError::from_domain(StatusCode::UNAUTHORIZED, error);
+        api.body.code = Some(CODE_REREGISTER.to_owned());
+        api
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        ApiError::from_domain(StatusCode::INTERNAL_SERVER_ERROR, &error)
+    }
+}
+
+impl From<SecretFileError> for ApiError {
+    fn from(error: SecretFileError) -> ApiError {
+        ApiError::from_domain(StatusCode::INTERNAL_SERVER_ERROR, &error)
+    }
+}
+
+impl From<UsersError> for ApiError {
+    fn from(error: UsersError) -> ApiError {
+        use UsersError::*;
+        let status = match &error {
+            UsernameLength | UsernameCharacter { .. } | Email { .. } | SshKey { .. } | Password(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            DuplicateUsername { .. } => StatusCode::CONFLICT,
+            NoSuchUser { .. } => StatusCode::NOT_FOUND,
+            ApiKeyMissing | ApiKeyInvalid => StatusCode::UNAUTHORIZED,
+            VerifyTask { .. } | Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::from_domain(status, &error)
+    }
+}
+
+impl From<RacksError> for ApiError {
+    fn from(error: RacksError) -> ApiError {
+        use RacksError::*;
+        let status = match &error {
+            InvalidName { .. } | UnknownChallenge | NotHex { .. } | InvalidPolicy { .. } => StatusCode::BAD_REQUEST,
+            ChallengesFull => StatusCode::SERVICE_UNAVAILABLE,
+            WrongSecret | NotAdmin { .. } => StatusCode::FORBIDDEN,
+            CredentialMissing => StatusCode::UNAUTHORIZED,
+            CredentialUnknown | SecretChanged => return ApiError::reregister(&error),
+            NoSuchRack => StatusCode::NOT_FOUND,
+            Secret { .. } | Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::from_domain(status, &error)
+    }
+}
+
+impl From<MachinesError> for ApiError {
+    fn from(error: MachinesError) -> ApiError {
+        use MachinesError::*;
+        let status = match &error {
+            NotAdmin => StatusCode::FORBIDDEN,
+            InvalidMac { .. }
+            | HostnameTooLong
+            | InvalidImage { .. }
+            | InvalidKernelParams
+            | TooManyEvents
+            | InvalidEvent { .. } => StatusCode::BAD_REQUEST,
+            Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::from_domain(status, &error)
+    }
+}
+
+impl From<CatalogueError> for ApiError {
+    fn from(error: CatalogueError) -> ApiError {
+        use CatalogueError::*;
+        let status = match &error {
+            NotAdmin => StatusCode::FORBIDDEN,
+            InvalidImage { .. }
+            | InvalidManifest { .. }
+            | UploadInterrupted { .. }
+            | MalformedFrame { .. }
+            | BatchTruncated { .. }
+            | ChunkNotInManifest { .. }
+            | ChunkDamagedInTransit { .. }
+            | InvalidHash { .. }
+            | InvalidWants { .. }
+            | NoWants => StatusCode::BAD_REQUEST,
+            VersionConflict { .. }
+            | ChunksMissing { .. }
+            | ChunkDamagedOnDisk { .. }
+            | FileHashMismatch { .. }
+            | FileConflict => StatusCode::CONFLICT,
+            NoSuchUpload { .. } | NoSuchVersion { .. } | NoSuchManifest { .. } | NoSuchChunk { .. } | RackGone => {
+                StatusCode::NOT_FOUND
+            }
+            BodyIdle => StatusCode::REQUEST_TIMEOUT,
+            BatchTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadsFull | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            WriteManifest { .. }
+            | ReadManifest { .. }
+            | ManifestDamaged { .. }
+            | StoreChunk { .. }
+            | CheckChunks { .. }
+            | CollectGarbage { .. }
+            | CollectChunks { .. }
+            | EncodeDelta { .. }
+            | Task { .. }
+            | Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        // A client error whose cause is the client's own input says what was wrong with it.
+        let mut api = ApiError::from_domain(status, &error);
+        if status.is_client_error() {
+            if let Some(source) = std::error::Error::source(&error) {
+                api.body.error = format!("{}: {source}", api.body.error);
+            }
+        }
+        api
+    }
+}

@@ -1,0 +1,326 @@
+//! Rack controllers: registration (challenge and HMAC proof), credentials bound to the secret
+//! generation, heartbeats, the online/offline/stale rule, and each rack's sync policy and "sync
+//! now" requests.
+
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use metalrack_api::images::SyncPolicy;
+use metalrack_api::{
+    validate_rack_name, verify_registration_proof, HeartbeatRequest, HeartbeatResponse, RackState, RackView,
+    RegisterRequest, RegisterResponse, NONCE_LEN_BYTES,
+};
+use tokio::sync::Mutex;
+
+use crate::db::StoreError;
+use crate::secret::{current_generation, SecretFileError};
+use crate::state::Shared;
+use crate::util::{constant_time_eq, now_ms, random_hex, sha256_hex};
+
+pub use store::RackRow;
+
+/// Registration challenges outstanding at once; a flood of challenge requests cannot grow memory
+/// beyond ~100 KiB.
+pub const CHALLENGES_PENDING_MAX: usize = 1024;
+
+/// How long a rack has to answer a challenge.
+pub const CHALLENGE_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Bytes of randomness in a rack credential (its SHA-256 is what the database keeps).
+const CREDENTIAL_BYTES: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RacksError {
+    #[error("{reason}")]
+    InvalidName { reason: String },
+    #[error("too many registrations in progress; try again in a minute")]
+    ChallengesFull,
+    #[error("unknown or expired challenge nonce: ask for a new challenge")]
+    UnknownChallenge,
+    #[error("{field} is not hex")]
+    NotHex { field: &'static str },
+    #[error(
+        "wrong secret: the proof does not match this region's shared secret (see 'regiond secret show' on the region)"
+    )]
+    WrongSecret,
+    #[error("cannot read the region's secret")]
+    Secret { source: SecretFileError },
+    #[error("this endpoint needs a rack credential: send 'Authorization: Rack ID:CREDENTIAL'")]
+    CredentialMissing,
+    #[error("this rack's credential is not known to the region (it was replaced or removed): register again")]
+    CredentialUnknown,
+    #[error(
+        "secret changed: the region's shared secret changed since this rack registered; register again with \
+         'rackd register --url URL --secret NEW_SECRET'"
+    )]
+    SecretChanged,
+    #[error("no such rack")]
+    NoSuchRack,
+    #[error("{reason}")]
+    InvalidPolicy { reason: String },
+    #[error("only administrators may {action}")]
+    NotAdmin { action: &'static str },
+    #[error("cannot {step}")]
+    Store { step: &'static str, source: StoreError },
+}
+
+fn store_error(step: &'static str) -> impl FnOnce(StoreError) -> RacksError {
+    move |source| RacksError::Store { step, source }
+}
+
+#[derive(Debug)]
+struct PendingChallenge {
+    rack_name: String,
+    issued: Instant,
+}
+
+/// The racks domain: the shared state plus what only registration needs in memory.
+#[derive(Debug)]
+pub struct Racks {
+    shared: Shared,
+    /// Outstanding challenges by nonce; at most [`CHALLENGES_PENDING_MAX`].
+    challenges: Mutex<HashMap<String, PendingChallenge>>,
+    /// (rack id, generation) pairs already recorded as refused, so a stale rack's heartbeats
+    /// add one event, not one every few seconds. At most one entry per rack and generation.
+    stale_reported: Mutex<HashSet<(String, i64)>>,
+}
+
+impl Racks {
+    pub fn new(shared: Shared) -> Racks {
+        Racks { shared, challenges: Mutex::default(), stale_reported: Mutex::default() }
+    }
+
+    /// Step 1 of registration: a single-use nonce bound to the rack's name.
+    pub async fn challenge(&self, rack_name: String) -> Result<String, RacksError> {
+        validate_rack_name(&rack_name).map_err(|reason| RacksError::InvalidName { reason })?;
+        let nonce = random_hex(NONCE_LEN_BYTES);
+        let mut challenges = self.challenges.lock().await;
+        challenges.retain(|_, c| c.issued.elapsed() < CHALLENGE_LIFETIME);
+        if challenges.len() >= CHALLENGES_PENDING_MAX {
+            return Err(RacksError::ChallengesFull);
+        }
+        challenges.insert(nonce.clone(), PendingChallenge { rack_name, issued: Instant::now() });
+        Ok(nonce)
+    }
+
+    /// Step 2: the proof (HMAC of the nonce and name under the secret). A right proof gets a
+    /// new credential, replacing any earlier registration of the same name.
+    pub async fn register(&self, request: RegisterRequest, peer: &str) -> Result<RegisterResponse, RacksError> {
+        validate_rack_name(&request.name).map_err(|reason| RacksError::InvalidName { reason })?;
+        // A nonce is good for one attempt, right or wrong: a guesser needs a new challenge each time.
+        let pending = self.challenges.lock().await.remove(&request.nonce);
+        let pending = match pending {
+            Some(p) if p.issued.elapsed() < CHALLENGE_LIFETIME && p.rack_name == request.name => p,
+            _ => return Err(RacksError::UnknownChallenge),
+        };
+        let nonce = hex::decode(&request.nonce).map_err(|_| RacksError::NotHex { field: "nonce" })?;
+        let proof = hex::decode(&request.proof).map_err(|_| RacksError::NotHex { field: "proof" })?;
+        let store = &self.shared.store;
+        let (secret, generation) = crate::secret::reconcile(self.shared.data_dir(), store, "region")
+            .await
+            .map_err(|source| RacksError::Secret { source })?;
+        if !verify_registration_proof(&secret, &nonce, &pending.rack_name, &proof) {
+            let message = format!("rack {:?} from {peer} refused: wrong secret", request.name);
+            tracing::warn!(rack = %request.name, peer, "registration refused: wrong secret");
+            store
+                .record_event("rack.refused", &request.name, &message)
+                .await
+                .map_err(store_error("record the refusal"))?;
+            return Err(RacksError::WrongSecret);
+        }
+        let credential = random_hex(CREDENTIAL_BYTES);
+        let (rack_id, replaced) = store
+            .register_rack(&request.name, &sha256_hex(credential.as_bytes()), generation)
+            .await
+            .map_err(store_error("store the registration"))?;
+        let verb = if replaced { "registered again (replacing its old registration)" } else { "registered" };
+        tracing::info!(rack = %request.name, %rack_id, peer, replaced, "rack registered");
+        store
+            .record_event("rack.registered", &request.name, &format!("rack {:?} {verb} from {peer}", request.name))
+            .await
+            .map_err(store_error("record the registration"))?;
+        let cluster_name = self.shared.cluster_name().await.map_err(store_error("read the cluster name"))?;
+        Ok(RegisterResponse { rack_id, credential, cluster_name })
+    }
+
+    /// The rack an `Authorization: Rack RACK_ID:CREDENTIAL` header names, checked against the
+    /// secret generation in force.
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<RackRow, RacksError> {
+        let (rack_id, credential) = authorization
+            .and_then(|v| v.strip_prefix("Rack "))
+            .and_then(|v| v.split_once(':'))
+            .ok_or(RacksError::CredentialMissing)?;
+        let store = &self.shared.store;
+        let rack =
+            store.rack(rack_id).await.map_err(store_error("look up the rack"))?.ok_or(RacksError::CredentialUnknown)?;
+        if !constant_time_eq(rack.credential_hash.as_bytes(), sha256_hex(credential.as_bytes()).as_bytes()) {
+            return Err(RacksError::CredentialUnknown);
+        }
+        let generation = current_generation(store).await.map_err(store_error("read the secret generation"))?;
+        if rack.secret_generation != generation {
+            self.note_stale_rack(&rack, generation).await;
+            return Err(RacksError::SecretChanged);
+        }
+        Ok(rack)
+    }
+
+    /// Records (once) that a rack registered under an older secret was refused.
+    async fn note_stale_rack(&self, rack: &RackRow, generation: i64) {
+        let first = self.stale_reported.lock().await.insert((rack.id.clone(), generation));
+        if first {
+            let message =
+                format!("rack {:?} refused: registered under an older secret; it must register again", rack.name);
+            self.shared.record_event_or_log("rack.refused", &rack.name, &message).await;
+        }
+    }
+
+    /// A heartbeat: health and sync state stored, "online" recorded when the rack was not.
+    pub async fn heartbeat(
+        &self,
+        rack: &RackRow,
+        request: &HeartbeatRequest,
+        peer: &str,
+    ) -> Result<HeartbeatResponse, RacksError> {
+        let store = &self.shared.store;
+        let generation = current_generation(store).await.map_err(store_error("read the secret generation"))?;
+        let was_offline = self.rack_state(rack, generation, now_ms()) != RackState::Online;
+        store
+            .record_heartbeat(&rack.id, &request.health, request.sync.as_ref(), peer)
+            .await
+            .map_err(store_error("record the heartbeat"))?;
+        if was_offline {
+            let message = format!("rack {:?} is online (version {})", rack.name, request.health.version);
+            store
+                .record_event("rack.online", &rack.name, &message)
+                .await
+                .map_err(store_error("record the rack online"))?;
+        }
+        Ok(HeartbeatResponse { heartbeat_interval_ms: self.shared.config.rack_heartbeat_interval_ms })
+    }
+
+    /// A rack's state now: online while heartbeats arrive, offline after
+    /// `rack_offline_after_ms` of silence, and needing re-registration once the secret it
+    /// registered under is gone.
+    pub fn rack_state(&self, rack: &RackRow, generation: i64, now_ms: i64) -> RackState {
+        rack_state(rack, generation, now_ms, self.shared.config.rack_offline_after_ms)
+    }
+
+    pub async fn views(&self) -> Result<Vec<RackView>, RacksError> {
+        let store = &self.shared.store;
+        let generation = current_generation(store).await.map_err(store_error("read the secret generation"))?;
+        let now = now_ms();
+        let racks = store.racks().await.map_err(store_error("list racks"))?;
+        Ok(racks
+            .into_iter()
+            .map(|rack| RackView {
+                state: self.rack_state(&rack, generation, now),
+                id: rack.id,
+                name: rack.name,
+                registered_at_ms: rack.registered_at_ms,
+                last_seen_ms: rack.last_seen_ms,
+                health: rack.health,
+                remote_address: rack.remote_address,
+                sync_policy: rack.sync_policy,
+                sync: rack.sync_report,
+            })
+            .collect())
+    }
+
+    pub async fn view(&self, id: &str) -> Result<RackView, RacksError> {
+        self.views().await?.into_iter().find(|r| r.id == id).ok_or(RacksError::NoSuchRack)
+    }
+
+    /// Sets a rack's sync policy; the rack hears of it with its next catalogue poll.
+    pub async fn set_sync_policy(
+        &self,
+        actor: &crate::users::User,
+        rack_id: &str,
+        policy: &SyncPolicy,
+    ) -> Result<(), RacksError> {
+        require_admin(actor, "change sync policies")?;
+        policy.validate().map_err(|reason| RacksError::InvalidPolicy { reason })?;
+        let store = &self.shared.store;
+        if !store.set_sync_policy(rack_id, policy).await.map_err(store_error("store the sync policy"))? {
+            return Err(RacksError::NoSuchRack);
+        }
+        let message =
+            format!("sync policy of rack {rack_id} set to {}", serde_json::to_string(policy).unwrap_or_default());
+        store.record_event("sync.policy", &actor.username, &message).await.map_err(store_error("record the policy"))?;
+        self.shared.notify_change();
+        Ok(())
+    }
+
+    /// "Sync now" for one rack or (with `None`) every rack.
+    pub async fn request_sync(&self, actor: &crate::users::User, rack_id: Option<&str>) -> Result<(), RacksError> {
+        require_admin(actor, "start a sync")?;
+        let store = &self.shared.store;
+        let n = store.request_sync(rack_id).await.map_err(store_error("request the sync"))?;
+        if rack_id.is_some() && n == 0 {
+            return Err(RacksError::NoSuchRack);
+        }
+        let whom = rack_id.map(|id| format!("rack {id}")).unwrap_or_else(|| format!("all {n} racks"));
+        store
+            .record_event("sync.requested", &actor.username, &format!("sync now requested for {whom}"))
+            .await
+            .map_err(store_error("record the sync request"))?;
+        self.shared.notify_change();
+        Ok(())
+    }
+}
+
+fn require_admin(user: &crate::users::User, action: &'static str) -> Result<(), RacksError> {
+    if user.is_admin {
+        Ok(())
+    } else {
+        Err(RacksError::NotAdmin { action })
+    }
+}
+
+/// The state rule without I/O: see [`Racks::rack_state`].
+pub fn rack_state(rack: &RackRow, generation: i64, now_ms: i64, offline_after_ms: u64) -> RackState {
+    if rack.secret_generation != generation {
+        return RackState::NeedsReregistration;
+    }
+    match rack.last_seen_ms {
+        Some(seen) if now_ms - seen < offline_after_ms as i64 => RackState::Online,
+        _ => RackState::Offline,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metalrack_api::images::SyncPolicyKind;
+
+    fn rack(generation: i64, last_seen_ms: Option<i64>) -> RackRow {
+        RackRow {
+            id: "r1".into(),
+            name: "rack1".into(),
+            credential_hash: String::new(),
+            secret_generation: generation,
+            registered_at_ms: 0,
+            last_seen_ms,
+            health: None,
+            remote_address: None,
+            sync_policy: SyncPolicy {
+                policy: SyncPolicyKind::Auto,
+                delay_ms: 0,
+                window_start: String::new(),
+                window_end: String::new(),
+                bandwidth_bytes_per_s: 0,
+            },
+            sync_requested: 0,
+            sync_report: None,
+        }
+    }
+
+    #[test]
+    fn rack_state_follows_heartbeats_and_the_secret_generation() {
+        assert_eq!(rack_state(&rack(1, Some(1_000)), 1, 5_000, 30_000), RackState::Online);
+        assert_eq!(rack_state(&rack(1, Some(1_000)), 1, 31_000, 30_000), RackState::Offline);
+        assert_eq!(rack_state(&rack(1, None), 1, 0, 30_000), RackState::Offline);
+        assert_eq!(rack_state(&rack(1, Some(1_000)), 2, 5_000, 30_000), RackState::NeedsReregistration);
+    }
+}
