@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use metalrack_api::images::{ChunksStored, CommitResponse, UploadResponse};
-use metalrack_api::ErrorBody;
+use metalrack_api::{limits, paths, ErrorBody, API_PREFIX};
 
 use metalrack_image_tools::chunker::{chunk_file, ChunkerConfig};
 use metalrack_image_tools::frame::encode_frame;
@@ -60,18 +60,28 @@ pub fn push(args: &PushArgs<'_>) -> anyhow::Result<PushSummary> {
     let manifest = chunk_file(args.file, args.config, |done| bar.set_position(done))?;
     bar.finish_and_clear();
     let base = args.url.trim_end_matches('/');
+    let api = format!("{base}{API_PREFIX}");
     let client = reqwest::blocking::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(600))
         .user_agent(concat!("imgtool/", env!("CARGO_PKG_VERSION")))
         .build()?;
     let auth = format!("Bearer {}", args.api_key);
+    let manifest_bytes = manifest.to_bytes();
+    if manifest_bytes.len() > limits::MANIFEST_BYTES_MAX {
+        bail!(
+            "{} makes a manifest of {} bytes; the region takes at most {} (a file of about 116 GiB)",
+            args.file.display(),
+            manifest_bytes.len(),
+            limits::MANIFEST_BYTES_MAX
+        );
+    }
     let response = client
-        .post(format!("{base}/api/v1/uploads"))
+        .post(format!("{api}{}", paths::UPLOADS))
         .query(&[("name", args.name), ("arch", args.arch), ("kind", args.kind), ("version", args.version)])
         .header("authorization", &auth)
         .header("content-type", "application/octet-stream")
-        .body(manifest.to_bytes())
+        .body(manifest_bytes)
         .send()
         .with_context(|| format!("cannot reach the region at {base}"))?;
     let upload: UploadResponse = check(response, "sending the manifest")?.json()?;
@@ -83,7 +93,7 @@ pub fn push(args: &PushArgs<'_>) -> anyhow::Result<PushSummary> {
     let mut bytes_sent = 0;
     let send = |batch: &mut Vec<u8>| -> anyhow::Result<()> {
         let response = client
-            .post(format!("{base}/api/v1/uploads/{}/chunks", upload.upload_id))
+            .post(format!("{api}{}", paths::upload_chunks(&upload.upload_id)))
             .header("authorization", &auth)
             .header("content-type", "application/octet-stream")
             .body(std::mem::take(batch))
@@ -113,7 +123,7 @@ pub fn push(args: &PushArgs<'_>) -> anyhow::Result<PushSummary> {
     }
     bar.finish_and_clear();
     let response = client
-        .post(format!("{base}/api/v1/uploads/{}/commit", upload.upload_id))
+        .post(format!("{api}{}", paths::upload_commit(&upload.upload_id)))
         .header("authorization", &auth)
         .send()
         .with_context(|| format!("cannot reach the region at {base}"))?;
