@@ -1,9 +1,12 @@
 //! What every domain shares: the database, the config, the data dir, and the change feed that
 //! racks' catalogue long-polls wait on.
 
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -26,6 +29,9 @@ pub struct Shared {
     /// Set when the region begins to shut down: long-polls answer at once so shutdown need not
     /// wait for them.
     closing: Arc<AtomicBool>,
+    /// Refusals of strangers (failed logins, registrations with a wrong secret) counted
+    /// between summaries, so they cannot flood the event log.
+    failures: Arc<Mutex<FailureCounts>>,
 }
 
 impl Shared {
@@ -36,6 +42,7 @@ impl Shared {
             data_dir: Arc::new(data_dir),
             changes: Arc::new(watch::channel(0).0),
             closing: Arc::default(),
+            failures: Arc::default(),
         }
     }
 
@@ -71,7 +78,186 @@ impl Shared {
         }
     }
 
+    /// Counts a refusal of a stranger. The first from a source in a summary interval is
+    /// recorded at once with `first_message` (the audit log shows an attempt promptly); the rest
+    /// are summarised by [`flush_failure_summaries_once`] as one event per source.
+    pub async fn note_failure(&self, kind: FailureKind, source: IpAddr, subject: &str, first_message: &str) {
+        let first = self.failures.lock().expect("failure counts lock").note(kind, source, subject);
+        if first {
+            self.record_event_or_log(kind.event_kind(), subject, first_message).await;
+        }
+    }
+
     pub async fn cluster_name(&self) -> Result<String, StoreError> {
         Ok(self.store.setting(CLUSTER_NAME_SETTING).await?.unwrap_or_else(|| CLUSTER_NAME_DEFAULT.into()))
+    }
+}
+
+/// How often summaries of refused strangers are written.
+pub const FAILURE_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Sources counted separately between two summaries; past it, refusals are counted under "other
+/// sources", so a spread-out flood costs one entry, not one per address (~100 bytes each).
+pub const FAILURE_SOURCES_MAX: usize = 1024;
+
+/// Names (usernames, rack names) a summary lists per source; the rest are only counted.
+const FAILURE_SUBJECTS_SHOWN_MAX: usize = 5;
+
+/// Longest name a summary shows, in characters: a stranger chooses it.
+const FAILURE_SUBJECT_CHARS_MAX: usize = 64;
+
+/// What was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    Login,
+    Registration,
+}
+
+impl FailureKind {
+    fn event_kind(self) -> &'static str {
+        match self {
+            FailureKind::Login => "user.login_failed",
+            FailureKind::Registration => "rack.refused",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            FailureKind::Login => "failed logins",
+            FailureKind::Registration => "registrations refused (wrong secret)",
+        }
+    }
+
+    fn subjects(self) -> &'static str {
+        match self {
+            FailureKind::Login => "usernames",
+            FailureKind::Registration => "rack names",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct FailureCount {
+    /// Refusals after the first (which was recorded when it happened).
+    n_more: u64,
+    subjects: BTreeSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct FailureCounts {
+    by_source: HashMap<(FailureKind, IpAddr), FailureCount>,
+    /// Refusals from sources past [`FAILURE_SOURCES_MAX`].
+    other_sources: HashMap<FailureKind, u64>,
+}
+
+impl FailureCounts {
+    /// Returns whether this is the source's first refusal of this kind since the last summary.
+    fn note(&mut self, kind: FailureKind, source: IpAddr, subject: &str) -> bool {
+        let full = self.by_source.len() >= FAILURE_SOURCES_MAX;
+        match self.by_source.get_mut(&(kind, source)) {
+            Some(count) => {
+                count.n_more += 1;
+                if count.subjects.len() < FAILURE_SUBJECTS_SHOWN_MAX {
+                    count.subjects.insert(subject.chars().take(FAILURE_SUBJECT_CHARS_MAX).collect());
+                }
+                false
+            }
+            None if full => {
+                *self.other_sources.entry(kind).or_default() += 1;
+                false
+            }
+            None => {
+                self.by_source.insert((kind, source), FailureCount::default());
+                true
+            }
+        }
+    }
+
+    /// The summaries to write, as (event kind, message); the counts start again.
+    fn take_summaries(&mut self, interval: Duration) -> Vec<(&'static str, String)> {
+        let minutes = interval.as_secs().div_ceil(60);
+        let period = if minutes == 1 { "the last minute".to_owned() } else { format!("the last {minutes} minutes") };
+        let mut summaries: Vec<_> = self
+            .by_source
+            .drain()
+            .filter(|(_, count)| count.n_more > 0)
+            .map(|((kind, source), count)| {
+                let subjects: Vec<_> = count.subjects.into_iter().collect();
+                let message = format!(
+                    "{} more {} from {source} in {period} ({}: {:?})",
+                    count.n_more,
+                    kind.plural(),
+                    kind.subjects(),
+                    subjects
+                );
+                (kind.event_kind(), message)
+            })
+            .collect();
+        for (kind, n) in self.other_sources.drain() {
+            summaries.push((kind.event_kind(), format!("{n} {} from other sources in {period}", kind.plural())));
+        }
+        summaries.sort();
+        summaries
+    }
+}
+
+/// Writes the refusal summaries every [`FAILURE_SUMMARY_INTERVAL`]; runs until aborted.
+pub async fn flush_failure_summaries(shared: Shared) {
+    let mut interval = tokio::time::interval(FAILURE_SUMMARY_INTERVAL);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        flush_failure_summaries_once(&shared).await;
+    }
+}
+
+/// Writes the refusals counted since the last summary as events, one per source and kind.
+pub async fn flush_failure_summaries_once(shared: &Shared) {
+    let summaries = shared.failures.lock().expect("failure counts lock").take_summaries(FAILURE_SUMMARY_INTERVAL);
+    for (kind, message) in summaries {
+        tracing::warn!(kind, %message, "refusals summarised");
+        shared.record_event_or_log(kind, "region", &message).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_recorded_once_per_source_then_summarised() {
+        let mut counts = FailureCounts::default();
+        let a: IpAddr = "10.0.0.5".parse().unwrap();
+        let b: IpAddr = "10.0.0.6".parse().unwrap();
+        assert!(counts.note(FailureKind::Login, a, "admin"));
+        for _ in 0..36 {
+            assert!(!counts.note(FailureKind::Login, a, "root"));
+        }
+        assert!(counts.note(FailureKind::Login, b, "admin"), "another source is a first refusal too");
+        assert!(counts.note(FailureKind::Registration, a, "rack1"), "another kind is counted apart");
+        let summaries = counts.take_summaries(FAILURE_SUMMARY_INTERVAL);
+        assert_eq!(
+            summaries,
+            vec![(
+                "user.login_failed",
+                "36 more failed logins from 10.0.0.5 in the last minute (usernames: [\"root\"])".to_owned()
+            )],
+            "sources with only their first refusal need no summary"
+        );
+        assert!(counts.note(FailureKind::Login, a, "admin"), "after a summary the count starts again");
+    }
+
+    #[test]
+    fn sources_past_the_limit_are_counted_together() {
+        let mut counts = FailureCounts::default();
+        for i in 0..FAILURE_SOURCES_MAX as u32 + 10 {
+            counts.note(FailureKind::Login, IpAddr::from(std::net::Ipv4Addr::from(i)), &"x".repeat(1000));
+        }
+        assert_eq!(counts.by_source.len(), FAILURE_SOURCES_MAX);
+        let summaries = counts.take_summaries(FAILURE_SUMMARY_INTERVAL);
+        assert_eq!(
+            summaries,
+            vec![("user.login_failed", "10 failed logins from other sources in the last minute".to_owned())]
+        );
     }
 }

@@ -99,7 +99,7 @@ impl From<RacksError> for ApiError {
         use RacksError::*;
         let status = match &error {
             InvalidName { .. } | UnknownChallenge | NotHex { .. } | InvalidPolicy { .. } => StatusCode::BAD_REQUEST,
-            ChallengesFull => StatusCode::SERVICE_UNAVAILABLE,
+            ChallengesFull | ChallengesFullForSource => StatusCode::SERVICE_UNAVAILABLE,
             WrongSecret | NotAdmin { .. } => StatusCode::FORBIDDEN,
             CredentialMissing => StatusCode::UNAUTHORIZED,
             CredentialUnknown | SecretChanged => return ApiError::reregister(&error),

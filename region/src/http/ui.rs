@@ -171,15 +171,23 @@ async fn login(
     jar: CookieJar,
     Form(form): Form<LoginForm>,
 ) -> PageResult {
-    let (user, token) =
-        match crate::users::login(&state.shared, &form.username, form.password, &peer.ip().to_string()).await? {
-            Login::Session { user, token } => (user, token),
-            Login::Refused => {
-                let cluster = cluster_name(&state).await?;
-                return Ok((StatusCode::UNAUTHORIZED, login_markup(&cluster, Some("Wrong username or password.")))
-                    .into_response());
-            }
-        };
+    let login = crate::users::login(&state.shared, &state.login_throttle, &form.username, form.password, peer.ip());
+    let (user, token) = match login.await? {
+        Login::Session { user, token } => (user, token),
+        Login::Refused => {
+            let cluster = cluster_name(&state).await?;
+            let page = login_markup(&cluster, Some("Wrong username or password."));
+            return Ok((StatusCode::UNAUTHORIZED, page).into_response());
+        }
+        Login::Throttled { retry_after } => {
+            let cluster = cluster_name(&state).await?;
+            let seconds = retry_after.as_secs().max(1);
+            let message = format!("Too many failed logins. Try again in {seconds} s.");
+            let mut response = (StatusCode::TOO_MANY_REQUESTS, login_markup(&cluster, Some(&message))).into_response();
+            response.headers_mut().insert(header::RETRY_AFTER, seconds.into());
+            return Ok(response);
+        }
+    };
     tracing::debug!(username = %user.username, "session opened");
     let cookie = Cookie::build((SESSION_COOKIE, token))
         .path(BASE_PATH)

@@ -5,6 +5,7 @@
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use metalrack_api::images::SyncPolicy;
@@ -16,7 +17,7 @@ use tokio::sync::Mutex;
 
 use crate::db::StoreError;
 use crate::secret::{current_generation, SecretFileError};
-use crate::state::Shared;
+use crate::state::{FailureKind, Shared};
 use crate::util::{constant_time_eq, now_ms, random_hex, sha256_hex};
 
 pub use store::RackRow;
@@ -24,6 +25,10 @@ pub use store::RackRow;
 /// Registration challenges outstanding at once; a flood of challenge requests cannot grow memory
 /// beyond ~100 KiB.
 pub const CHALLENGES_PENDING_MAX: usize = 1024;
+
+/// Challenges outstanding for one source address: a single host cannot take every slot and
+/// lock registration out for others. A rack needs one; a few racks behind one NAT a few.
+pub const CHALLENGES_PER_SOURCE_MAX: usize = 16;
 
 /// How long a rack has to answer a challenge.
 pub const CHALLENGE_LIFETIME: Duration = Duration::from_secs(60);
@@ -37,6 +42,8 @@ pub enum RacksError {
     InvalidName { reason: String },
     #[error("too many registrations in progress; try again in a minute")]
     ChallengesFull,
+    #[error("too many registrations in progress from this address; try again in a minute")]
+    ChallengesFullForSource,
     #[error("unknown or expired challenge nonce: ask for a new challenge")]
     UnknownChallenge,
     #[error("{field} is not hex")]
@@ -73,6 +80,7 @@ fn store_error(step: &'static str) -> impl FnOnce(StoreError) -> RacksError {
 #[derive(Debug)]
 struct PendingChallenge {
     rack_name: String,
+    source: IpAddr,
     issued: Instant,
 }
 
@@ -93,7 +101,7 @@ impl Racks {
     }
 
     /// Step 1 of registration: a single-use nonce bound to the rack's name.
-    pub async fn challenge(&self, rack_name: String) -> Result<String, RacksError> {
+    pub async fn challenge(&self, rack_name: String, source: IpAddr) -> Result<String, RacksError> {
         validate_rack_name(&rack_name).map_err(|reason| RacksError::InvalidName { reason })?;
         let nonce = random_hex(NONCE_LEN_BYTES);
         let mut challenges = self.challenges.lock().await;
@@ -101,13 +109,16 @@ impl Racks {
         if challenges.len() >= CHALLENGES_PENDING_MAX {
             return Err(RacksError::ChallengesFull);
         }
-        challenges.insert(nonce.clone(), PendingChallenge { rack_name, issued: Instant::now() });
+        if challenges.values().filter(|c| c.source == source).count() >= CHALLENGES_PER_SOURCE_MAX {
+            return Err(RacksError::ChallengesFullForSource);
+        }
+        challenges.insert(nonce.clone(), PendingChallenge { rack_name, source, issued: Instant::now() });
         Ok(nonce)
     }
 
     /// Step 2: the proof (HMAC of the nonce and name under the secret). A right proof gets a
     /// new credential, replacing any earlier registration of the same name.
-    pub async fn register(&self, request: RegisterRequest, peer: &str) -> Result<RegisterResponse, RacksError> {
+    pub async fn register(&self, request: RegisterRequest, peer: IpAddr) -> Result<RegisterResponse, RacksError> {
         validate_rack_name(&request.name).map_err(|reason| RacksError::InvalidName { reason })?;
         // A nonce is good for one attempt, right or wrong: a guesser needs a new challenge each time.
         let pending = self.challenges.lock().await.remove(&request.nonce);
@@ -123,11 +134,8 @@ impl Racks {
             .map_err(|source| RacksError::Secret { source })?;
         if !verify_registration_proof(&secret, &nonce, &pending.rack_name, &proof) {
             let message = format!("rack {:?} from {peer} refused: wrong secret", request.name);
-            tracing::warn!(rack = %request.name, peer, "registration refused: wrong secret");
-            store
-                .record_event("rack.refused", &request.name, &message)
-                .await
-                .map_err(store_error("record the refusal"))?;
+            tracing::warn!(rack = %request.name, %peer, "registration refused: wrong secret");
+            self.shared.note_failure(FailureKind::Registration, peer, &request.name, &message).await;
             return Err(RacksError::WrongSecret);
         }
         let credential = random_hex(CREDENTIAL_BYTES);
@@ -136,7 +144,7 @@ impl Racks {
             .await
             .map_err(store_error("store the registration"))?;
         let verb = if replaced { "registered again (replacing its old registration)" } else { "registered" };
-        tracing::info!(rack = %request.name, %rack_id, peer, replaced, "rack registered");
+        tracing::info!(rack = %request.name, %rack_id, %peer, replaced, "rack registered");
         store
             .record_event("rack.registered", &request.name, &format!("rack {:?} {verb} from {peer}", request.name))
             .await

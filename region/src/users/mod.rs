@@ -3,18 +3,22 @@
 //! credentials in.
 
 pub mod store;
+pub mod throttle;
 
+use std::net::IpAddr;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
 use crate::db::StoreError;
-use crate::state::Shared;
+use crate::state::{FailureKind, Shared};
 use crate::util::{constant_time_eq, random_hex, sha256_hex};
 
 use store::CreateUserOutcome;
 pub use store::{NewUser, User};
+use throttle::{LoginThrottle, ThrottleKey};
 
 /// A password shorter than this is refused by `createadmin`.
 pub const PASSWORD_LEN_MIN: usize = 8;
@@ -184,35 +188,57 @@ pub async fn session_user(shared: &Shared, token: &str) -> Result<Option<User>, 
     shared.store.session_user(&sha256_hex(token.as_bytes())).await.map_err(store_error("look up the session"))
 }
 
-/// A login's outcome: a new session token, or refused (wrong name or password: which one is
-/// not said).
+/// A login's outcome: a new session token, refused (wrong name or password: which one is not
+/// said), or not tried because of earlier failures.
 #[derive(Debug)]
 pub enum Login {
     Session { user: User, token: String },
     Refused,
+    Throttled { retry_after: Duration },
 }
 
-/// Checks a password (in a blocking task: argon2 takes tens of milliseconds) and opens a session.
-/// Both outcomes are events.
-pub async fn login(shared: &Shared, username: &str, password: String, peer: &str) -> Result<Login, UsersError> {
-    let user = shared.store.user_by_username(username).await.map_err(store_error("look up the user"))?;
-    let hash = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| dummy_hash().to_owned());
-    let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-        .await
-        .map_err(|source| UsersError::VerifyTask { source })?;
-    let user = match user {
-        Some(user) if ok => user,
-        _ => {
-            tracing::warn!(username = %username, peer, "login failed");
-            let message = format!("failed login for {username:?} from {peer}");
-            shared
-                .store
-                .record_event("user.login_failed", username, &message)
-                .await
-                .map_err(store_error("record the failed login"))?;
-            return Ok(Login::Refused);
-        }
+/// Checks a password (in a blocking task, one per core at most: argon2 takes tens of
+/// milliseconds and ~19 MiB) and opens a session. Fields a stranger sends are bounded before
+/// they reach the database; failures are throttled per source and per username and summarised
+/// in the event log.
+pub async fn login(
+    shared: &Shared,
+    throttle: &LoginThrottle,
+    username: &str,
+    password: String,
+    peer: IpAddr,
+) -> Result<Login, UsersError> {
+    let name_ok = !username.is_empty() && username.len() <= USERNAME_LEN_MAX;
+    // Only a plausible username becomes a throttle key: a stranger cannot fill the table with
+    // long names.
+    let keys = if name_ok {
+        vec![ThrottleKey::Source(peer), ThrottleKey::Username(username.to_owned())]
+    } else {
+        vec![ThrottleKey::Source(peer)]
     };
+    if let Err(retry_after) = throttle.check(&keys, Instant::now()) {
+        return Ok(Login::Throttled { retry_after });
+    }
+    let user = if name_ok && password.len() <= PASSWORD_LEN_MAX {
+        let _slot = throttle.verification().await;
+        let user = shared.store.user_by_username(username).await.map_err(store_error("look up the user"))?;
+        let hash = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| dummy_hash().to_owned());
+        let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+            .await
+            .map_err(|source| UsersError::VerifyTask { source })?;
+        user.filter(|_| ok)
+    } else {
+        None
+    };
+    let Some(user) = user else {
+        throttle.failed(&keys, Instant::now());
+        let shown: String = username.chars().take(USERNAME_LEN_MAX).collect();
+        tracing::warn!(username = %shown.escape_debug(), %peer, "login failed");
+        let message = format!("failed login for {shown:?} from {peer}");
+        shared.note_failure(FailureKind::Login, peer, &shown, &message).await;
+        return Ok(Login::Refused);
+    };
+    throttle.succeeded(&keys);
     let token = random_hex(SESSION_TOKEN_BYTES);
     shared
         .store

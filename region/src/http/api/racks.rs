@@ -30,9 +30,10 @@ pub fn router() -> Router<AppState> {
 
 async fn challenge(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(request): ApiJson<ChallengeRequest>,
 ) -> Result<Json<ChallengeResponse>, ApiError> {
-    Ok(Json(ChallengeResponse { nonce: state.racks.challenge(request.name).await? }))
+    Ok(Json(ChallengeResponse { nonce: state.racks.challenge(request.name, peer.ip()).await? }))
 }
 
 async fn register(
@@ -40,7 +41,7 @@ async fn register(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(request): ApiJson<RegisterRequest>,
 ) -> Result<Json<RegisterResponse>, ApiError> {
-    Ok(Json(state.racks.register(request, &peer.ip().to_string()).await?))
+    Ok(Json(state.racks.register(request, peer.ip()).await?))
 }
 
 async fn heartbeat(

@@ -1,0 +1,143 @@
+//! The region's listener: accepting connections within a total and a per-source bound, hyper's
+//! HTTP/1 with a header-read (and keep-alive idle) timeout, and a shutdown that stops accepting,
+//! lets requests in flight finish for at most [`SHUTDOWN_GRACE`], and returns.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tower::ServiceExt;
+
+use super::{router, AppState, BASE_PATH};
+
+/// Connections open at once. Each costs a task, a socket and hyper's buffers (~10 KiB idle):
+/// 4,096 is ~40 MiB, and a site's 1,000 racks keep one or two each.
+pub const HTTP_CONNECTIONS_MAX: usize = 4096;
+
+/// Connections open at once from one address: a single host cannot take every slot. Browsers
+/// open about six, a rack two (heartbeats and its catalogue poll, plus chunk fetches).
+pub const HTTP_CONNECTIONS_PER_SOURCE_MAX: usize = 256;
+
+/// A request's headers must arrive within this; the same timer bounds how long a keep-alive
+/// connection may sit idle between requests. Racks send a heartbeat every few seconds on their
+/// connection, so theirs stay open.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After the shutdown signal, requests in flight get this long to finish before the region
+/// exits anyway (long-polls answer at once; uploads are resumable).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Pause after a failed `accept` (out of file descriptors, say) before trying again, so the
+/// loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Open connections, in total and per source address.
+#[derive(Debug, Default)]
+struct Connections {
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection; dropping it gives the slot back.
+struct Admitted {
+    connections: Arc<Connections>,
+    source: IpAddr,
+}
+
+impl Connections {
+    fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Admitted> {
+        let mut per_source = self.per_source.lock().expect("connection table lock");
+        let total: usize = per_source.values().sum();
+        let from_source = per_source.get(&source).copied().unwrap_or(0);
+        if total >= HTTP_CONNECTIONS_MAX || from_source >= HTTP_CONNECTIONS_PER_SOURCE_MAX {
+            return None;
+        }
+        *per_source.entry(source).or_default() += 1;
+        Some(Admitted { connections: self.clone(), source })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut per_source = self.connections.per_source.lock().expect("connection table lock");
+        if let Some(n) = per_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Serves until `shutdown` completes. Prints the bound address on stdout first, so a caller that
+/// asked for port 0 learns the real one.
+pub async fn serve(
+    state: AppState,
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let local = listener.local_addr()?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "regiond: listening on http://{local}{BASE_PATH}/")?;
+        out.flush()?;
+    }
+    tracing::info!(%local, "region serving");
+    let shared = state.shared.clone();
+    let summaries = tokio::spawn(crate::state::flush_failure_summaries(shared.clone()));
+    let app = router(state);
+    let connections = Arc::new(Connections::default());
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    tokio::pin!(shutdown);
+    let mut refused = 0u64;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Some(admitted) = connections.admit(peer.ip()) else {
+            refused += 1;
+            // Summarised: a flood would otherwise write a line per connection.
+            if refused.is_power_of_two() {
+                tracing::warn!(peer = %peer.ip(), refused, "connection refused: too many open connections");
+            }
+            continue;
+        };
+        let service = app.clone().map_request(move |mut request: axum::http::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request
+        });
+        let service = TowerToHyperService::new(service);
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+            drop(admitted);
+        });
+    }
+    drop(listener);
+    shared.begin_closing();
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "requests still running at shutdown were cut off");
+    }
+    summaries.abort();
+    crate::state::flush_failure_summaries_once(&shared).await;
+    Ok(())
+}
