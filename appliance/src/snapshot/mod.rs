@@ -82,7 +82,7 @@ pub fn relative_path(file: &CatalogueFile) -> Result<PathBuf, SnapshotError> {
 
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
-    pub root: PathBuf,
+    root: PathBuf,
 }
 
 impl SnapshotStore {
