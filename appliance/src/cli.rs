@@ -1,5 +1,6 @@
 //! The `rackd` command line: argument parsing and one function per subcommand.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::RackConfig;
+use crate::data_dir::DataDir;
 use crate::status::{now_ms, LinkState};
 
 /// The Metalrack rack appliance: registers with a region and serves the machines of its rack.
@@ -38,7 +40,7 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Run the rack: heartbeats to the region (and later sync and PXE).
+    /// Run the rack: heartbeats to the region, image sync, and PXE with a [pxe] config.
     Serve {
         /// A TOML config file (see docs/examples/rack.toml).
         #[arg(long)]
@@ -63,20 +65,38 @@ pub fn main() -> ExitCode {
     init_tracing(matches!(cli.command, Command::Serve { .. }));
     // The rack's files (credential, state) are for its own eyes only.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    // The config sizes the runtime, so it is read before there is one.
+    let config = match &cli.command {
+        Command::Serve { config: Some(path) } => match RackConfig::load(path) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("rackd: error: {}", metalrack_image_tools::error_chain(&e));
+                return ExitCode::from(2);
+            }
+        },
+        _ => RackConfig::default(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime_worker_threads())
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("rackd: error: cannot start the async runtime: {e}");
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli, config)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("rackd: error: {e:#}");
             ExitCode::from(2)
         }
-    }
+    };
+    // `serve` has stopped its tasks by now; this bounds a blocking call that would not end.
+    runtime.shutdown_timeout(crate::serve::SHUTDOWN_GRACE);
+    code
 }
 
 fn init_tracing(serving: bool) {
@@ -91,17 +111,21 @@ fn init_tracing(serving: bool) {
         .init();
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let data_dir = cli.data_dir;
+/// Runs one subcommand; `config` is the serve config, already read (the default otherwise).
+pub async fn run(cli: Cli, config: RackConfig) -> anyhow::Result<ExitCode> {
+    let data_dir = DataDir::new(cli.data_dir);
     match cli.command {
         Command::Register { url, secret, name } => register(&data_dir, &url, &secret, name).await,
-        Command::Serve { config } => serve(&data_dir, config.as_deref()).await,
+        Command::Serve { .. } => {
+            crate::serve::run(&data_dir, &config, shutdown_signal()?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status => Ok(status(&data_dir)?),
         Command::Sync { now, wait } => sync(&data_dir, now, wait).await,
     }
 }
 
-async fn register(data_dir: &Path, url: &str, secret: &str, name: Option<String>) -> anyhow::Result<ExitCode> {
+async fn register(data_dir: &DataDir, url: &str, secret: &str, name: Option<String>) -> anyhow::Result<ExitCode> {
     let name = match name {
         Some(name) => name,
         None => crate::registration::default_rack_name()?,
@@ -115,41 +139,24 @@ async fn register(data_dir: &Path, url: &str, secret: &str, name: Option<String>
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(data_dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let config = match config {
-        Some(path) => RackConfig::load(path)?,
-        None => RackConfig::default(),
-    };
-    if crate::registration::load(data_dir)?.is_none() {
-        return Err(crate::heartbeat::ServeError::NotRegistered.into());
-    }
-    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
-    let handle = crate::sync::start(data_dir.to_owned(), stop.clone())?;
-    let control = tokio::spawn(crate::control::serve(crate::sync::control_socket(data_dir), handle.clone()));
-    if let Some(pxe) = config.pxe.clone() {
-        crate::pxe::start(pxe, data_dir.to_owned(), handle.boot_table.clone(), handle.status.clone()).await?;
-    }
-    let result = crate::heartbeat::run(data_dir, &config, Some(handle.status.clone()), shutdown_signal()).await;
-    stop.notify_waiters();
-    control.abort();
-    let _ = std::fs::remove_file(crate::sync::control_socket(data_dir));
-    result?;
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT. The handlers are installed at once, so a signal during start-up stops the
+/// rack the same orderly way instead of killing it.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
 
 /// Prints the registration and heartbeat state. Exit code 1 when not registered, so scripts can test it.
-fn status(data_dir: &Path) -> anyhow::Result<ExitCode> {
+fn status(data_dir: &DataDir) -> anyhow::Result<ExitCode> {
     let Some(registration) = crate::registration::load(data_dir)? else {
-        println!("registration: not registered (data dir {})", data_dir.display());
+        println!("registration: not registered (data dir {})", data_dir.root().display());
         return Ok(ExitCode::from(1));
     };
     println!("rack:         {} (id {})", registration.rack_name, registration.rack_id);
@@ -178,9 +185,9 @@ fn ago(at_ms: i64) -> String {
     format!("{s} s ago")
 }
 
-async fn sync(data_dir: &Path, now: bool, wait: bool) -> anyhow::Result<ExitCode> {
+async fn sync(data_dir: &DataDir, now: bool, wait: bool) -> anyhow::Result<ExitCode> {
     use metalrack_api::images::SyncPhase;
-    let socket = crate::sync::control_socket(data_dir);
+    let socket = data_dir.control_socket();
     let before = if now {
         crate::control::call(&socket, hyper::Method::POST, "/sync").await?
     } else {

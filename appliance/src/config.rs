@@ -15,8 +15,13 @@ pub struct RackConfig {
     /// back off from the heartbeat period up to this. Default 60000 ms: a region back from an
     /// outage sees every rack within a minute, and 1000 racks retry at most ~17 times a second.
     pub retry_backoff_max_ms: u64,
-    /// Deadline for any one request to the region. Default 10000 ms.
+    /// Deadline for any one request to the region (a long-poll gets this plus the time the
+    /// region may hold it; a chunk stream this long to start, then a deadline per read).
+    /// Default 10000 ms.
     pub region_request_timeout_ms: u64,
+    /// Threads of the async runtime that serves everything. Default 0: one per core the rack
+    /// may use (`available_parallelism`), since DHCP, TFTP and HTTP boot spread over them.
+    pub worker_threads: usize,
     /// PXE services for the machines of this rack. Absent: the rack serves no PXE.
     pub pxe: Option<PxeConfig>,
 }
@@ -143,6 +148,7 @@ impl Default for RackConfig {
             heartbeat_interval_ms: None,
             retry_backoff_max_ms: 60_000,
             region_request_timeout_ms: 10_000,
+            worker_threads: 0,
             pxe: None,
         }
     }
@@ -159,6 +165,14 @@ pub enum ConfigError {
 }
 
 impl RackConfig {
+    /// The runtime's worker threads: `worker_threads`, or one per available core for 0.
+    pub fn runtime_worker_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<RackConfig, ConfigError> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: name.clone(), source })?;
@@ -222,6 +236,14 @@ mod tests {
         let path = dir.path().join("rack.toml");
         std::fs::write(&path, text).unwrap();
         assert!(RackConfig::load(&path).unwrap_err().to_string().contains("range"));
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_cores() {
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(RackConfig::default().runtime_worker_threads(), cores);
+        let config: RackConfig = toml::from_str("worker_threads = 3").unwrap();
+        assert_eq!(config.runtime_worker_threads(), 3);
     }
 
     #[test]

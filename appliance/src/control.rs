@@ -8,6 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use tokio_util::sync::CancellationToken;
 
 use crate::sync::{LocalStatus, SyncHandle};
 
@@ -23,15 +24,33 @@ pub enum ControlError {
     Decode { source: serde_json::Error },
     #[error("cannot listen on {path}")]
     Listen { path: PathBuf, source: std::io::Error },
+    #[error("the control socket {path} failed")]
+    Serve { path: PathBuf, source: std::io::Error },
 }
 
-/// Serves the control socket until the task is dropped.
-pub async fn serve(path: PathBuf, handle: SyncHandle) -> Result<(), ControlError> {
+/// The control socket, bound.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+}
+
+/// Binds the control socket at `path`, replacing a stale one a previous run left.
+pub fn bind(path: PathBuf) -> Result<ControlSocket, ControlError> {
     let _ = std::fs::remove_file(&path);
     let listener =
         tokio::net::UnixListener::bind(&path).map_err(|source| ControlError::Listen { path: path.clone(), source })?;
+    Ok(ControlSocket { listener, path })
+}
+
+/// Serves the control socket until `shutdown`, then lets the requests in flight finish and
+/// removes the socket file.
+pub async fn serve(socket: ControlSocket, handle: SyncHandle, shutdown: CancellationToken) -> Result<(), ControlError> {
+    let ControlSocket { listener, path } = socket;
     let app = Router::new().route("/sync", post(trigger)).route("/status", get(status)).with_state(handle);
-    axum::serve(listener, app).await.map_err(|source| ControlError::Listen { path, source })
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    let _ = std::fs::remove_file(&path);
+    served.map_err(|source| ControlError::Serve { path, source })
 }
 
 async fn trigger(State(handle): State<SyncHandle>) -> Json<LocalStatus> {

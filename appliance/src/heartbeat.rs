@@ -2,14 +2,16 @@
 //! (capped) while it is unreachable or refuses, log once per change of state, and pick up a new
 //! registration written by `rackd register` without a restart.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use metalrack_api::HeartbeatRequest;
+use metalrack_image_tools::error_chain;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::RackConfig;
-use crate::region_client::{parse_region_url, RegionClient, RegionError};
-use crate::registration::{self, Registration, RegistrationError};
+use crate::data_dir::DataDir;
+use crate::region_client::RegionError;
+use crate::region_link::RegionLink;
 use crate::status::{self, HeartbeatStatus, LinkState};
 
 /// Heartbeat period until the region first says otherwise.
@@ -19,69 +21,40 @@ const HEARTBEAT_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
 /// within this time, at the cost of one stat() per period.
 const REGISTRATION_POLL: Duration = Duration::from_secs(1);
 
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("this rack is not registered; run 'rackd register --url http://REGION:5240/MAAS --secret SECRET' first")]
-    NotRegistered,
-    #[error(transparent)]
-    Registration(#[from] RegistrationError),
-    #[error("the saved registration names a bad region URL")]
-    RegionUrl { source: RegionError },
-}
+/// The smallest heartbeat period the region can ask for: a misconfigured region cannot make the
+/// rack spin.
+const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(100);
 
-struct Link {
-    registration: Registration,
-    client: RegionClient,
-    registration_modified: Option<SystemTime>,
-}
-
-impl Link {
-    fn load(data_dir: &Path, timeout: Duration) -> Result<Link, ServeError> {
-        let registration = registration::load(data_dir)?.ok_or(ServeError::NotRegistered)?;
-        let url = parse_region_url(&registration.region_url).map_err(|source| ServeError::RegionUrl { source })?;
-        Ok(Link {
-            client: RegionClient::new(&url, timeout),
-            registration,
-            registration_modified: modified(&registration::registration_path(data_dir)),
-        })
-    }
-}
-
-fn modified(path: &PathBuf) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// Runs heartbeats until `shutdown` completes.
+/// Runs heartbeats until `shutdown` is cancelled. A heartbeat in flight is abandoned then: the
+/// next start sends one at once.
 pub async fn run(
-    data_dir: &Path,
+    data_dir: &DataDir,
     config: &RackConfig,
+    link: &RegionLink,
     sync: Option<tokio::sync::watch::Receiver<crate::sync::LocalStatus>>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), ServeError> {
-    let timeout = Duration::from_millis(config.region_request_timeout_ms);
+    shutdown: CancellationToken,
+) {
     let backoff_max = Duration::from_millis(config.retry_backoff_max_ms);
-    let mut link = Link::load(data_dir, timeout)?;
-    tracing::info!(rack = %link.registration.rack_name, region = %link.registration.region_url, "rack serving");
+    let registration = link.current().registration.clone();
+    tracing::info!(rack = %registration.rack_name, region = %registration.region_url, "rack serving");
     let mut interval = config.heartbeat_interval_ms.map(Duration::from_millis).unwrap_or(HEARTBEAT_INTERVAL_DEFAULT);
     let mut backoff = interval;
     let mut last_state: Option<LinkState> = None;
     let mut last_success_ms = None;
-    tokio::pin!(shutdown);
     loop {
-        let health = crate::health::collect(data_dir);
-        let result = link
-            .client
-            .heartbeat(
-                &link.registration.authorization(),
-                &HeartbeatRequest { health, sync: sync.as_ref().map(|s| s.borrow().report.clone()) },
-            )
-            .await;
+        let health = crate::health::collect(data_dir.root());
+        let linked = link.current();
+        let request = HeartbeatRequest { health, sync: sync.as_ref().map(|s| s.borrow().report.clone()) };
+        let result = tokio::select! {
+            result = linked.client.heartbeat(&linked.authorization, &request) => result,
+            () = shutdown.cancelled() => break,
+        };
         let (state, message, wait) = match result {
             Ok(response) => {
                 interval = config
                     .heartbeat_interval_ms
                     .map(Duration::from_millis)
-                    .unwrap_or(Duration::from_millis(response.heartbeat_interval_ms.max(100)));
+                    .unwrap_or(Duration::from_millis(response.heartbeat_interval_ms).max(HEARTBEAT_INTERVAL_MIN));
                 backoff = interval;
                 last_success_ms = Some(status::now_ms());
                 (LinkState::Online, String::new(), interval)
@@ -102,7 +75,7 @@ pub async fn run(
         if last_state != Some(state) {
             match state {
                 LinkState::Online => {
-                    tracing::info!(region = %link.registration.region_url, "heartbeat: online")
+                    tracing::info!(region = %linked.registration.region_url, "heartbeat: online")
                 }
                 _ => {
                     tracing::warn!(state = state.label(), reason = %message, "heartbeat failing; retrying with backoff")
@@ -125,32 +98,20 @@ pub async fn run(
         loop {
             let step = REGISTRATION_POLL.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
-                _ = &mut shutdown => {
-                    tracing::info!("rack stopping");
-                    return Ok(());
+                () = shutdown.cancelled() => {
+                    tracing::info!("heartbeats stopped");
+                    return;
                 }
-                _ = tokio::time::sleep(step) => {}
+                () = tokio::time::sleep(step) => {}
             }
-            let path = registration::registration_path(data_dir);
-            if modified(&path) != link.registration_modified {
-                match Link::load(data_dir, timeout) {
-                    Ok(new) => {
-                        tracing::info!(rack = %new.registration.rack_name, region = %new.registration.region_url, "registration changed; using it");
-                        link = new;
-                        backoff = interval;
-                        break;
-                    }
-                    Err(e) => {
-                        link.registration_modified = modified(&path);
-                        tracing::warn!(error = %error_chain(&e), "new registration file unusable; keeping the old one");
-                    }
-                }
+            if link.refresh() {
+                backoff = interval;
+                break;
             }
             if tokio::time::Instant::now() >= deadline {
                 break;
             }
         }
     }
+    tracing::info!("heartbeats stopped");
 }
-
-pub use metalrack_image_tools::error_chain;

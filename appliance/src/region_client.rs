@@ -1,5 +1,12 @@
-//! The rack's HTTP client for the region API: one method per call, every error saying which
-//! region and what went wrong.
+//! The rack's link to its region: one HTTP client (one connection pool, one set of timeouts)
+//! built once per process and used by every call — registration, heartbeat, catalogue long-poll,
+//! manifests, chunk streams, boot events — with one method per call and every error saying which
+//! region and what went wrong. `region_link` adds the rack's registration.
+//!
+//! Deadlines, all from `region_request_timeout_ms`: a call (heartbeat, events, registration)
+//! has that long in all; a long-poll that long plus the time the region may hold it; a stream
+//! (manifest, chunks) that long for the response to start, then [`STREAM_READ_TIMEOUT`] per read,
+//! since a rate-capped stream of many chunks may rightly take far longer in all.
 
 use std::time::Duration;
 
@@ -15,6 +22,10 @@ use serde::Serialize;
 /// A chunk stream or long-poll that delivers nothing for this long is given up and retried.
 pub const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Connecting takes at most this long (or the request timeout, if shorter): a region on the
+/// LAN accepts in milliseconds, and a dead one should not hold a heartbeat for the whole timeout.
+pub const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
     #[error("{url:?} is not a region URL: {reason} (expected e.g. http://REGION:5240/MAAS)")]
@@ -25,6 +36,8 @@ pub enum RegionError {
     Refused { url: String, status: StatusCode, message: String, code: Option<String> },
     #[error("{url} answered {status} but not as a Metalrack region; check the URL (it ends in /MAAS)")]
     NotARegion { url: String, status: StatusCode },
+    #[error("the region at {url} did not start its answer within {} ms", after.as_millis())]
+    NoAnswer { url: String, after: Duration },
 }
 
 impl RegionError {
@@ -52,30 +65,46 @@ pub fn parse_region_url(text: &str) -> Result<Url, RegionError> {
     Ok(url)
 }
 
+/// The one HTTP client of the process: built once, cloned (cheaply: a shared pool) into every
+/// [`RegionClient`].
+pub fn http_client(request_timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        // Per read, for streams; calls and long-polls also get an overall deadline per request.
+        .read_timeout(STREAM_READ_TIMEOUT)
+        .connect_timeout(request_timeout.min(CONNECT_TIMEOUT_MAX))
+        .user_agent(concat!("rackd/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("an HTTP client without TLS options builds")
+}
+
+/// Calls to one region.
 #[derive(Debug, Clone)]
 pub struct RegionClient {
     http: reqwest::Client,
-    /// For long-polls and chunk streams: no overall deadline, but a deadline on every read.
-    streaming: reqwest::Client,
+    /// `region_request_timeout_ms`.
+    request_timeout: Duration,
     /// The region URL without a trailing slash, e.g. `http://region:5240/MAAS`.
     base: String,
 }
 
 impl RegionClient {
-    pub fn new(region_url: &Url, timeout: Duration) -> RegionClient {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("rackd/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("an HTTP client without TLS options builds");
-        let streaming = reqwest::Client::builder()
-            .read_timeout(STREAM_READ_TIMEOUT)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("rackd/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("an HTTP client without TLS options builds");
-        RegionClient { http, streaming, base: region_url.as_str().trim_end_matches('/').to_owned() }
+    /// A client with its own connection pool, for one-shot commands (`rackd register`).
+    pub fn new(region_url: &Url, request_timeout: Duration) -> RegionClient {
+        RegionClient::with_http(http_client(request_timeout), region_url, request_timeout)
+    }
+
+    /// A client on a shared pool (see [`http_client`]).
+    pub fn with_http(http: reqwest::Client, region_url: &Url, request_timeout: Duration) -> RegionClient {
+        RegionClient { http, request_timeout, base: region_url.as_str().trim_end_matches('/').to_owned() }
+    }
+
+    /// Sends a streamed request: the response must start within the request timeout; its body
+    /// is then read under the per-read timeout only.
+    async fn send_streaming(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, RegionError> {
+        match tokio::time::timeout(self.request_timeout, request.send()).await {
+            Ok(sent) => sent.map_err(|source| RegionError::Unreachable { url: self.base.clone(), source }),
+            Err(_) => Err(RegionError::NoAnswer { url: self.base.clone(), after: self.request_timeout }),
+        }
     }
 
     /// The catalogue, held open by the region up to `wait` until it differs from what we have.
@@ -91,7 +120,12 @@ impl RegionClient {
             self.base,
             wait.as_millis()
         );
-        let request = self.streaming.get(&url).header(reqwest::header::AUTHORIZATION, authorization);
+        // The region holds the poll up to `wait`: the deadline covers that and the call itself.
+        let request = self
+            .http
+            .get(&url)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .timeout(self.request_timeout + wait);
         let bytes = self.send(request).await?;
         serde_json::from_slice(&bytes)
             .map_err(|_| RegionError::NotARegion { url: self.base.clone(), status: StatusCode::OK })
@@ -109,9 +143,8 @@ impl RegionClient {
         if let Some(base) = base {
             url.push_str(&format!("?base={base}"));
         }
-        let request = self.streaming.get(&url).header(reqwest::header::AUTHORIZATION, authorization);
-        let response =
-            request.send().await.map_err(|source| RegionError::Unreachable { url: self.base.clone(), source })?;
+        let request = self.http.get(&url).header(reqwest::header::AUTHORIZATION, authorization);
+        let response = self.send_streaming(request).await?;
         let status = response.status();
         let is_delta = response
             .headers()
@@ -129,14 +162,8 @@ impl RegionClient {
     /// body streams one frame per want, in the same order.
     pub async fn chunks(&self, authorization: &str, wants: Vec<u8>) -> Result<reqwest::Response, RegionError> {
         let url = format!("{}{API_PREFIX}/rack/chunks", self.base);
-        let response = self
-            .streaming
-            .post(&url)
-            .header(reqwest::header::AUTHORIZATION, authorization)
-            .body(wants)
-            .send()
-            .await
-            .map_err(|source| RegionError::Unreachable { url: self.base.clone(), source })?;
+        let request = self.http.post(&url).header(reqwest::header::AUTHORIZATION, authorization).body(wants);
+        let response = self.send_streaming(request).await?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -151,7 +178,12 @@ impl RegionClient {
         events: &[metalrack_api::machines::BootEvent],
     ) -> Result<(), RegionError> {
         let url = format!("{}{API_PREFIX}/rack/events", self.base);
-        let request = self.http.post(&url).header(reqwest::header::AUTHORIZATION, authorization).json(events);
+        let request = self
+            .http
+            .post(&url)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .timeout(self.request_timeout)
+            .json(events);
         self.send(request).await.map(|_| ())
     }
 
@@ -197,7 +229,7 @@ impl RegionClient {
         body: &Req,
     ) -> Result<Resp, RegionError> {
         let url = format!("{}{API_PREFIX}{path}", self.base);
-        let mut request = self.http.post(&url).json(body);
+        let mut request = self.http.post(&url).timeout(self.request_timeout).json(body);
         if let Some(value) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }

@@ -1,16 +1,14 @@
 //! The rack's registration with a region: the challenge–response exchange, and the
 //! `registration.toml` file (mode 0600) that holds the rack id and credential.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use metalrack_api::{registration_proof, validate_rack_name, ChallengeRequest, RegisterRequest, Secret, SecretError};
 use metalrack_image_tools::private_file::write_private_file;
 use serde::{Deserialize, Serialize};
 
+use crate::data_dir::DataDir;
 use crate::region_client::{parse_region_url, RegionClient, RegionError};
-
-/// File in the data dir holding the registration.
-pub const REGISTRATION_FILE: &str = "registration.toml";
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,13 +58,9 @@ pub enum RegistrationError {
     Parse { path: PathBuf, source: toml::de::Error },
 }
 
-pub fn registration_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(REGISTRATION_FILE)
-}
-
 /// The saved registration, or `None` when this rack has not registered.
-pub fn load(data_dir: &Path) -> Result<Option<Registration>, RegistrationError> {
-    let path = registration_path(data_dir);
+pub fn load(data_dir: &DataDir) -> Result<Option<Registration>, RegistrationError> {
+    let path = data_dir.registration();
     match std::fs::read_to_string(&path) {
         Ok(text) => toml::from_str(&text).map(Some).map_err(|source| RegistrationError::Parse { path, source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -74,10 +68,10 @@ pub fn load(data_dir: &Path) -> Result<Option<Registration>, RegistrationError> 
     }
 }
 
-fn save(data_dir: &Path, registration: &Registration) -> Result<(), RegistrationError> {
-    let path = registration_path(data_dir);
+fn save(data_dir: &DataDir, registration: &Registration) -> Result<(), RegistrationError> {
+    let path = data_dir.registration();
     let write = |source| RegistrationError::Write { path: path.clone(), source };
-    std::fs::create_dir_all(data_dir).map_err(write)?;
+    std::fs::create_dir_all(data_dir.root()).map_err(write)?;
     let text = toml::to_string(registration).expect("a registration serializes");
     write_private_file(&path, text.as_bytes()).map_err(write)
 }
@@ -94,7 +88,7 @@ pub async fn register(
     url: &str,
     secret: &str,
     rack_name: &str,
-    data_dir: &Path,
+    data_dir: &DataDir,
     timeout: std::time::Duration,
 ) -> Result<Registration, RegistrationError> {
     let region_url = parse_region_url(url)?;
@@ -138,7 +132,7 @@ mod tests {
     #[tokio::test]
     async fn bad_input_fails_before_any_request_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("rack");
+        let data_dir = DataDir::new(dir.path().join("rack"));
         let timeout = std::time::Duration::from_secs(1);
         let secret = "00112233445566778899aabbccddeeff";
         let err = register("nonsense", secret, "r1", &data_dir, timeout).await.unwrap_err();
@@ -147,6 +141,6 @@ mod tests {
         assert!(matches!(err, RegistrationError::Secret { .. }), "{err}");
         let err = register("http://127.0.0.1:1/MAAS", secret, "bad name", &data_dir, timeout).await.unwrap_err();
         assert!(matches!(err, RegistrationError::Name { .. }), "{err}");
-        assert!(!data_dir.exists());
+        assert!(!data_dir.root().exists());
     }
 }

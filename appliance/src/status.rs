@@ -1,11 +1,10 @@
 //! The heartbeat status `rackd serve` leaves in `status.json` for `rackd status` to read.
 
-use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub const STATUS_FILE: &str = "status.json";
+use crate::data_dir::DataDir;
 
 /// How the rack's link to its region stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,18 +43,14 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-pub fn status_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(STATUS_FILE)
-}
-
-pub fn save(data_dir: &Path, status: &HeartbeatStatus) -> std::io::Result<()> {
+pub fn save(data_dir: &DataDir, status: &HeartbeatStatus) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(status).expect("status serializes");
-    metalrack_image_tools::private_file::write_private_file(&status_path(data_dir), &json)
+    metalrack_image_tools::private_file::write_private_file(&data_dir.status(), &json)
 }
 
 /// The last status written, or `None` if `rackd serve` never ran here (or the file is unreadable:
 /// status is advisory and a damaged file is replaced by the next heartbeat).
-pub fn load(data_dir: &Path) -> Option<HeartbeatStatus> {
-    let bytes = std::fs::read(status_path(data_dir)).ok()?;
+pub fn load(data_dir: &DataDir) -> Option<HeartbeatStatus> {
+    let bytes = std::fs::read(data_dir.status()).ok()?;
     serde_json::from_slice(&bytes).ok()
 }

@@ -16,6 +16,7 @@ use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
 
 pub use lease_journal::{Durable, LeaseJournal, Record};
 pub use leases::{Lease, Leases};
@@ -29,6 +30,10 @@ const PACKET_LEN_MAX: usize = 1500;
 
 /// How long to wait before trying again to open a lease store that could not be opened.
 const LEASE_STORE_RETRY: Duration = Duration::from_secs(10);
+
+/// At shutdown, ACKs whose lease is being made durable are still sent if that takes at most
+/// this long; the writer then commits what is queued and stops (the journal's flush).
+const SHUTDOWN_ACKS_MAX: Duration = Duration::from_secs(1);
 
 /// What a client firmware is, from options 93, 60 and 77.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,15 +379,16 @@ pub fn bind(config: &PxeConfig) -> Result<Vec<(UdpSocket, u16)>, super::PxeError
 }
 
 /// Opens the lease store (managed mode) and builds the server. Retries while the store cannot be
-/// opened: answering without saving leases could give an address twice after a restart.
-async fn open_server(pxe: &Arc<Pxe>) -> DhcpServer {
+/// opened: answering without saving leases could give an address twice after a restart. None
+/// when `shutdown` comes first.
+async fn open_server(pxe: &Arc<Pxe>, shutdown: &CancellationToken) -> Option<DhcpServer> {
     if pxe.config.dhcp.mode != DhcpMode::Managed {
-        return DhcpServer::new(&pxe.config, None);
+        return Some(DhcpServer::new(&pxe.config, None));
     }
     loop {
-        let dir = pxe.data_dir.clone();
-        match tokio::task::spawn_blocking(move || LeaseJournal::open(&dir)).await {
-            Ok(Ok(journal)) => return DhcpServer::new(&pxe.config, Some(journal)),
+        let data_dir = pxe.data_dir.clone();
+        match tokio::task::spawn_blocking(move || LeaseJournal::open(&data_dir)).await {
+            Ok(Ok(journal)) => return Some(DhcpServer::new(&pxe.config, Some(journal))),
             Ok(Err(e)) => tracing::error!(
                 error = %metalrack_image_tools::error_chain(&e),
                 retry_s = LEASE_STORE_RETRY.as_secs(),
@@ -390,7 +396,10 @@ async fn open_server(pxe: &Arc<Pxe>) -> DhcpServer {
             ),
             Err(e) => tracing::error!(error = %e, "DHCP not serving: opening the lease store failed"),
         }
-        tokio::time::sleep(LEASE_STORE_RETRY).await;
+        tokio::select! {
+            () = tokio::time::sleep(LEASE_STORE_RETRY) => {}
+            () = shutdown.cancelled() => return None,
+        }
     }
 }
 
@@ -402,9 +411,10 @@ struct PendingReply {
     client: Client,
 }
 
-/// Serves one DHCP socket forever.
-pub async fn serve((socket, port): (UdpSocket, u16), pxe: Arc<Pxe>) {
-    let mut server = open_server(&pxe).await;
+/// Serves one DHCP socket until `shutdown`, then sends the ACKs whose leases become durable
+/// within [`SHUTDOWN_ACKS_MAX`] and closes the lease journal, which commits what is queued.
+pub async fn serve((socket, port): (UdpSocket, u16), pxe: Arc<Pxe>, shutdown: CancellationToken) {
+    let Some(mut server) = open_server(&pxe, &shutdown).await else { return };
     pxe.metrics.dhcp_leases.set(server.leases.len() as i64);
     let mut buf = vec![0u8; PACKET_LEN_MAX];
     // ACKs waiting for their lease to be durable. Bounded by the journal: each holds a queued
@@ -414,6 +424,7 @@ pub async fn serve((socket, port): (UdpSocket, u16), pxe: Arc<Pxe>) {
         tokio::select! {
             // Replies whose lease is now durable go first: they are the oldest work.
             biased;
+            () = shutdown.cancelled() => break,
             Some((durable, reply)) = waiting.next(), if !waiting.is_empty() => match durable {
                 Ok(()) => send_reply(&socket, &pxe, reply).await,
                 // The writer logged why; the client retries its REQUEST.
@@ -455,6 +466,21 @@ pub async fn serve((socket, port): (UdpSocket, u16), pxe: Arc<Pxe>) {
             }
         }
     }
+    let drained = tokio::time::timeout(SHUTDOWN_ACKS_MAX, async {
+        while let Some((durable, reply)) = waiting.next().await {
+            if durable.is_ok() {
+                send_reply(&socket, &pxe, reply).await;
+            }
+        }
+    });
+    if drained.await.is_err() {
+        tracing::warn!("DHCP stopping with ACKs unsent: their leases were not durable in time");
+    }
+    // Dropping the journal waits for its writer to commit what is queued: a blocking wait.
+    if let Err(e) = tokio::task::spawn_blocking(move || drop(server)).await {
+        tracing::error!(error = %e, "DHCP lease journal did not close cleanly");
+    }
+    tracing::debug!(port, "DHCP stopped");
 }
 
 /// Decodes once, for the metrics and for the handling.
@@ -599,13 +625,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mac = [2, 0, 0, 0, 2, 1];
         {
-            let mut server = DhcpServer::new(&config(), Some(LeaseJournal::open(dir.path()).unwrap()));
+            let mut server = DhcpServer::new(
+                &config(),
+                Some(LeaseJournal::open(&crate::data_dir::DataDir::new(dir.path())).unwrap()),
+            );
             let offer = reply(server.handle(&packet(mac, MessageType::Discover, Some(0), false, None), 67, |_| false));
             reply(
                 server.handle(&packet(mac, MessageType::Request, Some(0), false, Some(offer.yiaddr())), 67, |_| false),
             );
         }
-        let server = DhcpServer::new(&config(), Some(LeaseJournal::open(dir.path()).unwrap()));
+        let server =
+            DhcpServer::new(&config(), Some(LeaseJournal::open(&crate::data_dir::DataDir::new(dir.path())).unwrap()));
         assert_eq!(server.leases.get("02:00:00:00:02:01").unwrap().address, Ipv4Addr::new(10, 99, 0, 100));
     }
 
@@ -627,7 +657,10 @@ mod tests {
     #[test]
     fn ack_is_released_only_once_its_lease_is_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = DhcpServer::new(&wide_config(), Some(LeaseJournal::open(dir.path()).unwrap()));
+        let mut server = DhcpServer::new(
+            &wide_config(),
+            Some(LeaseJournal::open(&crate::data_dir::DataDir::new(dir.path())).unwrap()),
+        );
         let stall = server.journal.as_ref().unwrap().stall();
         let stalled = stall.lock().unwrap();
         let (ack, durable) = bind_client(&mut server, [2, 0, 0, 0, 5, 1]);
@@ -648,7 +681,10 @@ mod tests {
         drop(stalled);
         assert_eq!(durable.wait_blocking(), Ok(()));
         // A crash right after the ACK: what is on disk already has the lease.
-        let restarted = DhcpServer::new(&wide_config(), Some(LeaseJournal::open(dir.path()).unwrap()));
+        let restarted = DhcpServer::new(
+            &wide_config(),
+            Some(LeaseJournal::open(&crate::data_dir::DataDir::new(dir.path())).unwrap()),
+        );
         assert_eq!(restarted.leases.get("02:00:00:00:05:01").unwrap().address, ack.yiaddr());
     }
 
@@ -657,7 +693,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut bound = Vec::new();
         {
-            let mut server = DhcpServer::new(&wide_config(), Some(LeaseJournal::open(dir.path()).unwrap()));
+            let mut server = DhcpServer::new(
+                &wide_config(),
+                Some(LeaseJournal::open(&crate::data_dir::DataDir::new(dir.path())).unwrap()),
+            );
             for i in 0..120u8 {
                 let (ack, durable) = bind_client(&mut server, [2, 0, 0, 0, 6, i]);
                 assert_eq!(durable.unwrap().wait_blocking(), Ok(()));
@@ -666,7 +705,10 @@ mod tests {
             // Released leases stay released.
             server.handle(&packet([2, 0, 0, 0, 6, 0], MessageType::Release, Some(0), false, None), 67, |_| false);
         }
-        let server = DhcpServer::new(&wide_config(), Some(LeaseJournal::open(dir.path()).unwrap()));
+        let server = DhcpServer::new(
+            &wide_config(),
+            Some(LeaseJournal::open(&crate::data_dir::DataDir::new(dir.path())).unwrap()),
+        );
         assert_eq!(server.leases.len(), 119);
         assert!(server.leases.get("02:00:00:00:06:00").is_none());
         for (mac, address) in &bound[1..] {

@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use metalrack_api::machines::{BootEvent, BOOT_EVENTS_PER_REQUEST_MAX};
 
+use metalrack_image_tools::error_chain;
+use tokio_util::sync::CancellationToken;
+
 use super::Pxe;
+use crate::region_link::RegionLink;
 
 /// Events kept while the region is unreachable; the oldest are dropped (and counted) beyond it.
 /// ~200 bytes each: 2 MB.
@@ -64,23 +68,40 @@ impl EventQueue {
     }
 }
 
-/// Sends queued events to the region every second; keeps them while it is away.
-pub async fn flush_forever(pxe: Arc<Pxe>) {
+/// Sends queued events to the region every second; keeps them while it is away. Returns at
+/// `shutdown`; the last flush is the caller's ([`flush`]), once nothing records events any more.
+pub async fn flush_until_stopped(pxe: Arc<Pxe>, link: Arc<RegionLink>, shutdown: CancellationToken) {
     loop {
-        tokio::time::sleep(FLUSH_EVERY).await;
-        if pxe.events.is_empty() {
-            continue;
+        tokio::select! {
+            () = tokio::time::sleep(FLUSH_EVERY) => {}
+            () = shutdown.cancelled() => return,
         }
-        let Ok(Some(registration)) = crate::registration::load(&pxe.data_dir) else { continue };
-        let Ok(url) = crate::region_client::parse_region_url(&registration.region_url) else { continue };
-        let client = crate::region_client::RegionClient::new(&url, Duration::from_secs(10));
-        while !pxe.events.is_empty() {
-            let batch = pxe.events.take(BOOT_EVENTS_PER_REQUEST_MAX);
-            if let Err(e) = client.boot_events(&registration.authorization(), &batch).await {
-                tracing::debug!(error = %crate::heartbeat::error_chain(&e), queued = pxe.events.len() + batch.len(), "boot events kept for later");
-                pxe.events.requeue(batch);
-                break;
+        flush(&pxe.events, &link, &shutdown).await;
+    }
+}
+
+/// Sends what is queued, in batches, until the queue is empty or a send fails (the failed
+/// batch goes back to the front) or `stop` is cancelled (the batch in flight goes back too).
+/// Returns whether everything was sent.
+pub async fn flush(events: &EventQueue, link: &RegionLink, stop: &CancellationToken) -> bool {
+    if events.is_empty() {
+        return true;
+    }
+    let linked = link.current();
+    while !events.is_empty() {
+        let batch = events.take(BOOT_EVENTS_PER_REQUEST_MAX);
+        let sent = tokio::select! {
+            sent = linked.client.boot_events(&linked.authorization, &batch) => sent,
+            () = stop.cancelled() => {
+                events.requeue(batch);
+                return false;
             }
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %error_chain(&e), queued = events.len() + batch.len(), "boot events kept for later");
+            events.requeue(batch);
+            return false;
         }
     }
+    true
 }

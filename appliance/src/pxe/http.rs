@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ use axum::Router;
 use hyper::body::Incoming;
 use metalrack_api::machines::normalize_mac;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::metrics::KindLabel;
@@ -134,9 +137,10 @@ const SEND_BUFFER_BYTES: usize = 512 * 1024;
 /// A client that has not sent its request headers within this long is cut off (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves HTTP/1.1 on `listener`. Not `axum::serve`: each connection is a [`SendfileStream`],
-/// so file bodies leave by `sendfile`.
-pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
+/// Serves HTTP/1.1 on `listener` until `shutdown`. Not `axum::serve`: each connection is a
+/// [`SendfileStream`], so file bodies leave by `sendfile`. Connections are tasks in `tasks`; at
+/// shutdown each finishes the response it is sending and closes (hyper's graceful shutdown).
+pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>, tasks: TaskTracker, shutdown: CancellationToken) {
     let (router, registry) = router(pxe);
     let runtime = tokio::runtime::Handle::current();
     let first_responses = Arc::new(FirstResponses::default());
@@ -149,8 +153,23 @@ pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
             return;
         }
     };
+    // A second descriptor of the listening socket: shutting it down wakes the blocked accept.
+    let waker = match listener.try_clone() {
+        Ok(waker) => waker,
+        Err(e) => {
+            tracing::error!(error = %e, "HTTP boot server cannot take its listener");
+            return;
+        }
+    };
+    let stopping = Arc::new(AtomicBool::new(false));
+    let accept_stopping = stopping.clone();
+    let accept_shutdown = shutdown.clone();
     let accepting = std::thread::Builder::new().name("http-accept".into()).spawn(move || loop {
-        let (stream, peer) = match listener.accept() {
+        let accepted = listener.accept();
+        if accept_stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, usually: back off instead of spinning.
@@ -176,33 +195,61 @@ pub async fn serve(listener: tokio::net::TcpListener, pxe: Arc<Pxe>) {
         let _ = stream.set_nodelay(true);
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES);
         let fresh = Arc::new(first_responses.admit());
-        runtime.spawn(async move {
-            let stream = SendfileStream::new(stream, registry).going_first(fresh.clone());
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let service = hyper::service::service_fn(move |mut request: axum::http::Request<Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                router.clone().oneshot(request)
-            });
-            let serving = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(io, service);
-            let mut serving = std::pin::pin!(serving);
-            // Unanswered after FRESH_FOR, it stops going first (see `priority`).
-            let served = tokio::select! {
-                served = &mut serving => served,
-                () = tokio::time::sleep(FRESH_FOR) => {
-                    fresh.release();
-                    serving.await
+        let shutdown = accept_shutdown.clone();
+        tasks.spawn_on(
+            async move {
+                let stream = SendfileStream::new(stream, registry).going_first(fresh.clone());
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let service = hyper::service::service_fn(move |mut request: axum::http::Request<Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    router.clone().oneshot(request)
+                });
+                let serving = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(io, service);
+                let mut serving = std::pin::pin!(serving);
+                // Unanswered after FRESH_FOR, it stops going first (see `priority`).
+                let served = tokio::select! {
+                    served = &mut serving => served,
+                    () = tokio::time::sleep(FRESH_FOR) => {
+                        fresh.release();
+                        tokio::select! {
+                            served = &mut serving => served,
+                            () = shutdown.cancelled() => {
+                                serving.as_mut().graceful_shutdown();
+                                serving.await
+                            }
+                        }
+                    }
+                    () = shutdown.cancelled() => {
+                        serving.as_mut().graceful_shutdown();
+                        serving.await
+                    }
+                };
+                if let Err(e) = served {
+                    tracing::debug!(%peer, error = %e, "HTTP boot connection ended with an error");
                 }
-            };
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "HTTP boot connection ended with an error");
-            }
-        });
+            },
+            &runtime,
+        );
     });
-    if let Err(e) = accepting {
-        tracing::error!(error = %e, "HTTP boot server cannot start its accept thread");
+    let accepting = match accepting {
+        Ok(accepting) => accepting,
+        Err(e) => {
+            tracing::error!(error = %e, "HTTP boot server cannot start its accept thread");
+            return;
+        }
+    };
+    shutdown.cancelled().await;
+    stopping.store(true, Ordering::Release);
+    // On Linux, shutdown(2) of a listening socket makes a blocked accept return (EINVAL).
+    if let Err(e) = socket2::SockRef::from(&waker).shutdown(std::net::Shutdown::Both) {
+        tracing::warn!(error = %e, "cannot wake the HTTP boot accept thread");
+    }
+    match tokio::task::spawn_blocking(move || accepting.join()).await {
+        Ok(Ok(())) => tracing::debug!("HTTP boot stopped accepting"),
+        _ => tracing::error!("the HTTP boot accept thread failed"),
     }
 }
 
@@ -232,7 +279,7 @@ async fn image_file(
     method: Method,
     headers: HeaderMap,
 ) -> Response {
-    let snapshot = state.pxe.layout.current_link();
+    let snapshot = state.pxe.store.current_link();
     // Snapshot files are hard links to `files/<hash>`: the name is the content hash.
     let etag = state.hashes.etag(&state.pxe, &path);
     let request = FileRequest { peer, method, headers, label: format!("/images/{path}") };
@@ -277,14 +324,14 @@ struct SnapshotHashes {
 
 impl SnapshotHashes {
     fn etag(&self, pxe: &Pxe, path: &str) -> Option<String> {
-        let target = std::fs::read_link(pxe.layout.current_link()).ok()?;
+        let target = std::fs::read_link(pxe.store.current_link()).ok()?;
         let mut cached = self.cached.lock().expect("lock");
         if cached.as_ref().is_none_or(|(t, _)| *t != target) {
-            let meta = pxe.layout.current().ok()??;
+            let meta = pxe.store.current().ok()??;
             let hashes = meta
                 .files
                 .iter()
-                .filter_map(|f| Some((crate::sync::layout::relative_path(f).ok()?, f.file_hash.clone())))
+                .filter_map(|f| Some((crate::snapshot::relative_path(f).ok()?, f.file_hash.clone())))
                 .collect();
             *cached = Some((target, Arc::new(hashes)));
         }
@@ -459,7 +506,7 @@ async fn callback(
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
-    let phase = format!("{:?}", state.pxe.sync_status.borrow().report.phase).to_lowercase();
+    let phase = format!("{:?}", (state.pxe.sync_phase)()).to_lowercase();
     for name in ["idle", "waiting", "syncing", "paused", "failed"] {
         state.pxe.metrics.sync_phase.get_or_create(&KindLabel { kind: name.into() }).set(i64::from(name == phase));
     }

@@ -18,12 +18,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use metalrack_api::machines::MachineBoot;
-use tokio::sync::watch;
+use metalrack_api::images::SyncPhase;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{DhcpMode, PxeConfig};
-use crate::sync::layout::Layout;
-use crate::sync::LocalStatus;
+use crate::data_dir::DataDir;
+use crate::snapshot::boot_table::Machines;
+use crate::snapshot::SnapshotStore;
 
 /// How long after our iPXE loader went to a client over TFTP its next DHCP request (the loader
 /// itself asking) is answered with the HTTP script instead of the loader again.
@@ -46,23 +48,32 @@ pub enum PxeError {
     Http { address: std::net::SocketAddr, source: std::io::Error },
 }
 
+/// The sync's phase now, for `/metrics` (a function, so PXE does not depend on `sync`).
+pub type SyncPhaseFn = Box<dyn Fn() -> SyncPhase + Send + Sync>;
+
 /// What the PXE services share.
-#[derive(Debug)]
 pub struct Pxe {
     pub config: PxeConfig,
-    pub data_dir: PathBuf,
-    pub layout: Layout,
+    pub data_dir: DataDir,
+    /// Read only: the current snapshot's files.
+    pub store: SnapshotStore,
     pub boot_files_dir: PathBuf,
     /// BLAKE3 of each loader, for HTTP ETags.
     pub loader_hashes: HashMap<String, String>,
-    pub boot_table: watch::Receiver<Arc<Vec<MachineBoot>>>,
-    pub sync_status: watch::Receiver<LocalStatus>,
+    pub boot_table: tokio::sync::watch::Receiver<Machines>,
+    pub sync_phase: SyncPhaseFn,
     pub events: events::EventQueue,
     pub metrics: metrics::Metrics,
     /// Client address → when our loader was last sent to it over TFTP.
     pub loader_sent: Mutex<HashMap<Ipv4Addr, Instant>>,
     /// Client address → MAC, from DHCP, so TFTP and HTTP events name the machine.
     pub macs_by_address: Mutex<HashMap<Ipv4Addr, String>>,
+}
+
+impl std::fmt::Debug for Pxe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pxe").field("config", &self.config).field("data_dir", &self.data_dir).finish_non_exhaustive()
+    }
 }
 
 impl Pxe {
@@ -99,46 +110,82 @@ fn prepare_boot_files(config: &PxeConfig, dir: &Path) -> Result<HashMap<String, 
     Ok(hashes)
 }
 
-/// Starts DHCP, TFTP, HTTP boot and the event flusher. They run until the process exits.
-pub async fn start(
-    config: PxeConfig,
-    data_dir: PathBuf,
-    boot_table: watch::Receiver<Arc<Vec<MachineBoot>>>,
-    sync_status: watch::Receiver<LocalStatus>,
-) -> Result<Arc<Pxe>, PxeError> {
-    let boot_files_dir = data_dir.join("boot");
-    let loader_hashes = prepare_boot_files(&config, &boot_files_dir)?;
-    let layout = Layout::open(&data_dir).map_err(|e| PxeError::BootFiles {
-        path: data_dir.join("images"),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let pxe = Arc::new(Pxe {
-        config: config.clone(),
-        data_dir: data_dir.clone(),
-        layout,
-        boot_files_dir,
-        loader_hashes,
-        boot_table,
-        sync_status,
-        events: events::EventQueue::default(),
-        metrics: metrics::Metrics::new(),
-        loader_sent: Mutex::default(),
-        macs_by_address: Mutex::default(),
-    });
-    let http = http::bind(&config).await?;
-    tracing::info!(address = %http.local_addr().map_err(|source| PxeError::Http { address: config.http_listen, source })?, "HTTP boot listening");
-    tokio::spawn(http::serve(http, pxe.clone()));
-    let tftp = tftp::bind(pxe.clone()).await?;
-    let tftp_address = config.tftp.listen;
-    tracing::info!(address = %tftp.local_addr().map_err(|source| PxeError::Tftp { address: tftp_address, source })?, "TFTP listening");
-    tokio::spawn(tftp.serve());
-    if config.dhcp.mode != DhcpMode::Off {
-        let servers = dhcp::bind(&config)?;
-        for socket in servers {
-            tokio::spawn(dhcp::serve(socket, pxe.clone()));
-        }
+impl Pxe {
+    /// Prepares the boot files (loaders copied into `DATA/boot`) and the shared state.
+    pub fn prepare(
+        config: PxeConfig,
+        data_dir: &DataDir,
+        store: SnapshotStore,
+        boot_table: tokio::sync::watch::Receiver<Machines>,
+        sync_phase: SyncPhaseFn,
+    ) -> Result<Arc<Pxe>, PxeError> {
+        let boot_files_dir = data_dir.boot_files();
+        let loader_hashes = prepare_boot_files(&config, &boot_files_dir)?;
+        Ok(Arc::new(Pxe {
+            config,
+            data_dir: data_dir.clone(),
+            store,
+            boot_files_dir,
+            loader_hashes,
+            boot_table,
+            sync_phase,
+            events: events::EventQueue::default(),
+            metrics: metrics::Metrics::new(),
+            loader_sent: Mutex::default(),
+            macs_by_address: Mutex::default(),
+        }))
     }
-    tokio::spawn(events::flush_forever(pxe.clone()));
+}
+
+/// The PXE sockets, bound (so a port in use fails `rackd serve` at start, not later).
+#[derive(Debug)]
+pub struct Listeners {
+    http: tokio::net::TcpListener,
+    tftp: tftp::TftpServer,
+    dhcp: Vec<(tokio::net::UdpSocket, u16)>,
+}
+
+impl Listeners {
+    pub fn http_address(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.http.local_addr()
+    }
+
+    pub fn tftp_address(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.tftp.local_addr()
+    }
+}
+
+/// Binds HTTP boot, TFTP and (unless off) DHCP.
+pub async fn bind(pxe: &Arc<Pxe>) -> Result<Listeners, PxeError> {
+    let config = &pxe.config;
+    let http = http::bind(config).await?;
+    let address = http.local_addr().map_err(|source| PxeError::Http { address: config.http_listen, source })?;
+    tracing::info!(%address, "HTTP boot listening");
+    let tftp = tftp::bind(pxe.clone()).await?;
+    let address = tftp.local_addr().map_err(|source| PxeError::Tftp { address: config.tftp.listen, source })?;
+    tracing::info!(%address, "TFTP listening");
+    let dhcp = if config.dhcp.mode == DhcpMode::Off { Vec::new() } else { dhcp::bind(config)? };
+    Ok(Listeners { http, tftp, dhcp })
+}
+
+/// Serves DHCP, TFTP, HTTP boot and flushes boot events to the region, each a task in `tasks`,
+/// until `shutdown`: then the listeners stop accepting, the lease journal is flushed, and what
+/// is in flight finishes (the caller bounds how long it waits). Queued boot events are left for
+/// the caller's last flush.
+pub fn spawn(
+    listeners: Listeners,
+    pxe: &Arc<Pxe>,
+    link: Arc<crate::region_link::RegionLink>,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let Listeners { http, tftp, dhcp } = listeners;
+    tasks.spawn(http::serve(http, pxe.clone(), tasks.clone(), shutdown.clone()));
+    tasks.spawn(tftp.serve(tasks.clone(), shutdown.clone()));
+    for socket in dhcp {
+        tasks.spawn(dhcp::serve(socket, pxe.clone(), shutdown.clone()));
+    }
+    tasks.spawn(events::flush_until_stopped(pxe.clone(), link, shutdown.clone()));
+    let config = &pxe.config;
     tracing::info!(interface = %config.interface, address = %config.address, dhcp = ?config.dhcp.mode, "PXE serving");
-    Ok(pxe)
 }

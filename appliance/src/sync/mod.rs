@@ -1,31 +1,41 @@
 //! Keeping the rack's image snapshot in step with the region's catalogue: learn of changes by
-//! long-poll, decide by policy (auto after a delay, a time window, or manual), run the sync, and
-//! publish progress for heartbeats, `rackd sync` and `rackd status`.
+//! long-poll, decide by policy (`policy`: auto after a delay, a time window, or manual), run the
+//! sync (`engine`, with `fetch` and `partial`), write the boot table the catalogue carries, and
+//! publish progress for heartbeats, `rackd sync` and `rackd status`. This module is the I/O
+//! around the decisions: it reads the clocks and the region, `policy` only decides.
 
 pub mod bases;
 pub mod engine;
-pub mod layout;
+pub mod fetch;
+pub mod partial;
+pub mod policy;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalrack_api::images::{in_window, parse_hhmm, RackCatalogue, SyncPhase, SyncPolicy, SyncPolicyKind, SyncReport};
-use metalrack_api::machines::MachineBoot;
+use metalrack_api::images::{RackCatalogue, SyncPhase, SyncReport};
+use metalrack_image_tools::error_chain;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use self::engine::{RateLimiter, RunOutcome, SyncRun};
-use self::layout::{Layout, SnapshotMeta};
-use crate::heartbeat::error_chain;
-use crate::region_client::{parse_region_url, RegionClient};
+use self::engine::{ProgressFn, RunOutcome, SyncRun};
+use self::fetch::{RateLimiter, Source};
+use self::policy::{Decision, PolicyState, Situation};
+use crate::data_dir::DataDir;
+use crate::region_link::{Linked, RegionLink};
+use crate::snapshot::boot_table::BootTable;
+use crate::snapshot::{SnapshotMeta, SnapshotStore};
 
 /// How long one catalogue long-poll waits when nothing is due sooner.
 const LONG_POLL: Duration = Duration::from_secs(30);
 
-/// Retry delays after a failed sync or an unreachable region, doubling up to the max.
-const RETRY_MIN: Duration = Duration::from_secs(2);
-const RETRY_MAX: Duration = Duration::from_secs(300);
+/// At shutdown a running sync gets this long to stop at a chunk boundary by itself (writing its
+/// progress log); then it is dropped, which the partial files are built to survive. Shorter than
+/// `serve::SHUTDOWN_GRACE`, so the sync is done before the daemon gives up waiting.
+const SYNC_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// What `rackd sync` reads over the control socket.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -40,30 +50,31 @@ pub struct LocalStatus {
 pub struct SyncHandle {
     pub status: watch::Receiver<LocalStatus>,
     pub trigger: Arc<Notify>,
-    /// The machines' boot decisions, as last received from the region (kept on disk, so
-    /// machines boot with the region away, also after a rack restart).
-    pub boot_table: watch::Receiver<Arc<Vec<MachineBoot>>>,
 }
 
-/// File holding the boot table.
-pub fn boot_table_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("boot-table.json")
-}
-
-fn load_boot_table(data_dir: &Path) -> Vec<MachineBoot> {
-    std::fs::read(boot_table_path(data_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// What the sync has acted on, kept across restarts (`DATA/images/sync-state.json`).
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct PersistentState {
     /// The region's "sync now" counter value last acted on.
     handled_requested: i64,
 }
 
-fn state_path(layout: &Layout) -> PathBuf {
-    layout.root.join("sync-state.json")
+impl PersistentState {
+    /// The saved state; a missing or damaged file is the default (at worst one "sync now" is
+    /// acted on twice).
+    fn load(path: &Path) -> PersistentState {
+        std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn save(&self, path: &Path) {
+        let json = serde_json::to_vec(self).expect("state serializes");
+        if let Err(e) = metalrack_image_tools::private_file::write_private_file(path, &json) {
+            tracing::warn!(error = %e, "cannot save sync state");
+        }
+    }
 }
 
+/// The report for a rack serving `meta` (or nothing), before any sync ran.
 fn report_for(meta: Option<&SnapshotMeta>) -> SyncReport {
     SyncReport {
         snapshot_id: meta.map(|m| m.id.clone()),
@@ -79,13 +90,6 @@ fn local_minute_of_day() -> u32 {
     now.hour() as u32 * 60 + now.minute() as u32
 }
 
-fn window_open(policy: &SyncPolicy) -> bool {
-    match (parse_hhmm(&policy.window_start), parse_hhmm(&policy.window_end)) {
-        (Ok(start), Ok(end)) => in_window(start, end, local_minute_of_day()),
-        _ => false,
-    }
-}
-
 fn differs(current: Option<&SnapshotMeta>, catalogue: &RackCatalogue) -> bool {
     match current {
         Some(meta) => meta.files != catalogue.files,
@@ -93,121 +97,97 @@ fn differs(current: Option<&SnapshotMeta>, catalogue: &RackCatalogue) -> bool {
     }
 }
 
-/// Starts the sync task. Returns its handle; the task ends when `shutdown` fires.
-pub fn start(data_dir: PathBuf, shutdown: Arc<Notify>) -> Result<SyncHandle, layout::LayoutError> {
-    let layout = Layout::open(&data_dir)?;
-    let current = layout.current()?;
-    let (status_tx, status_rx) =
-        watch::channel(LocalStatus { report: report_for(current.as_ref()), completed_runs: 0 });
-    let trigger = Arc::new(Notify::new());
-    let task_trigger = trigger.clone();
-    let (boot_table_tx, boot_table_rx) = watch::channel(Arc::new(load_boot_table(&data_dir)));
-    tokio::spawn(async move {
-        let mut controller = Controller {
-            data_dir,
-            layout,
-            status: status_tx,
-            trigger: task_trigger,
-            boot_table: boot_table_tx,
-            retry: RETRY_MIN,
-            not_before: None,
-        };
-        tokio::select! {
-            _ = controller.run() => {}
-            _ = shutdown.notified() => {}
-        }
-    });
-    Ok(SyncHandle { status: status_rx, trigger, boot_table: boot_table_rx })
-}
-
-struct Controller {
-    data_dir: PathBuf,
-    layout: Layout,
+/// The sync task: build it with [`Controller::new`], run it with [`Controller::run`].
+pub struct Controller {
+    store: SnapshotStore,
+    state_path: PathBuf,
+    link: Arc<RegionLink>,
     status: watch::Sender<LocalStatus>,
     trigger: Arc<Notify>,
-    boot_table: watch::Sender<Arc<Vec<MachineBoot>>>,
-    retry: Duration,
-    /// After a failure, no automatic attempt before this.
-    not_before: Option<tokio::time::Instant>,
-}
-
-enum Decision {
-    Sync { requested: bool },
-    Wait { message: String, recheck: Duration },
-    UpToDate,
+    boot_table: BootTable,
 }
 
 impl Controller {
+    /// The controller and the handle others watch it by. `boot_table` is written from each
+    /// catalogue; PXE reads it through its own subscription.
+    pub fn new(
+        data_dir: &DataDir,
+        store: SnapshotStore,
+        boot_table: BootTable,
+        link: Arc<RegionLink>,
+    ) -> Result<(Controller, SyncHandle), crate::snapshot::SnapshotError> {
+        let current = store.current()?;
+        let (status, status_rx) =
+            watch::channel(LocalStatus { report: report_for(current.as_ref()), completed_runs: 0 });
+        let trigger = Arc::new(Notify::new());
+        let handle = SyncHandle { status: status_rx, trigger: trigger.clone() };
+        let controller = Controller { store, state_path: data_dir.sync_state(), link, status, trigger, boot_table };
+        Ok((controller, handle))
+    }
+
     fn set_report(&self, update: impl FnOnce(&mut SyncReport)) {
         self.status.send_modify(|s| update(&mut s.report));
     }
 
-    fn load_state(&self) -> PersistentState {
-        std::fs::read(state_path(&self.layout)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
-    }
-
-    fn save_state(&self, state: &PersistentState) {
-        let json = serde_json::to_vec(state).expect("state serializes");
-        if let Err(e) = metalrack_image_tools::private_file::write_private_file(&state_path(&self.layout), &json) {
-            tracing::warn!(error = %e, "cannot save sync state");
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tokio::select! {
+            () = self.run_until_stopped(&shutdown) => {}
+            () = shutdown.cancelled() => {}
         }
+        tracing::info!("sync stopped");
     }
 
-    async fn run(&mut self) {
-        let mut state = self.load_state();
-        let mut seen_revision = -1i64;
+    async fn run_until_stopped(&self, shutdown: &CancellationToken) {
+        let mut state = PersistentState::load(&self.state_path);
+        let mut policy = PolicyState::new(Instant::now());
         let mut seen_requested = state.handled_requested;
-        let mut change_seen_at = tokio::time::Instant::now();
         let mut local_request = false;
         let mut recheck = Duration::ZERO;
         let mut catalogue: Option<RackCatalogue> = None;
         loop {
-            let Some((client, authorization)) = self.link() else {
-                self.set_report(|r| r.message = "not registered".into());
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = self.trigger.notified() => local_request = true,
-                }
-                continue;
-            };
+            let linked = self.link.current();
             let wait = if catalogue.is_none() { Duration::ZERO } else { recheck.min(LONG_POLL) };
+            let poll = linked.client.catalogue(&linked.authorization, policy.seen_revision(), seen_requested, wait);
             tokio::select! {
-                result = client.catalogue(&authorization, seen_revision, seen_requested, wait) => match result {
+                result = poll => match result {
                     Ok(new) => {
-                        if new.revision != seen_revision {
-                            change_seen_at = tokio::time::Instant::now();
-                        }
-                        seen_revision = new.revision;
+                        policy.catalogue_seen(new.revision, Instant::now());
                         seen_requested = new.sync_requested;
-                        self.update_boot_table(&new.machines);
+                        self.boot_table.update(&new.machines);
                         catalogue = Some(new);
                     }
                     Err(e) => {
                         tracing::debug!(error = %error_chain(&e), "catalogue poll failed");
                         // Keep serving from the snapshot; ask again later.
                         tokio::select! {
-                            _ = tokio::time::sleep(self.retry) => {}
-                            _ = self.trigger.notified() => local_request = true,
+                            () = tokio::time::sleep(policy.poll_failed()) => {}
+                            () = self.trigger.notified() => local_request = true,
                         }
-                        self.retry = (self.retry * 2).min(RETRY_MAX);
                         if catalogue.is_none() {
                             continue;
                         }
                     }
                 },
-                _ = self.trigger.notified() => local_request = true,
+                () = self.trigger.notified() => local_request = true,
             }
             let Some(target) = catalogue.clone() else { continue };
-            let current = match self.layout.current() {
+            let current = match self.store.current() {
                 Ok(current) => current,
                 Err(e) => {
                     self.fail(&error_chain(&e));
-                    recheck = self.retry;
+                    recheck = policy.retry();
                     continue;
                 }
             };
             let requested = local_request || target.sync_requested > state.handled_requested;
-            match self.decide(&target, current.as_ref(), requested, change_seen_at) {
+            let situation = Situation {
+                policy: &target.policy,
+                differs: differs(current.as_ref(), &target),
+                has_snapshot: current.is_some(),
+                requested,
+            };
+            match policy.decide(situation, Instant::now(), local_minute_of_day()) {
                 Decision::UpToDate => {
                     self.set_report(|r| {
                         r.phase = SyncPhase::Idle;
@@ -223,10 +203,13 @@ impl Controller {
                         r.phase = SyncPhase::Waiting;
                         r.message = message;
                     });
-                    recheck = next;
+                    recheck = next.unwrap_or(LONG_POLL);
                 }
                 Decision::Sync { requested } => {
-                    recheck = self.sync(&client, &authorization, &target, requested).await;
+                    recheck = self.sync(&linked, &target, requested, &mut policy, shutdown).await;
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
                     if requested {
                         self.finish_request(&mut state, &target, &mut local_request);
                     }
@@ -235,102 +218,36 @@ impl Controller {
         }
     }
 
-    fn update_boot_table(&self, machines: &[MachineBoot]) {
-        if self.boot_table.borrow().as_slice() == machines {
-            return;
-        }
-        let json = serde_json::to_vec_pretty(machines).expect("boot table serializes");
-        if let Err(e) = metalrack_image_tools::private_file::write_private_file(&boot_table_path(&self.data_dir), &json)
-        {
-            tracing::warn!(error = %e, "cannot save the boot table; serving it from memory");
-        }
-        tracing::info!(n_machines = machines.len(), "boot table updated");
-        self.boot_table.send_replace(Arc::new(machines.to_vec()));
-    }
-
     fn finish_request(&self, state: &mut PersistentState, target: &RackCatalogue, local_request: &mut bool) {
         *local_request = false;
         if target.sync_requested > state.handled_requested {
             state.handled_requested = target.sync_requested;
-            self.save_state(state);
+            state.save(&self.state_path);
         }
         self.status.send_modify(|s| s.completed_runs += 1);
     }
 
-    fn link(&self) -> Option<(RegionClient, String)> {
-        let registration = crate::registration::load(&self.data_dir).ok()??;
-        let url = parse_region_url(&registration.region_url).ok()?;
-        let client = RegionClient::new(&url, Duration::from_secs(10));
-        Some((client, registration.authorization()))
-    }
-
-    fn decide(
-        &self,
-        target: &RackCatalogue,
-        current: Option<&SnapshotMeta>,
-        requested: bool,
-        change_seen_at: tokio::time::Instant,
-    ) -> Decision {
-        if !differs(current, target) {
-            return Decision::UpToDate;
-        }
-        if requested {
-            return Decision::Sync { requested: true };
-        }
-        let now = tokio::time::Instant::now();
-        if let Some(not_before) = self.not_before {
-            if now < not_before {
-                return Decision::Wait { message: "retrying after a failed sync".into(), recheck: not_before - now };
-            }
-        }
-        let policy = &target.policy;
-        match policy.policy {
-            SyncPolicyKind::Auto => {
-                // A rack with no snapshot at all has nothing to serve: no reason to wait.
-                let due = change_seen_at + Duration::from_millis(policy.delay_ms);
-                if current.is_none() || now >= due {
-                    Decision::Sync { requested: false }
-                } else {
-                    Decision::Wait {
-                        message: format!("auto policy: syncing {} s after the last change", (due - now).as_secs()),
-                        recheck: due - now,
-                    }
-                }
-            }
-            SyncPolicyKind::Window => {
-                if window_open(policy) {
-                    Decision::Sync { requested: false }
-                } else {
-                    Decision::Wait {
-                        message: format!("window policy: waiting for {}–{}", policy.window_start, policy.window_end),
-                        recheck: Duration::from_secs(30),
-                    }
-                }
-            }
-            SyncPolicyKind::Manual => {
-                Decision::Wait { message: "manual policy: waiting for 'sync now'".into(), recheck: LONG_POLL }
-            }
-        }
-    }
-
     /// Runs one sync; returns how soon to look again.
     async fn sync(
-        &mut self,
-        client: &RegionClient,
-        authorization: &str,
+        &self,
+        linked: &Linked,
         target: &RackCatalogue,
         requested: bool,
+        policy: &mut PolicyState,
+        shutdown: &CancellationToken,
     ) -> Duration {
         let limiter = RateLimiter::new(target.policy.bandwidth_bytes_per_s);
         let status = self.status.clone();
-        let progress: engine::ProgressFn = Arc::new(move |done, total| {
+        let progress: ProgressFn = Arc::new(move |done, total| {
             status.send_modify(|s| {
                 s.report.bytes_done = done;
                 s.report.bytes_total = total;
             })
         });
-        let policy = target.policy.clone();
-        let may_continue = move || requested || policy.policy != SyncPolicyKind::Window || window_open(&policy);
+        let sync_policy = target.policy.clone();
+        let stopping = shutdown.clone();
+        let may_continue =
+            move || !stopping.is_cancelled() && policy::may_continue(&sync_policy, requested, local_minute_of_day());
         self.set_report(|r| {
             r.phase = SyncPhase::Syncing;
             r.message.clear();
@@ -339,14 +256,25 @@ impl Controller {
         });
         tracing::info!(revision = target.revision, n_files = target.files.len(), "sync starting");
         let sync = SyncRun {
-            layout: &self.layout,
-            client,
-            authorization,
+            store: &self.store,
+            source: Source { client: &linked.client, authorization: &linked.authorization },
             limiter: limiter.as_ref(),
             progress,
             may_continue: &may_continue,
         };
-        match sync.run(target).await {
+        let run = sync.run(target);
+        let mut run = std::pin::pin!(run);
+        let outcome = tokio::select! {
+            outcome = &mut run => outcome,
+            () = shutdown.cancelled() => match tokio::time::timeout(SYNC_STOP_GRACE, &mut run).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    tracing::info!("rack stopping: sync abandoned; its verified chunks are kept for the next start");
+                    return Duration::ZERO;
+                }
+            },
+        };
+        match outcome {
             Ok(RunOutcome::Published { meta, figures }) => {
                 tracing::info!(
                     snapshot = %meta.id,
@@ -358,8 +286,7 @@ impl Controller {
                     duration_ms = figures.duration_ms,
                     "sync done; snapshot published"
                 );
-                self.retry = RETRY_MIN;
-                self.not_before = None;
+                policy.sync_succeeded();
                 let mut report = report_for(Some(&meta));
                 report.last_sync = Some(figures);
                 self.status.send_modify(|s| {
@@ -370,13 +297,17 @@ impl Controller {
                 });
                 Duration::ZERO
             }
+            Ok(RunOutcome::Paused) if shutdown.is_cancelled() => {
+                tracing::info!("rack stopping: sync paused; it resumes at the next start");
+                Duration::ZERO
+            }
             Ok(RunOutcome::Paused) => {
                 tracing::info!("sync window closed; sync paused, resumes in the next window");
                 self.set_report(|r| {
                     r.phase = SyncPhase::Paused;
                     r.message = format!("window closed; resumes at {}", target.policy.window_start);
                 });
-                Duration::from_secs(30)
+                policy::WINDOW_RECHECK
             }
             Err(e) => {
                 let reason = error_chain(&e);
@@ -384,10 +315,7 @@ impl Controller {
                 if !requested {
                     self.status.send_modify(|s| s.completed_runs += 1);
                 }
-                self.not_before = Some(tokio::time::Instant::now() + self.retry);
-                let wait = self.retry;
-                self.retry = (self.retry * 2).min(RETRY_MAX);
-                wait
+                policy.sync_failed(Instant::now())
             }
         }
     }
@@ -401,7 +329,57 @@ impl Controller {
     }
 }
 
-/// Path of the rack's control socket (used by `rackd sync`).
-pub fn control_socket(data_dir: &Path) -> PathBuf {
-    data_dir.join("control.sock")
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metalrack_api::images::CatalogueFile;
+
+    fn file(hash: char) -> CatalogueFile {
+        CatalogueFile {
+            image: "img".into(),
+            arch: "amd64".into(),
+            version: "1".into(),
+            kind: "kernel".into(),
+            manifest_id: "m".repeat(64),
+            file_hash: hash.to_string().repeat(64),
+            file_len: 3,
+            n_chunks: 1,
+        }
+    }
+
+    fn catalogue(files: Vec<CatalogueFile>) -> RackCatalogue {
+        RackCatalogue { revision: 1, sync_requested: 0, policy: Default::default(), files, machines: Vec::new() }
+    }
+
+    #[test]
+    fn sync_state_survives_a_restart_and_a_damaged_file_is_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sync-state.json");
+        assert_eq!(PersistentState::load(&path), PersistentState::default(), "no file yet");
+        PersistentState { handled_requested: 7 }.save(&path);
+        assert_eq!(PersistentState::load(&path).handled_requested, 7);
+        std::fs::write(&path, b"{\"handled_req").unwrap();
+        assert_eq!(PersistentState::load(&path), PersistentState::default());
+    }
+
+    #[test]
+    fn the_report_names_the_snapshot_in_service() {
+        let empty = report_for(None);
+        assert_eq!((empty.snapshot_id, empty.snapshot_revision), (None, -1));
+        let meta = SnapshotMeta { id: "r3-x".into(), revision: 3, created_at_ms: 0, files: vec![file('a'), file('b')] };
+        let report = report_for(Some(&meta));
+        assert_eq!(report.snapshot_id.as_deref(), Some("r3-x"));
+        assert_eq!(report.snapshot_revision, 3);
+        assert_eq!(report.file_hashes, vec!["a".repeat(64), "b".repeat(64)]);
+        assert_eq!(report.phase, SyncPhase::Idle);
+    }
+
+    #[test]
+    fn only_other_files_are_a_difference() {
+        let meta = SnapshotMeta { id: "r1".into(), revision: 1, created_at_ms: 0, files: vec![file('a')] };
+        assert!(!differs(Some(&meta), &catalogue(vec![file('a')])));
+        assert!(differs(Some(&meta), &catalogue(vec![file('b')])));
+        assert!(differs(None, &catalogue(vec![file('a')])));
+        assert!(!differs(None, &catalogue(Vec::new())), "nothing to serve and nothing offered");
+    }
 }

@@ -36,9 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::leases::Lease;
-
-pub const SNAPSHOT_FILE: &str = "dhcp-leases.json";
-pub const JOURNAL_FILE: &str = "dhcp-leases.journal";
+use crate::data_dir::DataDir;
 
 /// Changes queued for the writer at most (~150 bytes each with its ticket: ~600 KiB). A full queue
 /// means the disk is slower than the clients: the change is not queued and its ACK not sent (the
@@ -311,13 +309,13 @@ impl LeaseJournal {
     /// Loads the leases in `dir` (snapshot, then the journal replayed over it), writes them back as
     /// a fresh snapshot with an empty journal, and starts the writer. Blocking: call it from a
     /// blocking context.
-    pub fn open(dir: &Path) -> Result<LeaseJournal, LeaseStoreError> {
-        LeaseJournal::open_with(dir, COMPACT_RECORDS_MIN)
+    pub fn open(data_dir: &DataDir) -> Result<LeaseJournal, LeaseStoreError> {
+        LeaseJournal::open_with(data_dir, COMPACT_RECORDS_MIN)
     }
 
-    fn open_with(dir: &Path, compact_records_min: usize) -> Result<LeaseJournal, LeaseStoreError> {
-        let snapshot_path = dir.join(SNAPSHOT_FILE);
-        let journal_path = dir.join(JOURNAL_FILE);
+    fn open_with(data_dir: &DataDir, compact_records_min: usize) -> Result<LeaseJournal, LeaseStoreError> {
+        let snapshot_path = data_dir.lease_snapshot();
+        let journal_path = data_dir.lease_journal();
         let Loaded { leases, seq, report } = load(&snapshot_path, &journal_path)?;
         // Append mode: after the journal is emptied, writes go to its new end.
         let journal = OpenOptions::new()
@@ -559,11 +557,11 @@ mod tests {
     }
 
     fn on_disk(dir: &Path) -> Loaded {
-        load(&dir.join(SNAPSHOT_FILE), &dir.join(JOURNAL_FILE)).unwrap()
+        load(&DataDir::new(dir).lease_snapshot(), &DataDir::new(dir).lease_journal()).unwrap()
     }
 
     fn journal_lines(dir: &Path) -> usize {
-        std::fs::read(dir.join(JOURNAL_FILE)).unwrap().iter().filter(|b| **b == b'\n').count()
+        std::fs::read(DataDir::new(dir).lease_journal()).unwrap().iter().filter(|b| **b == b'\n').count()
     }
 
     #[test]
@@ -587,7 +585,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut expected = BTreeMap::new();
         {
-            let journal = LeaseJournal::open_with(dir.path(), 100).unwrap();
+            let journal = LeaseJournal::open_with(&DataDir::new(dir.path()), 100).unwrap();
             let mut tickets = Vec::new();
             // Enough rounds that the journal is compacted on the way and holds records after it.
             for round in 0..5i64 {
@@ -610,7 +608,7 @@ mod tests {
         }
         let on_disk = on_disk(dir.path());
         assert!(on_disk.report.snapshot_leases > 0 && on_disk.report.records_replayed > 0, "{:?}", on_disk.report);
-        let mut reopened = LeaseJournal::open_with(dir.path(), 100).unwrap();
+        let mut reopened = LeaseJournal::open_with(&DataDir::new(dir.path()), 100).unwrap();
         assert_eq!(reopened.report().lines_dropped, 0);
         let loaded: BTreeMap<String, Lease> = reopened.take_loaded().into_iter().map(|l| (l.mac.clone(), l)).collect();
         assert_eq!(loaded, expected);
@@ -621,7 +619,7 @@ mod tests {
     fn torn_journal_tail_is_dropped_counted_and_cut_off() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let journal = LeaseJournal::open(dir.path()).unwrap();
+            let journal = LeaseJournal::open(&DataDir::new(dir.path())).unwrap();
             for i in 0..5 {
                 journal.append_durable(bind(i, FAR)).unwrap().wait_blocking().unwrap();
             }
@@ -629,11 +627,11 @@ mod tests {
         // A crash while the sixth line was being written.
         let mut line = Vec::new();
         bind(5, FAR).encode(6, &mut line);
-        let mut file = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
+        let mut file = OpenOptions::new().append(true).open(DataDir::new(dir.path()).lease_journal()).unwrap();
         file.write_all(&line[..line.len() / 2]).unwrap();
         drop(file);
 
-        let mut journal = LeaseJournal::open(dir.path()).unwrap();
+        let mut journal = LeaseJournal::open(&DataDir::new(dir.path())).unwrap();
         assert_eq!(
             journal.report(),
             &LoadReport { snapshot_leases: 0, records_replayed: 5, lines_dropped: 1, last_line_dropped: true }
@@ -650,7 +648,7 @@ mod tests {
     #[test]
     fn compaction_keeps_every_live_lease() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = LeaseJournal::open_with(dir.path(), 8).unwrap();
+        let journal = LeaseJournal::open_with(&DataDir::new(dir.path()), 8).unwrap();
         let mut expected = BTreeMap::new();
         let now = crate::status::now_ms();
         for i in 0..300u32 {
@@ -680,13 +678,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let snapshot = r#"{"journal_seq": 3, "leases": [
             {"mac": "02:00:00:00:00:01", "address": "10.99.0.1", "expires_at_ms": 9000000000000, "bound": true}]}"#;
-        std::fs::write(dir.path().join(SNAPSHOT_FILE), snapshot).unwrap();
+        std::fs::write(DataDir::new(dir.path()).lease_snapshot(), snapshot).unwrap();
         let mut lines = Vec::new();
         bind(1, 8_000_000_000_000).encode(2, &mut lines);
         bind(2, FAR).encode(3, &mut lines);
         Record::Release { mac: mac(2), address: Ipv4Addr::UNSPECIFIED }.encode(4, &mut lines);
         bind(3, FAR).encode(5, &mut lines);
-        std::fs::write(dir.path().join(JOURNAL_FILE), lines).unwrap();
+        std::fs::write(DataDir::new(dir.path()).lease_journal(), lines).unwrap();
         let loaded = on_disk(dir.path());
         assert_eq!(loaded.leases.len(), 2);
         assert_eq!(loaded.leases[&mac(1)].expires_at_ms, 9_000_000_000_000, "the older record is not replayed");
@@ -700,18 +698,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let legacy = r#"[
             {"mac": "52:54:00:aa:bb:01", "address": "10.99.0.100", "expires_at_ms": 9000000000000, "bound": true}]"#;
-        std::fs::write(dir.path().join(SNAPSHOT_FILE), legacy).unwrap();
-        let mut journal = LeaseJournal::open(dir.path()).unwrap();
+        std::fs::write(DataDir::new(dir.path()).lease_snapshot(), legacy).unwrap();
+        let mut journal = LeaseJournal::open(&DataDir::new(dir.path())).unwrap();
         assert_eq!(journal.take_loaded()[0].address, Ipv4Addr::new(10, 99, 0, 100));
         drop(journal);
-        let text = std::fs::read_to_string(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        let text = std::fs::read_to_string(DataDir::new(dir.path()).lease_snapshot()).unwrap();
         assert!(text.contains("journal_seq"), "rewritten in the current format: {text}");
     }
 
     #[test]
     fn ticket_resolves_only_once_the_record_is_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = LeaseJournal::open(dir.path()).unwrap();
+        let journal = LeaseJournal::open(&DataDir::new(dir.path())).unwrap();
         let stall = journal.stall();
         let stalled = stall.lock().unwrap();
         let mut ticket = journal.append_durable(bind(1, FAR)).unwrap();
@@ -728,7 +726,7 @@ mod tests {
     #[test]
     fn a_full_queue_refuses_instead_of_blocking() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = LeaseJournal::open(dir.path()).unwrap();
+        let journal = LeaseJournal::open(&DataDir::new(dir.path())).unwrap();
         let stall = journal.stall();
         let stalled = stall.lock().unwrap();
         let refused = (0..3 * JOURNAL_QUEUE_MAX as u32).find(|i| journal.append(bind(*i, FAR)).is_err());

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use self::send::SendPath;
 use self::session::{Negotiated, Sent};
@@ -114,18 +116,24 @@ impl TftpServer {
         self.socket.local_addr()
     }
 
-    /// Answers requests until the process exits.
-    pub async fn serve(self) {
+    /// Answers requests until `shutdown`. Transfers are tasks in `tasks`: at shutdown those
+    /// running go on to their end (the caller bounds how long it waits for them).
+    pub async fn serve(self, tasks: TaskTracker, shutdown: CancellationToken) {
         let mut buf = [0u8; REQUEST_LEN_MAX];
         loop {
-            match self.socket.recv_from(&mut buf).await {
-                Ok((len, peer)) => self.shared.handle_request(&self.socket, &buf[..len], peer),
+            let received = tokio::select! {
+                received = self.socket.recv_from(&mut buf) => received,
+                () = shutdown.cancelled() => break,
+            };
+            match received {
+                Ok((len, peer)) => self.shared.handle_request(&self.socket, &buf[..len], peer, &tasks),
                 Err(error) => {
                     tracing::warn!(%error, "TFTP socket cannot receive");
                     tokio::time::sleep(LISTEN_ERROR_PAUSE).await;
                 }
             }
         }
+        tracing::debug!("TFTP stopped accepting");
     }
 }
 
@@ -166,7 +174,7 @@ impl Shared {
 
     /// Handles one datagram to port 69. Never waits: transfers run in their own tasks, and a
     /// refusal sent from here is one non-blocking send that is dropped if the socket is full.
-    fn handle_request(self: &Arc<Self>, listener: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
+    fn handle_request(self: &Arc<Self>, listener: &UdpSocket, bytes: &[u8], peer: SocketAddr, tasks: &TaskTracker) {
         let request = match wire::parse(bytes) {
             Ok(request) => request,
             Err(error) => return self.drop_packet(peer, "malformed", &error),
@@ -188,7 +196,7 @@ impl Shared {
             return reply_error(listener, peer, ErrorCode::NotDefined, "server busy, retry");
         };
         let request = ReadRequest { filename: filename.to_owned(), mode, options };
-        tokio::spawn(self.clone().run_session(peer, request, permit, guard));
+        tasks.spawn(self.clone().run_session(peer, request, permit, guard));
     }
 
     fn refuse(&self, client: SocketAddr, path: &Path, why: &str) {
@@ -208,7 +216,7 @@ impl Shared {
             self.refuse(client, path, "mail mode");
             return Err((ErrorCode::IllegalOperation, "mail mode is not supported"));
         }
-        let snapshot = self.pxe.layout.current_link();
+        let snapshot = self.pxe.store.current_link();
         let snapshot = snapshot.exists().then_some(snapshot);
         let full = match resolve(&self.pxe.boot_files_dir, snapshot.as_deref(), path) {
             Ok(full) => full,

@@ -64,31 +64,31 @@ const LOADER: &[u8] = b"pretend iPXE loader";
 
 async fn rack(tftp: &str, files: &[(&str, &[u8])], send_path: SendPath) -> Rack {
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().to_owned();
+    let data_dir = crate::data_dir::DataDir::new(dir.path());
     let config: PxeConfig = toml::from_str(&format!(
         "interface = \"lo\"\naddress = \"127.0.0.1\"\n[dhcp]\nmode = \"off\"\n\
          [tftp]\nlisten = \"127.0.0.1:0\"\n{tftp}\n"
     ))
     .unwrap();
-    let layout = crate::sync::layout::Layout::open(&data_dir).unwrap();
-    let snapshot = data_dir.join("snapshot");
+    let store = crate::snapshot::SnapshotStore::open(&data_dir).unwrap();
+    let snapshot = data_dir.root().join("snapshot");
     for (name, bytes) in files {
         let path = snapshot.join(name);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, bytes).unwrap();
     }
-    std::os::unix::fs::symlink(&snapshot, layout.current_link()).unwrap();
-    let boot_files_dir = data_dir.join("boot");
+    std::os::unix::fs::symlink(&snapshot, store.current_link()).unwrap();
+    let boot_files_dir = data_dir.boot_files();
     std::fs::create_dir_all(&boot_files_dir).unwrap();
     std::fs::write(boot_files_dir.join("undionly.kpxe"), LOADER).unwrap();
     let pxe = Arc::new(Pxe {
         config,
         data_dir,
-        layout,
+        store,
         boot_files_dir,
         loader_hashes: Default::default(),
         boot_table: watch::channel(Arc::new(Vec::new())).1,
-        sync_status: watch::channel(Default::default()).1,
+        sync_phase: Box::new(Default::default),
         events: Default::default(),
         metrics: Metrics::new(),
         loader_sent: Default::default(),
@@ -96,7 +96,7 @@ async fn rack(tftp: &str, files: &[(&str, &[u8])], send_path: SendPath) -> Rack 
     });
     let server = bind_with(pxe.clone(), send_path).await.unwrap();
     let address = server.local_addr().unwrap();
-    tokio::spawn(server.serve());
+    tokio::spawn(server.serve(Default::default(), Default::default()));
     Rack { _dir: dir, pxe, server: address }
 }
 

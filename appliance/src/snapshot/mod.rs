@@ -1,4 +1,6 @@
-//! The rack's image store on disk, and publishing snapshots atomically.
+//! The rack's snapshot store: the image files on disk, publishing snapshots atomically, the
+//! `current` link PXE serves from, and the boot table (`boot_table`). Sync writes it, PXE reads
+//! it; neither reaches into the other.
 //!
 //! ```text
 //! DATA/images/manifests/<manifest id>   manifests fetched from the region (id = BLAKE3 of the bytes)
@@ -12,6 +14,8 @@
 //! A snapshot is immutable once published: its files are hard links to verified files, its
 //! `snapshot.json` is written last, and `current` changes by an atomic rename of a symlink.
 
+pub mod boot_table;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -19,8 +23,10 @@ use metalrack_api::images::{validate_image_name, validate_image_token, validate_
 use metalrack_image_tools::private_file::write_private_file;
 use serde::{Deserialize, Serialize};
 
+use crate::data_dir::DataDir;
+
 #[derive(Debug, thiserror::Error)]
-pub enum LayoutError {
+pub enum SnapshotError {
     #[error("cannot {what} {path}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("snapshot metadata {path} is damaged")]
@@ -29,8 +35,8 @@ pub enum LayoutError {
     UnsafePath { reason: String },
 }
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LayoutError + 'a {
-    move |source| LayoutError::Io { what, path: path.to_owned(), source }
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io { what, path: path.to_owned(), source }
 }
 
 /// The metadata of a published snapshot.
@@ -62,8 +68,8 @@ pub fn snapshot_id(revision: i64, files: &[CatalogueFile]) -> String {
 
 /// Where a file lives inside a snapshot: IMAGE/ARCH/VERSION/KIND, each part checked so a
 /// hostile catalogue cannot write outside the snapshot.
-pub fn relative_path(file: &CatalogueFile) -> Result<PathBuf, LayoutError> {
-    let unsafe_path = |reason: String| LayoutError::UnsafePath { reason };
+pub fn relative_path(file: &CatalogueFile) -> Result<PathBuf, SnapshotError> {
+    let unsafe_path = |reason: String| SnapshotError::UnsafePath { reason };
     validate_image_name(&file.image).map_err(unsafe_path)?;
     validate_image_token("arch", &file.arch).map_err(unsafe_path)?;
     validate_image_token("version", &file.version).map_err(unsafe_path)?;
@@ -75,19 +81,19 @@ pub fn relative_path(file: &CatalogueFile) -> Result<PathBuf, LayoutError> {
 }
 
 #[derive(Debug, Clone)]
-pub struct Layout {
-    pub root: PathBuf,
+pub struct SnapshotStore {
+    root: PathBuf,
 }
 
-impl Layout {
+impl SnapshotStore {
     /// Opens the store under `data_dir/images`. Partial files a crash left are kept: the next
     /// sync resumes them, checking every chunk it keeps.
-    pub fn open(data_dir: &Path) -> Result<Layout, LayoutError> {
-        let layout = Layout { root: data_dir.join("images") };
-        for dir in [layout.manifests_dir(), layout.files_dir(), layout.snapshots_dir()] {
+    pub fn open(data_dir: &DataDir) -> Result<SnapshotStore, SnapshotError> {
+        let store = SnapshotStore { root: data_dir.images() };
+        for dir in [store.manifests_dir(), store.files_dir(), store.snapshots_dir()] {
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         }
-        Ok(layout)
+        Ok(store)
     }
 
     pub fn manifests_dir(&self) -> PathBuf {
@@ -116,19 +122,19 @@ impl Layout {
     }
 
     /// The snapshot in service, if any.
-    pub fn current(&self) -> Result<Option<SnapshotMeta>, LayoutError> {
+    pub fn current(&self) -> Result<Option<SnapshotMeta>, SnapshotError> {
         let path = self.current_link().join("snapshot.json");
         match std::fs::read(&path) {
             Ok(bytes) => {
-                serde_json::from_slice(&bytes).map(Some).map_err(|source| LayoutError::Metadata { path, source })
+                serde_json::from_slice(&bytes).map(Some).map_err(|source| SnapshotError::Metadata { path, source })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(LayoutError::Io { what: "read", path, source }),
+            Err(source) => Err(SnapshotError::Io { what: "read", path, source }),
         }
     }
 
     /// Publishes a snapshot of `files` (all present in `files/`) and makes it current.
-    pub fn publish(&self, revision: i64, files: &[CatalogueFile]) -> Result<SnapshotMeta, LayoutError> {
+    pub fn publish(&self, revision: i64, files: &[CatalogueFile]) -> Result<SnapshotMeta, SnapshotError> {
         let meta = SnapshotMeta {
             id: snapshot_id(revision, files),
             revision,
@@ -164,7 +170,7 @@ impl Layout {
 
     /// Removes what the current snapshot does not use: other snapshots, files, partial files
     /// of builds no longer wanted, and manifests. Returns the bytes freed.
-    pub fn collect_garbage(&self, current: &SnapshotMeta) -> Result<u64, LayoutError> {
+    pub fn collect_garbage(&self, current: &SnapshotMeta) -> Result<u64, SnapshotError> {
         let mut freed = 0;
         let snapshots = self.snapshots_dir();
         for entry in std::fs::read_dir(&snapshots).map_err(io("list", &snapshots))? {
@@ -219,34 +225,34 @@ mod tests {
     #[test]
     fn publish_swaps_current_and_garbage_goes() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::open(dir.path()).unwrap();
+        let store = SnapshotStore::open(&DataDir::new(dir.path())).unwrap();
         let (a, b) = ("a".repeat(64), "b".repeat(64));
-        std::fs::write(layout.file_path(&a), b"one").unwrap();
-        let first = layout.publish(1, &[file("img", &a)]).unwrap();
-        assert_eq!(layout.current().unwrap().unwrap(), first);
-        assert_eq!(std::fs::read(layout.current_link().join("img/amd64/1/kernel")).unwrap(), b"one");
+        std::fs::write(store.file_path(&a), b"one").unwrap();
+        let first = store.publish(1, &[file("img", &a)]).unwrap();
+        assert_eq!(store.current().unwrap().unwrap(), first);
+        assert_eq!(std::fs::read(store.current_link().join("img/amd64/1/kernel")).unwrap(), b"one");
 
-        std::fs::write(layout.file_path(&b), b"two").unwrap();
-        let second = layout.publish(2, &[file("img", &b)]).unwrap();
+        std::fs::write(store.file_path(&b), b"two").unwrap();
+        let second = store.publish(2, &[file("img", &b)]).unwrap();
         assert_ne!(first.id, second.id);
-        assert_eq!(std::fs::read(layout.current_link().join("img/amd64/1/kernel")).unwrap(), b"two");
-        layout.collect_garbage(&second).unwrap();
-        assert!(!layout.file_path(&a).exists() && layout.file_path(&b).exists());
-        assert_eq!(std::fs::read_dir(layout.snapshots_dir()).unwrap().count(), 1);
+        assert_eq!(std::fs::read(store.current_link().join("img/amd64/1/kernel")).unwrap(), b"two");
+        store.collect_garbage(&second).unwrap();
+        assert!(!store.file_path(&a).exists() && store.file_path(&b).exists());
+        assert_eq!(std::fs::read_dir(store.snapshots_dir()).unwrap().count(), 1);
     }
 
     #[test]
     fn partial_files_survive_open_and_go_with_garbage() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::open(dir.path()).unwrap();
-        let partial = layout.partial_path(&"c".repeat(64));
+        let store = SnapshotStore::open(&DataDir::new(dir.path())).unwrap();
+        let partial = store.partial_path(&"c".repeat(64));
         std::fs::write(&partial, b"half").unwrap();
-        Layout::open(dir.path()).unwrap();
+        SnapshotStore::open(&DataDir::new(dir.path())).unwrap();
         assert!(partial.exists(), "kept for resuming");
         let a = "a".repeat(64);
-        std::fs::write(layout.file_path(&a), b"one").unwrap();
-        let meta = layout.publish(1, &[file("img", &a)]).unwrap();
-        layout.collect_garbage(&meta).unwrap();
+        std::fs::write(store.file_path(&a), b"one").unwrap();
+        let meta = store.publish(1, &[file("img", &a)]).unwrap();
+        store.collect_garbage(&meta).unwrap();
         assert!(!partial.exists(), "an obsolete partial goes once a snapshot is published");
     }
 }
