@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use metalrack_api::images::{RackCatalogue, MANIFEST_DELTA_TYPE};
+use metalrack_api::paths;
 use metalrack_api::{
     ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse, API_PREFIX,
@@ -21,6 +22,10 @@ use serde::Serialize;
 
 /// A chunk stream or long-poll that delivers nothing for this long is given up and retried.
 pub const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(90);
+
+// A read timeout shorter than the longest hold the region may put on a catalogue poll would cut
+// off polls the region is still holding.
+const _: () = assert!(STREAM_READ_TIMEOUT.as_secs() > metalrack_api::limits::CATALOGUE_POLL_HOLD_MAX.as_secs());
 
 /// Connecting takes at most this long (or the request timeout, if shorter): a region on the
 /// LAN accepts in milliseconds, and a dead one should not hold a heartbeat for the whole timeout.
@@ -116,8 +121,9 @@ impl RegionClient {
         wait: Duration,
     ) -> Result<RackCatalogue, RegionError> {
         let url = format!(
-            "{}{API_PREFIX}/rack/catalogue?after={after_revision}&requested={requested}&wait_ms={}",
+            "{}{API_PREFIX}{}?after={after_revision}&requested={requested}&wait_ms={}",
             self.base,
+            paths::RACK_CATALOGUE,
             wait.as_millis()
         );
         // The region holds the poll up to `wait`: the deadline covers that and the call itself.
@@ -139,7 +145,7 @@ impl RegionClient {
         manifest_id: &str,
         base: Option<&str>,
     ) -> Result<(Vec<u8>, bool), RegionError> {
-        let mut url = format!("{}{API_PREFIX}/rack/manifests/{manifest_id}", self.base);
+        let mut url = format!("{}{API_PREFIX}{}", self.base, paths::rack_manifest(manifest_id));
         if let Some(base) = base {
             url.push_str(&format!("?base={base}"));
         }
@@ -161,7 +167,7 @@ impl RegionClient {
     /// Asks for chunks with a body of wants (`metalrack_image_tools::delta::Want`); the response
     /// body streams one frame per want, in the same order.
     pub async fn chunks(&self, authorization: &str, wants: Vec<u8>) -> Result<reqwest::Response, RegionError> {
-        let url = format!("{}{API_PREFIX}/rack/chunks", self.base);
+        let url = format!("{}{API_PREFIX}{}", self.base, paths::RACK_CHUNKS);
         let request = self.http.post(&url).header(reqwest::header::AUTHORIZATION, authorization).body(wants);
         let response = self.send_streaming(request).await?;
         if response.status().is_success() {
@@ -177,7 +183,7 @@ impl RegionClient {
         authorization: &str,
         events: &[metalrack_api::machines::BootEvent],
     ) -> Result<(), RegionError> {
-        let url = format!("{}{API_PREFIX}/rack/events", self.base);
+        let url = format!("{}{API_PREFIX}{}", self.base, paths::RACK_EVENTS);
         let request = self
             .http
             .post(&url)
@@ -207,11 +213,11 @@ impl RegionClient {
     }
 
     pub async fn challenge(&self, request: &ChallengeRequest) -> Result<ChallengeResponse, RegionError> {
-        self.post("/racks/challenge", None, request).await
+        self.post(paths::RACK_CHALLENGE, None, request).await
     }
 
     pub async fn register(&self, request: &RegisterRequest) -> Result<RegisterResponse, RegionError> {
-        self.post("/racks/register", None, request).await
+        self.post(paths::RACK_REGISTER, None, request).await
     }
 
     pub async fn heartbeat(
@@ -219,7 +225,7 @@ impl RegionClient {
         authorization: &str,
         request: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, RegionError> {
-        self.post("/racks/heartbeat", Some(authorization), request).await
+        self.post(paths::RACK_HEARTBEAT, Some(authorization), request).await
     }
 
     async fn post<Req: Serialize, Resp: DeserializeOwned>(

@@ -1,5 +1,6 @@
 //! The import rules of `docs/ARCHITECTURE.md`, checked on the source: the region's modules form
-//! layers that import only downward, with no import circle among them.
+//! layers that import only downward, and neither daemon has an import circle among its
+//! top-level modules.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -127,4 +128,13 @@ fn region_modules_import_only_lower_layers() {
     }
     assert!(violations.is_empty(), "imports against the layers: {violations:#?}");
     assert_eq!(find_cycle(&graph), None);
+}
+
+#[test]
+fn appliance_modules_import_each_other_without_circles() {
+    let graph = module_graph(&workspace().join("appliance/src"));
+    assert!(graph.len() > 5, "the appliance's modules were found: {graph:?}");
+    if let Some(cycle) = find_cycle(&graph) {
+        panic!("import circle among the appliance's modules: {}", cycle.join(" → "));
+    }
 }

@@ -26,8 +26,10 @@ pub const FETCHES_IN_FLIGHT: usize = 4;
 
 /// Target bytes per chunk request...
 pub const FETCH_BATCH_BYTES: u64 = 8 * 1024 * 1024;
-/// ...and at most this many chunks (the region caps the count at 1024 hashes).
+/// ...and at most this many chunks: the region refuses requests for more than
+/// `CHUNK_FETCH_MAX`.
 const FETCH_BATCH_CHUNKS_MAX: usize = 1024;
+const _: () = assert!(FETCH_BATCH_CHUNKS_MAX <= metalrack_api::limits::CHUNK_FETCH_MAX);
 
 /// A chunk that arrives damaged this many times in one run fails the sync (the region's copy is
 /// probably bad; the operator has to look).

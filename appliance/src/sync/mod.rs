@@ -31,6 +31,9 @@ use crate::snapshot::{SnapshotMeta, SnapshotStore};
 
 /// How long one catalogue long-poll waits when nothing is due sooner.
 const LONG_POLL: Duration = Duration::from_secs(30);
+// The region holds a poll at most its own maximum; asking for longer would wake the rack at
+// the region's pace, not ours.
+const _: () = assert!(LONG_POLL.as_secs() <= metalrack_api::limits::CATALOGUE_POLL_HOLD_MAX.as_secs());
 
 /// At shutdown a running sync gets this long to stop at a chunk boundary by itself (writing its
 /// progress log); then it is dropped, which the partial files are built to survive. Shorter than
