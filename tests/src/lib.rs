@@ -5,9 +5,10 @@
 //! Map: [`region`] (regiond, admin, secret, push), [`rack`] (register, serve, snapshot),
 //! [`api`] (the region's JSON API), [`process`] (daemons stopped on drop, checked commands),
 //! [`lab`] (async code in a namespace), [`wait`], [`data`] (pseudo-random files), [`binaries`],
-//! [`tftp`] (a TFTP client), [`bench`] (what only the benchmarks share). Tests use the short forms that panic with the reason (`Region::start`);
-//! the benchmarks the `Result` forms (`Region::launch`), so an error unwinds through their
-//! locals and stops everything they started.
+//! [`readme`] (the operator guide's commands), [`tftp`] (a TFTP client), [`bench`] (what only
+//! the benchmarks share). Tests use the short forms that panic with the reason
+//! (`Region::start`); the benchmarks the `Result` forms (`Region::launch`), so an error unwinds
+//! through their locals and stops everything they started.
 
 pub mod api;
 pub mod bench;
@@ -16,6 +17,7 @@ pub mod data;
 pub mod lab;
 pub mod process;
 pub mod rack;
+pub mod readme;
 pub mod region;
 pub mod tftp;
 pub mod wait;
