@@ -5,13 +5,13 @@
 use anyhow::{ensure, Context, Result};
 use metalrack_api::images::{ImageView, SyncPolicy};
 use metalrack_api::machines::MachineBoot;
-use metalrack_api::{EventView, RackView};
+use metalrack_api::{paths, EventView, RackView, API_PREFIX};
 use serde::Serialize;
 
 #[derive(Debug, Clone)]
 pub struct Api {
     http: reqwest::Client,
-    /// `http://HOST:PORT/MAAS/api/v1`.
+    /// `http://HOST:PORT/MAAS/api/v1`; paths below it come from the wire contract's `paths`.
     base: String,
     pub key: String,
 }
@@ -19,7 +19,7 @@ pub struct Api {
 impl Api {
     /// The API of the region at `region_url` (`http://HOST:PORT/MAAS`) as the owner of `key`.
     pub fn new(region_url: &str, key: &str) -> Api {
-        Api { http: reqwest::Client::new(), base: format!("{region_url}/api/v1"), key: key.to_owned() }
+        Api { http: reqwest::Client::new(), base: format!("{region_url}{API_PREFIX}"), key: key.to_owned() }
     }
 
     /// A request to `path` (under `/api/v1`) with the key, for what the methods below lack.
@@ -46,7 +46,7 @@ impl Api {
     }
 
     pub async fn racks(&self) -> Result<Vec<RackView>> {
-        self.get("/racks").await
+        self.get(paths::RACKS).await
     }
 
     pub async fn rack(&self, name: &str) -> Result<RackView> {
@@ -55,11 +55,11 @@ impl Api {
     }
 
     pub async fn set_sync_policy(&self, rack_id: &str, policy: &SyncPolicy) -> Result<()> {
-        self.put(&format!("/racks/{rack_id}/sync-policy"), policy).await
+        self.put(&paths::rack_sync_policy(rack_id), policy).await
     }
 
     pub async fn images(&self) -> Result<Vec<ImageView>> {
-        self.get("/images").await
+        self.get(paths::IMAGES).await
     }
 
     pub async fn image(&self, name: &str) -> Result<ImageView> {
@@ -70,21 +70,21 @@ impl Api {
     /// Deletes `version` of image `name`.
     pub async fn delete_version(&self, name: &str, version: &str) -> Result<()> {
         let image = self.image(name).await?;
-        self.send(self.request(reqwest::Method::DELETE, &format!("/images/{}/versions/{version}", image.id))).await?;
+        self.send(self.request(reqwest::Method::DELETE, &paths::image_version(&image.id, version))).await?;
         Ok(())
     }
 
     /// Sets what `mac` (any separator) boots: a `MachineUpdate` as JSON.
     pub async fn put_machine(&self, mac: &str, update: &serde_json::Value) -> Result<()> {
-        self.put(&format!("/machines/{}", mac.replace(':', "-")), update).await
+        self.put(&paths::machine(&mac.replace(':', "-")), update).await
     }
 
     pub async fn machines(&self) -> Result<Vec<MachineBoot>> {
-        self.get("/machines").await
+        self.get(paths::MACHINES).await
     }
 
     /// The region's newest 1000 events.
     pub async fn events(&self) -> Result<Vec<EventView>> {
-        self.get("/events?limit=1000").await
+        self.get(&format!("{}?limit=1000", paths::EVENTS)).await
     }
 }
