@@ -1,37 +1,9 @@
-//! What the benchmark programs (`bench_sync`, `bench_pxe`) share: finding the release binaries,
-//! free disk space, the load average, and reporting a daemon that died with its log's tail.
+//! What only the benchmark programs (`bench_sync`, `bench_pxe`) share: free disk space and the
+//! load average, which their reports state.
 
-use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
+use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
-
-/// The workspace binaries a benchmark runs.
-#[derive(Debug)]
-pub struct Binaries {
-    pub regiond: PathBuf,
-    pub rackd: PathBuf,
-    pub imgtool: PathBuf,
-}
-
-impl Binaries {
-    /// The workspace binaries next to this executable (`target/release/` in the documented use).
-    /// (The harness's `crate::binary` looks one level higher, right for test binaries.)
-    pub fn locate() -> Result<Binaries> {
-        let exe = std::env::current_exe().context("cannot find this executable's path")?;
-        let dir = exe.parent().context("this executable has no directory")?;
-        let find = |name: &str| {
-            let path = dir.join(name);
-            ensure!(
-                path.is_file(),
-                "{} is missing: run `cargo build --release --workspace --bins` first",
-                path.display()
-            );
-            Ok(path)
-        };
-        Ok(Binaries { regiond: find("regiond")?, rackd: find("rackd")?, imgtool: find("imgtool")? })
-    }
-}
+use anyhow::{ensure, Context, Result};
 
 /// Bytes free on the filesystem holding `dir` (`df`).
 pub fn free_bytes(dir: &Path) -> Result<u64> {
@@ -46,11 +18,4 @@ pub fn free_bytes(dir: &Path) -> Result<u64> {
 pub fn load_average() -> String {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-}
-
-/// The error for a daemon `name` that exited with `status`: its last 20 log lines from `log`.
-pub fn exited(name: &str, status: ExitStatus, log: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let tail: Vec<&str> = text.lines().rev().take(20).collect();
-    bail!("{name} exited ({status}); last log lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
 }

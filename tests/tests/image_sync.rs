@@ -27,25 +27,15 @@ fn file_hash(path: &Path) -> String {
 }
 
 fn snapshot_file(rack: &Rack, name: &str, version: &str) -> PathBuf {
-    rack.data_dir.join("images/current").join(name).join("amd64").join(version).join("root-disk")
-}
-
-async fn api(region: &Region, api_key: &str, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-    reqwest::Client::new().request(method, format!("{}/api/v1{path}", region.url)).bearer_auth(api_key)
+    rack.snapshot_file(name, version, "root-disk")
 }
 
 async fn set_policy(region: &Region, api_key: &str, rack_id: &str, policy: &SyncPolicy) {
-    let response = api(region, api_key, reqwest::Method::PUT, &format!("/racks/{rack_id}/sync-policy"))
-        .await
-        .json(policy)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::NO_CONTENT, "{}", response.text().await.unwrap());
+    region.api(api_key).set_sync_policy(rack_id, policy).await.unwrap();
 }
 
 async fn rack_view(region: &Region, api_key: &str, name: &str) -> RackView {
-    region.racks(api_key).await.into_iter().find(|r| r.name == name).expect("rack listed")
+    region.api(api_key).rack(name).await.unwrap()
 }
 
 /// Waits until the rack reports `file_hash` in its current snapshot.
@@ -135,8 +125,7 @@ async fn two_racks_sync_identical_snapshots_and_a_delta_moves_only_new_chunks() 
     }
 
     // The Images API shows both versions synced on both racks.
-    let images: Vec<ImageView> =
-        api(&region, &api_key, reqwest::Method::GET, "/images").await.send().await.unwrap().json().await.unwrap();
+    let images = region.api(&api_key).images().await.unwrap();
     assert_eq!(images.len(), 1);
     assert_eq!(images[0].versions.len(), 2);
     for version in &images[0].versions {
@@ -149,8 +138,9 @@ async fn two_racks_sync_identical_snapshots_and_a_delta_moves_only_new_chunks() 
 
     // Deleting v1 reclaims the chunks only it used; racks drop it from their snapshots.
     let image_id = &images[0].id;
-    let response = api(&region, &api_key, reqwest::Method::DELETE, &format!("/images/{image_id}/versions/1"))
-        .await
+    let response = region
+        .api(&api_key)
+        .request(reqwest::Method::DELETE, &format!("/images/{image_id}/versions/1"))
         .send()
         .await
         .unwrap();
@@ -290,7 +280,7 @@ async fn window_and_manual_policies_sync_only_when_allowed() {
     // ...and the API's "sync now" (the UI's button) syncs the other.
     let id = rack_view(&region, &api_key, "man2").await.id;
     let response =
-        api(&region, &api_key, reqwest::Method::POST, &format!("/racks/{id}/sync")).await.send().await.unwrap();
+        region.api(&api_key).request(reqwest::Method::POST, &format!("/racks/{id}/sync")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     wait_synced(&region, &api_key, "man2", &image_hash).await;
     let output = manual_racks[1].command(&["sync"]);

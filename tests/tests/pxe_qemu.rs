@@ -39,14 +39,8 @@ fn in_lab(firmware: Firmware, nic: Nic, also_with_region_down: bool) {
     let lab = std::sync::Arc::new(lab);
     let inside = lab.clone();
     // Everything runs on a thread inside the namespace: sockets and child processes stay there.
-    lab.in_namespace(move || {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(scenario(
-            &inside,
-            &tap,
-            firmware,
-            nic,
-            also_with_region_down,
-        ))
+    metalrack_tests::lab::block_on_in(&lab, None, move || async move {
+        scenario(&inside, &tap, firmware, nic, also_with_region_down).await
     })
     .expect("ran inside the lab");
     drop(lab);
@@ -118,7 +112,7 @@ async fn scenario(lab: &Lab, tap: &str, firmware: Firmware, nic: Nic, also_with_
         return;
     }
     // Boot 2 with the region stopped: the rack serves from its snapshot and boot table alone.
-    region.daemon.terminate();
+    region.daemon.terminate().unwrap();
     let mut machine = Machine::power_on(lab, tap, &spec, &logs).expect("QEMU starts again");
     let before = counter("metalrack_rack_http_bytes_total");
     wait_for("the machine to load kernel and initrd again", BOOT_DEADLINE, || async {

@@ -130,7 +130,7 @@ async fn http_boot_tftp_scripts_metrics_and_events_with_the_region_down() {
     .await;
 
     // With the region down the rack still serves, and queues what happened.
-    region.daemon.terminate();
+    region.daemon.terminate().unwrap();
     let script = client.get(format!("{base}/ipxe/52-54-00-aa-bb-01")).send().await.unwrap().text().await.unwrap();
     assert!(script.contains("ubuntu/noble"), "boot table kept locally: {script}");
     let status = client.get(format!("{base}/callback/52-54-00-aa-bb-01?event=loaded")).send().await.unwrap().status();

@@ -253,7 +253,7 @@ async fn racks_ride_out_a_region_outage_and_log_once_per_state_change() {
     rack.serve();
     region.wait_rack_state(&api_key, "r1", RackState::Online).await;
 
-    region.daemon.terminate();
+    region.daemon.terminate().unwrap();
     wait_for("rack to notice the region is gone", DEADLINE, || async {
         rack.status().contains("region unreachable").then_some(())
     })

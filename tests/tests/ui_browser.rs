@@ -2,23 +2,21 @@
 //! cluster, see the racks on Controllers, and register a new rack with the command the UI shows.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use metalrack_api::RackState;
-use metalrack_tests::{wait_for, Rack, Region, DEADLINE};
+use metalrack_tests::process::Spawn;
+use metalrack_tests::{random_bytes, wait_for, Daemon, Rack, Region, DEADLINE};
 
-/// Starts chromedriver on a free port and returns it with its URL.
-fn start_chromedriver(dir: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = Command::new("chromedriver")
-        .arg("--port=0")
-        .arg(format!("--log-path={}", dir.join("chromedriver.log").display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver is installed (apt-get install chromium chromium-driver; .ci/run does it)");
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
+/// Starts chromedriver on a free port and returns it (stopped on drop) with its URL.
+fn start_chromedriver(dir: &std::path::Path) -> (Daemon, String) {
+    let mut command = Command::new("chromedriver");
+    command.arg("--port=0").arg(format!("--log-path={}", dir.join("chromedriver.log").display()));
+    let mut daemon = Daemon::spawn("chromedriver", command, &dir.join("chromedriver.stderr"), true, Spawn::default())
+        .expect("chromedriver is installed (apt-get install chromium chromium-driver; scripts/test does it)");
+    let mut reader = BufReader::new(daemon.take_stdout().unwrap());
     let mut line = String::new();
     let port = loop {
         line.clear();
@@ -29,16 +27,7 @@ fn start_chromedriver(dir: &std::path::Path) -> (std::process::Child, String) {
     };
     // Keep draining its stdout so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in reader.lines() {});
-    (child, format!("http://127.0.0.1:{port}"))
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    (daemon, format!("http://127.0.0.1:{port}"))
 }
 
 async fn browser(webdriver: &str, profile: &std::path::Path) -> Client {
@@ -92,8 +81,7 @@ async fn log_in_see_controllers_and_register_a_rack_with_the_shown_command() {
         region.wait_rack_state(&api_key, &rack.name, RackState::Online).await;
     }
 
-    let (driver, webdriver) = start_chromedriver(dir.path());
-    let _driver = KillOnDrop(driver);
+    let (_driver, webdriver) = start_chromedriver(dir.path());
     let client = browser(&webdriver, &dir.path().join("chromium-profile")).await;
 
     // Log in; the first login shows the welcome page, where the cluster gets its name.
@@ -150,19 +138,8 @@ async fn log_in_see_controllers_and_register_a_rack_with_the_shown_command() {
 
     // Images: a pushed image shows per-rack sync state; "Sync now" and the policy form work.
     let image = dir.path().join("kernel");
-    std::fs::write(
-        &image,
-        (0..600_000u32).flat_map(|i| (i.wrapping_mul(2_654_435_761)).to_le_bytes()).collect::<Vec<u8>>(),
-    )
-    .unwrap();
-    let output = Command::new(metalrack_tests::binary("imgtool"))
-        .arg("push")
-        .arg(&image)
-        .args(["--name", "ubuntu/noble", "--arch", "amd64", "--kind", "kernel", "--version", "1"])
-        .args(["--url", &region.url, "--api-key", &api_key])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    std::fs::write(&image, random_bytes(2_400_000, 1)).unwrap();
+    region.push(&api_key, &image, "ubuntu/noble", "kernel", "1");
     client.find(Locator::LinkText("Images")).await.unwrap().click().await.unwrap();
     wait_for("rack-a synced on the Images page", DEADLINE, || async {
         client.refresh().await.unwrap();

@@ -1,0 +1,90 @@
+//! The region's JSON API as one user (by API key), with the wire types of `metalrack-api`: what
+//! tests and benchmarks read and change through it (racks, sync policies, images, machines,
+//! events).
+
+use anyhow::{ensure, Context, Result};
+use metalrack_api::images::{ImageView, SyncPolicy};
+use metalrack_api::machines::MachineBoot;
+use metalrack_api::{paths, EventView, RackView, API_PREFIX};
+use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    /// `http://HOST:PORT/MAAS/api/v1`; paths below it come from the wire contract's `paths`.
+    base: String,
+    pub key: String,
+}
+
+impl Api {
+    /// The API of the region at `region_url` (`http://HOST:PORT/MAAS`) as the owner of `key`.
+    pub fn new(region_url: &str, key: &str) -> Api {
+        Api { http: reqwest::Client::new(), base: format!("{region_url}{API_PREFIX}"), key: key.to_owned() }
+    }
+
+    /// A request to `path` (under `/api/v1`) with the key, for what the methods below lack.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.key)
+    }
+
+    /// Sends `request`; an error with the status and the region's reason unless it succeeds.
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let response = request.send().await.context("region API")?;
+        let status = response.status();
+        ensure!(status.is_success(), "region API: {status}: {}", response.text().await.unwrap_or_default());
+        Ok(response)
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let response = self.send(self.request(reqwest::Method::GET, path)).await?;
+        response.json().await.with_context(|| format!("GET {path}: unexpected JSON"))
+    }
+
+    async fn put(&self, path: &str, body: &impl Serialize) -> Result<()> {
+        self.send(self.request(reqwest::Method::PUT, path).json(body)).await?;
+        Ok(())
+    }
+
+    pub async fn racks(&self) -> Result<Vec<RackView>> {
+        self.get(paths::RACKS).await
+    }
+
+    pub async fn rack(&self, name: &str) -> Result<RackView> {
+        let racks = self.racks().await?;
+        racks.into_iter().find(|r| r.name == name).with_context(|| format!("rack {name} is not listed"))
+    }
+
+    pub async fn set_sync_policy(&self, rack_id: &str, policy: &SyncPolicy) -> Result<()> {
+        self.put(&paths::rack_sync_policy(rack_id), policy).await
+    }
+
+    pub async fn images(&self) -> Result<Vec<ImageView>> {
+        self.get(paths::IMAGES).await
+    }
+
+    pub async fn image(&self, name: &str) -> Result<ImageView> {
+        let images = self.images().await?;
+        images.into_iter().find(|i| i.name == name).with_context(|| format!("image {name} is not listed"))
+    }
+
+    /// Deletes `version` of image `name`.
+    pub async fn delete_version(&self, name: &str, version: &str) -> Result<()> {
+        let image = self.image(name).await?;
+        self.send(self.request(reqwest::Method::DELETE, &paths::image_version(&image.id, version))).await?;
+        Ok(())
+    }
+
+    /// Sets what `mac` (any separator) boots: a `MachineUpdate` as JSON.
+    pub async fn put_machine(&self, mac: &str, update: &serde_json::Value) -> Result<()> {
+        self.put(&paths::machine(&mac.replace(':', "-")), update).await
+    }
+
+    pub async fn machines(&self) -> Result<Vec<MachineBoot>> {
+        self.get(paths::MACHINES).await
+    }
+
+    /// The region's newest 1000 events.
+    pub async fn events(&self) -> Result<Vec<EventView>> {
+        self.get(&format!("{}?limit=1000", paths::EVENTS)).await
+    }
+}
