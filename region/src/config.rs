@@ -12,7 +12,7 @@ pub struct RegionConfig {
     /// the port MAAS uses, so operators' firewalls and habits carry over.
     pub listen: SocketAddr,
     /// The URL racks use to reach this region, shown in "Add rack controller". Default: built from
-    /// the Host header the browser used, which is right unless the UI sits behind a proxy.
+    /// the listen address (this machine's hostname when listening on every address).
     pub public_url: Option<String>,
     /// How often racks send heartbeats. Default 5000 ms: a dead rack shows within seconds while
     /// 1000 racks cost the region 200 small requests per second.

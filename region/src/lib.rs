@@ -7,9 +7,9 @@
 //! 2. `db`: the database (pool, migrations, transactions) and the tables every domain writes:
 //!    the event log and settings.
 //! 3. `state`: what every domain shares (`Shared`: the store, config, data dir, change feed).
-//! 4. domains, each with its error type and its SQL beside it: `secret`, `users`, `cluster`;
-//!    then `racks`, `machines`; then `catalogue` (whose per-rack views read racks and whose
-//!    rack poll carries machines).
+//! 4. domains, each with its error type and its SQL beside it: `secret`, `users`; then
+//!    `cluster`, `racks`, `machines` (which check who acts); then `catalogue` (whose per-rack
+//!    views read racks and whose rack poll carries machines).
 //! 5. `http`: the router, extractors, `ApiError` (every domain error's status decided in one
 //!    place), and the thin API and UI handlers.
 //! 6. `cli`: the command line.
@@ -21,10 +21,10 @@ pub mod db;
 
 pub mod state;
 
-pub mod cluster;
 pub mod secret;
 pub mod users;
 
+pub mod cluster;
 pub mod machines;
 pub mod racks;
 

@@ -32,6 +32,8 @@ pub struct Shared {
     /// Refusals of strangers (failed logins, registrations with a wrong secret) counted
     /// between summaries, so they cannot flood the event log.
     failures: Arc<Mutex<FailureCounts>>,
+    /// The address the region serves on, once bound (port 0 becomes a real port).
+    bound: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
 }
 
 impl Shared {
@@ -43,7 +45,36 @@ impl Shared {
             changes: Arc::new(watch::channel(0).0),
             closing: Arc::default(),
             failures: Arc::default(),
+            bound: Arc::default(),
         }
+    }
+
+    /// Records the address the listener got; called once by the server.
+    pub fn set_bound_address(&self, address: std::net::SocketAddr) {
+        let _ = self.bound.set(address);
+    }
+
+    /// The URL racks reach this region at, for the register command the UI shows: the
+    /// configured `public_url`, or else built from the bound address (this machine's hostname
+    /// when listening on every address) — never from a request's `Host` header, which whoever
+    /// sends the request chooses.
+    pub fn region_url(&self) -> String {
+        if let Some(url) = &self.config.public_url {
+            return url.trim_end_matches('/').to_owned();
+        }
+        let address = self.bound.get().copied().unwrap_or(self.config.listen);
+        let host = if address.ip().is_unspecified() {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|name| name.into_string().ok())
+                .unwrap_or_else(|| "localhost".to_owned())
+        } else {
+            match address.ip() {
+                IpAddr::V6(ip) => format!("[{ip}]"),
+                IpAddr::V4(ip) => ip.to_string(),
+            }
+        };
+        format!("http://{host}:{}{}", address.port(), metalrack_api::paths::BASE_PATH)
     }
 
     pub fn data_dir(&self) -> &Path {

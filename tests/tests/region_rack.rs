@@ -100,11 +100,41 @@ async fn createadmin_login_sessions_and_api_authentication() {
     assert_eq!(anonymous.status(), StatusCode::SEE_OTHER);
     assert_eq!(anonymous.headers()["location"], "/MAAS/login");
 
+    // Forms carry the session's CSRF token, as the page hands it out: a form without it, or sent
+    // from another site, changes nothing.
+    let welcome = client.get(format!("{}/welcome", region.url)).header("cookie", &session).send().await.unwrap();
+    let welcome = welcome.text().await.unwrap();
+    let csrf = welcome
+        .split(r#"name="csrf" value=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the welcome form carries a CSRF token")
+        .to_owned();
+    let forged = client
+        .post(format!("{}/welcome", region.url))
+        .header("cookie", &session)
+        .form(&[("action", "save"), ("cluster_name", "forged")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN, "a form without the token is refused");
+    let cross_site = client
+        .post(format!("{}/welcome", region.url))
+        .header("cookie", &session)
+        .header("origin", "http://attacker.example")
+        .form(&[("action", "save"), ("cluster_name", "forged"), ("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross_site.status(), StatusCode::FORBIDDEN, "a form from another origin is refused");
+    let page = client.get(format!("{}/controllers", region.url)).header("cookie", &session).send().await.unwrap();
+    assert!(!page.text().await.unwrap().contains("forged"), "the cluster was not renamed");
+
     // Skipping the welcome page is remembered: the next login goes to the dashboard.
     let skip = client
         .post(format!("{}/welcome", region.url))
         .header("cookie", &session)
-        .form(&[("action", "skip")])
+        .form(&[("action", "skip"), ("csrf", &csrf)])
         .send()
         .await
         .unwrap();
@@ -112,7 +142,13 @@ async fn createadmin_login_sessions_and_api_authentication() {
     assert_eq!(login("ops", "long password").await.unwrap().headers()["location"], "/MAAS/");
 
     // Logging out ends the session on the server, not just in the browser.
-    let logout = client.post(format!("{}/logout", region.url)).header("cookie", &session).send().await.unwrap();
+    let logout = client
+        .post(format!("{}/logout", region.url))
+        .header("cookie", &session)
+        .form(&[("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(logout.status(), StatusCode::SEE_OTHER);
     let after = client.get(format!("{}/controllers", region.url)).header("cookie", &session).send().await.unwrap();
     assert_eq!(after.status(), StatusCode::SEE_OTHER);
@@ -389,4 +425,41 @@ async fn createadmin_prompts_on_a_terminal_without_echoing_the_password() {
     assert!(!screen.contains("tty password 1"), "the password is not echoed: {screen}");
     let output = regiond(&data_dir, &["apikey", "--username", "ttyadmin"]);
     assert!(output.status.success());
+}
+
+#[tokio::test]
+async fn ui_pages_forbid_framing_and_caching_and_the_register_command_ignores_the_host_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    region.create_admin("admin", "correct horse battery");
+    let client = no_redirects();
+    let response = client
+        .post(format!("{}/login", region.url))
+        .form(&[("username", "admin"), ("password", "correct horse battery")])
+        .send()
+        .await
+        .unwrap();
+    let session = response.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+
+    // A request naming another host (as anyone can) must not put that host into the command a
+    // rack will run with the secret.
+    let page = client
+        .get(format!("{}/controllers/add", region.url))
+        .header("cookie", &session)
+        .header("host", "attacker.example:5240")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let headers = page.headers().clone();
+    let body = page.text().await.unwrap();
+    let expected = format!("rackd register --url {} --secret {}", region.url, region.secret());
+    assert!(body.contains(&expected), "the command uses the region's own address: {body}");
+    assert!(!body.contains("attacker.example"), "{body}");
+
+    assert_eq!(headers["cache-control"], "no-store", "a page showing the secret is not cached");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    let policy = headers["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("frame-ancestors 'none'") && policy.contains("default-src 'self'"), "{policy}");
 }

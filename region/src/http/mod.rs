@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         // it takes one of the handlers' slots.
         .layer(axum::middleware::from_fn_with_state(state.in_flight.clone(), limits::limit_in_flight))
         .layer(axum::middleware::from_fn(limits::read_small_body))
+        .layer(axum::middleware::from_fn(extract::security_headers))
         .layer(axum::middleware::from_fn(limits::close_if_body_unread))
         .with_state(state)
 }

@@ -91,6 +91,7 @@ pub async fn serve(
     }
     tracing::info!(%local, "region serving");
     let shared = state.shared.clone();
+    shared.set_bound_address(local);
     let summaries = tokio::spawn(crate::state::flush_failure_summaries(shared.clone()));
     let app = router(state);
     let connections = Arc::new(Connections::default());

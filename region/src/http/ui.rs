@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Form, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -16,7 +16,7 @@ use metalrack_api::{RackState, RackView};
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::extract::{SessionUser, SESSION_COOKIE};
+use super::extract::{SessionUser, CSRF_FIELD, SESSION_COOKIE};
 use super::{AppState, BASE_PATH};
 use crate::cluster::{ClusterError, CLUSTER_NAME_LEN_MAX};
 use crate::users::{Login, User};
@@ -47,8 +47,9 @@ pub fn router() -> Router<AppState> {
         .route(&format!("{BASE_PATH}/account"), get(account))
         .route(
             &format!("{BASE_PATH}/static/style.css"),
-            get(|| async { ([(header::CONTENT_TYPE, "text/css")], STYLE) }),
+            get(|| async { ([(header::CONTENT_TYPE, "text/css"), (header::CACHE_CONTROL, "max-age=300")], STYLE) }),
         )
+        .route_layer(axum::middleware::from_fn(super::extract::check_csrf))
 }
 
 /// A page that failed: the log gets the details, the user a short page.
@@ -64,6 +65,7 @@ impl From<ClusterError> for ApiError {
     fn from(error: ClusterError) -> ApiError {
         match error {
             ClusterError::InvalidName => ApiError::bad_request(error.to_string()),
+            ClusterError::NotAdmin => ApiError::forbidden(error.to_string()),
             ClusterError::Store { source, .. } => source.into(),
         }
     }
@@ -82,6 +84,11 @@ impl IntoResponse for PageError {
 
 type PageResult = Result<Response, PageError>;
 
+/// The hidden field that carries a form's CSRF token (checked by `extract::check_csrf`).
+fn csrf_input(csrf: &str) -> Markup {
+    html! { input type="hidden" name=(CSRF_FIELD) value=(csrf); }
+}
+
 async fn cluster_name(state: &AppState) -> Result<String, PageError> {
     Ok(state.shared.cluster_name().await?)
 }
@@ -96,7 +103,7 @@ enum Nav {
     None,
 }
 
-fn layout(title: &str, cluster: &str, user: Option<&User>, nav: Nav, content: Markup) -> Markup {
+fn layout(title: &str, cluster: &str, session: Option<&SessionUser>, nav: Nav, content: Markup) -> Markup {
     let link = |target: Nav, href: &str, label: &str| {
         html! { a.active[nav == target] href=(format!("{BASE_PATH}{href}")) { (label) } }
     };
@@ -112,7 +119,7 @@ fn layout(title: &str, cluster: &str, user: Option<&User>, nav: Nav, content: Ma
             body {
                 header.top {
                     a.brand href=(format!("{BASE_PATH}/")) { span.logo { "▦" } " Metalrack" span.cluster { (cluster) } }
-                    @if let Some(user) = user {
+                    @if let Some(SessionUser { user, csrf }) = session {
                         nav {
                             (link(Nav::Dashboard, "/", "Dashboard"))
                             (link(Nav::Controllers, "/controllers", "Controllers"))
@@ -121,7 +128,7 @@ fn layout(title: &str, cluster: &str, user: Option<&User>, nav: Nav, content: Ma
                         }
                         div.user {
                             (link(Nav::Account, "/account", &user.username))
-                            form method="post" action=(format!("{BASE_PATH}/logout")) { button.link type="submit" { "Log out" } }
+                            form method="post" action=(format!("{BASE_PATH}/logout")) { (csrf_input(csrf)) button.link type="submit" { "Log out" } }
                         }
                     }
                 }
@@ -217,16 +224,16 @@ async fn logout(State(state): State<AppState>, jar: CookieJar) -> PageResult {
 
 // ---- welcome ----
 
-async fn welcome_page(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+async fn welcome_page(State(state): State<AppState>, session: SessionUser) -> PageResult {
     let cluster = cluster_name(&state).await?;
-    Ok(welcome_markup(&cluster, &user, None).into_response())
+    Ok(welcome_markup(&cluster, &session, None).into_response())
 }
 
-fn welcome_markup(cluster: &str, user: &User, error: Option<&str>) -> Markup {
+fn welcome_markup(cluster: &str, session: &SessionUser, error: Option<&str>) -> Markup {
     layout(
         "Welcome",
         cluster,
-        Some(user),
+        Some(session),
         Nav::None,
         html! {
             section.card.narrow {
@@ -234,6 +241,7 @@ fn welcome_markup(cluster: &str, user: &User, error: Option<&str>) -> Markup {
                 p { "Name this cluster. The name shows in the header and in every rack's status. You can change it later." }
                 @if let Some(error) = error { p.error role="alert" { (error) } }
                 form method="post" action=(format!("{BASE_PATH}/welcome")) {
+                    (csrf_input(&session.csrf))
                     label { "Cluster name" input name="cluster_name" id="cluster_name" value=(cluster) maxlength=(CLUSTER_NAME_LEN_MAX); }
                     div.actions {
                         button.primary type="submit" name="action" value="save" id="save" { "Save and continue" }
@@ -251,18 +259,19 @@ struct WelcomeForm {
     cluster_name: Option<String>,
 }
 
-async fn welcome(
-    State(state): State<AppState>,
-    SessionUser(user): SessionUser,
-    Form(form): Form<WelcomeForm>,
-) -> PageResult {
+async fn welcome(State(state): State<AppState>, session: SessionUser, Form(form): Form<WelcomeForm>) -> PageResult {
+    let user = &session.user;
+    if !user.is_admin {
+        // The welcome page is the administrators' to answer; others go on to the dashboard.
+        return Ok(Redirect::to(&format!("{BASE_PATH}/")).into_response());
+    }
     if form.action == "save" {
         let name = form.cluster_name.unwrap_or_default();
-        match crate::cluster::rename(&state.shared, &user.username, &name).await {
+        match crate::cluster::rename(&state.shared, user, &name).await {
             Ok(()) => {}
             Err(error @ ClusterError::InvalidName) => {
                 let cluster = cluster_name(&state).await?;
-                let body = welcome_markup(&cluster, &user, Some(&error.to_string()));
+                let body = welcome_markup(&cluster, &session, Some(&error.to_string()));
                 return Ok((StatusCode::BAD_REQUEST, body).into_response());
             }
             Err(error) => return Err(error.into()),
@@ -274,7 +283,8 @@ async fn welcome(
 
 // ---- dashboard ----
 
-async fn dashboard(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+async fn dashboard(State(state): State<AppState>, session: SessionUser) -> PageResult {
+    let user = &session.user;
     let cluster = cluster_name(&state).await?;
     let racks = state.racks.views().await?;
     let count = |s: RackState| racks.iter().filter(|r| r.state == s).count();
@@ -303,7 +313,7 @@ async fn dashboard(State(state): State<AppState>, SessionUser(user): SessionUser
             a href=(format!("{BASE_PATH}/events")) { "All events" }
         }
     };
-    Ok(layout("Dashboard", &cluster, Some(&user), Nav::Dashboard, content).into_response())
+    Ok(layout("Dashboard", &cluster, Some(&session), Nav::Dashboard, content).into_response())
 }
 
 fn events_table(events: &[metalrack_api::EventView]) -> Markup {
@@ -322,7 +332,8 @@ fn events_table(events: &[metalrack_api::EventView]) -> Markup {
 
 // ---- controllers ----
 
-async fn controllers(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+async fn controllers(State(state): State<AppState>, session: SessionUser) -> PageResult {
+    let user = &session.user;
     let cluster = cluster_name(&state).await?;
     let racks = state.racks.views().await?;
     let content = html! {
@@ -337,7 +348,7 @@ async fn controllers(State(state): State<AppState>, SessionUser(user): SessionUs
             }
         }
     };
-    Ok(layout("Controllers", &cluster, Some(&user), Nav::Controllers, content).into_response())
+    Ok(layout("Controllers", &cluster, Some(&session), Nav::Controllers, content).into_response())
 }
 
 fn controller_row(rack: &RackView) -> Markup {
@@ -370,22 +381,13 @@ fn controller_row(rack: &RackView) -> Markup {
     }
 }
 
-async fn add_controller(
-    State(state): State<AppState>,
-    SessionUser(user): SessionUser,
-    headers: HeaderMap,
-) -> PageResult {
+async fn add_controller(State(state): State<AppState>, session: SessionUser) -> PageResult {
+    let user = &session.user;
     if !user.is_admin {
         return Err(PageError(ApiError::forbidden("Only administrators can add rack controllers.")));
     }
     let cluster = cluster_name(&state).await?;
-    let url = match &state.shared.config.public_url {
-        Some(url) => url.trim_end_matches('/').to_owned(),
-        None => {
-            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost:5240");
-            format!("http://{host}{BASE_PATH}")
-        }
-    };
+    let url = state.shared.region_url();
     let secret = crate::secret::show(&state.shared, &user.username).await?;
     let command = format!("rackd register --url {url} --secret {}", secret.expose());
     let content = html! {
@@ -400,21 +402,22 @@ async fn add_controller(
                 "If the secret leaks, run " code { "regiond secret rotate" } " and register every rack again." }
         }
     };
-    Ok(layout("Add rack controller", &cluster, Some(&user), Nav::Controllers, content).into_response())
+    Ok(layout("Add rack controller", &cluster, Some(&session), Nav::Controllers, content).into_response())
 }
 
 // ---- events and account ----
 
-async fn events(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+async fn events(State(state): State<AppState>, session: SessionUser) -> PageResult {
     let cluster = cluster_name(&state).await?;
     let events = state.shared.store.events(EVENTS_PAGE_ROWS).await?;
     let content = html! { h1 { "Events" } section.card { (events_table(&events)) } };
-    Ok(layout("Events", &cluster, Some(&user), Nav::Events, content).into_response())
+    Ok(layout("Events", &cluster, Some(&session), Nav::Events, content).into_response())
 }
 
-async fn account(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+async fn account(State(state): State<AppState>, session: SessionUser) -> PageResult {
+    let user = &session.user;
     let cluster = cluster_name(&state).await?;
-    let crate::users::Account { api_keys: keys, ssh_keys } = crate::users::account(&state.shared, &user).await?;
+    let crate::users::Account { api_keys: keys, ssh_keys } = crate::users::account(&state.shared, user).await?;
     let content = html! {
         h1 { (user.username) }
         section.card {
@@ -432,7 +435,7 @@ async fn account(State(state): State<AppState>, SessionUser(user): SessionUser) 
             @for key in &ssh_keys { pre { (key) } }
         }
     };
-    Ok(layout(&user.username, &cluster, Some(&user), Nav::Account, content).into_response())
+    Ok(layout(&user.username, &cluster, Some(&session), Nav::Account, content).into_response())
 }
 
 fn human_duration(s: u64) -> String {
@@ -515,23 +518,24 @@ fn require_admin_page(user: &User) -> Result<(), PageError> {
 
 async fn controller_page(
     State(state): State<AppState>,
-    SessionUser(user): SessionUser,
+    session: SessionUser,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> PageResult {
     let cluster = cluster_name(&state).await?;
     let rack = rack_by_id(&state, &id).await?;
-    Ok(layout(&rack.name, &cluster, Some(&user), Nav::Controllers, controller_markup(&rack, &user, None))
+    Ok(layout(&rack.name, &cluster, Some(&session), Nav::Controllers, controller_markup(&rack, &session, None))
         .into_response())
 }
 
-fn controller_markup(rack: &RackView, user: &User, error: Option<&str>) -> Markup {
+fn controller_markup(rack: &RackView, session: &SessionUser, error: Option<&str>) -> Markup {
+    let SessionUser { user, csrf } = session;
     let policy = &rack.sync_policy;
     let is = |kind: SyncPolicyKind| policy.policy == kind;
     html! {
         div.heading {
             h1 { (rack.name) " " span class=(format!("badge {}", match rack.state { RackState::Online => "online", RackState::Offline => "offline", RackState::NeedsReregistration => "stale" })) { (rack.state.label()) } }
             @if user.is_admin {
-                form method="post" action=(format!("{BASE_PATH}/controllers/{}/sync", rack.id)) { button.primary type="submit" id="sync-now" { "Sync now" } }
+                form method="post" action=(format!("{BASE_PATH}/controllers/{}/sync", rack.id)) { (csrf_input(csrf)) button.primary type="submit" id="sync-now" { "Sync now" } }
             }
         }
         section.card {
@@ -554,6 +558,7 @@ fn controller_markup(rack: &RackView, user: &User, error: Option<&str>) -> Marku
                 h2 { "Sync policy" }
                 @if let Some(error) = error { p.error role="alert" { (error) } }
                 form method="post" action=(format!("{BASE_PATH}/controllers/{}/policy", rack.id)) id="policy-form" {
+                    (csrf_input(csrf))
                     label { "Policy"
                         select name="policy" id="policy" {
                             option value="auto" selected[is(SyncPolicyKind::Auto)] { "auto: a while after each change" }
@@ -585,11 +590,12 @@ struct PolicyForm {
 
 async fn controller_policy(
     State(state): State<AppState>,
-    SessionUser(user): SessionUser,
+    session: SessionUser,
     axum::extract::Path(id): axum::extract::Path<String>,
     Form(form): Form<PolicyForm>,
 ) -> PageResult {
-    require_admin_page(&user)?;
+    let user = &session.user;
+    require_admin_page(user)?;
     let kind = match form.policy.as_str() {
         "auto" => SyncPolicyKind::Auto,
         "window" => SyncPolicyKind::Window,
@@ -603,16 +609,16 @@ async fn controller_policy(
         window_end: form.window_end,
         bandwidth_bytes_per_s: (form.bandwidth_mib_s.max(0.0) * 1048576.0) as u64,
     };
-    if let Err(PageError(error)) = state.racks.set_sync_policy(&user, &id, &policy).await.map_err(PageError::from) {
+    if let Err(PageError(error)) = state.racks.set_sync_policy(user, &id, &policy).await.map_err(PageError::from) {
         if error.status == StatusCode::BAD_REQUEST {
             let cluster = cluster_name(&state).await?;
             let rack = rack_by_id(&state, &id).await?;
             let body = layout(
                 &rack.name,
                 &cluster,
-                Some(&user),
+                Some(&session),
                 Nav::Controllers,
-                controller_markup(&rack, &user, Some(&error.body.error)),
+                controller_markup(&rack, &session, Some(&error.body.error)),
             );
             return Ok((StatusCode::BAD_REQUEST, body).into_response());
         }
@@ -623,15 +629,17 @@ async fn controller_policy(
 
 async fn controller_sync(
     State(state): State<AppState>,
-    SessionUser(user): SessionUser,
+    session: SessionUser,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> PageResult {
-    require_admin_page(&user)?;
-    state.racks.request_sync(&user, Some(&id)).await?;
+    let user = &session.user;
+    require_admin_page(user)?;
+    state.racks.request_sync(user, Some(&id)).await?;
     Ok(Redirect::to(&format!("{BASE_PATH}/controllers/{id}")).into_response())
 }
 
-async fn images_page(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
+async fn images_page(State(state): State<AppState>, session: SessionUser) -> PageResult {
+    let user = &session.user;
     let cluster = cluster_name(&state).await?;
     let images = state.catalogue.image_views().await?;
     let now = now_ms();
@@ -639,7 +647,7 @@ async fn images_page(State(state): State<AppState>, SessionUser(user): SessionUs
         div.heading {
             h1 { "Images" }
             @if user.is_admin && !images.is_empty() {
-                form method="post" action=(format!("{BASE_PATH}/images/sync")) { button.primary type="submit" id="sync-all" { "Sync now (all racks)" } }
+                form method="post" action=(format!("{BASE_PATH}/images/sync")) { (csrf_input(&session.csrf)) button.primary type="submit" id="sync-all" { "Sync now (all racks)" } }
             }
         }
         @if images.is_empty() {
@@ -673,9 +681,13 @@ async fn images_page(State(state): State<AppState>, SessionUser(user): SessionUs
                                 }
                             } @if version.racks.is_empty() { span.muted { "no racks" } } }
                             td { @if user.is_admin {
-                                form method="post" action=(format!("{BASE_PATH}/images/{}/versions/{}/delete", image.id, version.version))
-                                    onsubmit=(format!("return confirm('Delete {} version {}?')", image.name, version.version)) {
-                                    button type="submit" { "Delete" }
+                                // A second click to confirm, without JavaScript (the CSP allows none).
+                                details.confirm {
+                                    summary { "Delete" }
+                                    form method="post" action=(format!("{BASE_PATH}/images/{}/versions/{}/delete", image.id, version.version)) {
+                                        (csrf_input(&session.csrf))
+                                        button type="submit" { "Delete " (image.name) " version " (version.version) }
+                                    }
                                 }
                             } }
                         }
@@ -684,24 +696,26 @@ async fn images_page(State(state): State<AppState>, SessionUser(user): SessionUs
             }
         }
     };
-    let mut page = layout("Images", &cluster, Some(&user), Nav::Images, content).into_response();
+    let mut page = layout("Images", &cluster, Some(&session), Nav::Images, content).into_response();
     // The page follows sync progress without JavaScript.
     page.headers_mut().insert(header::REFRESH, axum::http::HeaderValue::from_static("5"));
     Ok(page)
 }
 
-async fn images_sync(State(state): State<AppState>, SessionUser(user): SessionUser) -> PageResult {
-    require_admin_page(&user)?;
-    state.racks.request_sync(&user, None).await?;
+async fn images_sync(State(state): State<AppState>, session: SessionUser) -> PageResult {
+    let user = &session.user;
+    require_admin_page(user)?;
+    state.racks.request_sync(user, None).await?;
     Ok(Redirect::to(&format!("{BASE_PATH}/images")).into_response())
 }
 
 async fn images_delete(
     State(state): State<AppState>,
-    SessionUser(user): SessionUser,
+    session: SessionUser,
     axum::extract::Path((image_id, version)): axum::extract::Path<(String, String)>,
 ) -> PageResult {
-    require_admin_page(&user)?;
-    state.catalogue.delete_version(&user, &image_id, &version).await?;
+    let user = &session.user;
+    require_admin_page(user)?;
+    state.catalogue.delete_version(user, &image_id, &version).await?;
     Ok(Redirect::to(&format!("{BASE_PATH}/images")).into_response())
 }
