@@ -463,3 +463,46 @@ async fn ui_pages_forbid_framing_and_caching_and_the_register_command_ignores_th
     let policy = headers["content-security-policy"].to_str().unwrap();
     assert!(policy.contains("frame-ancestors 'none'") && policy.contains("default-src 'self'"), "{policy}");
 }
+
+#[tokio::test]
+async fn a_write_held_up_by_another_writer_is_answered_503_with_retry_after_not_500() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let api_key = region.create_admin("admin", "correct horse battery");
+    // Another process holds the database's write lock (as a long `regiond` CLI command or a
+    // backup tool could) for longer than the region's busy timeout.
+    let database = region.data_dir.join("region.db");
+    let mut locker = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys, time\n\
+             db = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             db.execute('BEGIN EXCLUSIVE')\n\
+             print('locked', flush=True)\n\
+             time.sleep(30)\n",
+        )
+        .arg(&database)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    std::io::BufReader::new(locker.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+
+    let client = reqwest::Client::new();
+    let put = || {
+        client
+            .put(format!("{}/api/v1/machines/52-54-00-aa-bb-07", region.url))
+            .bearer_auth(&api_key)
+            .json(&serde_json::json!({"hostname": "node7", "boot": {"kind": "local"}}))
+            .send()
+    };
+    let busy = put().await.unwrap();
+    assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(busy.headers()["retry-after"], "1");
+    locker.kill().unwrap();
+    locker.wait().unwrap();
+    let done = put().await.unwrap();
+    assert_eq!(done.status(), StatusCode::NO_CONTENT, "the same write goes through once the lock is gone");
+}

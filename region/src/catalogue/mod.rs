@@ -49,6 +49,10 @@ pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest chunk request body: [`CHUNK_FETCH_MAX`] wants naming every base they may.
 pub const CHUNK_REQUEST_BYTES_MAX: usize = CHUNK_FETCH_MAX * (delta::WANT_HEADER_LEN + 32 * delta::BASES_MAX);
 
+/// Chunk sets kept in memory: one per upload that may be in progress (each ~50 bytes per chunk:
+/// ~8 MiB for a 10 GiB image). An abandoned upload's set is evicted when room is needed.
+pub const UPLOAD_SETS_CACHED_MAX: usize = store::UPLOADS_PENDING_MAX as usize;
+
 /// Chunk frames buffered between the disk reader and the socket per chunk request: bounds
 /// memory to ~4 chunks per rack download however slow the rack reads.
 const SERVE_QUEUE_FRAMES: usize = 4;
@@ -171,8 +175,9 @@ pub struct Catalogue {
     shared: Shared,
     chunks: ChunkStore,
     manifests_dir: PathBuf,
-    /// Chunk sets of active uploads, so each batch does not re-read the manifest. At most one
-    /// entry per pending upload (`UPLOADS_PENDING_MAX`).
+    /// Chunk sets of active uploads, so each batch does not re-read the manifest: a cache of at
+    /// most [`UPLOAD_SETS_CACHED_MAX`] entries (an entry dropped is read again from its
+    /// manifest); an upload's entry goes when it commits or conflicts.
     upload_sets: Mutex<HashMap<String, Arc<HashSet<Hash>>>>,
     /// Serializes garbage collection against itself.
     gc: Mutex<()>,
@@ -308,7 +313,15 @@ impl Catalogue {
         }
         let manifest = self.load_manifest(&upload.manifest_id).await?;
         let set: Arc<HashSet<Hash>> = Arc::new(manifest.chunks.iter().map(|c| c.hash).collect());
-        self.upload_sets.lock().await.insert(upload.id.clone(), set.clone());
+        let mut sets = self.upload_sets.lock().await;
+        if sets.len() >= UPLOAD_SETS_CACHED_MAX {
+            // Uploads abandoned without a commit would otherwise stay here for good; evicting
+            // any entry is safe, it is read again from its manifest when its upload goes on.
+            if let Some(evicted) = sets.keys().next().cloned() {
+                sets.remove(&evicted);
+            }
+        }
+        sets.insert(upload.id.clone(), set.clone());
         Ok(set)
     }
 
@@ -377,10 +390,11 @@ impl Catalogue {
             .commit_upload(&upload, &file_hash, manifest.file_len, manifest.chunks.len() as u64)
             .await
             .map_err(store_error("commit the upload"))?;
+        // Committed or refused, the upload is over (the store deleted its row): release its set.
+        self.upload_sets.lock().await.remove(&upload.id);
         if let CommitOutcome::Conflict { .. } = outcome {
             return Err(CatalogueError::FileConflict);
         }
-        self.upload_sets.lock().await.remove(&upload.id);
         let message = format!(
             "{} {} version {}: {} committed ({} bytes, {} chunks)",
             upload.image_name,
@@ -739,5 +753,57 @@ impl Catalogue {
     fn take_corruption(&self) -> bool {
         use std::sync::atomic::Ordering;
         self.corrupt_chunks_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RegionConfig;
+    use crate::db::Store;
+    use metalrack_image_tools::manifest::ChunkRef;
+
+    async fn catalogue(dir: &Path) -> Catalogue {
+        let store = Store::open(dir).await.unwrap();
+        Catalogue::open(Shared::new(store, RegionConfig::default(), dir.to_owned())).unwrap()
+    }
+
+    /// Writes a one-chunk manifest and returns an upload row naming it.
+    fn upload_of(catalogue: &Catalogue, n: u32) -> UploadRow {
+        let data = n.to_le_bytes();
+        let manifest = Manifest {
+            file_len: data.len() as u64,
+            file_hash: Hash::of(&data),
+            chunks: vec![ChunkRef { hash: Hash::of(&data), len: data.len() as u32 }],
+        };
+        let bytes = manifest.to_bytes();
+        let manifest_id = Hash::of(&bytes).to_hex();
+        std::fs::write(catalogue.manifest_path(&manifest_id), bytes).unwrap();
+        UploadRow {
+            id: format!("upload{n}"),
+            image_name: "test/image".into(),
+            arch: "amd64".into(),
+            kind: "kernel".into(),
+            version: n.to_string(),
+            manifest_id,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_upload_chunk_set_cache_is_bounded_and_reloads_what_it_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalogue = catalogue(dir.path()).await;
+        let uploads: Vec<_> = (0..UPLOAD_SETS_CACHED_MAX as u32 * 2).map(|n| upload_of(&catalogue, n)).collect();
+        for upload in &uploads {
+            let set = catalogue.upload_set(upload).await.unwrap();
+            assert_eq!(set.len(), 1);
+            assert!(catalogue.upload_sets.lock().await.len() <= UPLOAD_SETS_CACHED_MAX);
+        }
+        // Every upload, evicted or not, still gets its set.
+        for upload in &uploads {
+            let set = catalogue.upload_set(upload).await.unwrap();
+            let data = upload.version.parse::<u32>().unwrap().to_le_bytes();
+            assert!(set.contains(&Hash::of(&data)));
+        }
     }
 }

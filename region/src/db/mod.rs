@@ -35,6 +35,24 @@ pub enum StoreError {
     Corrupt { what: String },
 }
 
+impl StoreError {
+    /// The database was busy with another writer past the busy timeout (SQLite's
+    /// `SQLITE_BUSY`/`SQLITE_LOCKED`): the request may simply be tried again.
+    pub fn is_busy(&self) -> bool {
+        let source = match self {
+            StoreError::Query { source, .. } | StoreError::Open { source, .. } => source,
+            _ => return false,
+        };
+        match source {
+            sqlx::Error::Database(e) => {
+                matches!(e.code().as_deref(), Some("5" | "6" | "261" | "517"))
+                    || e.message().contains("database is locked")
+            }
+            _ => false,
+        }
+    }
+}
+
 pub fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { what, source }
 }

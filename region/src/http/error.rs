@@ -14,16 +14,21 @@ use crate::racks::RacksError;
 use crate::secret::SecretFileError;
 use crate::users::UsersError;
 
+/// Seconds a client is asked to wait when the database was busy.
+const BUSY_RETRY_AFTER_S: u32 = 1;
+
 /// An error answered to an API client as `{"error": "...", "code": "..."}`.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub body: ErrorBody,
+    /// Sent as `Retry-After` (seconds) when the failure was momentary.
+    pub retry_after_s: Option<u32>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, body: ErrorBody { error: message.into(), code: None } }
+        ApiError { status, body: ErrorBody { error: message.into(), code: None }, retry_after_s: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -41,7 +46,14 @@ impl ApiError {
     /// A domain error with the status the caller chose. A server-side failure (5xx) is logged
     /// with its whole chain and the client learns only the failing step, never the causes
     /// (paths, SQL errors).
-    fn from_domain(status: StatusCode, error: &dyn std::error::Error) -> ApiError {
+    fn from_domain(status: StatusCode, error: &(dyn std::error::Error + 'static)) -> ApiError {
+        if status == StatusCode::INTERNAL_SERVER_ERROR && database_busy(error) {
+            // Contention, not a fault: the client should try again, and the log need not shout.
+            tracing::debug!(error = %error_chain(error), "database busy");
+            let mut api = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the region is busy; try again");
+            api.retry_after_s = Some(BUSY_RETRY_AFTER_S);
+            return api;
+        }
         if status.is_server_error() {
             tracing::error!(error = %error_chain(error), "request failed");
         }
@@ -62,8 +74,24 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut response = (self.status, Json(self.body)).into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
+}
+
+/// Whether `error` or one of its sources is the database being busy.
+fn database_busy(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<StoreError>().is_some_and(StoreError::is_busy) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 impl From<StoreError> for ApiError {
