@@ -57,6 +57,9 @@ pub async fn run(
                     .unwrap_or(Duration::from_millis(response.heartbeat_interval_ms).max(HEARTBEAT_INTERVAL_MIN));
                 backoff = interval;
                 last_success_ms = Some(status::now_ms());
+                if response.snapshot_wanted {
+                    send_snapshot(&linked, sync.as_ref(), &shutdown).await;
+                }
                 (LinkState::Online, String::new(), interval)
             }
             Err(error) => {
@@ -114,4 +117,30 @@ pub async fn run(
         }
     }
     tracing::info!("heartbeats stopped");
+}
+
+/// Sends what the snapshot in service holds. A failure is only logged: the next heartbeat's
+/// answer asks again.
+async fn send_snapshot(
+    linked: &crate::region_link::Linked,
+    sync: Option<&tokio::sync::watch::Receiver<crate::sync::LocalStatus>>,
+    shutdown: &CancellationToken,
+) {
+    let Some(snapshot) = sync.and_then(|s| {
+        let status = s.borrow();
+        status.report.snapshot_id.clone().map(|snapshot_id| metalrack_api::images::RackSnapshot {
+            snapshot_id,
+            file_hashes: status.file_hashes.clone(),
+        })
+    }) else {
+        return;
+    };
+    let n_files = snapshot.file_hashes.len();
+    tokio::select! {
+        result = linked.client.put_snapshot(&linked.authorization, &snapshot) => match result {
+            Ok(()) => tracing::debug!(snapshot = %snapshot.snapshot_id, n_files, "snapshot sent to the region"),
+            Err(e) => tracing::warn!(error = %error_chain(&e), "cannot send the snapshot's files; the region will ask again"),
+        },
+        () = shutdown.cancelled() => {}
+    }
 }

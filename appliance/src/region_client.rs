@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use metalrack_api::images::{RackCatalogue, MANIFEST_DELTA_TYPE};
+use metalrack_api::images::{RackCatalogue, RackSnapshot, MANIFEST_DELTA_TYPE};
 use metalrack_api::paths;
 use metalrack_api::{
     ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
@@ -218,6 +218,18 @@ impl RegionClient {
 
     pub async fn register(&self, request: &RegisterRequest) -> Result<RegisterResponse, RegionError> {
         self.post(paths::RACK_REGISTER, None, request).await
+    }
+
+    /// Tells the region what the current snapshot holds (asked for by a heartbeat's answer).
+    pub async fn put_snapshot(&self, authorization: &str, snapshot: &RackSnapshot) -> Result<(), RegionError> {
+        let url = format!("{}{API_PREFIX}{}", self.base, paths::RACK_SNAPSHOT);
+        let request = self
+            .http
+            .put(&url)
+            .timeout(self.request_timeout)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .json(snapshot);
+        self.send(request).await.map(drop)
     }
 
     pub async fn heartbeat(

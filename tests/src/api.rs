@@ -3,7 +3,7 @@
 //! events).
 
 use anyhow::{ensure, Context, Result};
-use metalrack_api::images::{ImageView, SyncPolicy};
+use metalrack_api::images::{ImageView, SyncPolicy, VersionSyncStatus};
 use metalrack_api::machines::MachineBoot;
 use metalrack_api::{paths, EventView, RackView, API_PREFIX};
 use serde::Serialize;
@@ -60,6 +60,19 @@ impl Api {
 
     pub async fn images(&self) -> Result<Vec<ImageView>> {
         self.get(paths::IMAGES).await
+    }
+
+    /// Whether rack `rack_name` serves the image version that holds the file `file_hash` (every
+    /// file of it), as the region's Images view shows it.
+    pub async fn rack_serves_file(&self, rack_name: &str, file_hash: &str) -> Result<bool> {
+        let images = self.images().await?;
+        Ok(images
+            .iter()
+            .flat_map(|image| &image.versions)
+            .filter(|version| version.files.iter().any(|file| file.file_hash == file_hash))
+            .any(|version| {
+                version.racks.iter().any(|r| r.rack_name == rack_name && r.status == VersionSyncStatus::Synced)
+            }))
     }
 
     pub async fn image(&self, name: &str) -> Result<ImageView> {

@@ -38,15 +38,13 @@ async fn rack_view(region: &Region, api_key: &str, name: &str) -> RackView {
     region.api(api_key).rack(name).await.unwrap()
 }
 
-/// Waits until the rack reports `file_hash` in its current snapshot.
+/// Waits until the rack is idle and the region shows it serving `file_hash`'s version.
 async fn wait_synced(region: &Region, api_key: &str, rack: &str, file_hash: &str) -> RackView {
     wait_for(&format!("{rack} to sync {}", &file_hash[..12]), DEADLINE, || async {
         let view = rack_view(region, api_key, rack).await;
-        let synced = view
-            .sync
-            .as_ref()
-            .is_some_and(|s| s.file_hashes.iter().any(|h| h == file_hash) && s.phase == SyncPhase::Idle);
-        synced.then_some(view)
+        let idle = view.sync.as_ref().is_some_and(|s| s.phase == SyncPhase::Idle);
+        let serves = region.api(api_key).rack_serves_file(rack, file_hash).await.unwrap();
+        (idle && serves).then_some(view)
     })
     .await
 }

@@ -71,8 +71,8 @@ async fn scenario(lab: &Lab, tap: &str, firmware: Firmware, nic: Nic, also_with_
     rack.serve_with_config(&pxe);
     region.wait_rack_state(&api_key, "rack1", RackState::Online).await;
     wait_for("kernel and initrd in the rack's snapshot", DEADLINE, || async {
-        let sync = region.racks(&api_key).await.first()?.sync.clone()?;
-        (sync.phase == SyncPhase::Idle && sync.file_hashes.len() == 2).then_some(())
+        let rack = region.racks(&api_key).await.first()?.clone();
+        (rack.sync?.phase == SyncPhase::Idle && rack.snapshot_files == 2).then_some(())
     })
     .await;
 

@@ -46,7 +46,8 @@ async fn http_boot_tftp_scripts_metrics_and_events_with_the_region_down() {
     wait_for("kernel and initrd synced", DEADLINE, || async {
         let racks = region.racks(&api_key).await;
         let sync = racks[0].sync.clone()?;
-        (sync.phase == SyncPhase::Idle && sync.file_hashes.len() == 2).then_some(())
+        let serves = region.api(&api_key).rack_serves_file(&racks[0].name, &kernel_hash).await.unwrap();
+        (sync.phase == SyncPhase::Idle && racks[0].snapshot_files == 2 && serves).then_some(())
     })
     .await;
     let base = format!("http://127.0.0.1:{http_port}");

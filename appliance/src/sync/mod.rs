@@ -44,6 +44,10 @@ const SYNC_STOP_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LocalStatus {
     pub report: SyncReport,
+    /// File hashes of the snapshot in service, for the region when it asks (heartbeats only
+    /// name the snapshot).
+    #[serde(default)]
+    pub file_hashes: Vec<String>,
     /// Sync runs finished (published, nothing to do, or failed) since `rackd serve` started.
     pub completed_runs: u64,
 }
@@ -82,9 +86,13 @@ fn report_for(meta: Option<&SnapshotMeta>) -> SyncReport {
     SyncReport {
         snapshot_id: meta.map(|m| m.id.clone()),
         snapshot_revision: meta.map(|m| m.revision).unwrap_or(-1),
-        file_hashes: meta.map(|m| m.files.iter().map(|f| f.file_hash.clone()).collect()).unwrap_or_default(),
         ..SyncReport::default()
     }
+}
+
+/// The file hashes of the snapshot `meta` (none without one).
+fn file_hashes_of(meta: Option<&SnapshotMeta>) -> Vec<String> {
+    meta.map(|m| m.files.iter().map(|f| f.file_hash.clone()).collect()).unwrap_or_default()
 }
 
 /// Minutes since local midnight, by the rack's time zone.
@@ -120,8 +128,11 @@ impl Controller {
         link: Arc<RegionLink>,
     ) -> Result<(Controller, SyncHandle), crate::snapshot::SnapshotError> {
         let current = store.current()?;
-        let (status, status_rx) =
-            watch::channel(LocalStatus { report: report_for(current.as_ref()), completed_runs: 0 });
+        let (status, status_rx) = watch::channel(LocalStatus {
+            report: report_for(current.as_ref()),
+            file_hashes: file_hashes_of(current.as_ref()),
+            completed_runs: 0,
+        });
         let trigger = Arc::new(Notify::new());
         let handle = SyncHandle { status: status_rx, trigger: trigger.clone() };
         let controller = Controller { store, state_path: data_dir.sync_state(), link, status, trigger, boot_table };
@@ -292,8 +303,10 @@ impl Controller {
                 policy.sync_succeeded();
                 let mut report = report_for(Some(&meta));
                 report.last_sync = Some(figures);
+                let file_hashes = file_hashes_of(Some(&meta));
                 self.status.send_modify(|s| {
                     s.report = report;
+                    s.file_hashes = file_hashes;
                     if !requested {
                         s.completed_runs += 1;
                     }
@@ -373,7 +386,8 @@ mod tests {
         let report = report_for(Some(&meta));
         assert_eq!(report.snapshot_id.as_deref(), Some("r3-x"));
         assert_eq!(report.snapshot_revision, 3);
-        assert_eq!(report.file_hashes, vec!["a".repeat(64), "b".repeat(64)]);
+        assert_eq!(file_hashes_of(Some(&meta)), vec!["a".repeat(64), "b".repeat(64)]);
+        assert!(file_hashes_of(None).is_empty());
         assert_eq!(report.phase, SyncPhase::Idle);
     }
 

@@ -191,9 +191,16 @@ pub struct SyncReport {
     pub bytes_total: u64,
     /// Why the last sync failed, or what it waits for.
     pub message: String,
-    /// File hashes in the current snapshot.
-    pub file_hashes: Vec<String>,
     pub last_sync: Option<SyncFigures>,
+}
+
+/// `PUT /rack/snapshot`: the file hashes a rack's current snapshot holds. Heartbeats name only
+/// the snapshot's id, so they stay small whatever the catalogue's size; the rack sends this when
+/// its heartbeat's answer says the region does not know that id yet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RackSnapshot {
+    pub snapshot_id: String,
+    pub file_hashes: Vec<String>,
 }
 
 /// Answer to a manifest upload: which chunks the region still lacks.

@@ -168,6 +168,10 @@ pub struct HeartbeatRequest {
 pub struct HeartbeatResponse {
     /// How often the region wants heartbeats; the rack may send more often.
     pub heartbeat_interval_ms: u64,
+    /// The region does not know what the snapshot the heartbeat named holds: send it with
+    /// `PUT /rack/snapshot`.
+    #[serde(default)]
+    pub snapshot_wanted: bool,
 }
 
 /// A rack controller as the API lists it.
@@ -182,6 +186,9 @@ pub struct RackView {
     pub remote_address: Option<String>,
     pub sync_policy: images::SyncPolicy,
     pub sync: Option<images::SyncReport>,
+    /// Files in the rack's current snapshot, as it last sent them (0 until it has).
+    #[serde(default)]
+    pub snapshot_files: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

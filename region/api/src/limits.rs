@@ -21,3 +21,15 @@ pub const CATALOGUE_POLL_HOLD_MAX: Duration = Duration::from_secs(60);
 
 /// Boot events in one `POST /rack/events` batch.
 pub const BOOT_EVENTS_PER_REQUEST_MAX: usize = 1000;
+
+/// Files a rack's snapshot may list in `PUT /rack/snapshot`: the catalogue's size a region
+/// serves (100,000 files is 10,000 image versions of a kernel, an initrd and some disks).
+pub const SNAPSHOT_FILES_MAX: usize = 100_000;
+
+/// Largest `PUT /rack/snapshot` body: a hash is 64 hex characters plus quotes and a comma.
+pub const SNAPSHOT_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+const _: () = assert!(
+    SNAPSHOT_FILES_MAX * (64 + 3) + 1024 <= SNAPSHOT_BODY_BYTES_MAX,
+    "a snapshot of the most files must fit its body limit"
+);

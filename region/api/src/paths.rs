@@ -14,6 +14,7 @@ pub const RACK_CATALOGUE: &str = "/rack/catalogue";
 pub const RACK_MANIFEST: &str = "/rack/manifests/{id}";
 pub const RACK_CHUNKS: &str = "/rack/chunks";
 pub const RACK_EVENTS: &str = "/rack/events";
+pub const RACK_SNAPSHOT: &str = "/rack/snapshot";
 
 // Users and tools (`Authorization: Bearer KEY`).
 pub const RACKS: &str = "/racks";

@@ -423,6 +423,8 @@ impl Catalogue {
     pub async fn image_views(&self) -> Result<Vec<ImageView>, CatalogueError> {
         let images = self.shared.store.images().await.map_err(store_error("list images"))?;
         let racks = self.shared.store.racks().await.map_err(store_error("list racks"))?;
+        let held = self.shared.store.rack_catalogue_files().await.map_err(store_error("list racks' files"))?;
+        let nothing = HashSet::new();
         Ok(images
             .into_iter()
             .map(|image| ImageView {
@@ -443,7 +445,10 @@ impl Catalogue {
                                 n_chunks: f.n_chunks as u64,
                             })
                             .collect();
-                        let racks = racks.iter().map(|rack| version_sync_view(rack, &files)).collect();
+                        let racks = racks
+                            .iter()
+                            .map(|rack| version_sync_view(rack, held.get(&rack.id).unwrap_or(&nothing), &files))
+                            .collect();
                         VersionView {
                             version: version.version,
                             created_at_ms: version.created_at_ms,
@@ -666,8 +671,9 @@ fn collect_garbage(
     Ok(response)
 }
 
-/// Where a rack stands with one version: synced when every file is in its snapshot.
-fn version_sync_view(rack: &RackRow, files: &[FileView]) -> RackSyncView {
+/// Where a rack stands with one version: synced when every file is in its snapshot (`held`, the
+/// catalogue files of the snapshot it sent, which must be the one it reports serving).
+fn version_sync_view(rack: &RackRow, held: &HashSet<String>, files: &[FileView]) -> RackSyncView {
     let mut view = RackSyncView {
         rack_id: rack.id.clone(),
         rack_name: rack.name.clone(),
@@ -677,7 +683,8 @@ fn version_sync_view(rack: &RackRow, files: &[FileView]) -> RackSyncView {
         reason: None,
     };
     let Some(report) = &rack.sync_report else { return view };
-    if files.iter().all(|f| report.file_hashes.contains(&f.file_hash)) {
+    let snapshot_known = report.snapshot_id.is_some() && report.snapshot_id == rack.snapshot_id;
+    if snapshot_known && files.iter().all(|f| held.contains(&f.file_hash)) {
         view.status = VersionSyncStatus::Synced;
     } else {
         match report.phase {

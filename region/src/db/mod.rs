@@ -80,6 +80,13 @@ fn migrator() -> Migrator {
             Cow::Borrowed(include_str!("../../migrations/sqlite/0003_machines.sql")),
             false,
         ),
+        Migration::new(
+            4,
+            Cow::Borrowed("rack snapshots"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../../migrations/sqlite/0004_rack_snapshots.sql")),
+            false,
+        ),
     ];
     Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
 }

@@ -126,7 +126,12 @@ impl From<RacksError> for ApiError {
     fn from(error: RacksError) -> ApiError {
         use RacksError::*;
         let status = match &error {
-            InvalidName { .. } | UnknownChallenge | NotHex { .. } | InvalidPolicy { .. } => StatusCode::BAD_REQUEST,
+            InvalidName { .. }
+            | UnknownChallenge
+            | NotHex { .. }
+            | InvalidPolicy { .. }
+            | SnapshotTooLarge { .. }
+            | SnapshotHash { .. } => StatusCode::BAD_REQUEST,
             ChallengesFull | ChallengesFullForSource => StatusCode::SERVICE_UNAVAILABLE,
             WrongSecret | NotAdmin { .. } => StatusCode::FORBIDDEN,
             CredentialMissing => StatusCode::UNAUTHORIZED,

@@ -58,7 +58,9 @@ fn api_path(path: &str) -> String {
 /// Routes whose bodies are streamed or larger than [`REQUEST_BODY_MAX_BYTES`] with their own
 /// limits, read by their handlers after the caller is authenticated.
 fn streams_its_body(path: &str) -> bool {
-    path.starts_with(&api_path(paths::UPLOADS)) || path == api_path(paths::RACK_CHUNKS)
+    path.starts_with(&api_path(paths::UPLOADS))
+        || path == api_path(paths::RACK_CHUNKS)
+        || path == api_path(paths::RACK_SNAPSHOT)
 }
 
 /// Reads a small body whole before the request goes on: at most [`REQUEST_BODY_MAX_BYTES`]

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use metalrack_api::images::SyncPolicy;
+use metalrack_api::images::{RackSnapshot, SyncPolicy};
 use metalrack_api::{
     validate_rack_name, verify_registration_proof, HeartbeatRequest, HeartbeatResponse, RackState, RackView,
     RegisterRequest, RegisterResponse, NONCE_LEN_BYTES,
@@ -67,6 +67,10 @@ pub enum RacksError {
     NoSuchRack,
     #[error("{reason}")]
     InvalidPolicy { reason: String },
+    #[error("a snapshot lists at most {max} files, not {n}", max = metalrack_api::limits::SNAPSHOT_FILES_MAX)]
+    SnapshotTooLarge { n: usize },
+    #[error("{value:?} is not a file hash (64 lowercase hex characters)")]
+    SnapshotHash { value: String },
     #[error("only administrators may {action}")]
     NotAdmin { action: &'static str },
     #[error("cannot {step}")]
@@ -198,6 +202,8 @@ impl Racks {
             .record_heartbeat(&rack.id, &request.health, request.sync.as_ref(), peer)
             .await
             .map_err(store_error("record the heartbeat"))?;
+        let reported = request.sync.as_ref().and_then(|s| s.snapshot_id.as_ref());
+        let snapshot_wanted = reported.is_some_and(|id| rack.snapshot_id.as_ref() != Some(id));
         if was_offline {
             let message = format!("rack {:?} is online (version {})", rack.name, request.health.version);
             store
@@ -205,7 +211,26 @@ impl Racks {
                 .await
                 .map_err(store_error("record the rack online"))?;
         }
-        Ok(HeartbeatResponse { heartbeat_interval_ms: self.shared.config.rack_heartbeat_interval_ms })
+        Ok(HeartbeatResponse { heartbeat_interval_ms: self.shared.config.rack_heartbeat_interval_ms, snapshot_wanted })
+    }
+
+    /// What the rack's current snapshot holds, sent once per snapshot when its heartbeat's
+    /// answer asked for it.
+    pub async fn put_snapshot(&self, rack: &RackRow, snapshot: &RackSnapshot) -> Result<(), RacksError> {
+        if snapshot.file_hashes.len() > metalrack_api::limits::SNAPSHOT_FILES_MAX {
+            return Err(RacksError::SnapshotTooLarge { n: snapshot.file_hashes.len() });
+        }
+        let is_hash = |h: &str| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if let Some(bad) = snapshot.file_hashes.iter().find(|h| !is_hash(h)) {
+            return Err(RacksError::SnapshotHash { value: bad.chars().take(80).collect() });
+        }
+        validate_rack_name(&snapshot.snapshot_id)
+            .map_err(|_| RacksError::SnapshotHash { value: snapshot.snapshot_id.chars().take(80).collect() })?;
+        self.shared
+            .store
+            .put_rack_snapshot(&rack.id, &snapshot.snapshot_id, &snapshot.file_hashes)
+            .await
+            .map_err(store_error("store the rack's snapshot"))
     }
 
     /// A rack's state now: online while heartbeats arrive, offline after
@@ -220,9 +245,11 @@ impl Racks {
         let generation = current_generation(store).await.map_err(store_error("read the secret generation"))?;
         let now = now_ms();
         let racks = store.racks().await.map_err(store_error("list racks"))?;
+        let counts = store.rack_snapshot_counts().await.map_err(store_error("count snapshot files"))?;
         Ok(racks
             .into_iter()
             .map(|rack| RackView {
+                snapshot_files: counts.get(&rack.id).copied().unwrap_or(0),
                 state: self.rack_state(&rack, generation, now),
                 id: rack.id,
                 name: rack.name,
@@ -321,6 +348,7 @@ mod tests {
             },
             sync_requested: 0,
             sync_report: None,
+            snapshot_id: None,
         }
     }
 

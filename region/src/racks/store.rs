@@ -1,6 +1,8 @@
 //! The racks' queries: registrations, heartbeats with health and sync reports, sync policies
 //! and "sync now" requests.
 
+use std::collections::{HashMap, HashSet};
+
 use metalrack_api::images::{SyncPolicy, SyncPolicyKind, SyncReport};
 use metalrack_api::RackHealth;
 use sqlx::any::AnyRow;
@@ -22,6 +24,8 @@ pub struct RackRow {
     pub sync_policy: SyncPolicy,
     pub sync_requested: i64,
     pub sync_report: Option<SyncReport>,
+    /// The snapshot whose files `rack_snapshot_files` holds for this rack.
+    pub snapshot_id: Option<String>,
 }
 
 impl Store {
@@ -147,6 +151,72 @@ impl Store {
         };
         Ok(result.map_err(query_error("request sync"))?.rows_affected())
     }
+
+    /// Replaces what the rack's snapshot holds.
+    pub async fn put_rack_snapshot(
+        &self,
+        rack_id: &str,
+        snapshot_id: &str,
+        file_hashes: &[String],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await.map_err(query_error("begin put rack snapshot"))?;
+        sqlx::query("DELETE FROM rack_snapshot_files WHERE rack_id = $1")
+            .bind(rack_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("clear rack snapshot"))?;
+        for hash in file_hashes {
+            sqlx::query("INSERT INTO rack_snapshot_files (rack_id, file_hash) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(rack_id)
+                .bind(hash)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error("insert rack snapshot file"))?;
+        }
+        sqlx::query("UPDATE racks SET snapshot_id = $1 WHERE id = $2")
+            .bind(snapshot_id)
+            .bind(rack_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("set rack snapshot id"))?;
+        tx.commit().await.map_err(query_error("commit put rack snapshot"))
+    }
+
+    /// Files in each rack's snapshot, by rack id.
+    pub async fn rack_snapshot_counts(&self) -> Result<HashMap<String, u64>, StoreError> {
+        let rows = sqlx::query("SELECT rack_id, COUNT(*) FROM rack_snapshot_files GROUP BY rack_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("count rack snapshot files"))?;
+        rows.iter()
+            .map(|row| {
+                let read = query_error("read rack snapshot count");
+                let id: String = row.try_get(0).map_err(read)?;
+                let n: i64 = row.try_get(1).map_err(query_error("read rack snapshot count"))?;
+                Ok((id, n.max(0) as u64))
+            })
+            .collect()
+    }
+
+    /// For each rack, which of the catalogue's files its snapshot holds (only those: a rack's
+    /// snapshot may still hold files of deleted versions).
+    pub async fn rack_catalogue_files(&self) -> Result<HashMap<String, HashSet<String>>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT s.rack_id, s.file_hash FROM rack_snapshot_files s \
+             JOIN image_files f ON f.file_hash = s.file_hash",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("list rack snapshot files"))?;
+        let mut held: HashMap<String, HashSet<String>> = HashMap::new();
+        for row in &rows {
+            let read = query_error("read rack snapshot file");
+            let id: String = row.try_get(0).map_err(read)?;
+            let hash: String = row.try_get(1).map_err(query_error("read rack snapshot file"))?;
+            held.entry(id).or_default().insert(hash);
+        }
+        Ok(held)
+    }
 }
 
 fn policy_name(kind: SyncPolicyKind) -> &'static str {
@@ -159,7 +229,7 @@ fn policy_name(kind: SyncPolicyKind) -> &'static str {
 
 const RACK_COLUMNS: &str = "SELECT id, name, credential_hash, secret_generation, registered_at_ms, last_seen_ms, \
      health_json, remote_address, sync_policy, sync_delay_ms, sync_window_start, sync_window_end, \
-     sync_bandwidth_bytes_per_s, sync_requested, sync_report_json FROM racks";
+     sync_bandwidth_bytes_per_s, sync_requested, sync_report_json, snapshot_id FROM racks";
 
 fn json_column<T: serde::de::DeserializeOwned>(
     row: &AnyRow,
@@ -198,5 +268,6 @@ fn rack_from_row(row: &AnyRow) -> Result<RackRow, StoreError> {
         },
         sync_requested: row.try_get(13).map_err(read)?,
         sync_report: json_column(row, 14, "rack sync report")?,
+        snapshot_id: row.try_get(15).map_err(read)?,
     })
 }

@@ -2,11 +2,11 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use metalrack_api::images::SyncPolicy;
+use metalrack_api::images::{RackSnapshot, SyncPolicy};
 use metalrack_api::paths;
 use metalrack_api::{
     ChallengeRequest, ChallengeResponse, HeartbeatRequest, HeartbeatResponse, RackView, RegisterRequest,
@@ -26,6 +26,19 @@ pub fn router() -> Router<AppState> {
         .route(paths::RACK_SYNC, post(sync_rack))
         .route(paths::RACK_SYNC_POLICY, put(set_sync_policy))
         .route(paths::SYNC_ALL, post(sync_all))
+        .route(
+            paths::RACK_SNAPSHOT,
+            put(put_snapshot).layer(DefaultBodyLimit::max(metalrack_api::limits::SNAPSHOT_BODY_BYTES_MAX)),
+        )
+}
+
+async fn put_snapshot(
+    State(state): State<AppState>,
+    AuthedRack(rack): AuthedRack,
+    ApiJson(snapshot): ApiJson<RackSnapshot>,
+) -> Result<StatusCode, ApiError> {
+    state.racks.put_snapshot(&rack, &snapshot).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn challenge(

@@ -258,7 +258,8 @@ async fn run(options: &Options) -> Result<String> {
             try_wait_for("the rack to drop the deleted version", deadline_for(size), POLL, || async {
                 let view = api.rack(&rack.name).await?;
                 let sync = view.sync.unwrap_or_default();
-                Ok((sync.phase == SyncPhase::Idle && sync.file_hashes == [v1_hash.clone()]).then_some(()))
+                let only_v1 = view.snapshot_files == 1 && api.rack_serves_file(&rack.name, &v1_hash).await?;
+                Ok((sync.phase == SyncPhase::Idle && only_v1).then_some(()))
             })
             .await?;
         }

@@ -67,7 +67,7 @@ pub async fn wait_synced(api: &Api, rack: &Rack, file: &Path, file_hash: &str, s
             if sync.phase == SyncPhase::Failed {
                 bail!("rack {} sync failed: {}", rack.name, sync.message);
             }
-            let synced = sync.phase == SyncPhase::Idle && sync.file_hashes.iter().any(|h| h == file_hash);
+            let synced = sync.phase == SyncPhase::Idle && api.rack_serves_file(&rack.name, file_hash).await?;
             Ok(synced.then_some(view))
         })
         .await?;
