@@ -3,7 +3,9 @@
 //! and waits for conditions with deadlines instead of sleeping.
 //!
 //! Map: [`region`] (regiond, admin, secret, push), [`rack`] (register, serve, snapshot),
-//! [`api`] (the region's JSON API), [`process`] (daemons stopped on drop, checked commands),
+//! [`rack_client`] (a rack without rackd: register, heartbeat, poll), [`loopback`] (clients
+//! from other loopback addresses), [`api`] (the region's JSON API), [`process`] (daemons
+//! stopped on drop, checked commands, peak memory),
 //! [`lab`] (async code in a namespace), [`wait`], [`data`] (pseudo-random files), [`binaries`],
 //! [`readme`] (the operator guide's commands), [`tftp`] (a TFTP client), [`bench`] (what only
 //! the benchmarks share). Tests use the short forms that panic with the reason
@@ -15,8 +17,10 @@ pub mod bench;
 pub mod binaries;
 pub mod data;
 pub mod lab;
+pub mod loopback;
 pub mod process;
 pub mod rack;
+pub mod rack_client;
 pub mod readme;
 pub mod region;
 pub mod tftp;

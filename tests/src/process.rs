@@ -16,6 +16,9 @@ use nix::unistd::Pid;
 /// How long a daemon in its own process group gets after SIGTERM before its group is killed.
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 
+/// How often [`Daemon::terminate_within`] looks whether the daemon has exited.
+const EXIT_POLL: Duration = Duration::from_millis(10);
+
 /// Where and how a daemon is started.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Spawn<'a> {
@@ -100,6 +103,42 @@ impl Daemon {
         let status = child.wait().with_context(|| format!("waiting for {}", self.name))?;
         ensure!(status.success(), "{} exited with {status} on SIGTERM; log:\n{}", self.name, self.log_text());
         Ok(())
+    }
+
+    /// Stops it with SIGTERM and waits at most `limit` for it to exit, which it must do
+    /// successfully; how long it took. Past `limit` it is killed and that is the error.
+    pub fn terminate_within(&mut self, limit: Duration) -> Result<Duration> {
+        let Some(child) = self.child.as_mut() else { bail!("{} was stopped", self.name) };
+        let start = Instant::now();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).with_context(|| format!("SIGTERM to {}", self.name))?;
+        loop {
+            if let Some(status) = child.try_wait().with_context(|| format!("waiting for {}", self.name))? {
+                let took = start.elapsed();
+                self.child = None;
+                ensure!(status.success(), "{} exited with {status} on SIGTERM; log:\n{}", self.name, self.log_text());
+                return Ok(took);
+            }
+            if start.elapsed() > limit {
+                self.kill();
+                bail!("{} still running {limit:?} after SIGTERM (killed)", self.name);
+            }
+            std::thread::sleep(EXIT_POLL);
+        }
+    }
+
+    /// The most memory it has had resident at once so far (`VmHWM` in `/proc/PID/status`).
+    pub fn peak_resident_bytes(&self) -> Result<u64> {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).with_context(|| format!("no VmHWM in {path}"))?;
+        let kib: u64 = line
+            .trim_start_matches("VmHWM:")
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("unexpected {line:?} in {path}"))?;
+        Ok(kib * 1024)
     }
 
     pub fn log_text(&self) -> String {

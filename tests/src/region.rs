@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use metalrack_api::paths::BASE_PATH;
 use metalrack_api::{EventView, RackState, RackView};
 
 use crate::api::Api;
@@ -96,6 +97,12 @@ impl Region {
         let address = self.url.trim_start_matches("http://").trim_end_matches("/MAAS").to_owned();
         let config = std::fs::read_to_string(self.data_dir.with_extension("toml")).unwrap();
         *self = Region::launch(&self.data_dir, &config, &address, &[], Spawn::default()).unwrap();
+    }
+
+    /// The address it listens on, for clients that speak raw TCP.
+    pub fn socket_address(&self) -> std::net::SocketAddr {
+        let authority = self.url.trim_start_matches("http://").trim_end_matches(BASE_PATH);
+        authority.parse().unwrap_or_else(|e| panic!("region URL {}: {e}", self.url))
     }
 
     /// Runs a `regiond` subcommand against this region's data dir.

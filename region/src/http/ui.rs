@@ -188,7 +188,8 @@ async fn login(
         }
         Login::Throttled { retry_after } => {
             let cluster = cluster_name(&state).await?;
-            let seconds = retry_after.as_secs().max(1);
+            // Rounded up: a client that waits as long as it is told must not be refused again.
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             let message = format!("Too many failed logins. Try again in {seconds} s.");
             let mut response = (StatusCode::TOO_MANY_REQUESTS, login_markup(&cluster, Some(&message))).into_response();
             response.headers_mut().insert(header::RETRY_AFTER, seconds.into());

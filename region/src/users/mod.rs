@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 
 use crate::db::StoreError;
 use crate::state::{FailureKind, Shared};
@@ -84,15 +84,29 @@ pub fn hash_password(password: &str) -> Result<String, PasswordError> {
     Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(PasswordError::Hash)
 }
 
-/// Checks a password against a stored PHC hash (argon2's comparison is constant-time).
+/// Checks a password against a stored PHC hash (the comparison is constant-time).
 pub fn verify_password(password_hash: &str, password: &str) -> bool {
+    verify_password_in(password_hash, password, &mut Vec::new())
+}
+
+/// [`verify_password`] with argon2's working memory in `memory` (resized to what the hash's
+/// parameters ask), so a caller can reuse it from one verification to the next.
+pub fn verify_password_in(password_hash: &str, password: &str, memory: &mut Vec<Block>) -> bool {
     if password.len() > PASSWORD_LEN_MAX {
         return false;
     }
-    match PasswordHash::new(password_hash) {
-        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
-        Err(_) => false,
-    }
+    let Ok(parsed) = PasswordHash::new(password_hash) else { return false };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else { return false };
+    let Ok(algorithm) = Algorithm::try_from(parsed.algorithm) else { return false };
+    let Ok(version) = parsed.version.map(Version::try_from).transpose() else { return false };
+    let Ok(params) = Params::try_from(&parsed) else { return false };
+    let mut salt_bytes = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_bytes) else { return false };
+    memory.resize(params.block_count(), Block::default());
+    let mut output = vec![0u8; expected.len()];
+    let argon2 = Argon2::new(algorithm, version.unwrap_or_default(), params);
+    argon2.hash_password_into_with_memory(password.as_bytes(), salt, &mut output, &mut memory[..]).is_ok()
+        && constant_time_eq(&output, expected.as_bytes())
 }
 
 /// A hash to check passwords of unknown users against, so a login for a missing user takes as
@@ -220,12 +234,15 @@ pub async fn login(
         return Ok(Login::Throttled { retry_after });
     }
     let user = if name_ok && password.len() <= PASSWORD_LEN_MAX {
-        let _slot = throttle.verification().await;
+        let mut slot = throttle.verification().await;
         let user = shared.store.user_by_username(username).await.map_err(store_error("look up the user"))?;
         let hash = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| dummy_hash().to_owned());
-        let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-            .await
-            .map_err(|source| UsersError::VerifyTask { source })?;
+        let mut memory = std::mem::take(&mut slot.memory);
+        let (ok, memory) =
+            tokio::task::spawn_blocking(move || (verify_password_in(&hash, &password, &mut memory), memory))
+                .await
+                .map_err(|source| UsersError::VerifyTask { source })?;
+        slot.memory = memory;
         user.filter(|_| ok)
     } else {
         None
@@ -297,6 +314,18 @@ mod tests {
         assert!(verify_password(&hash, "correct horse"));
         assert!(!verify_password(&hash, "correct horsf"));
         assert!(!verify_password("not a hash", "correct horse"));
+    }
+
+    #[test]
+    fn reused_memory_verifies_as_fresh_memory_does() {
+        let hash = hash_password("correct horse").unwrap();
+        let mut memory = Vec::new();
+        for (password, right) in
+            [("correct horsf", false), ("correct horse", true), ("", false), ("correct horse", true)]
+        {
+            assert_eq!(verify_password_in(&hash, password, &mut memory), right, "{password:?}");
+        }
+        assert_eq!(memory.len(), Params::DEFAULT_M_COST as usize, "the hash's memory cost, in 1 KiB blocks");
     }
 
     #[test]

@@ -1,0 +1,109 @@
+//! A rack without `rackd`: registration by challenge and proof, heartbeats and catalogue
+//! long-polls sent straight to the region's API from a source address of the caller's choice,
+//! for tests that need hundreds of racks or one exact request.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use metalrack_api::images::RackCatalogue;
+use metalrack_api::{
+    paths, rack_authorization, registration_proof, ChallengeRequest, ChallengeResponse, HeartbeatRequest,
+    HeartbeatResponse, RegisterRequest, RegisterResponse, Secret, API_PREFIX,
+};
+
+/// How long a registration or heartbeat may take before the rack gives up on it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How much longer than the wait it asked for a rack gives a catalogue long-poll.
+const POLL_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
+
+/// A registered rack: its credential and an HTTP client bound to its source address.
+#[derive(Debug, Clone)]
+pub struct RackClient {
+    http: reqwest::Client,
+    /// `http://HOST:PORT/MAAS/api/v1`.
+    base: String,
+    pub name: String,
+    pub rack_id: String,
+    authorization: String,
+}
+
+/// `POST /racks/challenge` for `name` with `http`: the region's answer as it is, refusals too.
+pub async fn request_challenge(http: &reqwest::Client, region_url: &str, name: &str) -> Result<reqwest::Response> {
+    let url = format!("{region_url}{API_PREFIX}{}", paths::RACK_CHALLENGE);
+    let request = http.post(url).timeout(REQUEST_TIMEOUT).json(&ChallengeRequest { name: name.to_owned() });
+    request.send().await.context("challenge request")
+}
+
+/// Asks for a challenge and answers it with a proof under `secret` (right or wrong): the
+/// region's answer to the registration as it is.
+pub async fn attempt_registration(
+    http: &reqwest::Client,
+    region_url: &str,
+    name: &str,
+    secret: &Secret,
+) -> Result<reqwest::Response> {
+    let response = request_challenge(http, region_url, name).await?;
+    let status = response.status();
+    ensure!(status.is_success(), "challenge for {name}: {status}: {}", response.text().await.unwrap_or_default());
+    let ChallengeResponse { nonce } = response.json().await.context("challenge answer")?;
+    let proof = registration_proof(secret, &hex::decode(&nonce).context("nonce is hex")?, name);
+    let register = RegisterRequest { name: name.to_owned(), nonce, proof: hex::encode(proof) };
+    let url = format!("{region_url}{API_PREFIX}{}", paths::RACK_REGISTER);
+    http.post(url).timeout(REQUEST_TIMEOUT).json(&register).send().await.context("register request")
+}
+
+impl RackClient {
+    /// Registers rack `name` with the region at `region_url` (`http://HOST:PORT/MAAS`) from
+    /// `source`, proving it knows `secret`.
+    pub async fn register(region_url: &str, secret: &str, name: &str, source: IpAddr) -> Result<RackClient> {
+        let http = crate::loopback::client_from(source);
+        let secret = Secret::parse(secret).context("the region's secret")?;
+        let response = attempt_registration(&http, region_url, name, &secret).await?;
+        let status = response.status();
+        ensure!(status.is_success(), "register {name}: {status}: {}", response.text().await.unwrap_or_default());
+        let registered: RegisterResponse = response.json().await.context("registration answer")?;
+        Ok(RackClient {
+            http,
+            base: format!("{region_url}{API_PREFIX}"),
+            name: name.to_owned(),
+            authorization: rack_authorization(&registered.rack_id, &registered.credential),
+            rack_id: registered.rack_id,
+        })
+    }
+
+    /// One heartbeat with empty health.
+    pub async fn heartbeat(&self) -> Result<HeartbeatResponse> {
+        let request = HeartbeatRequest { health: Default::default(), sync: None };
+        let response = self
+            .http
+            .post(format!("{}{}", self.base, paths::RACK_HEARTBEAT))
+            .header("authorization", &self.authorization)
+            .timeout(REQUEST_TIMEOUT)
+            .json(&request)
+            .send()
+            .await
+            .context("heartbeat")?;
+        let status = response.status();
+        ensure!(status.is_success(), "heartbeat of {}: {status}: {}", self.name, response.text().await?);
+        response.json().await.context("heartbeat answer")
+    }
+
+    /// The catalogue long-poll: answers at once unless the region is at revision `after` with
+    /// sync request counter `requested`, else when something changes or `wait` passes.
+    pub async fn catalogue(&self, after: i64, requested: i64, wait: Duration) -> Result<RackCatalogue> {
+        let query = format!("?after={after}&requested={requested}&wait_ms={}", wait.as_millis());
+        let response = self
+            .http
+            .get(format!("{}{}{query}", self.base, paths::RACK_CATALOGUE))
+            .header("authorization", &self.authorization)
+            .timeout(wait + POLL_TIMEOUT_MARGIN)
+            .send()
+            .await
+            .context("catalogue poll")?;
+        let status = response.status();
+        ensure!(status.is_success(), "catalogue poll of {}: {status}: {}", self.name, response.text().await?);
+        response.json().await.context("catalogue answer")
+    }
+}
