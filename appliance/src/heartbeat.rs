@@ -25,6 +25,15 @@ const REGISTRATION_POLL: Duration = Duration::from_secs(1);
 /// rack spin.
 const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(100);
 
+/// Each wait is stretched or shrunk by up to this fraction at random, so racks that started
+/// together (a site powered on, a region back after an outage) drift apart instead of calling
+/// the region in the same instant every few seconds.
+const HEARTBEAT_JITTER: f64 = 0.1;
+
+fn jittered(wait: Duration) -> Duration {
+    wait.mul_f64(rand::random_range(1.0 - HEARTBEAT_JITTER..=1.0 + HEARTBEAT_JITTER))
+}
+
 /// Runs heartbeats until `shutdown` is cancelled. A heartbeat in flight is abandoned then: the
 /// next start sends one at once.
 pub async fn run(
@@ -97,7 +106,7 @@ pub async fn run(
             tracing::warn!(error = %e, "cannot write status file");
         }
         // Wait, but wake early for shutdown or for a new registration.
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = tokio::time::Instant::now() + jittered(wait);
         loop {
             let step = REGISTRATION_POLL.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
@@ -142,5 +151,19 @@ async fn send_snapshot(
             Err(e) => tracing::warn!(error = %error_chain(&e), "cannot send the snapshot's files; the region will ask again"),
         },
         () = shutdown.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod jitter_tests {
+    use super::*;
+
+    #[test]
+    fn waits_are_spread_within_the_jitter() {
+        let base = Duration::from_secs(5);
+        let waits: Vec<Duration> = (0..1000).map(|_| jittered(base)).collect();
+        assert!(waits.iter().all(|w| *w >= base.mul_f64(0.9) && *w <= base.mul_f64(1.1)));
+        let distinct: std::collections::HashSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 900, "the waits differ from rack to rack and beat to beat");
     }
 }

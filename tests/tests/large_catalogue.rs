@@ -14,7 +14,6 @@ use metalrack_tests::{wait_for, Rack, Region};
 /// The figure: heartbeats used to exceed the region's 64 KiB body limit at about 970
 /// files (a hash per file), after which the rack showed offline for good.
 const FILES: usize = 5_000;
-const FILES_DEBUG: usize = 1_200;
 
 /// Uploads in flight while filling the catalogue: the region commits one at a time anyway.
 const UPLOADS_IN_FLIGHT: usize = 8;
@@ -52,10 +51,6 @@ async fn push_tiny_file(api: &metalrack_tests::api::Api, index: usize) -> anyhow
 #[tokio::test]
 async fn racks_stay_online_and_show_synced_with_5000_files_in_the_catalogue() {
     let dir = tempfile::tempdir().unwrap();
-    let dir = match std::env::var("DEBUG_LARGE_DIR") {
-        Ok(keep) => tempfile::Builder::new().keep(true).tempdir_in(keep).unwrap(),
-        Err(_) => dir,
-    };
     let region = Region::start(&dir.path().join("region"));
     let api_key = region.create_admin("admin", "correct horse battery");
     let api = region.api(&api_key);
@@ -65,7 +60,7 @@ async fn racks_stay_online_and_show_synced_with_5000_files_in_the_catalogue() {
     region.wait_rack_state(&api_key, "rack1", RackState::Online).await;
 
     let started = Instant::now();
-    let n_files = if std::env::var("DEBUG_LARGE").is_ok() { FILES_DEBUG } else { FILES };
+    let n_files = FILES;
     let results: Vec<_> = futures_util::stream::iter(0..n_files)
         .map(|index| push_tiny_file(&api, index))
         .buffer_unordered(UPLOADS_IN_FLIGHT)
@@ -83,20 +78,6 @@ async fn racks_stay_online_and_show_synced_with_5000_files_in_the_catalogue() {
     let versions = n_files / FILE_KINDS.len();
     wait_for(&format!("rack1 to show all {versions} versions synced"), Duration::from_secs(240), || async {
         let image = api.image("test/large").await.ok()?;
-        if std::env::var("DEBUG_LARGE").is_ok() {
-            let view = api.rack("rack1").await.ok()?;
-            let statuses: std::collections::BTreeMap<String, usize> =
-                image.versions.iter().flat_map(|v| v.racks.iter()).fold(Default::default(), |mut m, r| {
-                    *m.entry(format!("{:?} {:?}", r.status, r.reason)).or_default() += 1;
-                    m
-                });
-            eprintln!(
-                "{:?} files={} sync={:?} {statuses:?}",
-                view.state,
-                view.snapshot_files,
-                view.sync.map(|s| (s.phase, s.snapshot_id, s.bytes_done, s.bytes_total, s.message))
-            );
-        }
         let synced = image
             .versions
             .iter()

@@ -40,7 +40,10 @@ impl AppState {
             racks: Arc::new(Racks::new(shared.clone())),
             catalogue: Arc::new(Catalogue::open(shared.clone())?),
             login_throttle: Arc::new(LoginThrottle::new(
-                std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+                std::thread::available_parallelism()
+                    .map(usize::from)
+                    .unwrap_or(1)
+                    .min(crate::users::throttle::LOGIN_VERIFICATIONS_MAX),
             )),
             in_flight: Arc::default(),
             shared,

@@ -231,6 +231,10 @@ pub async fn login(
         vec![ThrottleKey::Source(peer)]
     };
     if let Err(retry_after) = throttle.check(&keys, Instant::now()) {
+        // Not checked, but still an attempt to guess: counted in the event log's summary.
+        let shown: String = username.chars().take(USERNAME_LEN_MAX).collect();
+        let message = format!("login for {shown:?} from {peer} refused: too many failures");
+        shared.note_failure(FailureKind::Login, peer, &shown, &message).await;
         return Ok(Login::Throttled { retry_after });
     }
     let user = if name_ok && password.len() <= PASSWORD_LEN_MAX {

@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 use argon2::Block;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+/// Password checks at once, at most: one per core up to this. Each slot keeps its ~19 MiB of
+/// argon2 memory for the next check (so the heap does not fragment), so the bound is also the
+/// memory logins may hold: 4 × 19 MiB; more would not log people in faster on a region's box.
+pub const LOGIN_VERIFICATIONS_MAX: usize = 4;
+
 /// Failures a source or username may have before logins are delayed: a person mistyping a
 /// password a few times is never slowed.
 pub const LOGIN_FAILURES_FREE: u32 = 5;
