@@ -33,9 +33,13 @@ pub enum Command {
         /// The region's URL, e.g. http://REGION:5240/MAAS
         #[arg(long)]
         url: String,
-        /// The region's shared secret (32 hex characters; `regiond secret show` prints it).
-        #[arg(long)]
-        secret: String,
+        /// The region's shared secret (32 hex characters; `regiond secret show` prints it), or
+        /// `-` to read it from standard input, so it does not show in `ps` or shell history.
+        #[arg(long, required_unless_present = "secret_file", conflicts_with = "secret_file")]
+        secret: Option<String>,
+        /// A file holding the secret (its first line), instead of `--secret`.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
         /// The rack's name in the region. Default: this machine's hostname.
         #[arg(long)]
         name: Option<String>,
@@ -115,7 +119,10 @@ fn init_tracing(serving: bool) {
 pub async fn run(cli: Cli, config: RackConfig) -> anyhow::Result<ExitCode> {
     let data_dir = DataDir::new(cli.data_dir);
     match cli.command {
-        Command::Register { url, secret, name } => register(&data_dir, &url, &secret, name).await,
+        Command::Register { url, secret, secret_file, name } => {
+            let secret = read_secret(secret.as_deref(), secret_file.as_deref())?;
+            register(&data_dir, &url, &secret, name).await
+        }
         Command::Serve { .. } => {
             crate::serve::run(&data_dir, &config, shutdown_signal()?).await?;
             Ok(ExitCode::SUCCESS)
@@ -123,6 +130,37 @@ pub async fn run(cli: Cli, config: RackConfig) -> anyhow::Result<ExitCode> {
         Command::Status => Ok(status(&data_dir)?),
         Command::Sync { now, wait } => sync(&data_dir, now, wait).await,
     }
+}
+
+/// Longest secret input read from a file or stdin: a secret is 32 characters; a few more allow
+/// for whitespace, and a wrong file (an image, say) is refused instead of read whole.
+const SECRET_INPUT_BYTES_MAX: u64 = 1024;
+
+/// The secret from `--secret VALUE`, `--secret -` (stdin) or `--secret-file FILE`: its first
+/// line, trimmed.
+fn read_secret(secret: Option<&str>, secret_file: Option<&Path>) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::Read;
+    let text = match (secret, secret_file) {
+        (Some("-"), _) => {
+            let mut text = String::new();
+            std::io::stdin()
+                .take(SECRET_INPUT_BYTES_MAX)
+                .read_to_string(&mut text)
+                .context("cannot read the secret from standard input")?;
+            text
+        }
+        (Some(value), _) => return Ok(value.to_owned()),
+        (None, Some(path)) => {
+            let mut text = String::new();
+            std::fs::File::open(path)
+                .and_then(|f| f.take(SECRET_INPUT_BYTES_MAX).read_to_string(&mut text))
+                .with_context(|| format!("cannot read the secret from {}", path.display()))?;
+            text
+        }
+        (None, None) => anyhow::bail!("give the secret with --secret, --secret - or --secret-file"),
+    };
+    Ok(text.lines().next().unwrap_or_default().trim().to_owned())
 }
 
 async fn register(data_dir: &DataDir, url: &str, secret: &str, name: Option<String>) -> anyhow::Result<ExitCode> {
@@ -250,5 +288,27 @@ fn print_sync(report: &metalrack_api::images::SyncReport, triggered: bool) {
             last.chunks_refetched,
             last.duration_ms as f64 / 1000.0
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_secret_comes_from_the_option_a_file_or_nowhere_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "0123456789abcdef0123456789abcdef\nignored\n").unwrap();
+        assert_eq!(read_secret(None, Some(&file)).unwrap(), "0123456789abcdef0123456789abcdef");
+        assert_eq!(read_secret(Some("abc"), None).unwrap(), "abc");
+        assert!(read_secret(None, Some(&dir.path().join("missing"))).is_err());
+
+        let parse =
+            |args: &[&str]| Cli::try_parse_from([&["rackd", "register", "--url", "http://r:5240/MAAS"], args].concat());
+        assert!(parse(&["--secret", "x"]).is_ok());
+        assert!(parse(&["--secret-file", "f"]).is_ok());
+        assert!(parse(&[]).is_err(), "a secret is required");
+        assert!(parse(&["--secret", "x", "--secret-file", "f"]).is_err(), "one source of the secret");
     }
 }

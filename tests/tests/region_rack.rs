@@ -506,3 +506,59 @@ async fn a_write_held_up_by_another_writer_is_answered_503_with_retry_after_not_
     let done = put().await.unwrap();
     assert_eq!(done.status(), StatusCode::NO_CONTENT, "the same write goes through once the lock is gone");
 }
+
+#[tokio::test]
+async fn rackd_register_takes_the_secret_from_stdin_or_a_file_so_it_stays_out_of_ps() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let secret = region.secret();
+
+    let from_stdin = Rack::new(dir.path(), "stdin-rack");
+    let mut child = from_stdin
+        .command_for(&["register", "--url", &region.url, "--secret", "-", "--name", "stdin-rack"])
+        .unwrap()
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{secret}\n").as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let file = dir.path().join("secret.txt");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let from_file = Rack::new(dir.path(), "file-rack");
+    let output = from_file
+        .command_for(&[
+            "register",
+            "--url",
+            &region.url,
+            "--secret-file",
+            file.to_str().unwrap(),
+            "--name",
+            "file-rack",
+        ])
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // A wrong secret from a file is refused like one on the command line.
+    std::fs::write(&file, "00000000000000000000000000000000\n").unwrap();
+    let output = from_file
+        .command_for(&[
+            "register",
+            "--url",
+            &region.url,
+            "--secret-file",
+            file.to_str().unwrap(),
+            "--name",
+            "file-rack",
+        ])
+        .unwrap()
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("wrong secret"), "{}", stderr(&output));
+}

@@ -396,7 +396,10 @@ async fn add_controller(State(state): State<AppState>, session: SessionUser) -> 
         section.card {
             ol.steps {
                 li { "Install " code { "rackd" } " on the rack's box (see the README's operator guide)." }
-                li { "Run this on that box:" pre.command id="register-command" { (command) } }
+                li { "Run this on that box:" pre.command id="register-command" { (command) }
+                    p.hint { "To keep the secret out of the process list and shell history, put it in a file only root can read and run "
+                        code id="register-command-file" { "rackd register --url " (url) " --secret-file FILE" }
+                        ", or pass " code { "--secret -" } " and type it on standard input." } }
                 li { "Start it with " code { "rackd serve" } ". It appears on " a href=(format!("{BASE_PATH}/controllers")) { "Controllers" } " within seconds." }
             }
             p.hint { "The command holds this region's shared secret: treat it like a password. "
