@@ -13,6 +13,7 @@ pub mod delta;
 pub mod diff;
 pub mod error_chain;
 pub mod frame;
+pub mod log_safe;
 pub mod manifest;
 pub mod private_file;
 pub mod store;

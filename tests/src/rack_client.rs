@@ -90,6 +90,20 @@ impl RackClient {
         response.json().await.context("heartbeat answer")
     }
 
+    /// `POST /rack/events` with `events` (JSON, as the rack's queue would send them); the status.
+    pub async fn send_boot_events(&self, events: &serde_json::Value) -> Result<reqwest::StatusCode> {
+        let response = self
+            .http
+            .post(format!("{}{}", self.base, paths::RACK_EVENTS))
+            .header("authorization", &self.authorization)
+            .timeout(REQUEST_TIMEOUT)
+            .json(events)
+            .send()
+            .await
+            .context("boot events")?;
+        Ok(response.status())
+    }
+
     /// The catalogue long-poll: answers at once unless the region is at revision `after` with
     /// sync request counter `requested`, else when something changes or `wait` passes.
     pub async fn catalogue(&self, after: i64, requested: i64, wait: Duration) -> Result<RackCatalogue> {

@@ -626,3 +626,19 @@ async fn one_source_hoarding_challenges_cannot_lock_other_racks_out_of_registrat
         .unwrap_or_else(|e| panic!("a rack on another address could not register: {e:#}"));
     rack.heartbeat().await.unwrap();
 }
+
+#[tokio::test]
+async fn control_characters_a_machine_sends_are_escaped_in_the_event_log() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let api_key = region.create_admin("admin", ADMIN_PASSWORD);
+    let rack = RackClient::register(&region.url, &region.secret(), "rack1", loopback::source(0)).await.unwrap();
+    // A TFTP file name chosen to forge a second log line and colour a terminal.
+    let forged = "pxelinux.0\n2026-11-30 user.login admin logged in from 10.0.0.1\u{1b}[2J";
+    let events = serde_json::json!([{ "at_ms": 0, "mac": "52:54:00:aa:bb:01", "kind": "boot.tftp", "message": forged }]);
+    assert_eq!(rack.send_boot_events(&events).await.unwrap(), StatusCode::NO_CONTENT);
+    let stored = region.events(&api_key).await.into_iter().find(|e| e.kind == "boot.tftp").expect("the event");
+    assert!(!stored.message.chars().any(char::is_control), "{:?}", stored.message);
+    assert!(stored.message.contains("pxelinux.0\\u{a}2026-11-30"), "{:?}", stored.message);
+}

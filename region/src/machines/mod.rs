@@ -8,6 +8,8 @@ use metalrack_api::machines::{
     normalize_mac, BootAction, BootEvent, MachineBoot, MachineUpdate, BOOT_EVENTS_PER_REQUEST_MAX,
 };
 
+use metalrack_image_tools::log_safe::escape_control;
+
 use crate::db::StoreError;
 use crate::state::Shared;
 use crate::users::User;
@@ -83,10 +85,11 @@ pub async fn record_boot_events(shared: &Shared, rack_name: &str, events: Vec<Bo
         return Err(MachinesError::InvalidEvent { kind: bad.kind.clone() });
     }
     for event in events {
-        let actor = format!("{} via {rack_name}", event.mac);
+        // A machine chose some of this (a TFTP file name): no control characters reach the log.
+        let actor = format!("{} via {rack_name}", escape_control(&event.mac));
         shared
             .store
-            .record_event(&event.kind, &actor, &event.message)
+            .record_event(&escape_control(&event.kind), &actor, &escape_control(&event.message))
             .await
             .map_err(store_error("record a boot event"))?;
     }
