@@ -636,9 +636,38 @@ async fn control_characters_a_machine_sends_are_escaped_in_the_event_log() {
     let rack = RackClient::register(&region.url, &region.secret(), "rack1", loopback::source(0)).await.unwrap();
     // A TFTP file name chosen to forge a second log line and colour a terminal.
     let forged = "pxelinux.0\n2026-11-30 user.login admin logged in from 10.0.0.1\u{1b}[2J";
-    let events = serde_json::json!([{ "at_ms": 0, "mac": "52:54:00:aa:bb:01", "kind": "boot.tftp", "message": forged }]);
+    let events =
+        serde_json::json!([{ "at_ms": 0, "mac": "52:54:00:aa:bb:01", "kind": "boot.tftp", "message": forged }]);
     assert_eq!(rack.send_boot_events(&events).await.unwrap(), StatusCode::NO_CONTENT);
     let stored = region.events(&api_key).await.into_iter().find(|e| e.kind == "boot.tftp").expect("the event");
     assert!(!stored.message.chars().any(char::is_control), "{:?}", stored.message);
     assert!(stored.message.contains("pxelinux.0\\u{a}2026-11-30"), "{:?}", stored.message);
+}
+
+#[tokio::test]
+async fn an_upload_is_refused_before_its_body_is_read_when_the_caller_has_no_key() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let address = region.socket_address();
+    // Announce a 60 MiB manifest and send none of it: the answer must come from the headers.
+    for (path, authorization) in [
+        ("/MAAS/api/v1/uploads?name=a/b&arch=amd64&kind=kernel&version=1", ""),
+        ("/MAAS/api/v1/uploads/x/chunks", "Authorization: Bearer nope.nope\r\n"),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\n{authorization}Content-Length: 62914560\r\n\
+             Content-Type: application/octet-stream\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+            .await
+            .expect("answered without waiting for the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+    }
 }
