@@ -34,6 +34,8 @@ impl EventQueue {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         queue.push_back(BootEvent {
+            queue_id: 0,
+            seq: 0,
             at_ms: crate::status::now_ms(),
             mac: mac.to_owned(),
             kind: kind.to_owned(),

@@ -6,13 +6,16 @@ pub mod store;
 use metalrack_api::images::{validate_image_name, validate_image_token};
 use metalrack_api::machines::{
     normalize_mac, BootAction, BootEvent, MachineBoot, MachineUpdate, BOOT_EVENTS_PER_REQUEST_MAX,
+    BOOT_EVENT_KIND_BYTES_MAX, BOOT_EVENT_MAC_BYTES_MAX, BOOT_EVENT_MESSAGE_BYTES_MAX, BOOT_EVENT_QUEUE_ID_END,
 };
 
 use crate::db::StoreError;
+use crate::racks::store::RackRow;
 use crate::state::Shared;
 use crate::users::User;
 
-/// Longest hostname, kernel command line or boot event message accepted.
+/// Longest hostname or kernel command line accepted (boot event fields have their own limits in
+/// the wire contract, which racks truncate to).
 pub const TEXT_LEN_MAX: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,8 +32,12 @@ pub enum MachinesError {
     InvalidKernelParams,
     #[error("at most {BOOT_EVENTS_PER_REQUEST_MAX} events per request")]
     TooManyEvents,
-    #[error("invalid boot event kind {kind:?}")]
-    InvalidEvent { kind: String },
+    #[error("boot event {index}: invalid kind {kind:?} (kinds start with \"boot.\")")]
+    InvalidEvent { index: usize, kind: String },
+    #[error("boot event {index}: {field} is {len} bytes, at most {max}")]
+    EventFieldTooLong { index: usize, field: &'static str, len: usize, max: usize },
+    #[error("boot event {index}: queue_id must be below 2^53 and seq below 2^63")]
+    EventIdOutOfRange { index: usize },
     #[error("cannot {step}")]
     Store { step: &'static str, source: StoreError },
 }
@@ -74,21 +81,96 @@ pub async fn put(shared: &Shared, actor: &User, mac: &str, update: MachineUpdate
 }
 
 /// Boot events a rack queued (also while the region was away), recorded as region events. The
-/// batch is checked whole before any is stored.
-pub async fn record_boot_events(shared: &Shared, rack_name: &str, events: Vec<BootEvent>) -> Result<(), MachinesError> {
+/// batch is checked whole before any is stored, and stored in one transaction; an event whose
+/// `(queue_id, seq)` this rack sent before is skipped, so a batch sent again is stored once.
+/// Returns how many were new.
+pub async fn record_boot_events(shared: &Shared, rack: &RackRow, events: Vec<BootEvent>) -> Result<u64, MachinesError> {
+    check_boot_events(&events)?;
+    shared.store.record_boot_events(&rack.id, &rack.name, &events).await.map_err(store_error("record boot events"))
+}
+
+/// Refuses a batch the rack should not have sent (it truncates fields and bounds batches by the
+/// same named limits), naming the first bad event and field.
+fn check_boot_events(events: &[BootEvent]) -> Result<(), MachinesError> {
     if events.len() > BOOT_EVENTS_PER_REQUEST_MAX {
         return Err(MachinesError::TooManyEvents);
     }
-    if let Some(bad) = events.iter().find(|e| !e.kind.starts_with("boot.") || e.message.len() > TEXT_LEN_MAX) {
-        return Err(MachinesError::InvalidEvent { kind: bad.kind.clone() });
-    }
-    for event in events {
-        let actor = format!("{} via {rack_name}", event.mac);
-        shared
-            .store
-            .record_event(&event.kind, &actor, &event.message)
-            .await
-            .map_err(store_error("record a boot event"))?;
+    for (index, event) in events.iter().enumerate() {
+        for (field, len, max) in [
+            ("kind", event.kind.len(), BOOT_EVENT_KIND_BYTES_MAX),
+            ("mac", event.mac.len(), BOOT_EVENT_MAC_BYTES_MAX),
+            ("message", event.message.len(), BOOT_EVENT_MESSAGE_BYTES_MAX),
+        ] {
+            if len > max {
+                return Err(MachinesError::EventFieldTooLong { index, field, len, max });
+            }
+        }
+        if !event.kind.starts_with("boot.") {
+            return Err(MachinesError::InvalidEvent { index, kind: event.kind.clone() });
+        }
+        if event.queue_id >= BOOT_EVENT_QUEUE_ID_END || i64::try_from(event.seq).is_err() {
+            return Err(MachinesError::EventIdOutOfRange { index });
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, message: &str) -> BootEvent {
+        BootEvent {
+            queue_id: 7,
+            seq,
+            at_ms: 1,
+            mac: "52:54:00:aa:bb:01".into(),
+            kind: "boot.tftp".into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn oversize_fields_are_refused_naming_the_event_and_field() {
+        let mut events = vec![event(1, "fine"), event(2, &"x".repeat(BOOT_EVENT_MESSAGE_BYTES_MAX))];
+        check_boot_events(&events).unwrap();
+        events[1].message.push('x');
+        let error = check_boot_events(&events).unwrap_err().to_string();
+        assert_eq!(error, "boot event 1: message is 1025 bytes, at most 1024");
+        events[1] = event(2, "m");
+        events[1].mac = "m".repeat(BOOT_EVENT_MAC_BYTES_MAX + 1);
+        assert!(check_boot_events(&events).unwrap_err().to_string().contains("mac is 65 bytes"));
+        events[1] = event(2, "m");
+        events[1].kind = format!("boot.{}", "k".repeat(BOOT_EVENT_KIND_BYTES_MAX));
+        assert!(check_boot_events(&events).unwrap_err().to_string().contains("kind is 37 bytes"));
+        events[1] = event(2, "m");
+        events[1].kind = "user.login".into();
+        assert!(check_boot_events(&events).unwrap_err().to_string().contains("invalid kind"));
+        events[1] = event(u64::MAX, "m");
+        assert!(matches!(check_boot_events(&events), Err(MachinesError::EventIdOutOfRange { index: 1 })));
+    }
+
+    #[tokio::test]
+    async fn a_batch_sent_twice_is_stored_once_and_other_racks_and_queues_are_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::db::Store::open(dir.path()).await.unwrap();
+        let batch: Vec<BootEvent> = (1..=3).map(|seq| event(seq, &format!("event {seq}"))).collect();
+        assert_eq!(store.record_boot_events("r1", "rack1", &batch).await.unwrap(), 3);
+        assert_eq!(store.record_boot_events("r1", "rack1", &batch).await.unwrap(), 0, "the resend");
+        // Half old, half new: a batch split after a refusal, or one that grew since.
+        let overlapping: Vec<BootEvent> = (2..=5).map(|seq| event(seq, &format!("event {seq}"))).collect();
+        assert_eq!(store.record_boot_events("r1", "rack1", &overlapping).await.unwrap(), 2);
+        assert_eq!(store.record_boot_events("r2", "rack2", &batch).await.unwrap(), 3, "another rack");
+        let mut new_queue = batch.clone();
+        new_queue.iter_mut().for_each(|e| e.queue_id = 8);
+        assert_eq!(store.record_boot_events("r1", "rack1", &new_queue).await.unwrap(), 3, "a wiped rack's new queue");
+        // Racks from before ids: nothing to tell resends apart by, so each is stored.
+        let mut legacy = batch.clone();
+        legacy.iter_mut().for_each(|e| (e.queue_id, e.seq) = (0, 0));
+        assert_eq!(store.record_boot_events("r1", "rack1", &legacy).await.unwrap(), 3);
+        assert_eq!(store.record_boot_events("r1", "rack1", &legacy).await.unwrap(), 3);
+        let messages: Vec<String> = store.events(100).await.unwrap().into_iter().rev().map(|e| e.message).collect();
+        assert_eq!(messages.len(), 5 + 3 + 3 + 6);
+        assert_eq!(&messages[..5], ["event 1", "event 2", "event 3", "event 4", "event 5"], "in order, once");
+    }
 }
