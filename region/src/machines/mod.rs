@@ -10,7 +10,6 @@ use metalrack_api::machines::{
 };
 
 use crate::db::StoreError;
-use crate::racks::store::RackRow;
 use crate::state::Shared;
 use crate::users::User;
 
@@ -84,9 +83,14 @@ pub async fn put(shared: &Shared, actor: &User, mac: &str, update: MachineUpdate
 /// batch is checked whole before any is stored, and stored in one transaction; an event whose
 /// `(queue_id, seq)` this rack sent before is skipped, so a batch sent again is stored once.
 /// Returns how many were new.
-pub async fn record_boot_events(shared: &Shared, rack: &RackRow, events: Vec<BootEvent>) -> Result<u64, MachinesError> {
+pub async fn record_boot_events(
+    shared: &Shared,
+    rack_id: &str,
+    rack_name: &str,
+    events: Vec<BootEvent>,
+) -> Result<u64, MachinesError> {
     check_boot_events(&events)?;
-    shared.store.record_boot_events(&rack.id, &rack.name, &events).await.map_err(store_error("record boot events"))
+    shared.store.record_boot_events(rack_id, rack_name, &events).await.map_err(store_error("record boot events"))
 }
 
 /// Refuses a batch the rack should not have sent (it truncates fields and bounds batches by the
