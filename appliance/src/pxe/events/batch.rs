@@ -76,7 +76,11 @@ pub enum Refused {
 
 impl Splitter {
     pub fn new(batch_len: usize) -> Splitter {
-        Splitter { pending: if batch_len == 0 { Vec::new() } else { vec![0..batch_len] } }
+        let mut pending = Vec::new();
+        if batch_len > 0 {
+            pending.push(0..batch_len);
+        }
+        Splitter { pending }
     }
 
     /// The part to send next, or `None` when the batch is done.
