@@ -12,6 +12,7 @@
 //! DATA/boot/                  iPXE loaders copied at start (the TFTP root)      pxe
 //! DATA/dhcp-leases.json       DHCP lease snapshot                               pxe::dhcp::lease_journal
 //! DATA/dhcp-leases.journal    DHCP lease changes since the snapshot             pxe::dhcp::lease_journal
+//! DATA/boot-events.journal    boot events not yet taken by the region           pxe::events
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -66,6 +67,10 @@ impl DataDir {
     pub fn lease_journal(&self) -> PathBuf {
         self.root.join("dhcp-leases.journal")
     }
+
+    pub fn boot_events(&self) -> PathBuf {
+        self.root.join("boot-events.journal")
+    }
 }
 
 #[cfg(test)]
@@ -86,6 +91,7 @@ mod tests {
             data_dir.boot_files(),
             data_dir.lease_snapshot(),
             data_dir.lease_journal(),
+            data_dir.boot_events(),
         ];
         let expected = [
             "/d/registration.toml",
@@ -97,6 +103,7 @@ mod tests {
             "/d/boot",
             "/d/dhcp-leases.json",
             "/d/dhcp-leases.journal",
+            "/d/boot-events.journal",
         ];
         assert_eq!(names, expected.iter().map(PathBuf::from).collect::<Vec<_>>());
     }

@@ -178,18 +178,18 @@ impl RegionClient {
         Err(self.refusal(status, &bytes))
     }
 
-    pub async fn boot_events(
-        &self,
-        authorization: &str,
-        events: &[metalrack_api::machines::BootEvent],
-    ) -> Result<(), RegionError> {
+    /// Sends a batch of boot events: `body` is a JSON array of `metalrack_api::machines::BootEvent`,
+    /// joined from each event's JSON as it was queued, so that its length is counted exactly
+    /// against the wire's batch bound (see `pxe::events`).
+    pub async fn boot_events(&self, authorization: &str, body: String) -> Result<(), RegionError> {
         let url = format!("{}{API_PREFIX}{}", self.base, paths::RACK_EVENTS);
         let request = self
             .http
             .post(&url)
             .header(reqwest::header::AUTHORIZATION, authorization)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
             .timeout(self.request_timeout)
-            .json(events);
+            .body(body);
         self.send(request).await.map(|_| ())
     }
 

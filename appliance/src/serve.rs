@@ -64,7 +64,7 @@ pub struct Daemon {
 pub struct Stopped {
     /// Tasks still running when [`SHUTDOWN_GRACE`] ran out (abandoned).
     pub tasks_abandoned: usize,
-    /// Boot events that could not be handed to the region (lost).
+    /// Boot events that could not be handed to the region (kept on disk for the next start).
     pub events_unsent: usize,
 }
 
@@ -93,7 +93,8 @@ pub async fn start(data_dir: &DataDir, config: &RackConfig) -> Result<Daemon, Se
     let (http_address, tftp_address, pxe) = match pxe {
         Some((pxe, listeners)) => {
             let addresses = (listeners.http_address().ok(), listeners.tftp_address().ok());
-            crate::pxe::spawn(listeners, &pxe, link.clone(), &tasks, &stop);
+            let retry_backoff_max = Duration::from_millis(config.retry_backoff_max_ms);
+            crate::pxe::spawn(listeners, &pxe, link.clone(), retry_backoff_max, &tasks, &stop);
             (addresses.0, addresses.1, Some(pxe))
         }
         None => (None, None, None),
@@ -156,7 +157,7 @@ impl Daemon {
                 let _ = tokio::time::timeout(EVENTS_LAST_FLUSH_MAX, last_try).await;
                 let unsent = pxe.events.len();
                 if unsent > 0 {
-                    tracing::warn!(events = unsent, "boot events not handed to the region are lost");
+                    tracing::warn!(events = unsent, "boot events not handed to the region are kept for the next start");
                 }
                 unsent
             }

@@ -196,10 +196,46 @@ impl Region {
         self.events(api_key).await.into_iter().map(|e| format!("{} {}: {}", e.kind, e.actor, e.message)).collect()
     }
 
+    /// Every boot event the region stored, oldest first, read from its database (the API pages
+    /// only the newest 1000): for tests that count tens of thousands.
+    pub async fn stored_boot_events(&self) -> Vec<StoredBootEvent> {
+        let mut db = self.database().await;
+        let rows: Vec<(i64, String, String, String)> =
+            sqlx::query_as("SELECT id, kind, actor, message FROM events WHERE kind LIKE 'boot.%' ORDER BY id")
+                .fetch_all(&mut db)
+                .await
+                .unwrap();
+        rows.into_iter().map(|(id, kind, actor, message)| StoredBootEvent { id, kind, actor, message }).collect()
+    }
+
+    /// The rack's ids of the stored boot events, `(rack_id, queue_id, seq)` in the order stored.
+    pub async fn stored_boot_event_ids(&self) -> Vec<(Option<String>, Option<i64>, Option<i64>)> {
+        let mut db = self.database().await;
+        sqlx::query_as("SELECT rack_id, rack_queue_id, rack_seq FROM events WHERE kind LIKE 'boot.%' ORDER BY id")
+            .fetch_all(&mut db)
+            .await
+            .unwrap()
+    }
+
+    /// The region's database, read-only (it may be running: SQLite's WAL lets readers in).
+    async fn database(&self) -> sqlx::SqliteConnection {
+        let url = format!("sqlite://{}?mode=ro", self.data_dir.join("region.db").display());
+        <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap()
+    }
+
     /// Events as `KIND MESSAGE`, newest first.
     pub async fn event_messages(&self, api_key: &str) -> Vec<String> {
         self.events(api_key).await.into_iter().map(|e| format!("{} {}", e.kind, e.message)).collect()
     }
+}
+
+/// A boot event as the region's database holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBootEvent {
+    pub id: i64,
+    pub kind: String,
+    pub actor: String,
+    pub message: String,
 }
 
 /// Runs `regiond --data-dir DATA_DIR ARGS` with stdin closed; its output, whatever the exit.

@@ -84,3 +84,29 @@ pub fn read(server: SocketAddr, path: &str, blksize: u16, windowsize: u16) -> Re
         }
     }
 }
+
+/// Sends a bare read request (no options, so a file name up to ~1000 bytes fits the server's
+/// 1 KiB request read) from a fresh port and returns the server's refusal: (code, message).
+/// Each call is one boot event on the rack (`boot.refused`), which makes this a cheap, real way
+/// to queue many.
+pub fn refused(server: SocketAddr, path: &str) -> Result<(u16, String), TftpError> {
+    let protocol = |e: std::io::Error| TftpError::Protocol(e.to_string());
+    let socket = UdpSocket::bind("127.0.0.1:0").map_err(protocol)?;
+    socket.set_read_timeout(Some(Duration::from_secs(5))).map_err(protocol)?;
+    let mut rrq = vec![0, 1];
+    for part in [path, "octet"] {
+        rrq.extend_from_slice(part.as_bytes());
+        rrq.push(0);
+    }
+    socket.send_to(&rrq, server).map_err(protocol)?;
+    let mut buf = [0u8; 1024];
+    let (n, _) =
+        socket.recv_from(&mut buf).map_err(|e| TftpError::Protocol(format!("no answer to {path:.40}: {e}")))?;
+    match buf[..n] {
+        [0, 5, high, low, ref message @ ..] => Ok((
+            u16::from_be_bytes([high, low]),
+            String::from_utf8_lossy(message.strip_suffix(&[0]).unwrap_or(message)).into_owned(),
+        )),
+        _ => Err(TftpError::Protocol(format!("expected an ERROR packet, got {:?}", &buf[..n.min(8)]))),
+    }
+}

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub http_bytes: Counter,
     pub http_sendfile_bytes: Counter,
     pub sync_phase: Family<KindLabel, Gauge>,
+    pub boot_events: super::events::EventCounters,
 }
 
 impl Metrics {
@@ -69,6 +70,23 @@ impl Metrics {
         );
         let sync_phase = Family::<KindLabel, Gauge>::default();
         metrics_registry.register("sync_phase", "1 for the image sync's current phase", sync_phase.clone());
+        let boot_events = super::events::EventCounters::default();
+        metrics_registry.register(
+            "boot_events_queued",
+            "Boot events queued for the region",
+            boot_events.queued.clone(),
+        );
+        metrics_registry.register("boot_events_sent", "Boot events the region took", boot_events.sent.clone());
+        metrics_registry.register(
+            "boot_events_dropped",
+            "Boot events dropped, by reason (queue_full, refused, unreadable)",
+            boot_events.dropped.clone(),
+        );
+        metrics_registry.register(
+            "boot_events_truncated",
+            "Boot events with a field cut to the wire's length",
+            boot_events.truncated.clone(),
+        );
         Metrics {
             registry,
             dhcp_packets,
@@ -86,6 +104,7 @@ impl Metrics {
             http_bytes,
             http_sendfile_bytes,
             sync_phase,
+            boot_events,
         }
     }
 

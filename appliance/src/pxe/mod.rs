@@ -46,6 +46,8 @@ pub enum PxeError {
     Tftp { address: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot start HTTP boot on {address}")]
     Http { address: std::net::SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Events(#[from] events::EventJournalError),
 }
 
 /// The sync's phase now, for `/metrics` (a function, so PXE does not depend on `sync`).
@@ -121,6 +123,8 @@ impl Pxe {
     ) -> Result<Arc<Pxe>, PxeError> {
         let boot_files_dir = data_dir.boot_files();
         let loader_hashes = prepare_boot_files(&config, &boot_files_dir)?;
+        let metrics = metrics::Metrics::new();
+        let events = events::EventQueue::open(data_dir, metrics.boot_events.clone())?;
         Ok(Arc::new(Pxe {
             config,
             data_dir: data_dir.clone(),
@@ -129,8 +133,8 @@ impl Pxe {
             loader_hashes,
             boot_table,
             sync_phase,
-            events: events::EventQueue::default(),
-            metrics: metrics::Metrics::new(),
+            events,
+            metrics,
             loader_sent: Mutex::default(),
             macs_by_address: Mutex::default(),
         }))
@@ -168,14 +172,15 @@ pub async fn bind(pxe: &Arc<Pxe>) -> Result<Listeners, PxeError> {
     Ok(Listeners { http, tftp, dhcp })
 }
 
-/// Serves DHCP, TFTP, HTTP boot and flushes boot events to the region, each a task in `tasks`,
-/// until `shutdown`: then the listeners stop accepting, the lease journal is flushed, and what
-/// is in flight finishes (the caller bounds how long it waits). Queued boot events are left for
-/// the caller's last flush.
+/// Serves DHCP, TFTP, HTTP boot and flushes boot events to the region (retrying up to
+/// `retry_backoff_max` apart), each a task in `tasks`, until `shutdown`: then the listeners stop
+/// accepting, the lease journal is flushed, and what is in flight finishes (the caller bounds how
+/// long it waits). Queued boot events are left for the caller's last flush, and on disk.
 pub fn spawn(
     listeners: Listeners,
     pxe: &Arc<Pxe>,
     link: Arc<crate::region_link::RegionLink>,
+    retry_backoff_max: Duration,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
@@ -185,7 +190,7 @@ pub fn spawn(
     for socket in dhcp {
         tasks.spawn(dhcp::serve(socket, pxe.clone(), shutdown.clone()));
     }
-    tasks.spawn(events::flush_until_stopped(pxe.clone(), link, shutdown.clone()));
+    tasks.spawn(events::flush_until_stopped(pxe.clone(), link, retry_backoff_max, shutdown.clone()));
     let config = &pxe.config;
     tracing::info!(interface = %config.interface, address = %config.address, dhcp = ?config.dhcp.mode, "PXE serving");
 }

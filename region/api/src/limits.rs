@@ -33,3 +33,34 @@ const _: () = assert!(
     SNAPSHOT_FILES_MAX * (64 + 3) + 1024 <= SNAPSHOT_BODY_BYTES_MAX,
     "a snapshot of the most files must fit its body limit"
 );
+
+/// Longest boot event `kind`, in bytes. Kinds are the rack's own words (`boot.callback`, 13
+/// bytes, is the longest); the bound only keeps a mistaken or hostile sender from filling the
+/// event log with them.
+pub const BOOT_EVENT_KIND_BYTES_MAX: usize = 32;
+
+/// Longest boot event `mac`, in bytes: a MAC (17) or, for a client the rack has no MAC of, its
+/// address (an IPv6 address with a zone fits).
+pub const BOOT_EVENT_MAC_BYTES_MAX: usize = 64;
+
+/// Longest boot event `message`, in bytes. Messages quote what the client asked for (a TFTP file
+/// name may be ~1000 bytes in the rack's 1 KiB request read), so the rack cuts longer ones here;
+/// it is the region's limit for event text from before the limit was named, so nothing it took
+/// then is refused now. Costs at most ~1 KiB a row in the event log.
+pub const BOOT_EVENT_MESSAGE_BYTES_MAX: usize = 1024;
+
+/// Largest JSON of one boot event: every byte of its text escaped (`\u0000`, 6 bytes each) plus
+/// the field names, quotes and four 20-digit numbers (~150 bytes; 256 with room to spare).
+pub const BOOT_EVENT_JSON_BYTES_MAX: usize =
+    6 * (BOOT_EVENT_KIND_BYTES_MAX + BOOT_EVENT_MAC_BYTES_MAX + BOOT_EVENT_MESSAGE_BYTES_MAX) + 256;
+
+/// Bytes of JSON in one `POST /rack/events` body, as the rack counts them (the array, its
+/// commas and each event's serialized length). Three quarters of [`REQUEST_BODY_MAX_BYTES`]: the
+/// count is exact, the margin is for what a proxy or a later field may add. ~300 typical events
+/// (~150 bytes each) a batch, so 20,000 queued events drain in ~70 requests.
+pub const BOOT_EVENTS_BATCH_BYTES_MAX: usize = 48 * 1024;
+
+// A full batch must fit the body the region reads, or the region would refuse it whole...
+const _: () = assert!(BOOT_EVENTS_BATCH_BYTES_MAX <= REQUEST_BODY_MAX_BYTES);
+// ...and the largest possible event must fit a batch on its own, or it could never be sent.
+const _: () = assert!(BOOT_EVENT_JSON_BYTES_MAX + 2 <= BOOT_EVENTS_BATCH_BYTES_MAX);

@@ -87,6 +87,13 @@ fn migrator() -> Migrator {
             Cow::Borrowed(include_str!("../../migrations/sqlite/0004_rack_snapshots.sql")),
             false,
         ),
+        Migration::new(
+            5,
+            Cow::Borrowed("boot event ids"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../../migrations/sqlite/0005_boot_event_ids.sql")),
+            false,
+        ),
     ];
     Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
 }

@@ -153,7 +153,9 @@ impl From<MachinesError> for ApiError {
             | InvalidImage { .. }
             | InvalidKernelParams
             | TooManyEvents
-            | InvalidEvent { .. } => StatusCode::BAD_REQUEST,
+            | InvalidEvent { .. }
+            | EventFieldTooLong { .. }
+            | EventIdOutOfRange { .. } => StatusCode::BAD_REQUEST,
             Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::from_domain(status, &error)

@@ -1,8 +1,9 @@
-//! The machines' queries: each machine's boot decision by MAC.
+//! The machines' queries: each machine's boot decision by MAC, and the boot events racks report.
 
-use metalrack_api::machines::MachineBoot;
+use metalrack_api::machines::{BootEvent, MachineBoot};
 use sqlx::Row;
 
+use crate::db::events::EVENTS_KEPT_MAX;
 use crate::db::{query_error, Store, StoreError};
 use crate::util::now_ms;
 
@@ -40,5 +41,47 @@ impl Store {
         .await
         .map_err(query_error("put machine"))?;
         Ok(())
+    }
+
+    /// Appends a rack's boot events to the event log in one transaction, skipping any this rack
+    /// sent before (by `(queue_id, seq)`; 0 and 0 are never skipped), and trims the log to
+    /// [`EVENTS_KEPT_MAX`] once. Returns how many were new. `seq` must fit an i64 (checked by the
+    /// caller: the wire's bound).
+    pub async fn record_boot_events(
+        &self,
+        rack_id: &str,
+        rack_name: &str,
+        events: &[BootEvent],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await.map_err(query_error("begin record boot events"))?;
+        let now = now_ms();
+        let mut stored = 0;
+        for event in events {
+            let has_id = event.queue_id != 0 || event.seq != 0;
+            let id = |value: u64| has_id.then(|| i64::try_from(value).expect("checked against the wire bound"));
+            let result = sqlx::query(
+                "INSERT INTO events (at_ms, kind, actor, message, rack_id, rack_queue_id, rack_seq) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (rack_id, rack_queue_id, rack_seq) DO NOTHING",
+            )
+            .bind(now)
+            .bind(&event.kind)
+            .bind(format!("{} via {rack_name}", event.mac))
+            .bind(&event.message)
+            .bind(has_id.then_some(rack_id))
+            .bind(id(event.queue_id))
+            .bind(id(event.seq))
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("insert boot event"))?;
+            stored += result.rows_affected();
+        }
+        sqlx::query("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - $1")
+            .bind(EVENTS_KEPT_MAX)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("trim events"))?;
+        tx.commit().await.map_err(query_error("commit boot events"))?;
+        Ok(stored)
     }
 }

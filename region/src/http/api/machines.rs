@@ -37,6 +37,6 @@ async fn rack_events(
     AuthedRack(rack): AuthedRack,
     ApiJson(events): ApiJson<Vec<BootEvent>>,
 ) -> Result<StatusCode, ApiError> {
-    crate::machines::record_boot_events(&state.shared, &rack.name, events).await?;
+    crate::machines::record_boot_events(&state.shared, &rack.id, &rack.name, events).await?;
     Ok(StatusCode::NO_CONTENT)
 }
