@@ -93,10 +93,14 @@ impl StreamsByClient {
 }
 
 impl Drop for ClientStream {
+    /// Under the lock: a panic here would poison it and stop HTTP boot, so a broken count (a
+    /// bug) is only asserted in debug builds.
     fn drop(&mut self) {
         let mut counts = self.table.counts.lock().expect("lock");
-        if let Some(count) = counts.get_mut(&self.address) {
-            *count -= 1;
+        let count = counts.get_mut(&self.address);
+        debug_assert!(count.as_ref().is_some_and(|c| **c > 0), "a stream of {} was not counted", self.address);
+        if let Some(count) = count {
+            *count = count.saturating_sub(1);
             if *count == 0 {
                 counts.remove(&self.address);
             }

@@ -1,6 +1,7 @@
 //! TFTP, read-only: the iPXE loaders and the current snapshot's files under `images/`. blksize,
-//! windowsize (RFC 7440) and timeout are negotiated within the configured caps, tsize is
-//! answered. No path leaves its root: `..`, absolute paths and symlinks pointing out are
+//! windowsize (RFC 7440) and timeout are negotiated within the configured caps (a timeout above
+//! its cap is left out of the OACK), tsize is answered. One client address runs at most
+//! `sessions_per_client_max` transfers. No path leaves its root: `..`, absolute paths and symlinks pointing out are
 //! refused and recorded. Writes are refused.
 //!
 //! The listener on port 69 only parses requests (malformed datagrams are dropped and counted)
