@@ -41,6 +41,18 @@ pub struct PxeConfig {
     /// socket and a mapping, no buffer (files are mmapped).
     #[serde(default = "default_http_streams_max")]
     pub http_streams_max: usize,
+    /// Streams one client address may hold at once; more get 429. Default 8: a booting machine
+    /// fetches one file at a time (iPXE: kernel, then initrd), and 8 leaves room for retries while
+    /// an abandoned stream runs out; one address can then hold at most 8 of `http_streams_max`.
+    #[serde(default = "default_http_streams_per_client_max")]
+    pub http_streams_per_client_max: usize,
+    /// A stream whose client has read nothing for this long (the socket stayed full) is closed
+    /// (with a reset, which frees its socket buffers) and its slot freed. Default 30000 ms: iPXE
+    /// and firmware read as fast as the link allows; a client silent this long is gone or is
+    /// holding a slot on purpose. Since the socket only takes more once a third of its ~1 MiB
+    /// buffer is read, a client must also read ~340 KiB per stall timeout to keep its stream.
+    #[serde(default = "default_http_stall_timeout_ms")]
+    pub http_stall_timeout_ms: u64,
     /// Where Debian's `ipxe` package put the iPXE loaders; copied into the rack's boot files.
     #[serde(default = "default_loaders_dir")]
     pub loaders_dir: PathBuf,
@@ -54,6 +66,12 @@ fn default_http_listen() -> SocketAddr {
 }
 fn default_http_streams_max() -> usize {
     1024
+}
+fn default_http_streams_per_client_max() -> usize {
+    8
+}
+fn default_http_stall_timeout_ms() -> u64 {
+    30_000
 }
 fn default_loaders_dir() -> PathBuf {
     PathBuf::from("/usr/lib/ipxe")
@@ -70,8 +88,17 @@ pub struct TftpConfig {
     pub windowsize_max: u16,
     /// Retransmission timeout when the client asks for none. Default 3000 ms.
     pub timeout_ms: u64,
+    /// Largest `timeout` option (RFC 2349) granted. A client asking for more gets an OACK
+    /// without the option (RFC 2349 forbids answering another value) and the transfer runs on
+    /// `timeout_ms`. Default 10 s: a vanished client then holds its slot for at most
+    /// (RETRANSMITS_MAX + 1) × 10 s = 60 s; the client-chosen 255 s held it for 25 minutes.
+    pub timeout_s_max: u8,
     /// Transfers at once; more are refused. Default 256: 256 × 16 × 1468 ≈ 6 MiB in flight.
     pub sessions_max: usize,
+    /// Transfers to one client address at once; more are refused with an ERROR. Default 4:
+    /// firmware fetches one file at a time, and some abort a first request (to learn `tsize`)
+    /// and ask again from a new port; one address can then hold at most 4 of `sessions_max`.
+    pub sessions_per_client_max: usize,
 }
 
 impl Default for TftpConfig {
@@ -81,7 +108,9 @@ impl Default for TftpConfig {
             blksize_max: 1468,
             windowsize_max: 16,
             timeout_ms: 3000,
+            timeout_s_max: 10,
             sessions_max: 256,
+            sessions_per_client_max: 4,
         }
     }
 }
@@ -205,6 +234,12 @@ impl PxeConfig {
         if self.tftp.blksize_max < 512 || self.tftp.windowsize_max == 0 {
             return Err("pxe.tftp: blksize_max is at least 512 and windowsize_max at least 1");
         }
+        if self.tftp.timeout_s_max == 0 || self.tftp.sessions_per_client_max == 0 {
+            return Err("pxe.tftp: timeout_s_max and sessions_per_client_max must be above 0");
+        }
+        if self.http_streams_per_client_max == 0 || self.http_stall_timeout_ms == 0 {
+            return Err("pxe: http_streams_per_client_max and http_stall_timeout_ms must be above 0");
+        }
         Ok(())
     }
 }
@@ -225,6 +260,8 @@ mod tests {
         let config = RackConfig::load(&path).unwrap();
         let pxe = config.pxe.expect("a [pxe] section");
         assert_eq!(pxe.tftp, TftpConfig::default());
+        assert_eq!(pxe.http_streams_per_client_max, default_http_streams_per_client_max());
+        assert_eq!(pxe.http_stall_timeout_ms, default_http_stall_timeout_ms());
         assert_eq!(pxe.dhcp.mode, DhcpMode::Managed);
         assert_eq!(pxe.dhcp.reservations.len(), 1);
     }

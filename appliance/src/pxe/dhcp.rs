@@ -22,7 +22,7 @@ pub use lease_journal::{Durable, LeaseJournal, Record};
 pub use leases::{Lease, Leases};
 
 use super::metrics::Metrics;
-use super::{Pxe, LOADER_CHAIN_WINDOW};
+use super::Pxe;
 use crate::config::{DhcpConfig, DhcpMode, PxeConfig};
 
 /// Largest DHCP packet read; anything longer is truncated by the kernel and dropped as malformed.
@@ -98,30 +98,41 @@ pub fn boot_file(client: &Client, base_url: &str, loader_just_sent: bool) -> Opt
     }
 }
 
-/// Per-client token buckets; the table is bounded by pruning idle clients.
+/// Per-client token buckets, at most [`RATE_LIMIT_CLIENTS_MAX`] (see [`super::make_room`]).
 #[derive(Debug, Default)]
 struct RateLimits {
+    /// MAC → (tokens, when last seen).
     buckets: HashMap<String, (f64, Instant)>,
 }
 
-/// Clients tracked for rate limiting before idle ones are pruned.
+/// Clients tracked for rate limiting: ~100 bytes each, ~1.6 MiB in all. A rack boots a few
+/// thousand machines; only a flood of spoofed MACs fills it, and a spoofed MAC gets a fresh
+/// bucket anyway.
 const RATE_LIMIT_CLIENTS_MAX: usize = 16_384;
+
+/// A bucket refills `per_s` tokens a second up to a capacity of `per_s`: idle this long, it is
+/// full again, the same as no entry at all, so it can be forgotten without changing an answer.
+const RATE_BUCKET_REFILL: Duration = Duration::from_secs(1);
 
 impl RateLimits {
     fn allow(&mut self, mac: &str, per_s: u32) -> bool {
-        if self.buckets.len() >= RATE_LIMIT_CLIENTS_MAX {
-            self.buckets.retain(|_, (_, t)| t.elapsed() < Duration::from_secs(10));
-        }
+        self.allow_at(mac, per_s, Instant::now())
+    }
+
+    fn allow_at(&mut self, mac: &str, per_s: u32, now: Instant) -> bool {
         let capacity = f64::from(per_s.max(1));
-        let (tokens, last) = self.buckets.entry(mac.to_owned()).or_insert((capacity, Instant::now()));
-        *tokens = (*tokens + last.elapsed().as_secs_f64() * capacity).min(capacity);
-        *last = Instant::now();
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
+        if !self.buckets.contains_key(mac) {
+            super::make_room(&mut self.buckets, RATE_LIMIT_CLIENTS_MAX, now, RATE_BUCKET_REFILL, |(_, seen)| *seen);
         }
+        let (tokens, last) = self.buckets.entry(mac.to_owned()).or_insert((capacity, now));
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * capacity).min(capacity);
+        *last = now;
+        let allowed = *tokens >= 1.0;
+        if allowed {
+            *tokens -= 1.0;
+        }
+        assert!(self.buckets.len() <= RATE_LIMIT_CLIENTS_MAX);
+        allowed
     }
 }
 
@@ -490,8 +501,8 @@ fn handle_packet(server: &mut DhcpServer, pxe: &Pxe, bytes: &[u8], port: u16) ->
         Metrics::count(&pxe.metrics.dhcp_packets, &format!("{kind:?}").to_lowercase());
     }
     let sent = pxe.loader_sent.lock().expect("lock");
-    server
-        .handle_message(&request, port, |address| sent.get(&address).is_some_and(|t| t.elapsed() < LOADER_CHAIN_WINDOW))
+    let now = Instant::now();
+    server.handle_message(&request, port, |address| sent.just_sent(address, now))
 }
 
 async fn send_reply(socket: &UdpSocket, pxe: &Pxe, reply: PendingReply) {
@@ -734,6 +745,26 @@ mod tests {
             .filter(|_| matches!(server.handle(&discover, 67, |_| false), Outcome::Drop("rate limited")))
             .count();
         assert!(dropped >= 70, "{dropped} of 100 dropped");
+    }
+
+    /// A flood of 100k distinct MACs (spoofed) keeps the rate-limit table bounded, and a
+    /// client that keeps sending meanwhile is still limited: the flood evicts the least
+    /// recently seen, not it.
+    #[test]
+    fn the_rate_limit_table_stays_bounded_under_100k_macs() {
+        let mut limits = RateLimits::default();
+        let started = Instant::now();
+        let mut noisy_allowed = 0;
+        for i in 0..100_000u32 {
+            limits.allow(&format!("02:00:{:08x}", i), 20);
+            assert!(limits.buckets.len() <= RATE_LIMIT_CLIENTS_MAX, "{} MACs tracked after {i}", limits.buckets.len());
+            if i % 100 == 0 && limits.allow("52:54:00:00:00:01", 20) {
+                noisy_allowed += 1;
+            }
+        }
+        // 1000 packets from the noisy client: a full bucket (20) plus 20 a second.
+        let refilled = (started.elapsed().as_secs_f64() * 20.0).ceil() as usize;
+        assert!(noisy_allowed <= 20 + refilled, "{noisy_allowed} of 1000 allowed in {:?}", started.elapsed());
     }
 
     proptest::proptest! {

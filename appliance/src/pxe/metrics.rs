@@ -28,6 +28,8 @@ pub struct Metrics {
     pub http_streams_active: Gauge,
     pub http_bytes: Counter,
     pub http_sendfile_bytes: Counter,
+    pub http_stalled: Counter,
+    pub http_refused: Family<KindLabel, Counter>,
     pub sync_phase: Family<KindLabel, Gauge>,
     pub boot_events: super::events::EventCounters,
 }
@@ -68,6 +70,14 @@ impl Metrics {
             "Bytes of HTTP boot bodies sent zero-copy with sendfile",
             http_sendfile_bytes.clone(),
         );
+        let http_stalled = Counter::default();
+        metrics_registry.register(
+            "http_stalled",
+            "HTTP boot connections reset because the client read nothing for the stall timeout",
+            http_stalled.clone(),
+        );
+        let http_refused = Family::<KindLabel, Counter>::default();
+        metrics_registry.register("http_refused", "HTTP boot file requests refused, by reason", http_refused.clone());
         let sync_phase = Family::<KindLabel, Gauge>::default();
         metrics_registry.register("sync_phase", "1 for the image sync's current phase", sync_phase.clone());
         let boot_events = super::events::EventCounters::default();
@@ -103,6 +113,8 @@ impl Metrics {
             http_streams_active,
             http_bytes,
             http_sendfile_bytes,
+            http_stalled,
+            http_refused,
             sync_phase,
             boot_events,
         }

@@ -31,6 +31,12 @@ use crate::snapshot::SnapshotStore;
 /// itself asking) is answered with the HTTP script instead of the loader again.
 pub const LOADER_CHAIN_WINDOW: Duration = Duration::from_secs(120);
 
+/// Clients remembered as having just fetched our loader. Default-sized racks boot a few
+/// thousand machines (`leases_max` 4096); 16384 entries cost ~0.6 MiB. Only spoofed TFTP
+/// requests from many addresses fill it, and then the oldest are forgotten: such a client's
+/// next DHCP request gets the loader once more instead of its script (one extra download).
+pub const LOADER_SENT_CLIENTS_MAX: usize = 16_384;
+
 /// Loaders clients get by firmware, copied from `loaders_dir` into `DATA/boot`.
 pub const LOADERS: [&str; 4] = ["undionly.kpxe", "ipxe.efi", "snponly.efi", "ipxe-arm64.efi"];
 
@@ -66,8 +72,8 @@ pub struct Pxe {
     pub sync_phase: SyncPhaseFn,
     pub events: events::EventQueue,
     pub metrics: metrics::Metrics,
-    /// Client address → when our loader was last sent to it over TFTP.
-    pub loader_sent: Mutex<HashMap<Ipv4Addr, Instant>>,
+    /// Clients our loader was recently sent to over TFTP.
+    pub loader_sent: Mutex<LoaderSent>,
     /// Client address → MAC, from DHCP, so TFTP and HTTP events name the machine.
     pub macs_by_address: Mutex<HashMap<Ipv4Addr, String>>,
 }
@@ -92,6 +98,66 @@ impl Pxe {
         tracing::debug!(%mac, kind, %message, "boot event");
         self.events.push(mac, kind, message);
     }
+}
+
+/// Client address → when our loader was last sent to it over TFTP, for at most
+/// [`LOADER_SENT_CLIENTS_MAX`] clients; entries older than [`LOADER_CHAIN_WINDOW`] say nothing
+/// and are pruned first.
+#[derive(Debug, Default)]
+pub struct LoaderSent {
+    sent_at: HashMap<Ipv4Addr, Instant>,
+}
+
+impl LoaderSent {
+    /// Our loader went to `address` at `now`.
+    pub fn record(&mut self, address: Ipv4Addr, now: Instant) {
+        if !self.sent_at.contains_key(&address) {
+            make_room(&mut self.sent_at, LOADER_SENT_CLIENTS_MAX, now, LOADER_CHAIN_WINDOW, |sent| *sent);
+        }
+        self.sent_at.insert(address, now);
+        assert!(self.sent_at.len() <= LOADER_SENT_CLIENTS_MAX);
+    }
+
+    /// Whether our loader went to `address` within [`LOADER_CHAIN_WINDOW`] before `now`.
+    pub fn just_sent(&self, address: Ipv4Addr, now: Instant) -> bool {
+        self.sent_at.get(&address).is_some_and(|sent| now.saturating_duration_since(*sent) < LOADER_CHAIN_WINDOW)
+    }
+
+    pub fn len(&self) -> usize {
+        self.sent_at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sent_at.is_empty()
+    }
+}
+
+/// Makes room for one more entry in a per-client table that may hold `max`: once full, drops
+/// the entries not seen for `stale_after` before `now` (they no longer change any answer), and if more
+/// than three quarters remain, the least recently seen down to three quarters. A flood of
+/// distinct clients (spoofed MACs or addresses) then keeps the table at `max`, and each O(n)
+/// pass frees at least `max / 4` entries, so the cost per new client stays O(1) on average
+/// (checking the whole table on every insert made a flood quadratic).
+pub fn make_room<K: Eq + std::hash::Hash, V>(
+    table: &mut HashMap<K, V>,
+    max: usize,
+    now: Instant,
+    stale_after: Duration,
+    last_seen: impl Fn(&V) -> Instant,
+) {
+    assert!(max > 0, "a table with room for nothing");
+    if table.len() < max {
+        return;
+    }
+    table.retain(|_, value| now.saturating_duration_since(last_seen(value)) < stale_after);
+    let keep = max - max / 4 - 1;
+    if table.len() > keep {
+        let mut seen: Vec<Instant> = table.values().map(&last_seen).collect();
+        let excess = table.len() - keep;
+        let (_, &mut cutoff, _) = seen.select_nth_unstable(excess - 1);
+        table.retain(|_, value| last_seen(value) > cutoff);
+    }
+    assert!(table.len() < max, "room made for one more");
 }
 
 /// Copies the loaders into `DATA/boot` (the TFTP root) and hashes them.
@@ -193,4 +259,44 @@ pub fn spawn(
     tasks.spawn(events::flush_until_stopped(pxe.clone(), link, retry_backoff_max, shutdown.clone()));
     let config = &pxe.config;
     tracing::info!(interface = %config.interface, address = %config.address, dhcp = ?config.dhcp.mode, "PXE serving");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn make_room_drops_stale_entries_first_then_the_least_recently_seen() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut table: HashMap<u32, Instant> = (0..8).map(|i| (i, at(u64::from(i)))).collect();
+        make_room(&mut table, 8, at(10), Duration::from_secs(5), |seen| *seen);
+        // Seen at 0..=5 are stale at 10; 6 and 7 stay.
+        assert_eq!(table.keys().copied().collect::<std::collections::BTreeSet<_>>(), [6, 7].into());
+        let mut table: HashMap<u32, Instant> = (0..8).map(|i| (i, at(u64::from(i)))).collect();
+        make_room(&mut table, 8, at(7), Duration::from_secs(60), |seen| *seen);
+        // Nothing stale: the oldest go until 8 - 2 - 1 = 5 remain.
+        assert_eq!(table.keys().copied().collect::<std::collections::BTreeSet<_>>(), [3, 4, 5, 6, 7].into());
+        let mut small: HashMap<u32, Instant> = (0..3).map(|i| (i, at(0))).collect();
+        make_room(&mut small, 8, at(100), Duration::from_secs(1), |seen| *seen);
+        assert_eq!(small.len(), 3, "not full: nothing dropped");
+    }
+
+    #[test]
+    fn the_loader_table_forgets_after_the_chain_window_and_stays_bounded() {
+        let start = Instant::now();
+        let address = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+        let mut sent = LoaderSent::default();
+        sent.record(address(1), start);
+        assert!(sent.just_sent(address(1), start + LOADER_CHAIN_WINDOW / 2));
+        assert!(!sent.just_sent(address(1), start + LOADER_CHAIN_WINDOW));
+        assert!(!sent.just_sent(address(2), start));
+        for i in 0..100_000 {
+            sent.record(address(i), start + Duration::from_millis(u64::from(i)));
+            assert!(sent.len() <= LOADER_SENT_CLIENTS_MAX);
+        }
+        let end = start + Duration::from_millis(100_000);
+        assert!(sent.just_sent(address(99_999), end), "the latest are kept");
+        assert!(!sent.just_sent(address(0), end), "the oldest were forgotten");
+    }
 }

@@ -10,17 +10,23 @@
 //! slice inside such a range is sent as `sendfile(socket, file, offset)` instead. The file is
 //! immutable while mapped (see `mapped.rs`), so the page cache holds the same bytes the mapping
 //! shows, and the kernel hands the pages to the socket without copying them.
+//!
+//! A connection can also be given a stall timeout: a write that finds the socket full and stays
+//! blocked that long (the client reads nothing) fails, and the connection is reset.
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::priority::{Fresh, Turns};
 
@@ -111,11 +117,68 @@ pub struct SendfileStream {
     /// server's fresh connections, for which the stream steps aside between chunks.
     fresh: Option<Arc<Fresh>>,
     turns: Turns,
+    stall: Option<StallTimer>,
+}
+
+/// Ends a write that stays blocked on a full socket for `timeout`. Cheap for streams that
+/// flow: a write that goes through only clears `blocked_since`; the timer is created at the
+/// first block and moved only when it fires early (at most once per `timeout` per
+/// connection), never re-armed per write.
+struct StallTimer {
+    timeout: Duration,
+    /// When the write now waiting first found the socket full; `None` while writes go through.
+    blocked_since: Option<Instant>,
+    /// Fires at or before `blocked_since + timeout` (an earlier block's deadline, at worst).
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Counts connections cut off.
+    stalled: Counter,
+}
+
+impl StallTimer {
+    fn wrote(&mut self) {
+        self.blocked_since = None;
+    }
+
+    /// The write is blocked on the socket: `Ok` to wait (the timer wakes the task by the
+    /// deadline), `Err` once it has waited `timeout`.
+    fn poll_blocked(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let now = Instant::now();
+        let deadline = *self.blocked_since.get_or_insert(now) + self.timeout;
+        let stalled = || io::Error::new(io::ErrorKind::TimedOut, "the client read nothing for the stall timeout");
+        if now >= deadline {
+            return Err(stalled());
+        }
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_ready() {
+            // An earlier block's deadline: wait for this one's.
+            timer.as_mut().reset(deadline);
+            if timer.as_mut().poll(cx).is_ready() {
+                return Err(stalled());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SendfileStream {
     pub fn new(stream: TcpStream, registry: Arc<Registry>) -> SendfileStream {
-        SendfileStream { stream, registry, sendfile_bytes: 0, yield_first: false, fresh: None, turns: Turns::default() }
+        SendfileStream {
+            stream,
+            registry,
+            sendfile_bytes: 0,
+            yield_first: false,
+            fresh: None,
+            turns: Turns::default(),
+            stall: None,
+        }
+    }
+
+    /// A write blocked on a full socket for `timeout` fails with `TimedOut` (counted in
+    /// `stalled`), and the socket is set to reset when closed: its unsent bytes are dropped at
+    /// once rather than retried by the kernel for a client that reads nothing.
+    pub fn stall_timeout(mut self, timeout: Duration, stalled: Counter) -> SendfileStream {
+        self.stall = Some(StallTimer { timeout, blocked_since: None, timer: None, stalled });
+        self
     }
 
     /// Takes part in "new connections first" (see `priority`): `fresh` is released on this
@@ -129,11 +192,31 @@ impl SendfileStream {
         self.sendfile_bytes
     }
 
-    /// After a write went out: the connection has been answered.
-    fn wrote(&mut self, written: &Poll<io::Result<usize>>) {
-        if let (Some(fresh), Poll::Ready(Ok(1..))) = (&self.fresh, written) {
-            fresh.release();
+    /// After a write went out: the connection has been answered. After a write blocked on the
+    /// socket: whether it has stalled for too long (then the write fails).
+    fn wrote(&mut self, cx: &mut Context<'_>, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        match &written {
+            Poll::Ready(Ok(1..)) => {
+                if let Some(fresh) = &self.fresh {
+                    fresh.release();
+                }
+                if let Some(stall) = &mut self.stall {
+                    stall.wrote();
+                }
+            }
+            Poll::Pending => {
+                if let Some(stall) = &mut self.stall {
+                    if let Err(e) = stall.poll_blocked(cx) {
+                        stall.stalled.inc();
+                        // Reset on close: nothing more is owed to a client that reads nothing.
+                        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+            Poll::Ready(_) => {}
         }
+        written
     }
 
     /// One `sendfile` of up to `len` bytes at `offset`, waiting for the socket to be writable.
@@ -177,18 +260,16 @@ impl AsyncWrite for SendfileStream {
                     }
                 }
                 let len = buf.len().min(SENDFILE_CALL_BYTES_MAX);
-                let sent = ready!(self.poll_sendfile(cx, &file, offset, len))?;
+                let polled = self.poll_sendfile(cx, &file, offset, len);
+                let sent = ready!(self.wrote(cx, polled))?;
                 self.yield_first = true;
                 self.sendfile_bytes += sent as u64;
                 self.registry.sendfile_bytes.inc_by(sent as u64);
-                let written = Poll::Ready(Ok(sent));
-                self.wrote(&written);
-                written
+                Poll::Ready(Ok(sent))
             }
             None => {
                 let written = Pin::new(&mut self.stream).poll_write(cx, buf);
-                self.wrote(&written);
-                written
+                self.wrote(cx, written)
             }
         }
     }
@@ -205,8 +286,7 @@ impl AsyncWrite for SendfileStream {
         let plain = bufs.iter().take_while(|b| self.registry.find(b).is_none()).count();
         if plain > 0 {
             let written = Pin::new(&mut self.stream).poll_write_vectored(cx, &bufs[..plain]);
-            self.wrote(&written);
-            return written;
+            return self.wrote(cx, written);
         }
         match bufs.first() {
             Some(first) => self.as_mut().poll_write(cx, first),

@@ -1,6 +1,7 @@
 //! TFTP, read-only: the iPXE loaders and the current snapshot's files under `images/`. blksize,
-//! windowsize (RFC 7440) and timeout are negotiated within the configured caps, tsize is
-//! answered. No path leaves its root: `..`, absolute paths and symlinks pointing out are
+//! windowsize (RFC 7440) and timeout are negotiated within the configured caps (a timeout above
+//! its cap is left out of the OACK), tsize is answered. One client address runs at most
+//! `sessions_per_client_max` transfers. No path leaves its root: `..`, absolute paths and symlinks pointing out are
 //! refused and recorded. Writes are refused.
 //!
 //! The listener on port 69 only parses requests (malformed datagrams are dropped and counted)
@@ -18,7 +19,7 @@ mod session;
 pub mod transfer;
 pub mod wire;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -90,12 +91,62 @@ struct Shared {
     pxe: Arc<Pxe>,
     /// One permit per running transfer (`sessions_max`); a request finding none is refused.
     sessions: Arc<Semaphore>,
-    /// Clients with a transfer running: a retransmitted RRQ (the OACK was slow or lost) must
-    /// not start a second transfer to the same port.
-    peers: Mutex<HashSet<SocketAddr>>,
+    /// Clients with a transfer running, and how many each address has: a retransmitted RRQ
+    /// (the OACK was slow or lost) must not start a second transfer to the same port, and one
+    /// address holds at most `sessions_per_client_max` of the `sessions_max` slots. Entries
+    /// live as long as their session (a request refused for lack of a slot removes its own), so
+    /// both tables hold at most `sessions_max` entries.
+    peers: Mutex<Peers>,
     /// Sessions bind here (port 0): the listener's address, so replies leave from it.
     session_ip: IpAddr,
     send_path: SendPath,
+}
+
+/// The clients with a transfer running (see `Shared::peers`).
+#[derive(Debug, Default)]
+struct Peers {
+    ports: HashSet<SocketAddr>,
+    sessions_by_address: HashMap<IpAddr, usize>,
+}
+
+/// Why a request from a client gets no session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerRefusal {
+    /// A transfer to the same address and port is running (a retransmitted RRQ).
+    Repeated,
+    /// The address has `sessions_per_client_max` transfers running.
+    AddressFull,
+}
+
+impl Peers {
+    /// Counts a session for `peer`, or says why not.
+    fn admit(&mut self, peer: SocketAddr, per_address_max: usize) -> Result<(), PeerRefusal> {
+        if self.ports.contains(&peer) {
+            return Err(PeerRefusal::Repeated);
+        }
+        let sessions = self.sessions_by_address.entry(peer.ip()).or_default();
+        if *sessions >= per_address_max {
+            return Err(PeerRefusal::AddressFull);
+        }
+        *sessions += 1;
+        self.ports.insert(peer);
+        Ok(())
+    }
+
+    /// Called from a guard's `drop`, under the lock: a broken count is a bug, but a panic here
+    /// would poison the lock and stop TFTP, so it is only asserted in debug builds.
+    fn release(&mut self, peer: SocketAddr) {
+        let removed = self.ports.remove(&peer);
+        debug_assert!(removed, "released a session that was not counted: {peer}");
+        let address = peer.ip();
+        if let Some(sessions) = self.sessions_by_address.get_mut(&address) {
+            *sessions = sessions.saturating_sub(1);
+            if *sessions == 0 {
+                self.sessions_by_address.remove(&address);
+            }
+        }
+        debug_assert_eq!(self.sessions_by_address.values().sum::<usize>(), self.ports.len());
+    }
 }
 
 /// Binds the TFTP socket on the configured address.
@@ -145,7 +196,7 @@ struct PeerGuard {
 
 impl Drop for PeerGuard {
     fn drop(&mut self) {
-        self.shared.peers.lock().expect("lock").remove(&self.peer);
+        self.shared.peers.lock().expect("lock").release(self.peer);
     }
 }
 
@@ -187,8 +238,16 @@ impl Shared {
             }
             other => return self.drop_packet(peer, "not_a_request", &format_args!("{other:?}")),
         };
-        if !self.peers.lock().expect("lock").insert(peer) {
-            return self.drop_packet(peer, "repeated_request", &format_args!("transfer to {peer} running"));
+        let admitted = self.peers.lock().expect("lock").admit(peer, self.pxe.config.tftp.sessions_per_client_max);
+        match admitted {
+            Ok(()) => {}
+            Err(PeerRefusal::Repeated) => {
+                return self.drop_packet(peer, "repeated_request", &format_args!("transfer to {peer} running"));
+            }
+            Err(PeerRefusal::AddressFull) => {
+                self.refuse(peer, Path::new(filename), "too many TFTP sessions from this address");
+                return reply_error(listener, peer, ErrorCode::NotDefined, "too many transfers from your address");
+            }
         }
         let guard = PeerGuard { shared: self.clone(), peer };
         let Ok(permit) = self.sessions.clone().try_acquire_owned() else {
@@ -237,7 +296,7 @@ impl Shared {
         })?;
         if let IpAddr::V4(v4) = client.ip() {
             if LOADERS.iter().any(|l| Path::new(l) == path) {
-                self.pxe.loader_sent.lock().expect("lock").insert(v4, Instant::now());
+                self.pxe.loader_sent.lock().expect("lock").record(v4, Instant::now());
             }
             let mac = self.pxe.mac_of(v4);
             let len = map.len();

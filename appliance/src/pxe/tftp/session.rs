@@ -15,7 +15,8 @@ use super::wire::{self, ErrorCode, Options, Repr, BLKSIZE_DEFAULT};
 use crate::config::TftpConfig;
 
 /// Timeouts in a row, without the client confirming anything, before a transfer is dropped.
-/// With the default 3 s timeout a vanished client holds its session slot for about 15 s.
+/// With the default 3 s timeout a vanished client holds its session slot for about 18 s; a
+/// client-chosen timeout is capped by `timeout_s_max` (10 s: about 60 s).
 pub const RETRANSMITS_MAX: u32 = 5;
 
 /// Longest packet read from a client during a transfer. The client sends ACKs (4 bytes) and
@@ -34,11 +35,14 @@ pub struct Negotiated {
 }
 
 /// Grants what the client asked within the configured caps (RFC 2347: the server may only
-/// lower blksize and windowsize, and echoes timeout and the file's size).
+/// lower blksize and windowsize, and answers the file's size). A timeout above
+/// `timeout_s_max` is not granted: RFC 2349 lets the server only echo the client's value or
+/// leave the option out, and echoing 255 s would let a vanished client hold its session for
+/// (RETRANSMITS_MAX + 1) × 255 s; without the option the transfer runs on `timeout_ms`.
 pub fn negotiate(requested: &Options, config: &TftpConfig, len_bytes: u64) -> Negotiated {
     let granted = Options {
         blksize: requested.blksize.map(|asked| asked.min(config.blksize_max.max(BLKSIZE_DEFAULT))),
-        timeout_s: requested.timeout_s,
+        timeout_s: requested.timeout_s.filter(|&asked| asked <= config.timeout_s_max),
         tsize: requested.tsize.map(|_| len_bytes),
         windowsize: requested.windowsize.map(|asked| asked.min(config.windowsize_max.max(1)).min(WINDOWSIZE_LIMIT)),
     };

@@ -51,6 +51,16 @@ fn negotiation_stays_within_the_caps() {
     assert_eq!((small.blksize, small.windowsize, small.timeout), (600, 1, Duration::from_millis(2500)));
     let plain = negotiate(&Options::default(), &config, 1);
     assert_eq!((plain.blksize, plain.windowsize, plain.oack), (512, 1, None), "no options: RFC 1350 lockstep");
+    // Above timeout_s_max, the option is left out (RFC 2349 allows no other answer) and the
+    // server's own timeout applies; at the cap it is granted.
+    let config = crate::config::TftpConfig { timeout_s_max: 10, ..config };
+    let greedy = negotiate(&Options { timeout_s: Some(255), blksize: Some(1024), ..Options::default() }, &config, 1);
+    assert_eq!(greedy.timeout, Duration::from_millis(2500));
+    assert_eq!(greedy.oack, Some(Options { blksize: Some(1024), ..Options::default() }));
+    let only_timeout = negotiate(&Options { timeout_s: Some(11), ..Options::default() }, &config, 1);
+    assert_eq!((only_timeout.timeout, only_timeout.oack), (Duration::from_millis(2500), None), "plain RFC 1350");
+    let at_cap = negotiate(&Options { timeout_s: Some(10), ..Options::default() }, &config, 1);
+    assert_eq!(at_cap.timeout, Duration::from_secs(10));
 }
 
 /// A rack's PXE state in a temp dir: a loader in the boot files and a snapshot with `files`.
@@ -133,7 +143,13 @@ struct Client {
 
 impl Client {
     async fn new(server: SocketAddr) -> Client {
-        Client { socket: UdpSocket::bind("127.0.0.1:0").await.unwrap(), server, peer: None, buf: vec![0; 70_000] }
+        Client::from_address("127.0.0.1", server).await
+    }
+
+    /// A client whose packets leave from `source` (any 127.0.0.0/8 address works on loopback).
+    async fn from_address(source: &str, server: SocketAddr) -> Client {
+        let socket = UdpSocket::bind((source, 0)).await.unwrap();
+        Client { socket, server, peer: None, buf: vec![0; 70_000] }
     }
 
     async fn request(&mut self, filename: &str, options: Options) {
@@ -333,7 +349,10 @@ async fn a_lost_oack_is_resent_and_a_repeated_request_starts_no_second_transfer(
     client.ack(1).await;
     wait_for("the session to end", || rack.pxe.metrics.tftp_sessions_active.get() == 0).await;
     assert_eq!(rack.pxe.metrics.tftp_sessions.get(), 1);
-    assert!(rack.pxe.loader_sent.lock().unwrap().contains_key(&std::net::Ipv4Addr::LOCALHOST), "loader bookkeeping");
+    assert!(
+        rack.pxe.loader_sent.lock().unwrap().just_sent(std::net::Ipv4Addr::LOCALHOST, Instant::now()),
+        "loader bookkeeping"
+    );
     assert_eq!(rack.pxe.events.len(), 1, "one boot.tftp event");
 }
 
@@ -414,4 +433,86 @@ async fn a_client_sending_data_gets_illegal_operation() {
     let packet = client.receive().await;
     assert!(matches!(wire::parse(&packet), Ok(Repr::Error { code: ErrorCode::IllegalOperation, .. })), "{packet:?}");
     wait_for("the session to end", || failed(&rack.pxe, "illegal_operation") == 1).await;
+}
+
+/// A client asking for `timeout 255` would make a vanished transfer hold its slot for
+/// 6 × 255 s. The option is left out of the OACK, and the OACK is resent after the configured
+/// timeout (200 ms here), not after 255 s.
+#[tokio::test]
+async fn a_client_chosen_timeout_above_the_cap_is_not_granted() {
+    let rack = rack("timeout_ms = 200\ntimeout_s_max = 10", &[], SendPath::Gso).await;
+    let mut client = Client::new(rack.server).await;
+    let options = Options { timeout_s: Some(255), ..windowed(1024, 4) };
+    client.request("undionly.kpxe", options).await;
+    let first = client.receive().await;
+    let Ok(Repr::OptionAck { options: granted }) = wire::parse(&first) else { panic!("{first:?}") };
+    assert_eq!(granted.timeout_s, None, "timeout 255 granted: {granted:?}");
+    assert_eq!((granted.blksize, granted.windowsize), (Some(1024), Some(4)), "the other options still are");
+    // No ACK 0: the OACK comes again after timeout_ms.
+    let started = std::time::Instant::now();
+    let again = client.receive_within(Duration::from_secs(3)).await.expect("the OACK resent within 3 s");
+    assert_eq!(again, first);
+    assert!(started.elapsed() < Duration::from_secs(2), "resent after {:?}", started.elapsed());
+
+    // Asking for nothing but a too-long timeout: no OACK at all, DATA 1 (RFC 2347).
+    let mut plain = Client::new(rack.server).await;
+    plain.request("undionly.kpxe", Options { timeout_s: Some(255), ..Options::default() }).await;
+    let packet = plain.receive().await;
+    assert_eq!(wire::parse(&packet), Ok(Repr::Data { block: 1, payload: LOADER }));
+}
+
+/// One address cannot take every session slot: past `sessions_per_client_max` transfers, its
+/// next request is refused with an ERROR while another address is still served. A transfer
+/// that ends frees its address's slot.
+#[tokio::test]
+async fn sessions_per_client_address_are_limited_and_other_addresses_are_served() {
+    let file = pattern(300_000);
+    let rack = rack("sessions_max = 16\nsessions_per_client_max = 2", &[("f", &file)], SendPath::Gso).await;
+    // Two transfers from 127.0.0.2 (two ports) that never answer hold two slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut client = Client::from_address("127.0.0.2", rack.server).await;
+        client.request("images/f", windowed(1468, 16)).await;
+        assert!(matches!(wire::parse(&client.receive().await), Ok(Repr::OptionAck { .. })));
+        held.push(client);
+    }
+    let third = Client::from_address("127.0.0.2", rack.server).await.fetch("images/f", windowed(1468, 16)).await;
+    match third {
+        Err((ErrorCode::NotDefined, message)) => assert!(message.contains("your address"), "{message}"),
+        other => panic!("a third transfer to 127.0.0.2 was not refused: {:?}", other.map(|(data, _)| data.len())),
+    }
+    assert_eq!(rack.pxe.metrics.tftp_refused.get(), 1);
+    let (data, _) =
+        Client::from_address("127.0.0.3", rack.server).await.fetch("images/f", windowed(1468, 16)).await.unwrap();
+    assert!(data == file, "another address is served");
+    // One held transfer is aborted: 127.0.0.2 may start another.
+    held[0].send(Repr::Error { code: ErrorCode::NotDefined, message: "bye" }).await;
+    wait_for("the aborted session to end", || failed(&rack.pxe, "client_aborted") == 1).await;
+    let (data, _) =
+        Client::from_address("127.0.0.2", rack.server).await.fetch("images/f", windowed(1468, 16)).await.unwrap();
+    assert!(data == file);
+}
+
+/// Every client our loader goes to is remembered (for the DHCP chain window): 100k distinct
+/// addresses (a spoofing flood) leave the table bounded, and the latest still count.
+#[tokio::test]
+async fn the_loader_table_stays_bounded_under_100k_client_addresses() {
+    let rack = rack("", &[], SendPath::Gso).await;
+    let shared = Shared {
+        pxe: rack.pxe.clone(),
+        sessions: Arc::new(Semaphore::new(1)),
+        peers: Mutex::default(),
+        session_ip: rack.server.ip(),
+        send_path: SendPath::Gso,
+    };
+    let request = ReadRequest { filename: "undionly.kpxe".into(), mode: Mode::Octet, options: Options::default() };
+    let client = |i: u32| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 2000));
+    for i in 0..100_000 {
+        shared.open(client(i), &request).expect("the loader");
+        let remembered = rack.pxe.loader_sent.lock().unwrap().len();
+        assert!(remembered <= crate::pxe::LOADER_SENT_CLIENTS_MAX, "{remembered} clients remembered after {i}");
+    }
+    let sent = rack.pxe.loader_sent.lock().unwrap();
+    let IpAddr::V4(latest) = client(99_999).ip() else { unreachable!() };
+    assert!(sent.just_sent(latest, Instant::now()), "the latest client is remembered");
 }

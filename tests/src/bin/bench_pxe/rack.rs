@@ -20,7 +20,9 @@ pub fn push(lab: &Lab, region: &Region, api_key: &str, file: &Path, kind: &str) 
 }
 
 /// Registers the rack `bench` and starts `rackd serve` with PXE on the lab's bridge: HTTP boot
-/// on port 5248, TFTP on 69, DHCP managed with a pool of 4081 addresses; the rest defaults.
+/// on port 5248, TFTP on 69, DHCP managed with a pool of 4081 addresses; the rest defaults,
+/// except the per-client limits: every bench client connects from the same address, which the
+/// defaults (8 HTTP streams, 4 TFTP transfers per address) would refuse past the first few.
 pub fn start_rack(lab: &Lab, region: &Region, secret: &str, work: &Path) -> Result<Rack> {
     let mut rack = Rack::new(work, "bench");
     rack.register_checked(&region.url, secret, Some(lab))?;
@@ -32,8 +34,8 @@ pub fn start_rack(lab: &Lab, region: &Region, secret: &str, work: &Path) -> Resu
     let config = format!(
         "retry_backoff_max_ms = 400\n\
          [pxe]\ninterface = \"{bridge}\"\naddress = \"{gateway}\"\nhttp_listen = \"0.0.0.0:{RACKD_HTTP_PORT}\"\n\
-         loaders_dir = \"{loaders}\"\n\
-         [pxe.tftp]\nlisten = \"0.0.0.0:69\"\n\
+         loaders_dir = \"{loaders}\"\nhttp_streams_per_client_max = 1024\n\
+         [pxe.tftp]\nlisten = \"0.0.0.0:69\"\nsessions_per_client_max = 256\n\
          [pxe.dhcp]\nmode = \"managed\"\nsubnet_mask = \"255.255.240.0\"\n\
          range_start = \"{a}.{b}.16.10\"\nrange_end = \"{a}.{b}.31.250\"\nrouter = \"{a}.{b}.16.1\"\n",
         bridge = lab.bridge(),
