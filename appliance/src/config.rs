@@ -53,6 +53,11 @@ pub struct PxeConfig {
     /// buffer is read, a client must also read ~340 KiB per stall timeout to keep its stream.
     #[serde(default = "default_http_stall_timeout_ms")]
     pub http_stall_timeout_ms: u64,
+    /// When set, `/metrics` answers only requests with `Authorization: Bearer TOKEN` (Prometheus:
+    /// `authorization: { credentials: TOKEN }`). Default unset: the counters are open to anyone
+    /// who reaches the HTTP boot port, which on the provisioning network means every machine.
+    #[serde(default)]
+    pub metrics_bearer_token: Option<String>,
     /// Where Debian's `ipxe` package put the iPXE loaders; copied into the rack's boot files.
     #[serde(default = "default_loaders_dir")]
     pub loaders_dir: PathBuf,

@@ -593,7 +593,19 @@ async fn callback(
     "ok\n".into_response()
 }
 
-async fn metrics(State(state): State<HttpState>) -> Response {
+async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Some(token) = &state.pxe.config.metrics_bearer_token {
+        let sent =
+            headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let allowed = sent.is_some_and(|sent| {
+            use subtle::ConstantTimeEq;
+            sent.len() == token.len() && bool::from(sent.as_bytes().ct_eq(token.as_bytes()))
+        });
+        if !allowed {
+            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "metrics need a bearer token\n")
+                .into_response();
+        }
+    }
     let phase = format!("{:?}", (state.pxe.sync_phase)()).to_lowercase();
     for name in ["idle", "waiting", "syncing", "paused", "failed"] {
         state.pxe.metrics.sync_phase.get_or_create(&KindLabel { kind: name.into() }).set(i64::from(name == phase));
@@ -635,6 +647,8 @@ mod tests {
         let boot_files_dir = data_dir.boot_files();
         std::fs::create_dir_all(&boot_files_dir).unwrap();
         std::fs::File::create(boot_files_dir.join("big")).unwrap().set_len(big_len).unwrap();
+        let metrics = crate::pxe::metrics::Metrics::new();
+        let events = crate::pxe::events::EventQueue::open(&data_dir, metrics.boot_events.clone()).unwrap();
         let pxe = Arc::new(Pxe {
             config,
             data_dir,
@@ -643,8 +657,8 @@ mod tests {
             loader_hashes: Default::default(),
             boot_table: tokio::sync::watch::channel(Arc::new(Vec::new())).1,
             sync_phase: Box::new(Default::default),
-            events: Default::default(),
-            metrics: Default::default(),
+            events,
+            metrics,
             loader_sent: Default::default(),
             macs_by_address: Default::default(),
         });
@@ -837,5 +851,20 @@ mod tests {
             "some SYNs were dropped and retried after 1 s: {:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn metrics_with_a_token_configured_answer_only_that_token() {
+        let open = server("", 1).await;
+        let (head, _) = get("127.0.0.1", open.address, "/metrics", "").await;
+        assert_eq!(status(&head), 200, "without a token, /metrics is open (as Prometheus expects)");
+
+        let guarded = server("metrics_bearer_token = \"s3cret-token\"", 1).await;
+        let (head, _) = get("127.0.0.1", guarded.address, "/metrics", "").await;
+        assert_eq!(status(&head), 401, "{head}");
+        let (head, _) = get("127.0.0.1", guarded.address, "/metrics", "Authorization: Bearer wrong\r\n").await;
+        assert_eq!(status(&head), 401, "{head}");
+        let (head, _) = get("127.0.0.1", guarded.address, "/metrics", "Authorization: Bearer s3cret-token\r\n").await;
+        assert_eq!(status(&head), 200, "{head}");
     }
 }

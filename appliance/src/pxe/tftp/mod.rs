@@ -264,8 +264,11 @@ impl Shared {
             IpAddr::V4(v4) => self.pxe.mac_of(v4),
             IpAddr::V6(v6) => v6.to_string(),
         };
-        tracing::warn!(%client, path = %path.display(), why, "TFTP request refused");
-        self.pxe.record(&mac, "boot.refused", format!("TFTP {} refused: {why}", path.display()));
+        // The name is the client's choice: no control characters reach the log.
+        let shown = path.to_string_lossy();
+        let shown = metalrack_image_tools::log_safe::escape_control(&shown);
+        tracing::warn!(%client, path = %shown, why, "TFTP request refused");
+        self.pxe.record(&mac, "boot.refused", format!("TFTP {shown} refused: {why}"));
     }
 
     /// Finds and maps the requested file, or says why not (with the error to send).
