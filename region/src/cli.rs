@@ -127,6 +127,7 @@ async fn serve(
     listen: Option<std::net::SocketAddr>,
     config: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown_signal()?;
     let config = match config {
         Some(path) => RegionConfig::load(path)?,
         None => RegionConfig::default(),
@@ -136,19 +137,25 @@ async fn serve(
     let (_, generation) = crate::secret::reconcile(data_dir, &store, "regiond serve").await?;
     tracing::info!(data_dir = %data_dir.display(), generation, "region starting");
     let state = AppState::new(Shared::new(store.clone(), config, data_dir.to_owned()))?;
-    crate::http::serve(state, listen, shutdown_signal()).await.with_context(|| format!("cannot serve on {listen}"))?;
+    crate::http::serve(state, listen, shutdown).await.with_context(|| format!("cannot serve on {listen}"))?;
     store.close().await;
     tracing::info!("region stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed now, before the listener prints its
+/// address, not when the future is first polled: a signal that comes in between (a supervisor
+/// stopping the region at once) must stop it in order, not kill it.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 /// Reads answers for `createadmin`: from the terminal with prompts, or one per line from a pipe.
