@@ -159,6 +159,15 @@ impl Region {
         hex::encode(metalrack_api::certificate_sha256(&der))
     }
 
+    /// SHA-256 of the certificate's public key (SubjectPublicKeyInfo, DER), base64: how Chromium
+    /// is told to trust it (`--ignore-certificate-errors-spki-list`).
+    pub fn certificate_spki_sha256_base64(&self) -> String {
+        use sha2::Digest;
+        let key = std::fs::read_to_string(self.data_dir.join("tls/key.pem")).expect("the region made its key");
+        let key = rcgen::KeyPair::from_pem(&key).expect("a PEM key");
+        base64(&sha2::Sha256::digest(key.public_key_der()))
+    }
+
     /// An HTTP client builder that trusts this region's certificate and no other; add what the
     /// test needs (cookies, no redirects) and build.
     pub fn https_client_builder(&self) -> reqwest::ClientBuilder {
@@ -278,4 +287,32 @@ pub fn regiond(data_dir: &Path, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run regiond")
+}
+
+/// Standard base64 with padding (RFC 4648), for the few places a test needs it.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for group in bytes.chunks(3) {
+        let b = [group[0], group.get(1).copied().unwrap_or(0), group.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (input, expected) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
+            assert_eq!(super::base64(input.as_bytes()), expected);
+        }
+    }
 }
