@@ -171,8 +171,13 @@ async fn register(data_dir: &DataDir, url: &str, secret: &str, name: Option<Stri
     let timeout = Duration::from_millis(RackConfig::default().region_request_timeout_ms);
     let registration = crate::registration::register(url, secret, &name, data_dir, timeout).await?;
     println!(
-        "Registered rack {:?} (id {}) with region {} (cluster {:?}).\nStart it with: rackd serve",
-        registration.rack_name, registration.rack_id, registration.region_url, registration.cluster_name
+        "Registered rack {:?} (id {}) with region {} (cluster {:?}).\nPinned the region's TLS certificate, sha256 \
+         {}.\nStart it with: rackd serve",
+        registration.rack_name,
+        registration.rack_id,
+        registration.region_url,
+        registration.cluster_name,
+        registration.region_certificate_sha256.as_deref().unwrap_or_default()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -200,6 +205,8 @@ fn status(data_dir: &DataDir) -> anyhow::Result<ExitCode> {
     println!("rack:         {} (id {})", registration.rack_name, registration.rack_id);
     println!("region:       {} (cluster {:?})", registration.region_url, registration.cluster_name);
     println!("registered:   {}", ago(registration.registered_at_ms));
+    let pin = registration.region_certificate_sha256.as_deref().unwrap_or("none: register again (before TLS)");
+    println!("certificate:  sha256 {pin} (pinned at registration)");
     match crate::status::load(data_dir) {
         None => println!("heartbeat:    none yet (is 'rackd serve' running?)"),
         Some(status) => {

@@ -1,22 +1,32 @@
 //! The rack's link to its region: one HTTP client (one connection pool, one set of timeouts)
-//! built once per process and used by every call — registration, heartbeat, catalogue long-poll,
+//! built once per registration and used by every call — heartbeat, catalogue long-poll,
 //! manifests, chunk streams, boot events — with one method per call and every error saying which
 //! region and what went wrong. `region_link` adds the rack's registration.
+//!
+//! Trust: every call after registration is HTTPS to a certificate pinned by its SHA-256, the
+//! fingerprint the secret's HMAC covered at registration ([`RegionTrust::Pinned`]); names and
+//! certificate authorities play no part. Only the registration challenge, which carries nothing
+//! secret, goes out unpinned ([`RegionTrust::NothingYet`]).
 //!
 //! Deadlines, all from `region_request_timeout_ms`: a call (heartbeat, events, registration)
 //! has that long in all; a long-poll that long plus the time the region may hold it; a stream
 //! (manifest, chunks) that long for the response to start, then [`STREAM_READ_TIMEOUT`] per read,
 //! since a rate-capped stream of many chunks may rightly take far longer in all.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use metalrack_api::images::{RackCatalogue, RackSnapshot, MANIFEST_DELTA_TYPE};
 use metalrack_api::paths;
 use metalrack_api::{
     ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
-    RegisterResponse, API_PREFIX,
+    RegisterResponse, API_PREFIX, CERTIFICATE_SHA256_LEN_BYTES,
 };
 use reqwest::{StatusCode, Url};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -43,13 +53,65 @@ pub enum RegionError {
     NotARegion { url: String, status: StatusCode },
     #[error("the region at {url} did not start its answer within {} ms", after.as_millis())]
     NoAnswer { url: String, after: Duration },
+    #[error(
+        "the region at {url} presents a TLS certificate (sha256 {presented}) other than the one this rack pinned \
+         when it registered (sha256 {pinned}); if the region's certificate was replaced, register again: 'rackd \
+         register --url http://REGION:5240/MAAS --secret SECRET'"
+    )]
+    CertificateChanged { url: String, pinned: String, presented: String },
 }
 
 impl RegionError {
     /// True when the region said this rack's credential is void and it must register again.
     pub fn must_register_again(&self) -> bool {
-        matches!(self, RegionError::Refused { code: Some(code), .. } if code == metalrack_api::CODE_REREGISTER)
+        match self {
+            RegionError::Refused { code: Some(code), .. } => code == metalrack_api::CODE_REREGISTER,
+            RegionError::CertificateChanged { .. } => true,
+            _ => false,
+        }
     }
+
+    /// A failed request: [`RegionError::CertificateChanged`] when the pin refused the region's
+    /// certificate, else [`RegionError::Unreachable`].
+    fn from_request(url: &str, source: reqwest::Error) -> RegionError {
+        match find_pin_mismatch(&source) {
+            Some(mismatch) => RegionError::CertificateChanged {
+                url: url.to_owned(),
+                pinned: mismatch.pinned.clone(),
+                presented: mismatch.presented.clone(),
+            },
+            None => RegionError::Unreachable { url: url.to_owned(), source },
+        }
+    }
+}
+
+/// The pinned verifier's refusal, carried inside rustls' and reqwest's errors.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the certificate's sha256 is {presented}, the pinned one {pinned}")]
+pub struct PinMismatch {
+    pub pinned: String,
+    pub presented: String,
+}
+
+/// The [`PinMismatch`] somewhere in `error`'s chain. An `io::Error`'s `source()` skips the
+/// error it wraps, so those are opened by hand.
+fn find_pin_mismatch<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a PinMismatch> {
+    if let Some(mismatch) = error.downcast_ref::<PinMismatch>() {
+        return Some(mismatch);
+    }
+    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) =
+        error.downcast_ref::<rustls::Error>()
+    {
+        if let Some(mismatch) = inner.downcast_ref::<PinMismatch>() {
+            return Some(mismatch);
+        }
+    }
+    if let Some(inner) = error.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        if let Some(mismatch) = find_pin_mismatch(inner) {
+            return Some(mismatch);
+        }
+    }
+    error.source().and_then(find_pin_mismatch)
 }
 
 /// Checks and normalises a region URL as operators type it: `http://HOST:5240/MAAS[/]`.
@@ -70,16 +132,106 @@ pub fn parse_region_url(text: &str) -> Result<Url, RegionError> {
     Ok(url)
 }
 
-/// The one HTTP client of the process: built once, cloned (cheaply: a shared pool) into every
-/// [`RegionClient`].
-pub fn http_client(request_timeout: Duration) -> reqwest::Client {
+/// The region URL for calls over TLS: the same host and port with `https`, since the region
+/// serves both on one port (`http://REGION:5240/MAAS` → `https://REGION:5240/MAAS`).
+pub fn tls_url(region_url: &Url) -> Url {
+    let mut url = region_url.clone();
+    let port = url.port_or_known_default();
+    url.set_scheme("https").expect("http and https are both special schemes");
+    url.set_port(port).expect("a region URL has a host");
+    url
+}
+
+/// Which region certificate a client accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionTrust {
+    /// Exactly the certificate with this SHA-256 (DER): the one registration pinned.
+    Pinned([u8; CERTIFICATE_SHA256_LEN_BYTES]),
+    /// Any certificate: only for the registration challenge to an `https://` URL, whose request
+    /// holds nothing secret and whose answer is believed only once the region's HMAC covers it.
+    NothingYet,
+}
+
+/// Checks the region's certificate against a pin instead of names and authorities: what the
+/// rack trusts is what the secret's HMAC covered at registration. The handshake's signature is
+/// still checked, so the peer holds the pinned certificate's key.
+#[derive(Debug)]
+struct PinnedVerifier {
+    trust: RegionTrust,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let RegionTrust::Pinned(pinned) = self.trust else { return Ok(ServerCertVerified::assertion()) };
+        let presented = metalrack_api::certificate_sha256(end_entity);
+        if presented == pinned {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let mismatch = PinMismatch { pinned: hex::encode(pinned), presented: hex::encode(presented) };
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(mismatch)))))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            certificate,
+            signature,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            certificate,
+            signature,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The HTTP client of one registration: built once, cloned (cheaply: a shared pool) into every
+/// [`RegionClient`], trusting the region's certificate as `trust` says.
+pub fn http_client(request_timeout: Duration, trust: RegionTrust) -> reqwest::Client {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier { trust, provider }))
+        .with_no_client_auth();
     reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        // A redirect could only lead away from the pinned region.
+        .redirect(reqwest::redirect::Policy::none())
         // Per read, for streams; calls and long-polls also get an overall deadline per request.
         .read_timeout(STREAM_READ_TIMEOUT)
         .connect_timeout(request_timeout.min(CONNECT_TIMEOUT_MAX))
         .user_agent(concat!("rackd/", env!("CARGO_PKG_VERSION")))
         .build()
-        .expect("an HTTP client without TLS options builds")
+        .expect("an HTTP client with a rustls config builds")
 }
 
 /// Calls to one region.
@@ -94,8 +246,8 @@ pub struct RegionClient {
 
 impl RegionClient {
     /// A client with its own connection pool, for one-shot commands (`rackd register`).
-    pub fn new(region_url: &Url, request_timeout: Duration) -> RegionClient {
-        RegionClient::with_http(http_client(request_timeout), region_url, request_timeout)
+    pub fn new(region_url: &Url, request_timeout: Duration, trust: RegionTrust) -> RegionClient {
+        RegionClient::with_http(http_client(request_timeout, trust), region_url, request_timeout)
     }
 
     /// A client on a shared pool (see [`http_client`]).
@@ -107,7 +259,7 @@ impl RegionClient {
     /// is then read under the per-read timeout only.
     async fn send_streaming(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, RegionError> {
         match tokio::time::timeout(self.request_timeout, request.send()).await {
-            Ok(sent) => sent.map_err(|source| RegionError::Unreachable { url: self.base.clone(), source }),
+            Ok(sent) => sent.map_err(|source| RegionError::from_request(&self.base, source)),
             Err(_) => Err(RegionError::NoAnswer { url: self.base.clone(), after: self.request_timeout }),
         }
     }
@@ -156,8 +308,7 @@ impl RegionClient {
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes() == MANIFEST_DELTA_TYPE.as_bytes());
-        let bytes =
-            response.bytes().await.map_err(|source| RegionError::Unreachable { url: self.base.clone(), source })?;
+        let bytes = response.bytes().await.map_err(|source| RegionError::from_request(&self.base, source))?;
         if !status.is_success() {
             return Err(self.refusal(status, &bytes));
         }
@@ -194,7 +345,7 @@ impl RegionClient {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<bytes::Bytes, RegionError> {
-        let unreachable = |source| RegionError::Unreachable { url: self.base.clone(), source };
+        let unreachable = |source| RegionError::from_request(&self.base, source);
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(unreachable)?;
@@ -251,7 +402,7 @@ impl RegionClient {
         if let Some(value) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
-        let unreachable = |source| RegionError::Unreachable { url: self.base.clone(), source };
+        let unreachable = |source| RegionError::from_request(&self.base, source);
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(unreachable)?;

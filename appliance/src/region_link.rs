@@ -1,12 +1,13 @@
 //! The running rack's link to its region: the one [`RegionClient`] of `rackd serve` (one
-//! connection pool) with the rack's registration, which every task (heartbeat, sync, boot events)
-//! uses, and which picks up a registration that `rackd register` replaced without a restart.
+//! connection pool, HTTPS pinned to the certificate registration pinned) with the rack's
+//! registration, which every task (heartbeat, sync, boot events) uses, and which picks up a
+//! registration that `rackd register` replaced without a restart.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::data_dir::DataDir;
-use crate::region_client::{http_client, parse_region_url, RegionClient, RegionError};
+use crate::region_client::{http_client, parse_region_url, tls_url, RegionClient, RegionError, RegionTrust};
 use crate::registration::{self, Registration, RegistrationError};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +32,6 @@ pub struct Linked {
 #[derive(Debug)]
 pub struct RegionLink {
     data_dir: DataDir,
-    http: reqwest::Client,
     request_timeout: Duration,
     current: Mutex<Current>,
 }
@@ -50,12 +50,10 @@ fn modified(data_dir: &DataDir) -> Option<SystemTime> {
 impl RegionLink {
     /// Builds the link from the saved registration; fails when the rack is not registered.
     pub fn open(data_dir: &DataDir, request_timeout: Duration) -> Result<RegionLink, LinkError> {
-        let http = http_client(request_timeout);
         let modified = modified(data_dir);
-        let linked = load(data_dir, &http, request_timeout)?;
+        let linked = load(data_dir, request_timeout)?;
         Ok(RegionLink {
             data_dir: data_dir.clone(),
-            http,
             request_timeout,
             current: Mutex::new(Current { linked: Arc::new(linked), modified }),
         })
@@ -76,7 +74,7 @@ impl RegionLink {
             return false;
         }
         current.modified = now_modified;
-        match load(&self.data_dir, &self.http, self.request_timeout) {
+        match load(&self.data_dir, self.request_timeout) {
             Ok(linked) => {
                 tracing::info!(rack = %linked.registration.rack_name, region = %linked.registration.region_url, "registration changed; using it");
                 current.linked = Arc::new(linked);
@@ -90,11 +88,15 @@ impl RegionLink {
     }
 }
 
-fn load(data_dir: &DataDir, http: &reqwest::Client, request_timeout: Duration) -> Result<Linked, LinkError> {
+/// The saved registration with a client of its own: a new registration may pin another
+/// certificate, so the pool is not shared across registrations.
+fn load(data_dir: &DataDir, request_timeout: Duration) -> Result<Linked, LinkError> {
     let registration = registration::load(data_dir)?.ok_or(LinkError::NotRegistered)?;
+    let pin = registration.certificate_pin()?;
     let url = parse_region_url(&registration.region_url).map_err(|source| LinkError::RegionUrl { source })?;
+    let http = http_client(request_timeout, RegionTrust::Pinned(pin));
     Ok(Linked {
-        client: RegionClient::with_http(http.clone(), &url, request_timeout),
+        client: RegionClient::with_http(http, &tls_url(&url), request_timeout),
         authorization: registration.authorization(),
         registration,
     })
@@ -112,6 +114,7 @@ mod tests {
             credential: "c".into(),
             cluster_name: "test".into(),
             registered_at_ms: 0,
+            region_certificate_sha256: Some("ab".repeat(32)),
         };
         std::fs::write(data_dir.registration(), toml::to_string(&registration).unwrap()).unwrap();
     }

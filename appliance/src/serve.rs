@@ -189,6 +189,7 @@ mod tests {
             credential: "c".into(),
             cluster_name: "test".into(),
             registered_at_ms: 0,
+            region_certificate_sha256: Some("ab".repeat(32)),
         };
         std::fs::write(data_dir.registration(), toml::to_string(&registration).unwrap()).unwrap();
         let loaders = dir.path().join("loaders");

@@ -33,6 +33,7 @@ fn registered_rack(root: &Path) -> std::path::PathBuf {
         credential: "c".into(),
         cluster_name: "test".into(),
         registered_at_ms: 0,
+        region_certificate_sha256: Some("ab".repeat(32)),
     };
     std::fs::write(data_dir.join("registration.toml"), toml::to_string(&registration).unwrap()).unwrap();
     let loaders = root.join("loaders");

@@ -12,11 +12,12 @@ use crate::config::RegionConfig;
 use crate::db::Store;
 use crate::http::AppState;
 use crate::state::Shared;
+use crate::tls::TlsSource;
 use crate::users::{hash_password, validate_email, validate_ssh_key, validate_username, NewUser};
 
 /// The region server of Metalrack: catalogue, users, racks, events, web UI and API.
 ///
-/// Start with `regiond serve`, then `regiond createadmin`, then open http://HOST:5240/MAAS/.
+/// Start with `regiond serve`, then `regiond createadmin`, then open https://HOST:5240/MAAS/.
 #[derive(Debug, Parser)]
 #[command(name = "regiond", version, propagate_version = true)]
 pub struct Cli {
@@ -30,7 +31,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the region: HTTP API and web UI (default port 5240, path /MAAS/).
+    /// Run the region: web UI and API over HTTPS, and plain HTTP for rack registration, on one
+    /// port (default 5240, path /MAAS/).
     Serve {
         /// Address to listen on; overrides `listen` in the config file.
         #[arg(long)]
@@ -38,6 +40,13 @@ pub enum Command {
         /// A TOML config file (see docs/examples/region.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Serve this PEM certificate (chain, leaf first) instead of the one the region makes in
+        /// DATA/tls/. Racks pin it at registration: after it changes they must register again.
+        #[arg(long, requires = "tls_key", value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert", value_name = "FILE")]
+        tls_key: Option<PathBuf>,
     },
     /// Create an administrator. Asks on the terminal for whatever is not given.
     Createadmin {
@@ -113,7 +122,10 @@ fn init_tracing(serving: bool) {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data_dir = cli.data_dir;
     match cli.command {
-        Command::Serve { listen, config } => serve(&data_dir, listen, config.as_deref()).await,
+        Command::Serve { listen, config, tls_cert, tls_key } => {
+            let own_tls = tls_cert.zip(tls_key).map(|(certificate, key)| TlsSource::Files { certificate, key });
+            serve(&data_dir, listen, config.as_deref(), own_tls).await
+        }
         Command::Createadmin { username, password, email, ssh_keys } => {
             createadmin(&data_dir, username, password, email, ssh_keys).await
         }
@@ -126,6 +138,7 @@ async fn serve(
     data_dir: &Path,
     listen: Option<std::net::SocketAddr>,
     config: Option<&Path>,
+    own_tls: Option<TlsSource>,
 ) -> anyhow::Result<ExitCode> {
     let shutdown = shutdown_signal()?;
     let config = match config {
@@ -136,8 +149,18 @@ async fn serve(
     let store = Store::open(data_dir).await?;
     let (_, generation) = crate::secret::reconcile(data_dir, &store, "regiond serve").await?;
     tracing::info!(data_dir = %data_dir.display(), generation, "region starting");
-    let state = AppState::new(Shared::new(store.clone(), config, data_dir.to_owned()))?;
-    crate::http::serve(state, listen, shutdown).await.with_context(|| format!("cannot serve on {listen}"))?;
+    let tls_source = own_tls
+        .unwrap_or_else(|| TlsSource::Generated { names: crate::tls::default_names(listen.ip(), &config.tls_names) });
+    let tls = crate::tls::load_or_create(data_dir, &tls_source)?;
+    tracing::info!(
+        certificate = %tls.certificate_path.display(),
+        sha256 = %hex::encode(tls.certificate_sha256),
+        "TLS certificate racks pin"
+    );
+    let state = AppState::new(Shared::new(store.clone(), config, data_dir.to_owned()), tls.certificate_sha256)?;
+    crate::http::serve(state, listen, tls.server_config, shutdown)
+        .await
+        .with_context(|| format!("cannot serve on {listen}"))?;
     store.close().await;
     tracing::info!("region stopped");
     Ok(ExitCode::SUCCESS)
@@ -242,7 +265,7 @@ async fn createadmin(
     };
     crate::users::create_admin(&store, &new, "regiond createadmin").await?;
     store.close().await;
-    println!("Created administrator {username:?}. Log in at http://HOST:5240/MAAS/");
+    println!("Created administrator {username:?}. Log in at https://HOST:5240/MAAS/");
     Ok(ExitCode::SUCCESS)
 }
 

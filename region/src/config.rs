@@ -14,6 +14,11 @@ pub struct RegionConfig {
     /// The URL racks use to reach this region, shown in "Add rack controller". Default: built from
     /// the listen address (this machine's hostname when listening on every address).
     pub public_url: Option<String>,
+    /// Host names and addresses the region's generated TLS certificate names, beside
+    /// `localhost`, the loopback addresses, this machine's hostname and the listen address.
+    /// Default none. Racks pin the certificate whatever it names; browsers and curl check the
+    /// names. Read when the certificate is made (first start, or after `DATA/tls/` is removed).
+    pub tls_names: Vec<String>,
     /// How often racks send heartbeats. Default 5000 ms: a dead rack shows within seconds while
     /// 1000 racks cost the region 200 small requests per second.
     pub rack_heartbeat_interval_ms: u64,
@@ -32,6 +37,7 @@ impl Default for RegionConfig {
         RegionConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 5240)),
             public_url: None,
+            tls_names: Vec::new(),
             rack_heartbeat_interval_ms: 5_000,
             rack_offline_after_ms: 30_000,
             session_lifetime_ms: 14 * 24 * 3600 * 1000,

@@ -11,15 +11,16 @@ use serde::Serialize;
 #[derive(Debug, Clone)]
 pub struct Api {
     http: reqwest::Client,
-    /// `http://HOST:PORT/MAAS/api/v1`; paths below it come from the wire contract's `paths`.
+    /// `https://HOST:PORT/MAAS/api/v1`; paths below it come from the wire contract's `paths`.
     base: String,
     pub key: String,
 }
 
 impl Api {
-    /// The API of the region at `region_url` (`http://HOST:PORT/MAAS`) as the owner of `key`.
-    pub fn new(region_url: &str, key: &str) -> Api {
-        Api { http: reqwest::Client::new(), base: format!("{region_url}{API_PREFIX}"), key: key.to_owned() }
+    /// The API of the region at `region_url` (`https://HOST:PORT/MAAS`) as the owner of `key`,
+    /// over `http` (a client that trusts the region's certificate: `Region::https_client`).
+    pub fn new(http: reqwest::Client, region_url: &str, key: &str) -> Api {
+        Api { http, base: format!("{region_url}{API_PREFIX}"), key: key.to_owned() }
     }
 
     /// A request to `path` (under `/api/v1`) with the key, for what the methods below lack.

@@ -6,7 +6,8 @@
 //! [`rack_client`] (a rack without rackd: register, heartbeat, poll), [`loopback`] (clients
 //! from other loopback addresses), [`api`] (the region's JSON API), [`process`] (daemons
 //! stopped on drop, checked commands, peak memory),
-//! [`lab`] (async code in a namespace), [`wait`], [`data`] (pseudo-random files), [`binaries`],
+//! [`lab`] (async code in a namespace), [`proxy`] (a recorder and a man in the middle between rack
+//! and region), [`wait`], [`data`] (pseudo-random files), [`binaries`],
 //! [`readme`] (the operator guide's commands), [`tftp`] (a TFTP client), [`bench`] (what only
 //! the benchmarks share). Tests use the short forms that panic with the reason
 //! (`Region::start`); the benchmarks the `Result` forms (`Region::launch`), so an error unwinds
@@ -19,6 +20,7 @@ pub mod data;
 pub mod lab;
 pub mod loopback;
 pub mod process;
+pub mod proxy;
 pub mod rack;
 pub mod rack_client;
 pub mod readme;

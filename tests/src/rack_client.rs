@@ -1,6 +1,8 @@
-//! A rack without `rackd`: registration by challenge and proof, heartbeats and catalogue
-//! long-polls sent straight to the region's API from a source address of the caller's choice,
-//! for tests that need hundreds of racks or one exact request.
+//! A rack without `rackd`: registration by challenge (in clear) and proof (over HTTPS),
+//! heartbeats and catalogue long-polls over HTTPS, sent straight to the region's API from a
+//! source address of the caller's choice, for tests that need hundreds of racks or one exact
+//! request. It takes whatever certificate the region shows (see `loopback::client_from`); what a
+//! real rack trusts is tested with `rackd` itself (`tests/tls.rs`).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use metalrack_api::images::RackCatalogue;
 use metalrack_api::{
     paths, rack_authorization, registration_proof, ChallengeRequest, ChallengeResponse, HeartbeatRequest,
-    HeartbeatResponse, RegisterRequest, RegisterResponse, Secret, API_PREFIX,
+    HeartbeatResponse, RegisterRequest, RegisterResponse, Secret, API_PREFIX, REGISTRATION_PROOF_VERSION,
 };
 
 /// How long a registration or heartbeat may take before the rack gives up on it.
@@ -22,7 +24,7 @@ const POLL_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct RackClient {
     http: reqwest::Client,
-    /// `http://HOST:PORT/MAAS/api/v1`.
+    /// `https://HOST:PORT/MAAS/api/v1`.
     base: String,
     pub name: String,
     pub rack_id: String,
@@ -47,11 +49,25 @@ pub async fn attempt_registration(
     let response = request_challenge(http, region_url, name).await?;
     let status = response.status();
     ensure!(status.is_success(), "challenge for {name}: {status}: {}", response.text().await.unwrap_or_default());
-    let ChallengeResponse { nonce } = response.json().await.context("challenge answer")?;
-    let proof = registration_proof(secret, &hex::decode(&nonce).context("nonce is hex")?, name);
-    let register = RegisterRequest { name: name.to_owned(), nonce, proof: hex::encode(proof) };
-    let url = format!("{region_url}{API_PREFIX}{}", paths::RACK_REGISTER);
+    let ChallengeResponse { nonce, certificate_sha256 } = response.json().await.context("challenge answer")?;
+    let fingerprint: [u8; 32] = hex::decode(certificate_sha256.context("the challenge names no certificate")?)
+        .ok()
+        .and_then(|bytes| bytes.try_into().ok())
+        .context("the certificate fingerprint is 32 bytes of hex")?;
+    let proof = registration_proof(secret, &hex::decode(&nonce).context("nonce is hex")?, &fingerprint, name);
+    let register = RegisterRequest {
+        name: name.to_owned(),
+        nonce,
+        proof: hex::encode(proof),
+        proof_version: REGISTRATION_PROOF_VERSION,
+    };
+    let url = format!("{}{API_PREFIX}{}", https(region_url), paths::RACK_REGISTER);
     http.post(url).timeout(REQUEST_TIMEOUT).json(&register).send().await.context("register request")
+}
+
+/// The region's URL over TLS: the same port serves both.
+fn https(region_url: &str) -> String {
+    region_url.replacen("http://", "https://", 1)
 }
 
 impl RackClient {
@@ -66,7 +82,7 @@ impl RackClient {
         let registered: RegisterResponse = response.json().await.context("registration answer")?;
         Ok(RackClient {
             http,
-            base: format!("{region_url}{API_PREFIX}"),
+            base: format!("{}{API_PREFIX}", https(region_url)),
             name: name.to_owned(),
             authorization: rack_authorization(&registered.rack_id, &registered.credential),
             rack_id: registered.rack_id,

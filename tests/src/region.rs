@@ -1,5 +1,6 @@
 //! A region under test: `regiond serve` in its own data dir on a port of its choosing, its
-//! administrator and API key, the shared secret, and `imgtool push` into its catalogue.
+//! administrator and API key, the shared secret, `imgtool push` into its catalogue, and HTTPS to
+//! it trusting the certificate it made in `DATA/tls/` (as an operator's `curl --cacert` would).
 //!
 //! The `Result` forms (`launch`, `add_admin`, `shared_secret`, `push_command`) serve the
 //! benchmarks; the short forms (`start`, `create_admin`, `secret`, `push`) panic with the reason,
@@ -13,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use metalrack_api::paths::BASE_PATH;
 use metalrack_api::{EventView, RackState, RackView};
+use rustls_pki_types::pem::PemObject;
 
 use crate::api::Api;
 use crate::binaries::{binary, locate};
@@ -140,9 +142,47 @@ impl Region {
         self.add_admin(username, password).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
-    /// The API as the owner of `api_key`.
+    /// `https://127.0.0.1:PORT/MAAS`: the same port as [`Region::url`], over TLS (the UI and API).
+    pub fn https_url(&self) -> String {
+        self.url.replacen("http://", "https://", 1)
+    }
+
+    /// The certificate the region serves, `DATA/tls/cert.pem` (made on its first start).
+    pub fn certificate_path(&self) -> PathBuf {
+        self.data_dir.join("tls/cert.pem")
+    }
+
+    /// SHA-256 of the certificate's DER, hex: what racks pin.
+    pub fn certificate_sha256(&self) -> String {
+        let pem = std::fs::read(self.certificate_path()).expect("the region made its certificate");
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).expect("a PEM certificate");
+        hex::encode(metalrack_api::certificate_sha256(&der))
+    }
+
+    /// SHA-256 of the certificate's public key (SubjectPublicKeyInfo, DER), base64: how Chromium
+    /// is told to trust it (`--ignore-certificate-errors-spki-list`).
+    pub fn certificate_spki_sha256_base64(&self) -> String {
+        use sha2::Digest;
+        let key = std::fs::read_to_string(self.data_dir.join("tls/key.pem")).expect("the region made its key");
+        let key = rcgen::KeyPair::from_pem(&key).expect("a PEM key");
+        base64(&sha2::Sha256::digest(key.public_key_der()))
+    }
+
+    /// An HTTP client builder that trusts this region's certificate and no other; add what the
+    /// test needs (cookies, no redirects) and build.
+    pub fn https_client_builder(&self) -> reqwest::ClientBuilder {
+        let pem = std::fs::read(self.certificate_path()).expect("the region made its certificate");
+        let certificate = reqwest::Certificate::from_pem(&pem).expect("a PEM certificate");
+        reqwest::Client::builder().tls_built_in_root_certs(false).add_root_certificate(certificate)
+    }
+
+    pub fn https_client(&self) -> reqwest::Client {
+        self.https_client_builder().build().expect("an HTTPS client")
+    }
+
+    /// The API (over HTTPS) as the owner of `api_key`.
     pub fn api(&self, api_key: &str) -> Api {
-        Api::new(&self.url, api_key)
+        Api::new(self.https_client(), &self.https_url(), api_key)
     }
 
     /// `imgtool push FILE` of `name` amd64 `kind` `version` into this region; run it as suits
@@ -247,4 +287,32 @@ pub fn regiond(data_dir: &Path, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run regiond")
+}
+
+/// Standard base64 with padding (RFC 4648), for the few places a test needs it.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for group in bytes.chunks(3) {
+        let b = [group[0], group.get(1).copied().unwrap_or(0), group.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (input, expected) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
+            assert_eq!(super::base64(input.as_bytes()), expected);
+        }
+    }
 }

@@ -76,7 +76,8 @@ const EXIT_AFTER_SIGTERM_MAX: Duration = Duration::from_secs(SHUTDOWN_GRACE.as_s
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Trickle {
-    /// Headers of a 1000-byte login form, 10 bytes of body, then silence.
+    /// Headers of a 1000-byte registration challenge (served in clear, where a login form is only
+    /// redirected to HTTPS), 10 bytes of body, then silence.
     SlowBody,
     /// A request's headers one byte a second, never finished.
     SlowHeaders,
@@ -125,8 +126,8 @@ async fn hold_connection(
     open: Arc<AtomicUsize>,
     closed_by_region: Arc<AtomicUsize>,
 ) {
-    const SLOW_BODY_START: &[u8] = b"POST /MAAS/login HTTP/1.1\r\nHost: region\r\n\
-        Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nusername=a";
+    const SLOW_BODY_START: &[u8] = b"POST /MAAS/api/v1/racks/challenge HTTP/1.1\r\nHost: region\r\n\
+        Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"name\": ";
     const SLOW_HEADERS_START: &[u8] = b"GET /MAAS/login HTTP/1.1\r\nHost: region\r\nX-Padding: ";
     loop {
         let Ok(mut stream) = connect_from(source, region).await else {
@@ -225,8 +226,8 @@ async fn slow_and_idle_clients_neither_slow_down_others_nor_hold_up_shutdown() {
 
     // The login page on a new connection each time (the accept loop is not starved), the API
     // and a rack's heartbeat on kept-alive connections, as browsers, scripts and racks use them.
-    let fresh_connections = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-    let login_url = format!("{}/login", region.url);
+    let fresh_connections = region.https_client_builder().pool_max_idle_per_host(0).build().unwrap();
+    let login_url = format!("{}/login", region.https_url());
     let login_page = p99_of("UI login page under attack", SAMPLES_UNDER_ATTACK, Duration::ZERO, || {
         succeeds(fresh_connections.get(&login_url))
     })
@@ -393,7 +394,8 @@ async fn long_polls_of_many_racks_take_no_handler_slots_and_all_hear_a_change_at
 
 /// `POST /MAAS/login` with `client`; the answer as it is.
 async fn log_in(client: &reqwest::Client, region: &Region, username: &str, password: &str) -> reqwest::Response {
-    let request = client.post(format!("{}/login", region.url)).form(&[("username", username), ("password", password)]);
+    let request =
+        client.post(format!("{}/login", region.https_url())).form(&[("username", username), ("password", password)]);
     request.timeout(REQUEST_TIMEOUT * 4).send().await.unwrap()
 }
 
@@ -472,7 +474,7 @@ async fn parallel_logins_do_not_grow_the_region_memory_beyond_one_password_check
     let parallel = parallel_logins(slots);
     let mut logins = JoinSet::new();
     for i in 0..parallel {
-        let (client, url) = (client_from(loopback::source(i as u32)), format!("{}/login", region.url));
+        let (client, url) = (client_from(loopback::source(i as u32)), format!("{}/login", region.https_url()));
         logins.spawn(async move {
             let form = [("username", format!("user{i}")), ("password", "wrong password".to_owned())];
             client.post(url).form(&form).timeout(DEADLINE).send().await.unwrap().status()
@@ -512,7 +514,7 @@ async fn oversized_login_fields_are_refused_without_an_error_and_logged_truncate
     }
     let form = format!("username=admin&password={}", "d".repeat(100 * 1024));
     let response = client_from(loopback::source(3))
-        .post(format!("{}/login", region.url))
+        .post(format!("{}/login", region.https_url()))
         .header("content-type", "application/x-www-form-urlencoded")
         .body(form)
         .timeout(REQUEST_TIMEOUT)

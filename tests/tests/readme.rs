@@ -192,7 +192,7 @@ async fn every_command_of_the_operator_guide_works_as_shown() {
     assert!(!serve.contains("--listen"), "{serve}");
     let first = shell.start("regiond", &format!("{serve} --listen 127.0.0.1:0"), &dir.path().join("first.log"), true);
     let mut region = Region::from_started(&region_dir, first).unwrap();
-    let page = reqwest::get(format!("{}/login", region.url)).await.unwrap();
+    let page = region.https_client().get(format!("{}/login", region.https_url())).send().await.unwrap();
     assert!(page.status().is_success(), "the UI answers: {}", page.status());
     let secret = secret_file(&region_dir);
     assert!(is_secret(&secret), "{secret:?}");

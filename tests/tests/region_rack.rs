@@ -7,8 +7,9 @@ use metalrack_api::RackState;
 use metalrack_tests::{regiond, stderr, wait_for, Rack, Region, DEADLINE};
 use reqwest::StatusCode;
 
-fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+/// An HTTPS client to `region` (trusting its certificate) that shows redirects instead of following them.
+fn no_redirects(region: &Region) -> reqwest::Client {
+    region.https_client_builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
 #[tokio::test]
@@ -81,9 +82,11 @@ async fn createadmin_login_sessions_and_api_authentication() {
         ask("ops\nlong password\nlong password\nops@example.com\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5 ops@laptop\n");
     assert!(output.status.success(), "{}", stderr(&output));
 
-    let client = no_redirects();
+    // The UI and API over HTTPS, as a browser that was redirected there.
+    let client = no_redirects(&region);
+    let base = region.https_url();
     let login = |username: &'static str, password: &'static str| {
-        client.post(format!("{}/login", region.url)).form(&[("username", username), ("password", password)]).send()
+        client.post(format!("{base}/login")).form(&[("username", username), ("password", password)]).send()
     };
     assert_eq!(login("admin", "other password").await.unwrap().status(), StatusCode::UNAUTHORIZED);
     assert_eq!(login("nobody", "correct horse battery").await.unwrap().status(), StatusCode::UNAUTHORIZED);
@@ -94,15 +97,15 @@ async fn createadmin_login_sessions_and_api_authentication() {
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
     let session = cookie.split(';').next().unwrap().to_owned();
 
-    let page = client.get(format!("{}/controllers", region.url)).header("cookie", &session).send().await.unwrap();
+    let page = client.get(format!("{}/controllers", base)).header("cookie", &session).send().await.unwrap();
     assert_eq!(page.status(), StatusCode::OK);
-    let anonymous = client.get(format!("{}/controllers", region.url)).send().await.unwrap();
+    let anonymous = client.get(format!("{}/controllers", base)).send().await.unwrap();
     assert_eq!(anonymous.status(), StatusCode::SEE_OTHER);
     assert_eq!(anonymous.headers()["location"], "/MAAS/login");
 
     // Forms carry the session's CSRF token, as the page hands it out: a form without it, or sent
     // from another site, changes nothing.
-    let welcome = client.get(format!("{}/welcome", region.url)).header("cookie", &session).send().await.unwrap();
+    let welcome = client.get(format!("{}/welcome", base)).header("cookie", &session).send().await.unwrap();
     let welcome = welcome.text().await.unwrap();
     let csrf = welcome
         .split(r#"name="csrf" value=""#)
@@ -111,7 +114,7 @@ async fn createadmin_login_sessions_and_api_authentication() {
         .expect("the welcome form carries a CSRF token")
         .to_owned();
     let forged = client
-        .post(format!("{}/welcome", region.url))
+        .post(format!("{}/welcome", base))
         .header("cookie", &session)
         .form(&[("action", "save"), ("cluster_name", "forged")])
         .send()
@@ -119,7 +122,7 @@ async fn createadmin_login_sessions_and_api_authentication() {
         .unwrap();
     assert_eq!(forged.status(), StatusCode::FORBIDDEN, "a form without the token is refused");
     let cross_site = client
-        .post(format!("{}/welcome", region.url))
+        .post(format!("{}/welcome", base))
         .header("cookie", &session)
         .header("origin", "http://attacker.example")
         .form(&[("action", "save"), ("cluster_name", "forged"), ("csrf", &csrf)])
@@ -127,12 +130,12 @@ async fn createadmin_login_sessions_and_api_authentication() {
         .await
         .unwrap();
     assert_eq!(cross_site.status(), StatusCode::FORBIDDEN, "a form from another origin is refused");
-    let page = client.get(format!("{}/controllers", region.url)).header("cookie", &session).send().await.unwrap();
+    let page = client.get(format!("{}/controllers", base)).header("cookie", &session).send().await.unwrap();
     assert!(!page.text().await.unwrap().contains("forged"), "the cluster was not renamed");
 
     // Skipping the welcome page is remembered: the next login goes to the dashboard.
     let skip = client
-        .post(format!("{}/welcome", region.url))
+        .post(format!("{}/welcome", base))
         .header("cookie", &session)
         .form(&[("action", "skip"), ("csrf", &csrf)])
         .send()
@@ -143,19 +146,19 @@ async fn createadmin_login_sessions_and_api_authentication() {
 
     // Logging out ends the session on the server, not just in the browser.
     let logout = client
-        .post(format!("{}/logout", region.url))
+        .post(format!("{}/logout", base))
         .header("cookie", &session)
         .form(&[("csrf", &csrf)])
         .send()
         .await
         .unwrap();
     assert_eq!(logout.status(), StatusCode::SEE_OTHER);
-    let after = client.get(format!("{}/controllers", region.url)).header("cookie", &session).send().await.unwrap();
+    let after = client.get(format!("{}/controllers", base)).header("cookie", &session).send().await.unwrap();
     assert_eq!(after.status(), StatusCode::SEE_OTHER);
 
     // The API refuses anonymous and wrong keys with a JSON reason, and accepts the real key.
     for auth in [None, Some("Bearer nope.nope"), Some("Bearer ")] {
-        let mut request = client.get(format!("{}/api/v1/racks", region.url));
+        let mut request = client.get(format!("{}/api/v1/racks", base));
         if let Some(auth) = auth {
             request = request.header("authorization", auth);
         }
@@ -164,7 +167,7 @@ async fn createadmin_login_sessions_and_api_authentication() {
         let body: metalrack_api::ErrorBody = response.json().await.unwrap();
         assert!(!body.error.is_empty());
     }
-    let response = client.get(format!("{}/api/v1/account", region.url)).bearer_auth(&api_key).send().await.unwrap();
+    let response = client.get(format!("{}/api/v1/account", base)).bearer_auth(&api_key).send().await.unwrap();
     assert!(response.headers().get("connection").is_none(), "a request without a body keeps its connection");
     let account: metalrack_api::AccountView = response.json().await.unwrap();
     assert_eq!(account.username, "admin");
@@ -172,7 +175,7 @@ async fn createadmin_login_sessions_and_api_authentication() {
 
     // Bad requests get a 4xx with a reason; a body over the limit is refused before it is read.
     let malformed = client
-        .post(format!("{}/api/v1/racks/challenge", region.url))
+        .post(format!("{}/api/v1/racks/challenge", base))
         .header("content-type", "application/json")
         .body("{\"name\": ")
         .send()
@@ -183,7 +186,7 @@ async fn createadmin_login_sessions_and_api_authentication() {
     assert!(malformed.json::<metalrack_api::ErrorBody>().await.unwrap().error.contains("JSON"));
     let huge = format!("{{\"name\": \"{}\"}}", "a".repeat(200_000));
     let response = client
-        .post(format!("{}/api/v1/racks/challenge", region.url))
+        .post(format!("{}/api/v1/racks/challenge", base))
         .header("content-type", "application/json")
         .body(huge)
         .send()
@@ -196,7 +199,7 @@ async fn createadmin_login_sessions_and_api_authentication() {
         "the unread rest of the body ends the connection: the answer must say so"
     );
     let bad_name = client
-        .post(format!("{}/api/v1/racks/challenge", region.url))
+        .post(format!("{}/api/v1/racks/challenge", base))
         .json(&serde_json::json!({"name": "no spaces"}))
         .send()
         .await
@@ -432,9 +435,9 @@ async fn ui_pages_forbid_framing_and_caching_and_the_register_command_ignores_th
     let dir = tempfile::tempdir().unwrap();
     let region = Region::start(&dir.path().join("region"));
     region.create_admin("admin", "correct horse battery");
-    let client = no_redirects();
+    let client = no_redirects(&region);
     let response = client
-        .post(format!("{}/login", region.url))
+        .post(format!("{}/login", region.https_url()))
         .form(&[("username", "admin"), ("password", "correct horse battery")])
         .send()
         .await
@@ -444,7 +447,7 @@ async fn ui_pages_forbid_framing_and_caching_and_the_register_command_ignores_th
     // A request naming another host (as anyone can) must not put that host into the command a
     // rack will run with the secret.
     let page = client
-        .get(format!("{}/controllers/add", region.url))
+        .get(format!("{}/controllers/add", region.https_url()))
         .header("cookie", &session)
         .header("host", "attacker.example:5240")
         .send()

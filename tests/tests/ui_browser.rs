@@ -30,7 +30,9 @@ fn start_chromedriver(dir: &std::path::Path) -> (Daemon, String) {
     (daemon, format!("http://127.0.0.1:{port}"))
 }
 
-async fn browser(webdriver: &str, profile: &std::path::Path) -> Client {
+/// Headless Chromium that trusts the certificate with SPKI hash `spki_sha256_base64` (the
+/// region's; it is self-signed, so no authority vouches for it) and no other.
+async fn browser(webdriver: &str, profile: &std::path::Path, spki_sha256_base64: &str) -> Client {
     let args = [
         "--headless",
         "--no-sandbox",
@@ -45,7 +47,10 @@ async fn browser(webdriver: &str, profile: &std::path::Path) -> Client {
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([format!("--user-data-dir={}", profile.display())])
+    .chain([
+        format!("--user-data-dir={}", profile.display()),
+        format!("--ignore-certificate-errors-spki-list={spki_sha256_base64}"),
+    ])
     .collect::<Vec<_>>();
     let mut capabilities = serde_json::Map::new();
     capabilities
@@ -82,11 +87,15 @@ async fn log_in_see_controllers_and_register_a_rack_with_the_shown_command() {
     }
 
     let (_driver, webdriver) = start_chromedriver(dir.path());
-    let client = browser(&webdriver, &dir.path().join("chromium-profile")).await;
+    let spki = region.certificate_spki_sha256_base64();
+    let client = browser(&webdriver, &dir.path().join("chromium-profile"), &spki).await;
 
     // Log in; the first login shows the welcome page, where the cluster gets its name.
+    // The URL an operator types, http://: the region sends the browser to the same URL over HTTPS.
     client.goto(&format!("{}/", region.url)).await.unwrap();
-    assert!(client.current_url().await.unwrap().path().ends_with("/MAAS/login"));
+    let url = client.current_url().await.unwrap();
+    assert_eq!(url.scheme(), "https", "{url}");
+    assert!(url.path().ends_with("/MAAS/login"));
     client.find(Locator::Id("username")).await.unwrap().send_keys("admin").await.unwrap();
     client.find(Locator::Id("password")).await.unwrap().send_keys("correct horse battery").await.unwrap();
     screenshot(&client, "login").await;

@@ -82,22 +82,105 @@ pub fn validate_rack_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The registration proof: HMAC-SHA256 keyed by the secret over `nonce ‖ rack name`. Binding
-/// the name stops a captured proof from registering a rack under another name.
-pub fn registration_proof(secret: &Secret, nonce: &[u8], rack_name: &str) -> [u8; 32] {
-    proof_mac(secret, nonce, rack_name).finalize().into_bytes().into()
+/// The registration proof this crate computes and the region accepts. Version 2 covers the
+/// region's TLS certificate; version 1 (rackd before TLS) covered only the nonce and the name and
+/// is refused with a message saying to upgrade rackd.
+pub const REGISTRATION_PROOF_VERSION: u32 = 2;
+
+/// Bytes of a certificate fingerprint: SHA-256 of the certificate's DER encoding.
+pub const CERTIFICATE_SHA256_LEN_BYTES: usize = 32;
+
+/// Prefixes that keep the rack's proof and the region's answer apart: neither can be replayed
+/// as the other.
+const RACK_PROOF_LABEL: &[u8] = b"metalrack rack proof v2\0";
+const REGION_PROOF_LABEL: &[u8] = b"metalrack region proof v2\0";
+
+/// The fingerprint a rack pins: SHA-256 of the region's certificate (DER), the same value
+/// `openssl x509 -in cert.pem -outform der | sha256sum` prints.
+pub fn certificate_sha256(certificate_der: &[u8]) -> [u8; CERTIFICATE_SHA256_LEN_BYTES] {
+    use sha2::Digest;
+    Sha256::digest(certificate_der).into()
+}
+
+/// The rack's registration proof: HMAC-SHA256 keyed by the secret over `label ‖ nonce ‖
+/// certificate fingerprint ‖ rack name`. Binding the name stops a captured proof from
+/// registering a rack under another name; binding the fingerprint tells the region which
+/// certificate the rack was shown, so one substituted on the way is refused.
+pub fn registration_proof(
+    secret: &Secret,
+    nonce: &[u8],
+    certificate_sha256: &[u8; CERTIFICATE_SHA256_LEN_BYTES],
+    rack_name: &str,
+) -> [u8; 32] {
+    rack_proof_mac(secret, nonce, certificate_sha256, rack_name).finalize().into_bytes().into()
 }
 
 /// Checks a registration proof in constant time.
-pub fn verify_registration_proof(secret: &Secret, nonce: &[u8], rack_name: &str, proof: &[u8]) -> bool {
-    proof_mac(secret, nonce, rack_name).verify_slice(proof).is_ok()
+pub fn verify_registration_proof(
+    secret: &Secret,
+    nonce: &[u8],
+    certificate_sha256: &[u8; CERTIFICATE_SHA256_LEN_BYTES],
+    rack_name: &str,
+    proof: &[u8],
+) -> bool {
+    rack_proof_mac(secret, nonce, certificate_sha256, rack_name).verify_slice(proof).is_ok()
 }
 
-fn proof_mac(secret: &Secret, nonce: &[u8], rack_name: &str) -> Hmac<Sha256> {
+/// The region's answer to a right proof: HMAC-SHA256 keyed by the secret over `label ‖ nonce ‖
+/// certificate fingerprint ‖ rack name ‖ 0 ‖ rack id`. Only a holder of the secret can make it,
+/// so a rack that checks it knows the fingerprint it is about to pin is the region's own and
+/// not one a man in the middle put into the challenge.
+pub fn region_proof(
+    secret: &Secret,
+    nonce: &[u8],
+    certificate_sha256: &[u8; CERTIFICATE_SHA256_LEN_BYTES],
+    rack_name: &str,
+    rack_id: &str,
+) -> [u8; 32] {
+    region_proof_mac(secret, nonce, certificate_sha256, rack_name, rack_id).finalize().into_bytes().into()
+}
+
+/// Checks the region's answer in constant time.
+pub fn verify_region_proof(
+    secret: &Secret,
+    nonce: &[u8],
+    certificate_sha256: &[u8; CERTIFICATE_SHA256_LEN_BYTES],
+    rack_name: &str,
+    rack_id: &str,
+    proof: &[u8],
+) -> bool {
+    region_proof_mac(secret, nonce, certificate_sha256, rack_name, rack_id).verify_slice(proof).is_ok()
+}
+
+fn secret_mac(secret: &Secret) -> Hmac<Sha256> {
     // The key is the secret's text, so an operator can reproduce a proof with openssl.
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes keys of any length");
+    Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes keys of any length")
+}
+
+fn rack_proof_mac(secret: &Secret, nonce: &[u8], certificate_sha256: &[u8], rack_name: &str) -> Hmac<Sha256> {
+    let mut mac = secret_mac(secret);
+    mac.update(RACK_PROOF_LABEL);
     mac.update(nonce);
+    mac.update(certificate_sha256);
     mac.update(rack_name.as_bytes());
+    mac
+}
+
+fn region_proof_mac(
+    secret: &Secret,
+    nonce: &[u8],
+    certificate_sha256: &[u8],
+    rack_name: &str,
+    rack_id: &str,
+) -> Hmac<Sha256> {
+    let mut mac = secret_mac(secret);
+    mac.update(REGION_PROOF_LABEL);
+    mac.update(nonce);
+    mac.update(certificate_sha256);
+    // A rack name never holds a 0 byte (see `validate_rack_name`), so the two cannot run together.
+    mac.update(rack_name.as_bytes());
+    mac.update(&[0]);
+    mac.update(rack_id.as_bytes());
     mac
 }
 
@@ -125,6 +208,11 @@ pub struct ChallengeRequest {
 pub struct ChallengeResponse {
     /// Hex of [`NONCE_LEN_BYTES`] random bytes, valid once and for a short time.
     pub nonce: String,
+    /// Hex of [`certificate_sha256`] of the region's TLS certificate. Sent in clear and
+    /// trusted only once the region's [`RegisterResponse::region_proof`] covers it. Absent from
+    /// regions that do not serve TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -133,6 +221,13 @@ pub struct RegisterRequest {
     pub nonce: String,
     /// Hex of [`registration_proof`].
     pub proof: String,
+    /// Which proof `proof` is: [`REGISTRATION_PROOF_VERSION`]; absent (1) from rackd before TLS.
+    #[serde(default = "proof_version_before_tls")]
+    pub proof_version: u32,
+}
+
+fn proof_version_before_tls() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,6 +237,8 @@ pub struct RegisterResponse {
     pub credential: String,
     /// The region's cluster name, for the rack's status output.
     pub cluster_name: String,
+    /// Hex of [`region_proof`]: the rack checks it before it pins the certificate.
+    pub region_proof: String,
 }
 
 /// What a rack reports about itself every heartbeat.
@@ -259,27 +356,57 @@ mod tests {
         assert!(!format!("{secret:?}").contains("0011"));
     }
 
+    const FINGERPRINT: [u8; 32] = [0xab; 32];
+
     #[test]
     fn proof_matches_reference_hmac() {
-        // Reference: printf 'nonce-1rack-a' | openssl dgst -sha256 -hmac 00112233445566778899aabbccddeeff
+        // Reference: { printf 'metalrack rack proof v2\0nonce-1'; head -c 32 /dev/zero | tr '\0' '\253';
+        //   printf 'rack-a'; } | openssl dgst -sha256 -hmac 00112233445566778899aabbccddeeff
         let secret = Secret::parse(SECRET).unwrap();
-        let proof = registration_proof(&secret, b"nonce-1", "rack-a");
+        let proof = registration_proof(&secret, b"nonce-1", &FINGERPRINT, "rack-a");
         assert_eq!(hex::encode(proof), REFERENCE_PROOF);
-        assert!(verify_registration_proof(&secret, b"nonce-1", "rack-a", &proof));
+        assert!(verify_registration_proof(&secret, b"nonce-1", &FINGERPRINT, "rack-a", &proof));
     }
 
     // Computed independently with openssl (see proof_matches_reference_hmac).
-    const REFERENCE_PROOF: &str = "a78b4fbaec8b97965fa2b57656dcac474ed551def5f3b9cdfd9a8fdc2e924e98";
+    const REFERENCE_PROOF: &str = "7bff10cb734400d19392bc77db09fcfd2af5f539842df1d02d0701633648a824";
 
     #[test]
-    fn proof_fails_for_other_secret_nonce_or_name() {
+    fn region_proof_matches_reference_hmac() {
+        // Reference: { printf 'metalrack region proof v2\0nonce-1'; head -c 32 /dev/zero | tr '\0' '\253';
+        //   printf 'rack-a\0r1'; } | openssl dgst -sha256 -hmac 00112233445566778899aabbccddeeff
+        let secret = Secret::parse(SECRET).unwrap();
+        let proof = region_proof(&secret, b"nonce-1", &FINGERPRINT, "rack-a", "r1");
+        assert_eq!(hex::encode(proof), "3b671a37cc53935c65cad30a98e9d208167d74671ddbaa7fac2860a2762659f9");
+        assert!(verify_region_proof(&secret, b"nonce-1", &FINGERPRINT, "rack-a", "r1", &proof));
+    }
+
+    #[test]
+    fn proof_fails_for_other_secret_nonce_name_or_certificate() {
         let secret = Secret::parse(SECRET).unwrap();
         let other = Secret::parse("ffeeddccbbaa99887766554433221100").unwrap();
-        let proof = registration_proof(&secret, b"nonce-1", "rack-a");
-        assert!(!verify_registration_proof(&other, b"nonce-1", "rack-a", &proof));
-        assert!(!verify_registration_proof(&secret, b"nonce-2", "rack-a", &proof));
-        assert!(!verify_registration_proof(&secret, b"nonce-1", "rack-b", &proof));
-        assert!(!verify_registration_proof(&secret, b"nonce-1", "rack-a", &proof[..31]));
+        let other_certificate = [0xcd; 32];
+        let proof = registration_proof(&secret, b"nonce-1", &FINGERPRINT, "rack-a");
+        assert!(!verify_registration_proof(&other, b"nonce-1", &FINGERPRINT, "rack-a", &proof));
+        assert!(!verify_registration_proof(&secret, b"nonce-2", &FINGERPRINT, "rack-a", &proof));
+        assert!(!verify_registration_proof(&secret, b"nonce-1", &FINGERPRINT, "rack-b", &proof));
+        assert!(!verify_registration_proof(&secret, b"nonce-1", &other_certificate, "rack-a", &proof));
+        assert!(!verify_registration_proof(&secret, b"nonce-1", &FINGERPRINT, "rack-a", &proof[..31]));
+    }
+
+    #[test]
+    fn region_proof_is_not_a_rack_proof_and_binds_the_rack_id() {
+        let secret = Secret::parse(SECRET).unwrap();
+        let answer = region_proof(&secret, b"nonce-1", &FINGERPRINT, "rack-a", "r1");
+        assert!(!verify_registration_proof(&secret, b"nonce-1", &FINGERPRINT, "rack-a", &answer));
+        assert!(!verify_region_proof(&secret, b"nonce-1", &FINGERPRINT, "rack-a", "r2", &answer));
+        assert!(!verify_region_proof(&secret, b"nonce-1", &[0xcd; 32], "rack-a", "r1", &answer));
+    }
+
+    #[test]
+    fn a_register_request_without_a_version_is_a_version_1_proof() {
+        let old: RegisterRequest = serde_json::from_str(r#"{"name":"a","nonce":"00","proof":"00"}"#).unwrap();
+        assert_eq!(old.proof_version, 1);
     }
 
     #[test]

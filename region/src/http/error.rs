@@ -131,7 +131,8 @@ impl From<RacksError> for ApiError {
             | NotHex { .. }
             | InvalidPolicy { .. }
             | SnapshotTooLarge { .. }
-            | SnapshotHash { .. } => StatusCode::BAD_REQUEST,
+            | SnapshotHash { .. }
+            | ProofVersion { .. } => StatusCode::BAD_REQUEST,
             ChallengesFull | ChallengesFullForSource => StatusCode::SERVICE_UNAVAILABLE,
             WrongSecret | NotAdmin { .. } => StatusCode::FORBIDDEN,
             CredentialMissing => StatusCode::UNAUTHORIZED,

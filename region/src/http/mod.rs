@@ -1,11 +1,13 @@
-//! The region's HTTP layer: the state handlers share, the router (UI + API), request limits, and
-//! graceful shutdown. Handlers are thin: they parse, call a domain module, and answer.
+//! The region's HTTP layer: the state handlers share, the router (UI + API), request limits,
+//! what is served in clear beside TLS, and graceful shutdown. Handlers are thin: they parse, call
+//! a domain module, and answer.
 
 pub mod api;
 pub mod error;
 pub mod extract;
 pub mod limits;
 pub mod server;
+pub mod transport;
 pub mod ui;
 
 pub use server::serve;
@@ -35,9 +37,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(shared: Shared) -> Result<AppState, CatalogueOpenError> {
+    /// The handlers' state; `certificate_sha256` is the fingerprint of the certificate the
+    /// listener serves (see [`crate::tls`]), which registration hands to racks.
+    pub fn new(shared: Shared, certificate_sha256: [u8; 32]) -> Result<AppState, CatalogueOpenError> {
         Ok(AppState {
-            racks: Arc::new(Racks::new(shared.clone())),
+            racks: Arc::new(Racks::new(shared.clone(), certificate_sha256)),
             catalogue: Arc::new(Catalogue::open(shared.clone())?),
             login_throttle: Arc::new(LoginThrottle::new(
                 std::thread::available_parallelism()
@@ -61,6 +65,8 @@ pub fn router(state: AppState) -> Router {
         // it takes one of the handlers' slots.
         .layer(axum::middleware::from_fn_with_state(state.in_flight.clone(), limits::limit_in_flight))
         .layer(axum::middleware::from_fn(limits::read_small_body))
+        // Before any body is read: a clear request that must use TLS is answered at once.
+        .layer(axum::middleware::from_fn(transport::clear_http_policy))
         .layer(axum::middleware::from_fn(extract::security_headers))
         .layer(axum::middleware::from_fn(limits::close_if_body_unread))
         .with_state(state)

@@ -1,6 +1,8 @@
-//! The region's listener: accepting connections within a total and a per-source bound, hyper's
-//! HTTP/1 with a header-read (and keep-alive idle) timeout, and a shutdown that stops accepting,
-//! lets requests in flight finish for at most [`SHUTDOWN_GRACE`], and returns.
+//! The region's listener: accepting connections within a total and a per-source bound, HTTPS and
+//! clear HTTP on the one port (told apart by each connection's first byte, so the
+//! `http://REGION:5240/MAAS` URL racks register with keeps working), hyper's HTTP/1 with a
+//! header-read (and keep-alive idle) timeout, and a shutdown that stops accepting, lets requests
+//! in flight finish for at most [`SHUTDOWN_GRACE`], and returns.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -10,10 +12,13 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use super::transport::Transport;
 use super::{router, AppState, BASE_PATH};
 
 /// Connections open at once. Each costs a task, a socket and hyper's buffers (~10 KiB idle):
@@ -32,6 +37,14 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the shutdown signal, requests in flight get this long to finish before the region
 /// exits anyway (long-polls answer at once; uploads are resumable).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A TLS handshake must finish within this, like a request's headers: a client that opens a
+/// connection and stalls holds a slot no longer.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = HEADER_READ_TIMEOUT;
+
+/// The first byte of a TLS connection: the record type of its ClientHello (handshake, 22). An
+/// HTTP request starts with a method's letter, so one byte tells the two apart.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Pause after a failed `accept` (out of file descriptors, say) before trying again, so the
 /// loop does not spin.
@@ -79,6 +92,7 @@ impl Drop for Admitted {
 pub async fn serve(
     state: AppState,
     listen: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -89,7 +103,8 @@ pub async fn serve(
         writeln!(out, "regiond: listening on http://{local}{BASE_PATH}/")?;
         out.flush()?;
     }
-    tracing::info!(%local, "region serving");
+    tracing::info!(%local, "region serving HTTPS and HTTP on one port");
+    let acceptor = TlsAcceptor::from(tls);
     let shared = state.shared.clone();
     shared.set_bound_address(local);
     let summaries = tokio::spawn(crate::state::flush_failure_summaries(shared.clone()));
@@ -120,25 +135,66 @@ pub async fn serve(
             }
             continue;
         };
-        let service = app.clone().map_request(move |mut request: axum::http::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            request
-        });
-        let service = TowerToHyperService::new(service);
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let (app, http, acceptor, watcher) = (app.clone(), http.clone(), acceptor.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            let Some(transport) = first_byte_transport(&stream, peer).await else { return };
+            match transport {
+                Transport::Clear => serve_connection(stream, Transport::Clear, peer, app, &http, watcher).await,
+                Transport::Tls => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => serve_connection(tls, Transport::Tls, peer, app, &http, watcher).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
             drop(admitted);
         });
     }
     drop(listener);
     shared.begin_closing();
+    // Connections still in their TLS handshake are not watched yet; the runtime's end stops them.
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "requests still running at shutdown were cut off");
     }
     summaries.abort();
     crate::state::flush_failure_summaries_once(&shared).await;
     Ok(())
+}
+
+/// Which protocol the client speaks, from its first byte (peeked, not consumed); `None` when it
+/// sends nothing within [`HEADER_READ_TIMEOUT`] or hangs up.
+async fn first_byte_transport(stream: &tokio::net::TcpStream, peer: SocketAddr) -> Option<Transport> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => Some(Transport::Tls),
+        Ok(Ok(1)) => Some(Transport::Clear),
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection failed before its first byte");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Serves HTTP/1 on one connection (clear, or TLS after the handshake) until it closes or the
+/// shutdown ends it; every request learns its peer and its transport.
+async fn serve_connection<I>(
+    io: I,
+    transport: Transport,
+    peer: SocketAddr,
+    app: axum::Router,
+    http: &hyper::server::conn::http1::Builder,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = app.map_request(move |mut request: axum::http::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(transport);
+        request
+    });
+    let connection = watcher.watch(http.serve_connection(TokioIo::new(io), TowerToHyperService::new(service)));
+    if let Err(e) = connection.await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }

@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::extract::{SessionUser, CSRF_FIELD, SESSION_COOKIE};
+use super::transport::Transport;
 use super::{AppState, BASE_PATH};
 use crate::cluster::{ClusterError, CLUSTER_NAME_LEN_MAX};
 use crate::users::{Login, User};
@@ -175,6 +176,7 @@ fn login_markup(cluster: &str, error: Option<&str>) -> Markup {
 async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    transport: Transport,
     jar: CookieJar,
     Form(form): Form<LoginForm>,
 ) -> PageResult {
@@ -200,6 +202,9 @@ async fn login(
     let cookie = Cookie::build((SESSION_COOKIE, token))
         .path(BASE_PATH)
         .http_only(true)
+        // The UI is served over TLS only (clear requests are redirected), so the browser must
+        // never send the session in clear either.
+        .secure(transport == Transport::Tls)
         .same_site(SameSite::Strict)
         .max_age(time_duration(state.shared.config.session_lifetime_ms))
         .build();

@@ -1,4 +1,5 @@
-//! Rack controllers: registration (challenge and HMAC proof), credentials bound to the secret
+//! Rack controllers: registration (challenge and HMAC proofs both ways, covering the region's
+//! TLS certificate), credentials bound to the secret
 //! generation, heartbeats, the online/offline/stale rule, and each rack's sync policy and "sync
 //! now" requests.
 
@@ -10,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use metalrack_api::images::{RackSnapshot, SyncPolicy};
 use metalrack_api::{
-    validate_rack_name, verify_registration_proof, HeartbeatRequest, HeartbeatResponse, RackState, RackView,
-    RegisterRequest, RegisterResponse, NONCE_LEN_BYTES,
+    region_proof, validate_rack_name, verify_registration_proof, HeartbeatRequest, HeartbeatResponse, RackState,
+    RackView, RegisterRequest, RegisterResponse, CERTIFICATE_SHA256_LEN_BYTES, NONCE_LEN_BYTES,
+    REGISTRATION_PROOF_VERSION,
 };
 use tokio::sync::Mutex;
 
@@ -49,7 +51,14 @@ pub enum RacksError {
     #[error("{field} is not hex")]
     NotHex { field: &'static str },
     #[error(
-        "wrong secret: the proof does not match this region's shared secret (see 'regiond secret show' on the region)"
+        "registration proof version {found} is not {REGISTRATION_PROOF_VERSION}: this rackd is older than the \
+         region and cannot pin its TLS certificate; upgrade rackd, then register again"
+    )]
+    ProofVersion { found: u32 },
+    #[error(
+        "wrong secret: the proof does not match this region's shared secret and TLS certificate (see 'regiond \
+         secret show' on the region; if the secret is right, something between the rack and the region replaced \
+         the region's certificate)"
     )]
     WrongSecret,
     #[error("cannot read the region's secret")]
@@ -92,6 +101,8 @@ struct PendingChallenge {
 #[derive(Debug)]
 pub struct Racks {
     shared: Shared,
+    /// SHA-256 of the certificate the region serves: in every challenge, under every proof.
+    certificate_sha256: [u8; CERTIFICATE_SHA256_LEN_BYTES],
     /// Outstanding challenges by nonce; at most [`CHALLENGES_PENDING_MAX`].
     challenges: Mutex<HashMap<String, PendingChallenge>>,
     /// (rack id, generation) pairs already recorded as refused, so a stale rack's heartbeats
@@ -100,8 +111,13 @@ pub struct Racks {
 }
 
 impl Racks {
-    pub fn new(shared: Shared) -> Racks {
-        Racks { shared, challenges: Mutex::default(), stale_reported: Mutex::default() }
+    pub fn new(shared: Shared, certificate_sha256: [u8; CERTIFICATE_SHA256_LEN_BYTES]) -> Racks {
+        Racks { shared, certificate_sha256, challenges: Mutex::default(), stale_reported: Mutex::default() }
+    }
+
+    /// The fingerprint a challenge carries, hex.
+    pub fn certificate_sha256_hex(&self) -> String {
+        hex::encode(self.certificate_sha256)
     }
 
     /// Step 1 of registration: a single-use nonce bound to the rack's name.
@@ -120,10 +136,14 @@ impl Racks {
         Ok(nonce)
     }
 
-    /// Step 2: the proof (HMAC of the nonce and name under the secret). A right proof gets a
-    /// new credential, replacing any earlier registration of the same name.
+    /// Step 2 (over TLS): the proof (HMAC of the nonce, the certificate's fingerprint and the name
+    /// under the secret). A right proof gets a new credential, replacing any earlier registration
+    /// of the same name, and the region's own proof, by which the rack knows the fingerprint.
     pub async fn register(&self, request: RegisterRequest, peer: IpAddr) -> Result<RegisterResponse, RacksError> {
         validate_rack_name(&request.name).map_err(|reason| RacksError::InvalidName { reason })?;
+        if request.proof_version != REGISTRATION_PROOF_VERSION {
+            return Err(RacksError::ProofVersion { found: request.proof_version });
+        }
         // A nonce is good for one attempt, right or wrong: a guesser needs a new challenge each time.
         let pending = self.challenges.lock().await.remove(&request.nonce);
         let pending = match pending {
@@ -136,7 +156,7 @@ impl Racks {
         let (secret, generation) = crate::secret::reconcile(self.shared.data_dir(), store, "region")
             .await
             .map_err(|source| RacksError::Secret { source })?;
-        if !verify_registration_proof(&secret, &nonce, &pending.rack_name, &proof) {
+        if !verify_registration_proof(&secret, &nonce, &self.certificate_sha256, &pending.rack_name, &proof) {
             let message = format!("rack {:?} from {peer} refused: wrong secret", request.name);
             tracing::warn!(rack = %request.name, %peer, "registration refused: wrong secret");
             self.shared.note_failure(FailureKind::Registration, peer, &request.name, &message).await;
@@ -154,7 +174,9 @@ impl Racks {
             .await
             .map_err(store_error("record the registration"))?;
         let cluster_name = self.shared.cluster_name().await.map_err(store_error("read the cluster name"))?;
-        Ok(RegisterResponse { rack_id, credential, cluster_name })
+        let region_proof =
+            hex::encode(region_proof(&secret, &nonce, &self.certificate_sha256, &request.name, &rack_id));
+        Ok(RegisterResponse { rack_id, credential, cluster_name, region_proof })
     }
 
     /// The rack an `Authorization: Rack RACK_ID:CREDENTIAL` header names, checked against the

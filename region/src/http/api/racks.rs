@@ -46,7 +46,8 @@ async fn challenge(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(request): ApiJson<ChallengeRequest>,
 ) -> Result<Json<ChallengeResponse>, ApiError> {
-    Ok(Json(ChallengeResponse { nonce: state.racks.challenge(request.name, peer.ip()).await? }))
+    let nonce = state.racks.challenge(request.name, peer.ip()).await?;
+    Ok(Json(ChallengeResponse { nonce, certificate_sha256: Some(state.racks.certificate_sha256_hex()) }))
 }
 
 async fn register(
