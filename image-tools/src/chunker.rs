@@ -320,6 +320,78 @@ mod tests {
         assert_eq!(calls, 1);
     }
 
+    /// An input with what real images have besides incompressible data: long runs of zeros
+    /// (sparse space, cut at `max_len`), a short repeated pattern, a repeated 4 KiB block (the
+    /// same file copied many times), and random data between them so boundaries fall at
+    /// every kind of transition.
+    fn structured_bytes() -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend(pseudo_random_bytes(300_001, 20));
+        bytes.extend(vec![0u8; MIB + 17]);
+        bytes.extend(b"metalrack ".iter().cycle().take(700 * 1024 + 3));
+        bytes.extend(pseudo_random_bytes(MIB - 5, 21));
+        let block = pseudo_random_bytes(4096, 22);
+        for _ in 0..200 {
+            bytes.extend_from_slice(&block);
+        }
+        bytes.extend(vec![0u8; 300 * 1024 + 1]);
+        bytes.extend(pseudo_random_bytes(5000, 23));
+        bytes
+    }
+
+    /// The hash of a manifest's encoding: chunk boundaries, chunk hashes, length and file hash
+    /// in one value.
+    fn manifest_digest(manifest: &Manifest) -> String {
+        Hash::of(&manifest.to_bytes()).to_hex()
+    }
+
+    /// Boundaries and hashes recorded with the `StreamCDC` chunker of commit `cbaca9d`, before
+    /// any speed work. A chunker that moves one boundary or changes one hash makes every
+    /// manifest differ from the ones already pushed, so no chunk would be shared with images
+    /// chunked before: every path (stream, file) must reproduce these exactly.
+    const RECORDED: [(&str, u64, usize, &str); 3] = [
+        ("random, default config", 5_247_201, 62, "5eaeb956e7ed80c8167a75dc2fb7ea2ba39b672173f51d12a921e84c8963b767"),
+        (
+            "structured, default config",
+            4_245_369,
+            28,
+            "bc08fa6270fb2b9de23fca583b5cd56f63a6682709f1dc99f215ec25f648f6c4",
+        ),
+        (
+            "structured, small chunks",
+            4_245_369,
+            592,
+            "b2c90f32977745fca733e6187aada3f55acbe5bf72984142c330b8f32946f090",
+        ),
+    ];
+
+    fn recorded_inputs() -> [(Vec<u8>, ChunkerConfig); 3] {
+        let small = ChunkerConfig { min_len: 1024, avg_len: 4096, max_len: 16384 };
+        [
+            (pseudo_random_bytes(5 * MIB + 4321, 12), ChunkerConfig::default()),
+            (structured_bytes(), ChunkerConfig::default()),
+            (structured_bytes(), small),
+        ]
+    }
+
+    #[test]
+    fn test_boundaries_match_recorded_fixture() {
+        let dir = tempfile::tempdir().unwrap();
+        for ((name, file_len, n_chunks, digest), (input, config)) in RECORDED.iter().zip(recorded_inputs()) {
+            let (from_stream, _) = chunk_bytes(&input, config);
+            let path = dir.path().join("input.raw");
+            std::fs::write(&path, &input).unwrap();
+            let from_file = chunk_file(&path, config, |_| {}).unwrap();
+            for (path_name, manifest) in [("stream", &from_stream), ("file", &from_file)] {
+                assert_eq!(
+                    (manifest.file_len, manifest.chunks.len(), manifest_digest(manifest).as_str()),
+                    (*file_len, *n_chunks, *digest),
+                    "{name}, {path_name} path"
+                );
+            }
+        }
+    }
+
     #[test]
     fn test_chunk_file() {
         let dir = tempfile::tempdir().unwrap();
