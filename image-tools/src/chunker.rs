@@ -4,15 +4,28 @@
 //! moves the boundaries around it and leaves every other chunk — and its hash — unchanged:
 //! a new image version shares most chunks with the previous one.
 //!
-//! Memory is O(`max_len`) whatever the input size: fastcdc's `StreamCDC` keeps one
-//! `max_len` window, each chunk is handed to the caller and dropped, and the whole-file hash is
-//! computed on the way. Only the chunk list grows (36 bytes per chunk: ~6 MiB for 10 GiB at the
-//! default 64 KiB average).
+//! Two paths give the same manifest for the same bytes:
+//!
+//! - [`chunk_file`] maps a regular file and splits the work between threads
+//!   ([`chunk_slice`]): each thread cuts, hashes and file-hashes one segment of the mapping,
+//!   and the segments are stitched where their boundaries meet (see [`chunk_slice`]). Memory is
+//!   the mapping (page cache, not anonymous memory) plus the chunk lists.
+//! - [`chunk_reader`] (pipes, sockets, block devices, anything that is not a regular file) runs
+//!   on one thread: fastcdc's `StreamCDC` keeps one `max_len` window, each chunk is handed to
+//!   the caller and dropped, and the whole-stream hash is computed on the way. Memory is
+//!   O(`max_len`) whatever the input size.
+//!
+//! Either way the chunk list grows (36 bytes per chunk: ~6 MiB for 10 GiB at the default
+//! 64 KiB average).
 
 use std::fs::File;
 use std::io::Read;
+use std::num::NonZeroUsize;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use blake3::hazmat::{self, ChainingValue, HasherExt};
 use fastcdc::v2020;
 
 use crate::manifest::{ChunkRef, Manifest, CHUNKS_MAX, CHUNK_LEN_MAX};
@@ -80,13 +93,7 @@ pub fn chunk_reader<R: Read>(
     for result in chunker {
         let chunk = result.map_err(|e| ChunkError::Read { source: e.into() })?;
         if chunks.len() == CHUNKS_MAX as usize {
-            return Err(ChunkError::Config {
-                reason: format!(
-                    "the input needs more than {CHUNKS_MAX} chunks (the manifest's limit) at an average of {} \
-                     bytes; choose larger chunk lengths",
-                    config.avg_len
-                ),
-            });
+            return Err(too_many_chunks(config));
         }
         // StreamCDC never yields more than max_len, which validate() bounded by CHUNK_LEN_MAX.
         assert!(!chunk.data.is_empty() && chunk.data.len() <= config.max_len as usize);
@@ -99,10 +106,21 @@ pub fn chunk_reader<R: Read>(
     Ok(Manifest { file_len, file_hash: Hash(*file_hasher.finalize().as_bytes()), chunks })
 }
 
-/// Chunks the file at `path`, calling `progress` with the bytes done so far after each chunk.
+/// Chunks the file at `path`, calling `progress` with the bytes done so far from time to time
+/// and last with the file's length.
+///
+/// A regular file is mapped and chunked on all cores ([`chunk_slice`]); anything else (a block
+/// device, a FIFO, `/dev/stdin`) is read as a stream on one thread ([`chunk_reader`]). Both
+/// give the same manifest.
 pub fn chunk_file(path: &Path, config: ChunkerConfig, mut progress: impl FnMut(u64)) -> Result<Manifest, ChunkError> {
     config.validate()?;
     let file = File::open(path).map_err(|source| ChunkError::Open { path: path.to_owned(), source })?;
+    let metadata = file.metadata().map_err(|source| ChunkError::Read { source })?;
+    // An empty file cannot be mapped (and has nothing to gain from it).
+    if metadata.is_file() && metadata.len() > 0 {
+        let mapping = crate::mapped::map_for_reading(&file).map_err(|source| ChunkError::Map { source })?;
+        return chunk_slice(&mapping, config, progress);
+    }
     // No BufReader: StreamCDC reads straight into its own max_len window.
     let mut done: u64 = 0;
     chunk_reader(file, config, |chunk, _data| {
@@ -110,6 +128,304 @@ pub fn chunk_file(path: &Path, config: ChunkerConfig, mut progress: impl FnMut(u
         progress(done);
         Ok(())
     })
+}
+
+/// The smallest segment of a slice given to a thread of its own: ~1 ms of work at 4 GiB/s.
+/// Smaller segments would spend more on starting threads and stitching lists than the second
+/// core saves, and would leave few chunks per segment to stitch at.
+const SEGMENT_LEN_MIN: usize = 4 * 1024 * 1024;
+
+/// The most threads one slice is split between. Each costs a stack and its share of the chunk
+/// list; past a few cores, reading the page cache (memory bandwidth), not CPU, is the limit.
+const THREADS_MAX: usize = 16;
+
+/// Chunks a byte slice (typically a mapped file), calling `progress` with the bytes done so far
+/// from time to time and last with the slice's length. Gives the same manifest as
+/// [`chunk_reader`] over the same bytes.
+///
+/// The slice is split into one segment per core (at least [`SEGMENT_LEN_MIN`] each). Each
+/// thread cuts its segment as if a chunk started at the segment's start, hashes each chunk
+/// while it is still in cache, and hashes the segment's part of the whole-file BLAKE3 tree
+/// (subtrees that are merged at the end, `blake3::hazmat`). A boundary depends only on where
+/// its chunk started and the bytes that follow, so once the chain of chunks coming from the
+/// previous segment reaches a boundary the thread also found, the two chains agree from there
+/// on: the previous chain is extended chunk by chunk (on the calling thread, usually one to
+/// three chunks) until it lands on one of the segment's boundaries, and the segment's chunks
+/// before that point are dropped. Input where chains never meet (a run of zeros across a
+/// segment start, cut every `max_len` from different origins) is finished on the calling
+/// thread: correct, as slow as one thread.
+pub fn chunk_slice(data: &[u8], config: ChunkerConfig, progress: impl FnMut(u64)) -> Result<Manifest, ChunkError> {
+    let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+    let n_segments = cores.min(THREADS_MAX).min(data.len() / SEGMENT_LEN_MIN).max(1);
+    chunk_segments(data, config, n_segments, progress)
+}
+
+/// [`chunk_slice`] with a given number of segments (tests use small ones).
+fn chunk_segments(
+    data: &[u8],
+    config: ChunkerConfig,
+    n_segments: usize,
+    mut progress: impl FnMut(u64),
+) -> Result<Manifest, ChunkError> {
+    config.validate()?;
+    let file_len = data.len();
+    if file_len == 0 {
+        progress(0);
+        return Ok(Manifest { file_len: 0, file_hash: Hash::of(b""), chunks: vec![] });
+    }
+    // Segment starts on BLAKE3 chunk (1 KiB) boundaries so that the whole-file tree can be cut
+    // there; tiny inputs whose starts would collide get one segment.
+    let mut starts: Vec<usize> =
+        (0..n_segments).map(|i| file_len / n_segments * i / blake3::CHUNK_LEN * blake3::CHUNK_LEN).collect();
+    starts.dedup();
+    let segments: Vec<Range<usize>> =
+        starts.iter().zip(starts.iter().skip(1).copied().chain([file_len])).map(|(&start, end)| start..end).collect();
+
+    let mut leaves = Vec::new();
+    let tree = plan_subtrees(0..file_len as u64, &starts[1..], &mut leaves);
+    let cutter = v2020::FastCDC::new(data, config.min_len, config.avg_len, config.max_len);
+    let done = AtomicU64::new(0);
+    let job = |segment: Range<usize>| {
+        let first_leaf = leaves.partition_point(|leaf| leaf.start < segment.start as u64);
+        let n_leaves = leaves[first_leaf..].partition_point(|leaf| leaf.start < segment.end as u64);
+        SegmentJob {
+            data,
+            cutter: &cutter,
+            config,
+            segment,
+            leaves: &leaves[first_leaf..][..n_leaves],
+            root: segments.len() == 1,
+            done: &done,
+        }
+    };
+    let outputs: Vec<SegmentOutput> = std::thread::scope(|scope| {
+        let handles: Vec<_> = segments[1..]
+            .iter()
+            .map(|segment| {
+                let job = job(segment.clone());
+                scope.spawn(move || job.run(|| {}))
+            })
+            .collect();
+        // The calling thread takes the first segment and reports progress between its chunks.
+        let first = job(segments[0].clone()).run(|| progress(done.load(Ordering::Relaxed)));
+        let mut outputs = vec![first];
+        for handle in handles {
+            outputs.push(handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        }
+        outputs.into_iter().collect::<Result<_, _>>()
+    })?;
+
+    let chunks = stitch(data, &cutter, config, &outputs)?;
+    let mut cvs = outputs.iter().flat_map(|output| &output.leaf_cvs);
+    let file_hash = match (&tree, outputs[0].root_hash) {
+        (SubtreePlan::Leaf, Some(root_hash)) => root_hash,
+        (SubtreePlan::Parent(left, right), None) => {
+            let left = merge_subtrees(left, &mut cvs);
+            let right = merge_subtrees(right, &mut cvs);
+            Hash(*hazmat::merge_subtrees_root(&left, &right, hazmat::Mode::Hash).as_bytes())
+        }
+        _ => unreachable!("one segment hashes the root, several hash subtrees"),
+    };
+    assert!(cvs.next().is_none(), "every subtree is merged once");
+    let manifest = Manifest { file_len: file_len as u64, file_hash, chunks };
+    assert_eq!(manifest.chunks.iter().map(|chunk| u64::from(chunk.len)).sum::<u64>(), manifest.file_len);
+    progress(manifest.file_len);
+    Ok(manifest)
+}
+
+/// One thread's share of [`chunk_slice`].
+struct SegmentJob<'a> {
+    data: &'a [u8],
+    cutter: &'a v2020::FastCDC<'a>,
+    config: ChunkerConfig,
+    segment: Range<usize>,
+    /// The whole-file BLAKE3 subtrees inside `segment`, in order, covering it exactly.
+    leaves: &'a [Range<u64>],
+    /// The segment is the whole input: its hash is the root, not a subtree.
+    root: bool,
+    /// Bytes of the input done, over all segments.
+    done: &'a AtomicU64,
+}
+
+/// What one thread found in its segment.
+struct SegmentOutput {
+    /// The chunks from the segment's start until the first that ends at or past the segment's
+    /// end, with their offsets.
+    chunks: Vec<(usize, ChunkRef)>,
+    /// The chaining values of the job's subtrees, in order (empty if `root_hash` is set).
+    leaf_cvs: Vec<ChainingValue>,
+    root_hash: Option<Hash>,
+}
+
+impl SegmentJob<'_> {
+    fn run(self, mut after_chunk: impl FnMut()) -> Result<SegmentOutput, ChunkError> {
+        let mut chunks = Vec::new();
+        let mut file_hasher = SubtreeHasher::new(self.leaves);
+        let mut offset = self.segment.start;
+        while offset < self.segment.end {
+            if chunks.len() == CHUNKS_MAX as usize {
+                return Err(too_many_chunks(self.config));
+            }
+            let chunk = cut_and_hash(self.data, self.cutter, offset);
+            let end = offset + chunk.len as usize;
+            // The bytes are in cache now: hash the part of the chunk inside the segment into
+            // the whole-file tree.
+            file_hasher.update(self.data, offset..end.min(self.segment.end));
+            self.done.fetch_add(end.min(self.segment.end) as u64 - offset as u64, Ordering::Relaxed);
+            chunks.push((offset, chunk));
+            offset = end;
+            after_chunk();
+        }
+        let (leaf_cvs, root_hash) = if self.root {
+            (vec![], Some(Hash(*file_hasher.hasher.finalize().as_bytes())))
+        } else {
+            (file_hasher.finish(), None)
+        };
+        Ok(SegmentOutput { chunks, leaf_cvs, root_hash })
+    }
+}
+
+/// Cuts the chunk that starts at `offset` and hashes it.
+fn cut_and_hash(data: &[u8], cutter: &v2020::FastCDC, offset: usize) -> ChunkRef {
+    let (_, end) = cutter.cut(offset, data.len() - offset);
+    // cut() returns at least min_len bytes, or the rest of the input if shorter; never more
+    // than max_len, which validate() bounded by CHUNK_LEN_MAX.
+    assert!(offset < end && end - offset <= CHUNK_LEN_MAX as usize, "cut at {end} from {offset}");
+    let bytes = &data[offset..end];
+    ChunkRef { hash: Hash::of(bytes), len: bytes.len() as u32 }
+}
+
+/// Joins the segments' chunk lists into the one chain a single pass would have cut.
+fn stitch(
+    data: &[u8],
+    cutter: &v2020::FastCDC,
+    config: ChunkerConfig,
+    outputs: &[SegmentOutput],
+) -> Result<Vec<ChunkRef>, ChunkError> {
+    let mut chunks: Vec<ChunkRef> = Vec::with_capacity(outputs.iter().map(|output| output.chunks.len()).sum());
+    // Where the chain's next chunk starts.
+    let mut offset = 0;
+    for output in outputs {
+        while offset < data.len() {
+            match output.chunks.binary_search_by_key(&offset, |(start, _)| *start) {
+                // The chain meets this segment's boundaries: the rest of the segment agrees.
+                Ok(meet) => {
+                    chunks.extend(output.chunks[meet..].iter().map(|(_, chunk)| *chunk));
+                    let (start, last) = output.chunks.last().expect("found in it");
+                    offset = start + last.len as usize;
+                    break;
+                }
+                // The chain has passed every chunk of this segment without meeting one.
+                Err(index) if index == output.chunks.len() => break,
+                Err(_) => {
+                    let chunk = cut_and_hash(data, cutter, offset);
+                    offset += chunk.len as usize;
+                    chunks.push(chunk);
+                }
+            }
+        }
+        if chunks.len() > CHUNKS_MAX as usize {
+            return Err(too_many_chunks(config));
+        }
+    }
+    // Only if the chain never met the last segment's boundaries.
+    while offset < data.len() {
+        let chunk = cut_and_hash(data, cutter, offset);
+        offset += chunk.len as usize;
+        chunks.push(chunk);
+        if chunks.len() > CHUNKS_MAX as usize {
+            return Err(too_many_chunks(config));
+        }
+    }
+    Ok(chunks)
+}
+
+/// The shape of the whole-file BLAKE3 tree down to the subtrees the segments hash.
+enum SubtreePlan {
+    /// The next subtree in order: hashed whole by one segment's thread.
+    Leaf,
+    Parent(Box<SubtreePlan>, Box<SubtreePlan>),
+}
+
+/// Splits `range` as BLAKE3 does (the left subtree is the largest power of two of 1 KiB
+/// chunks shorter than the input) until no subtree spans a cut, appending the subtrees in order
+/// to `leaves`. Every cut is a multiple of 1 KiB, so the split ends, at worst at single 1 KiB
+/// chunks; in practice there are O(log len) subtrees per cut.
+fn plan_subtrees(range: Range<u64>, cuts: &[usize], leaves: &mut Vec<Range<u64>>) -> SubtreePlan {
+    if !cuts.iter().any(|&cut| range.start < cut as u64 && (cut as u64) < range.end) {
+        leaves.push(range);
+        return SubtreePlan::Leaf;
+    }
+    let middle = range.start + hazmat::left_subtree_len(range.end - range.start);
+    let left = plan_subtrees(range.start..middle, cuts, leaves);
+    let right = plan_subtrees(middle..range.end, cuts, leaves);
+    SubtreePlan::Parent(Box::new(left), Box::new(right))
+}
+
+/// The chaining value of a non-root subtree, from its leaves' values taken in order.
+fn merge_subtrees<'a>(plan: &SubtreePlan, leaf_cvs: &mut impl Iterator<Item = &'a ChainingValue>) -> ChainingValue {
+    match plan {
+        SubtreePlan::Leaf => *leaf_cvs.next().expect("one chaining value per leaf"),
+        SubtreePlan::Parent(left, right) => {
+            let left = merge_subtrees(left, leaf_cvs);
+            let right = merge_subtrees(right, leaf_cvs);
+            hazmat::merge_subtrees_non_root(&left, &right, hazmat::Mode::Hash)
+        }
+    }
+}
+
+/// Hashes consecutive bytes into a run of whole-file subtrees, one after the other.
+struct SubtreeHasher<'a> {
+    leaves: &'a [Range<u64>],
+    /// Index in `leaves` of the subtree `hasher` is on.
+    current: usize,
+    hasher: blake3::Hasher,
+    cvs: Vec<ChainingValue>,
+}
+
+impl<'a> SubtreeHasher<'a> {
+    fn new(leaves: &'a [Range<u64>]) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        if let Some(first) = leaves.first() {
+            hasher.set_input_offset(first.start);
+        }
+        SubtreeHasher { leaves, current: 0, hasher, cvs: Vec::with_capacity(leaves.len()) }
+    }
+
+    /// Hashes `data[range]`, which must follow the bytes hashed before.
+    fn update(&mut self, data: &[u8], range: Range<usize>) {
+        let mut offset = range.start;
+        while offset < range.end {
+            let leaf = &self.leaves[self.current];
+            let end = range.end.min(leaf.end as usize);
+            self.hasher.update(&data[offset..end]);
+            offset = end;
+            if offset as u64 == leaf.end && self.current + 1 < self.leaves.len() {
+                self.cvs.push(self.hasher.finalize_non_root());
+                self.current += 1;
+                self.hasher = blake3::Hasher::new();
+                self.hasher.set_input_offset(self.leaves[self.current].start);
+            }
+        }
+    }
+
+    /// The chaining values of every subtree, the last one included.
+    fn finish(mut self) -> Vec<ChainingValue> {
+        assert_eq!(self.current + 1, self.leaves.len(), "every subtree was fed");
+        self.cvs.push(self.hasher.finalize_non_root());
+        self.cvs
+    }
+}
+
+/// The error for an input that needs more chunks than a manifest can list.
+fn too_many_chunks(config: ChunkerConfig) -> ChunkError {
+    ChunkError::Config {
+        reason: format!(
+            "the input needs more than {CHUNKS_MAX} chunks (the manifest's limit) at an average of {} bytes; \
+             choose larger chunk lengths",
+            config.avg_len
+        ),
+    }
 }
 
 /// Retries reads interrupted by a signal, which `StreamCDC` would report as errors.
@@ -135,6 +451,8 @@ pub enum ChunkError {
     Open { path: PathBuf, source: std::io::Error },
     #[error("cannot read the input")]
     Read { source: std::io::Error },
+    #[error("cannot map the input into memory")]
+    Map { source: std::io::Error },
     #[error("cannot process a chunk")]
     Callback { source: std::io::Error },
 }
@@ -400,15 +718,68 @@ mod tests {
         std::fs::write(&path, &input).unwrap();
         let mut reports = Vec::new();
         let manifest = chunk_file(&path, ChunkerConfig::default(), |done| reports.push(done)).unwrap();
-        assert_eq!(manifest.file_hash, Hash::of(&input));
-        assert_eq!(reports.len(), manifest.chunks.len());
+        assert_eq!(manifest, chunk_bytes(&input, ChunkerConfig::default()).0);
         assert_eq!(reports.last(), Some(&(input.len() as u64)));
-        assert!(reports.windows(2).all(|w| w[0] < w[1]));
+        assert!(reports.windows(2).all(|w| w[0] <= w[1]), "{reports:?}");
+
+        let empty = dir.path().join("empty.raw");
+        std::fs::write(&empty, b"").unwrap();
+        let manifest = chunk_file(&empty, ChunkerConfig::default(), |_| {}).unwrap();
+        assert_eq!(manifest, Manifest { file_len: 0, file_hash: Hash::of(b""), chunks: vec![] });
 
         let missing = dir.path().join("missing.raw");
         match chunk_file(&missing, ChunkerConfig::default(), |_| {}) {
             Err(ChunkError::Open { path, .. }) => assert_eq!(path, missing),
             other => panic!("expected an open error, got {other:?}"),
         }
+    }
+
+    /// Every way of splitting an input into segments gives the one-pass manifest: boundaries
+    /// where the chains meet after a few chunks, later, or never (zeros across a segment start),
+    /// and BLAKE3 trees cut at every kind of place.
+    #[test]
+    fn test_segments_match_one_pass() {
+        let tiny = ChunkerConfig { min_len: 64, avg_len: 256, max_len: 1024 };
+        let small = ChunkerConfig { min_len: 1024, avg_len: 4096, max_len: 16384 };
+        let mut zeros_across_starts = pseudo_random_bytes(64 * 1024, 30);
+        zeros_across_starts.extend(vec![0u8; 6 * MIB + 12345]);
+        // Chains that never meet the last segment's: finished on the calling thread.
+        let zeros_to_the_end = zeros_across_starts.clone();
+        zeros_across_starts.extend(pseudo_random_bytes(300_000, 31));
+        let cases = [
+            (pseudo_random_bytes(3 * MIB + 999, 32), ChunkerConfig::default()),
+            (pseudo_random_bytes(3 * MIB + 999, 32), small),
+            (structured_bytes(), small),
+            (structured_bytes(), ChunkerConfig::default()),
+            (zeros_across_starts.clone(), ChunkerConfig::default()),
+            (zeros_across_starts, small),
+            (zeros_to_the_end, ChunkerConfig::default()),
+        ];
+        for (input, config) in &cases {
+            let (one_pass, _) = chunk_bytes(input, *config);
+            for n_segments in [1, 2, 3, 5, 8] {
+                let mut reports = Vec::new();
+                let manifest = chunk_segments(input, *config, n_segments, |done| reports.push(done)).unwrap();
+                assert_eq!(manifest, one_pass, "{} bytes, {config:?}, {n_segments} segments", input.len());
+                assert_eq!(reports.last(), Some(&(input.len() as u64)));
+                assert!(reports.windows(2).all(|w| w[0] <= w[1]));
+            }
+        }
+        // Short inputs, where segment starts collide or fall on the first BLAKE3 chunks.
+        for len in [0, 1, 63, 64, 65, 1023, 1024, 1025, 2047, 2048, 2049, 3000, 4096, 5000, 8193, 65543, 100_000] {
+            for input in [pseudo_random_bytes(len, 33), vec![0u8; len]] {
+                let (one_pass, _) = chunk_bytes(&input, tiny);
+                for n_segments in 1..=6 {
+                    let manifest = chunk_segments(&input, tiny, n_segments, |_| {}).unwrap();
+                    assert_eq!(manifest, one_pass, "{len} bytes, {n_segments} segments");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn test_slice_validates_config() {
+        let bad = ChunkerConfig { min_len: 63, ..ChunkerConfig::default() };
+        assert!(matches!(chunk_slice(b"x", bad, |_| {}), Err(ChunkError::Config { .. })));
     }
 }

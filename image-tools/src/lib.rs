@@ -15,6 +15,7 @@ pub mod error_chain;
 pub mod frame;
 pub mod log_safe;
 pub mod manifest;
+mod mapped;
 pub mod private_file;
 pub mod store;
 pub mod verify;
