@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use blake3::hazmat::{self, ChainingValue, HasherExt};
 use fastcdc::v2020;
 
+use crate::cut::Cutter;
 use crate::manifest::{ChunkRef, Manifest, CHUNKS_MAX, CHUNK_LEN_MAX};
 use crate::Hash;
 
@@ -183,7 +184,7 @@ fn chunk_segments(
 
     let mut leaves = Vec::new();
     let tree = plan_subtrees(0..file_len as u64, &starts[1..], &mut leaves);
-    let cutter = v2020::FastCDC::new(data, config.min_len, config.avg_len, config.max_len);
+    let cutter = Cutter::new(config);
     let done = AtomicU64::new(0);
     let job = |segment: Range<usize>| {
         let first_leaf = leaves.partition_point(|leaf| leaf.start < segment.start as u64);
@@ -236,7 +237,7 @@ fn chunk_segments(
 /// One thread's share of [`chunk_slice`].
 struct SegmentJob<'a> {
     data: &'a [u8],
-    cutter: &'a v2020::FastCDC<'a>,
+    cutter: &'a Cutter,
     config: ChunkerConfig,
     segment: Range<usize>,
     /// The whole-file BLAKE3 subtrees inside `segment`, in order, covering it exactly.
@@ -286,8 +287,8 @@ impl SegmentJob<'_> {
 }
 
 /// Cuts the chunk that starts at `offset` and hashes it.
-fn cut_and_hash(data: &[u8], cutter: &v2020::FastCDC, offset: usize) -> ChunkRef {
-    let (_, end) = cutter.cut(offset, data.len() - offset);
+fn cut_and_hash(data: &[u8], cutter: &Cutter, offset: usize) -> ChunkRef {
+    let end = cutter.cut(data, offset);
     // cut() returns at least min_len bytes, or the rest of the input if shorter; never more
     // than max_len, which validate() bounded by CHUNK_LEN_MAX.
     assert!(offset < end && end - offset <= CHUNK_LEN_MAX as usize, "cut at {end} from {offset}");
@@ -298,7 +299,7 @@ fn cut_and_hash(data: &[u8], cutter: &v2020::FastCDC, offset: usize) -> ChunkRef
 /// Joins the segments' chunk lists into the one chain a single pass would have cut.
 fn stitch(
     data: &[u8],
-    cutter: &v2020::FastCDC,
+    cutter: &Cutter,
     config: ChunkerConfig,
     outputs: &[SegmentOutput],
 ) -> Result<Vec<ChunkRef>, ChunkError> {
@@ -458,7 +459,7 @@ pub enum ChunkError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashSet;
 

@@ -9,6 +9,7 @@
 //! its manifest without ever holding the file in memory.
 
 pub mod chunker;
+mod cut;
 pub mod delta;
 pub mod diff;
 pub mod error_chain;
