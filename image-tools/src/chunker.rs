@@ -200,18 +200,25 @@ fn chunk_segments(
         }
     };
     let outputs: Vec<SegmentOutput> = std::thread::scope(|scope| {
-        let handles: Vec<_> = segments[1..]
+        // A segment whose thread cannot be started (out of threads or memory) runs on the
+        // calling thread after the first: slower, same result.
+        let pending: Vec<_> = segments[1..]
             .iter()
             .map(|segment| {
                 let job = job(segment.clone());
-                scope.spawn(move || job.run(|| {}))
+                std::thread::Builder::new()
+                    .name("chunker".into())
+                    .spawn_scoped(scope, move || job.run(|| {}))
+                    .map_err(|_| segment.clone())
             })
             .collect();
         // The calling thread takes the first segment and reports progress between its chunks.
-        let first = job(segments[0].clone()).run(|| progress(done.load(Ordering::Relaxed)));
-        let mut outputs = vec![first];
-        for handle in handles {
-            outputs.push(handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        let mut outputs = vec![job(segments[0].clone()).run(|| progress(done.load(Ordering::Relaxed)))];
+        for segment in pending {
+            outputs.push(match segment {
+                Ok(thread) => thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(segment) => job(segment).run(|| {}),
+            });
         }
         outputs.into_iter().collect::<Result<_, _>>()
     })?;
@@ -264,6 +271,8 @@ impl SegmentJob<'_> {
         let mut file_hasher = SubtreeHasher::new(self.leaves);
         let mut offset = self.segment.start;
         while offset < self.segment.end {
+            // Bounds this thread's list (48 bytes a chunk) by what a manifest could list; only
+            // a config with tiny chunks on a huge input gets near it, and that fails anyway.
             if chunks.len() == CHUNKS_MAX as usize {
                 return Err(too_many_chunks(self.config));
             }
