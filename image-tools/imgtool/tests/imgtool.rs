@@ -126,6 +126,40 @@ fn chunk_inspect_verify_diff() {
     assert!(stdout(&output).contains("the files are identical"));
 }
 
+/// `imgtool chunk FILE` maps a regular file and splits it between threads; `imgtool chunk
+/// /dev/stdin` fed by a pipe streams it on one thread. Both must write the same manifest.
+#[test]
+fn chunk_of_a_pipe_matches_chunk_of_the_file() {
+    use std::io::Write;
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image.img");
+    // Over two of the chunker's 4 MiB segments, so a two-core machine splits it.
+    let data = pseudo_random_bytes(9 * 1024 * 1024 + 5, 8);
+    std::fs::write(&image, &data).unwrap();
+    let from_file = dir.path().join("from-file.manifest");
+    assert_success(&imgtool(&[Path::new("chunk"), &image, Path::new("-o"), &from_file]));
+
+    let from_pipe = dir.path().join("from-pipe.manifest");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imgtool"))
+        .args([Path::new("chunk"), Path::new("/dev/stdin"), Path::new("-o"), &from_pipe])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert_success(&output);
+
+    let file_manifest = std::fs::read(&from_file).unwrap();
+    assert_eq!(std::fs::read(&from_pipe).unwrap(), file_manifest);
+    assert!(Manifest::parse(&file_manifest).unwrap().chunks.len() > 50);
+}
+
 #[test]
 fn errors_are_one_line_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
