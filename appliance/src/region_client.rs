@@ -4,29 +4,27 @@
 //! region and what went wrong. `region_link` adds the rack's registration.
 //!
 //! Trust: every call after registration is HTTPS to a certificate pinned by its SHA-256, the
-//! fingerprint the secret's HMAC covered at registration ([`RegionTrust::Pinned`]); names and
-//! certificate authorities play no part. Only the registration challenge, which carries nothing
-//! secret, goes out unpinned ([`RegionTrust::NothingYet`]).
+//! fingerprint the secret's HMAC covered at registration ([`RegionTrust::Pinned`]; the check is
+//! `metalrack_api::tls_pin`'s, shared with imgtool); names and certificate authorities play no
+//! part. Only the registration challenge, which carries nothing secret, goes out unpinned
+//! ([`RegionTrust::NothingYet`]).
 //!
 //! Deadlines, all from `region_request_timeout_ms`: a call (heartbeat, events, registration)
 //! has that long in all; a long-poll that long plus the time the region may hold it; a stream
 //! (manifest, chunks) that long for the response to start, then [`STREAM_READ_TIMEOUT`] per read,
 //! since a rate-capped stream of many chunks may rightly take far longer in all.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use metalrack_api::images::{RackCatalogue, RackSnapshot, MANIFEST_DELTA_TYPE};
 use metalrack_api::paths;
+use metalrack_api::tls_pin::{client_config, find_pin_mismatch};
+pub use metalrack_api::tls_pin::{PinMismatch, RegionTrust};
 use metalrack_api::{
     ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
-    RegisterResponse, API_PREFIX, CERTIFICATE_SHA256_LEN_BYTES,
+    RegisterResponse, API_PREFIX,
 };
 use reqwest::{StatusCode, Url};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -85,35 +83,6 @@ impl RegionError {
     }
 }
 
-/// The pinned verifier's refusal, carried inside rustls' and reqwest's errors.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("the certificate's sha256 is {presented}, the pinned one {pinned}")]
-pub struct PinMismatch {
-    pub pinned: String,
-    pub presented: String,
-}
-
-/// The [`PinMismatch`] somewhere in `error`'s chain. An `io::Error`'s `source()` skips the
-/// error it wraps, so those are opened by hand.
-fn find_pin_mismatch<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a PinMismatch> {
-    if let Some(mismatch) = error.downcast_ref::<PinMismatch>() {
-        return Some(mismatch);
-    }
-    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) =
-        error.downcast_ref::<rustls::Error>()
-    {
-        if let Some(mismatch) = inner.downcast_ref::<PinMismatch>() {
-            return Some(mismatch);
-        }
-    }
-    if let Some(inner) = error.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
-        if let Some(mismatch) = find_pin_mismatch(inner) {
-            return Some(mismatch);
-        }
-    }
-    error.source().and_then(find_pin_mismatch)
-}
-
 /// Checks and normalises a region URL as operators type it: `http://HOST:5240/MAAS[/]`.
 pub fn parse_region_url(text: &str) -> Result<Url, RegionError> {
     let bad = |reason: &str| RegionError::BadUrl { url: text.to_owned(), reason: reason.to_owned() };
@@ -142,88 +111,11 @@ pub fn tls_url(region_url: &Url) -> Url {
     url
 }
 
-/// Which region certificate a client accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RegionTrust {
-    /// Exactly the certificate with this SHA-256 (DER): the one registration pinned.
-    Pinned([u8; CERTIFICATE_SHA256_LEN_BYTES]),
-    /// Any certificate: only for the registration challenge to an `https://` URL, whose request
-    /// holds nothing secret and whose answer is believed only once the region's HMAC covers it.
-    NothingYet,
-}
-
-/// Checks the region's certificate against a pin instead of names and authorities: what the
-/// rack trusts is what the secret's HMAC covered at registration. The handshake's signature is
-/// still checked, so the peer holds the pinned certificate's key.
-#[derive(Debug)]
-struct PinnedVerifier {
-    trust: RegionTrust,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let RegionTrust::Pinned(pinned) = self.trust else { return Ok(ServerCertVerified::assertion()) };
-        let presented = metalrack_api::certificate_sha256(end_entity);
-        if presented == pinned {
-            return Ok(ServerCertVerified::assertion());
-        }
-        let mismatch = PinMismatch { pinned: hex::encode(pinned), presented: hex::encode(presented) };
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(mismatch)))))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        certificate: &CertificateDer<'_>,
-        signature: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            certificate,
-            signature,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        certificate: &CertificateDer<'_>,
-        signature: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            certificate,
-            signature,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// The HTTP client of one registration: built once, cloned (cheaply: a shared pool) into every
 /// [`RegionClient`], trusting the region's certificate as `trust` says.
 pub fn http_client(request_timeout: Duration, trust: RegionTrust) -> reqwest::Client {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedVerifier { trust, provider }))
-        .with_no_client_auth();
     reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
+        .use_preconfigured_tls(client_config(trust))
         // A redirect could only lead away from the pinned region.
         .redirect(reqwest::redirect::Policy::none())
         // Per read, for streams; calls and long-polls also get an overall deadline per request.

@@ -6,6 +6,8 @@ pub mod images;
 pub mod limits;
 pub mod machines;
 pub mod paths;
+#[cfg(feature = "tls-client")]
+pub mod tls_pin;
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
