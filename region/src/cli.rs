@@ -66,6 +66,11 @@ pub enum Command {
         #[command(subcommand)]
         action: SecretAction,
     },
+    /// The region's TLS certificate.
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
+    },
     /// Print a user's API keys (for `Authorization: Bearer KEY`).
     Apikey {
         #[arg(long)]
@@ -84,6 +89,17 @@ pub enum SecretAction {
     Set { secret: String },
     /// Replace the secret with a new random one. Registered racks must register again.
     Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsAction {
+    /// Print the certificate's path and SHA-256: give the file to `imgtool --ca-cert` and
+    /// `curl --cacert`, or the fingerprint to `imgtool --region-cert-sha256`.
+    Show {
+        /// The certificate `regiond serve --tls-cert` serves, if not the one made in DATA/tls/.
+        #[arg(long, value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+    },
 }
 
 /// Runs the command line and turns an error into one readable line and exit code 2.
@@ -131,6 +147,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Secret { action } => secret(&data_dir, action).await,
         Command::Apikey { username, new } => apikey(&data_dir, &username, new).await,
+        Command::Tls { action: TlsAction::Show { tls_cert } } => tls_show(&data_dir, tls_cert),
     }
 }
 
@@ -266,6 +283,17 @@ async fn createadmin(
     crate::users::create_admin(&store, &new, "regiond createadmin").await?;
     store.close().await;
     println!("Created administrator {username:?}. Log in at https://HOST:5240/MAAS/");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tls_show(data_dir: &Path, tls_cert: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let path = tls_cert.unwrap_or_else(|| crate::tls::generated_certificate_path(data_dir));
+    if !path.exists() {
+        bail!("no certificate at {} yet: 'regiond serve' makes it on its first start", path.display());
+    }
+    let sha256 = crate::tls::certificate_file_sha256(&path)?;
+    println!("certificate  {}", path.display());
+    println!("sha256       {}", hex::encode(sha256));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -134,14 +134,29 @@ fn generate(data_dir: &Path, names: &[String]) -> Result<(), TlsError> {
         .map_err(|source| TlsError::Write { path: certificate_path, source })
 }
 
-fn load(certificate_path: &Path, key_path: &Path) -> Result<TlsIdentity, TlsError> {
+/// The SHA-256 of the end-entity certificate in a PEM file (the first one): what racks pin and
+/// `regiond tls show` prints.
+pub fn certificate_file_sha256(certificate_path: &Path) -> Result<[u8; CERTIFICATE_SHA256_LEN_BYTES], TlsError> {
+    let chain = read_chain(certificate_path)?;
+    Ok(certificate_sha256(&chain[0]))
+}
+
+/// The certificates of a PEM file, leaf first; at least one.
+fn read_chain(certificate_path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let read_certificate = |source| TlsError::ReadCertificate { path: certificate_path.to_owned(), source };
     let chain = CertificateDer::pem_file_iter(certificate_path)
         .map_err(read_certificate)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(read_certificate)?;
-    let end_entity = chain.first().ok_or_else(|| TlsError::NoCertificate { path: certificate_path.to_owned() })?;
-    let certificate_sha256 = certificate_sha256(end_entity);
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate { path: certificate_path.to_owned() });
+    }
+    Ok(chain)
+}
+
+fn load(certificate_path: &Path, key_path: &Path) -> Result<TlsIdentity, TlsError> {
+    let chain = read_chain(certificate_path)?;
+    let certificate_sha256 = certificate_sha256(&chain[0]);
     let key = PrivateKeyDer::from_pem_file(key_path)
         .map_err(|source| TlsError::ReadKey { path: key_path.to_owned(), source })?;
     let config_error =
@@ -172,6 +187,8 @@ mod tests {
         let first = load_or_create(dir.path(), &source).unwrap();
         let second = load_or_create(dir.path(), &source).unwrap();
         assert_eq!(first.certificate_sha256, second.certificate_sha256, "kept across restarts");
+        let shown = certificate_file_sha256(&generated_certificate_path(dir.path())).unwrap();
+        assert_eq!(shown, first.certificate_sha256, "the fingerprint shown is the one served");
         let mode = std::fs::metadata(generated_key_path(dir.path())).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_dir_all(tls_dir(dir.path())).unwrap();

@@ -13,6 +13,7 @@ use metalrack_image_tools::manifest::{self, Manifest};
 use metalrack_image_tools::{diff, verify};
 
 mod push;
+mod tls;
 
 /// The largest valid manifest (CHUNKS_MAX entries, 144 MiB): reading stops past it, so a wrong
 /// path (a disk image instead of its manifest) fails at once instead of filling memory.
@@ -38,6 +39,9 @@ Examples:
   imgtool inspect jammy-v2.manifest --chunks          show the manifest, one line per chunk
   imgtool diff jammy-v1.manifest jammy-v2.manifest    what an update from v1 to v2 would move
   imgtool verify jammy-v2.img jammy-v2.manifest       check a downloaded or written image
+  imgtool push jammy-v2.img --name ubuntu/jammy --arch amd64 --kind root-disk \\
+    --url https://REGION:5240/MAAS --ca-cert cert.pem --api-key KEY
+                                                      upload, trusting the region's cert.pem
 
 Exit status: 0 on success, 2 on any error (including a file that does not verify).";
 
@@ -73,12 +77,29 @@ struct PushArgs {
     /// now, as YYYYMMDDHHMMSS.
     #[arg(long)]
     version: Option<String>,
-    /// The region, e.g. http://REGION:5240/MAAS
+    /// The region, e.g. https://REGION:5240/MAAS (HTTPS only: the API key goes in every request).
     #[arg(long, env = "METALRACK_URL")]
     url: String,
     /// Your API key (the region's account page, or `regiond apikey --username U`).
     #[arg(long, env = "METALRACK_API_KEY", hide_env_values = true)]
     api_key: String,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+/// How to trust the region's certificate: one of the two.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct TrustArgs {
+    /// Trust the region if its certificate is in, or signed by one in, FILE (PEM): a copy of the
+    /// region's /var/lib/metalrack/region/tls/cert.pem, or the authority of your own certificate.
+    /// The URL's host must be one the certificate names.
+    #[arg(long, env = "METALRACK_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Trust exactly the region certificate with this SHA-256, whatever names it holds:
+    /// `regiond tls show` on the region prints it (the region also logs it at start).
+    #[arg(long, env = "METALRACK_REGION_CERT_SHA256", value_name = "HEX")]
+    region_cert_sha256: Option<String>,
 }
 
 /// Cut FILE into content-defined chunks and write its manifest to OUT.
@@ -174,6 +195,8 @@ fn push_command(args: PushArgs) -> anyhow::Result<ExitCode> {
         let year = yoe + era * 400 + i64::from(month <= 2);
         format!("{year:04}{month:02}{day:02}{:02}{:02}{:02}", secs / 3600, secs % 3600 / 60, secs % 60)
     });
+    let region_certificate =
+        tls::RegionCertificate::from_options(args.trust.ca_cert.clone(), args.trust.region_cert_sha256.as_deref())?;
     let summary = push::push(&push::PushArgs {
         file: &args.file,
         name: &args.name,
@@ -182,6 +205,7 @@ fn push_command(args: PushArgs) -> anyhow::Result<ExitCode> {
         version: &version,
         url: &args.url,
         api_key: &args.api_key,
+        region_certificate: &region_certificate,
         config: ChunkerConfig::default(),
     })?;
     println!(

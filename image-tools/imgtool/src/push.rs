@@ -1,5 +1,5 @@
 //! `imgtool push`: upload a file to the region's catalogue, sending only the chunks it lacks.
-//! Chunk (one pass over the file), send the manifest, send the missing chunks in batches read
+//! Over HTTPS only, trusting the region as `tls` says. Chunk (one pass over the file), send the manifest, send the missing chunks in batches read
 //! straight from the file, commit. Interrupted pushes resume: run the same command again.
 
 use std::fs::File;
@@ -28,6 +28,7 @@ pub struct PushArgs<'a> {
     pub version: &'a str,
     pub url: &'a str,
     pub api_key: &'a str,
+    pub region_certificate: &'a crate::tls::RegionCertificate,
     pub config: ChunkerConfig,
 }
 
@@ -53,15 +54,29 @@ fn check(response: reqwest::blocking::Response, what: &str) -> anyhow::Result<re
     }
 }
 
+/// A failed request: what was wrong with the region's certificate if that was it, else that the
+/// region cannot be reached (with reqwest's reason).
+fn unreachable(region_certificate: &crate::tls::RegionCertificate, base: &str, error: reqwest::Error) -> anyhow::Error {
+    match region_certificate.refusal(&error) {
+        Some(refusal) => anyhow::anyhow!("{base}: {refusal}"),
+        None => anyhow::Error::new(error).context(format!("cannot reach the region at {base}")),
+    }
+}
+
 pub fn push(args: &PushArgs<'_>) -> anyhow::Result<PushSummary> {
     let started = Instant::now();
     let file_len = std::fs::metadata(args.file).with_context(|| format!("cannot read {}", args.file.display()))?.len();
+    // Before chunking, which may take minutes: a wrong URL or certificate fails at once.
+    let base = crate::tls::https_base(args.url)?;
+    let tls = args.region_certificate.client_config()?;
     let bar = super::progress_bar(Some(file_len));
     let manifest = chunk_file(args.file, args.config, |done| bar.set_position(done))?;
     bar.finish_and_clear();
-    let base = args.url.trim_end_matches('/');
     let api = format!("{base}{API_PREFIX}");
     let client = reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(tls)
+        // A redirect could lead the API key to another host; the region never redirects the API.
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(600))
         .user_agent(concat!("imgtool/", env!("CARGO_PKG_VERSION")))
@@ -83,7 +98,7 @@ pub fn push(args: &PushArgs<'_>) -> anyhow::Result<PushSummary> {
         .header("content-type", "application/octet-stream")
         .body(manifest_bytes)
         .send()
-        .with_context(|| format!("cannot reach the region at {base}"))?;
+        .map_err(|e| unreachable(args.region_certificate, &base, e))?;
     let upload: UploadResponse = check(response, "sending the manifest")?.json()?;
     let batch_limit = BATCH_BYTES_TARGET.min(upload.batch_bytes_max);
     let offsets: Vec<(u64, u32, Hash)> = manifest.chunk_offsets().map(|(o, c)| (o, c.len, c.hash)).collect();
@@ -98,7 +113,7 @@ pub fn push(args: &PushArgs<'_>) -> anyhow::Result<PushSummary> {
             .header("content-type", "application/octet-stream")
             .body(std::mem::take(batch))
             .send()
-            .with_context(|| format!("cannot reach the region at {base}"))?;
+            .map_err(|e| unreachable(args.region_certificate, &base, e))?;
         let _: ChunksStored = check(response, "sending chunks")?.json()?;
         Ok(())
     };
@@ -126,7 +141,7 @@ pub fn push(args: &PushArgs<'_>) -> anyhow::Result<PushSummary> {
         .post(format!("{api}{}", paths::upload_commit(&upload.upload_id)))
         .header("authorization", &auth)
         .send()
-        .with_context(|| format!("cannot reach the region at {base}"))?;
+        .map_err(|e| unreachable(args.region_certificate, &base, e))?;
     let commit: CommitResponse = check(response, "committing")?.json()?;
     Ok(PushSummary {
         commit,
