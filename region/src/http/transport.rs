@@ -1,8 +1,14 @@
 //! What a request came over (TLS or clear HTTP, told apart per connection by the listener) and
-//! what the region answers in clear: the rack registration challenge, which racks must reach
-//! before they know the certificate, and the JSON API for bearer-key tools (`imgtool` and curl
-//! with an `http://` URL, until they pin the certificate too). The UI is redirected to HTTPS, and
-//! rack calls are refused, so no rack credential, session cookie or boot decision crosses in clear.
+//! what the region answers in clear: only the rack registration challenge, which racks must reach
+//! before they know the certificate and which carries nothing secret. The UI is redirected to
+//! HTTPS; rack calls are refused with the code that makes a rack register again; every other API
+//! call, and any request carrying `Authorization`, is refused with a message naming the https://
+//! URL. So no API key, rack credential, session cookie or boot decision is answered in clear.
+//!
+//! The API is refused rather than redirected: a client that follows a redirect sends its key
+//! again, and the call would succeed, so the operator would never learn that the key crossed the
+//! network in clear (and the script would keep sending it so). A refusal fails loudly and says
+//! to replace the key.
 
 use std::convert::Infallible;
 
@@ -42,12 +48,39 @@ pub async fn clear_http_policy(transport: Transport, request: Request, next: Nex
         return next.run(request).await;
     }
     let api = format!("{BASE_PATH}{}", metalrack_api::API_PREFIX);
+    let carries_key = request.headers().contains_key(header::AUTHORIZATION);
     match request.uri().path().strip_prefix(&api) {
         Some(paths::RACK_CHALLENGE) => next.run(request).await,
         Some(path) if is_rack_call(path) => rack_call_in_clear().into_response(),
-        Some(_) => next.run(request).await,
+        Some(_) => api_call_in_clear(&request, carries_key).into_response(),
+        None if carries_key => api_call_in_clear(&request, carries_key).into_response(),
         None => redirect_to_https(&request),
     }
+}
+
+/// The API (or anything sent with a key) over clear HTTP: refused, saying where to go and, when
+/// a key came along, that it must be replaced since anyone on the path may have read it.
+fn api_call_in_clear(request: &Request, carries_key: bool) -> ApiError {
+    let mut message = match https_url(request) {
+        Some(url) => format!("this region serves its API over HTTPS only: use {url}"),
+        None => "this region serves its API over HTTPS only: use https://".to_owned(),
+    };
+    if carries_key {
+        // The path only: the key itself must not reach the log.
+        tracing::warn!(path = %request.uri().path(), "refused an API key sent over clear HTTP; it should be replaced");
+        message.push_str(
+            " (the key this request carried crossed the network in clear: make a new one with 'regiond apikey \
+             --username U --new' and use that one from now on)",
+        );
+    }
+    ApiError::new(StatusCode::FORBIDDEN, message)
+}
+
+/// The request's URL with `https`, from its Host header; `None` without one.
+fn https_url(request: &Request) -> Option<String> {
+    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok())?;
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    Some(format!("https://{host}{path}"))
 }
 
 fn is_rack_call(api_path: &str) -> bool {
@@ -69,11 +102,10 @@ fn rack_call_in_clear() -> ApiError {
 /// The same URL with `https`: the port serves both, so the Host header's port is right as it is.
 /// 308 keeps the method and body of a form sent to an `http://` URL.
 fn redirect_to_https(request: &Request) -> Response {
-    let Some(host) = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()) else {
-        return (StatusCode::BAD_REQUEST, "this region serves its UI over HTTPS only: use https://").into_response();
-    };
-    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    Redirect::permanent(&format!("https://{host}{path}")).into_response()
+    match https_url(request) {
+        Some(url) => Redirect::permanent(&url).into_response(),
+        None => (StatusCode::BAD_REQUEST, "this region serves its UI over HTTPS only: use https://").into_response(),
+    }
 }
 
 #[cfg(test)]
@@ -95,5 +127,23 @@ mod tests {
         for path in [paths::RACK_CHALLENGE, paths::RACKS, paths::IMAGES, &paths::machine("52-54-00-aa-bb-01")] {
             assert!(!is_rack_call(path), "{path}");
         }
+    }
+
+    #[test]
+    fn an_api_call_in_clear_is_refused_with_the_https_url_and_a_key_is_called_burnt() {
+        let request = |authorization: bool| {
+            let mut builder = Request::builder().uri("/MAAS/api/v1/images?x=1").header(header::HOST, "region:5240");
+            if authorization {
+                builder = builder.header(header::AUTHORIZATION, "Bearer k");
+            }
+            builder.body(axum::body::Body::empty()).unwrap()
+        };
+        let anonymous = api_call_in_clear(&request(false), false);
+        assert_eq!(anonymous.status, StatusCode::FORBIDDEN);
+        assert!(anonymous.body.error.contains("use https://region:5240/MAAS/api/v1/images?x=1"), "{anonymous:?}");
+        assert!(!anonymous.body.error.contains("apikey"), "{anonymous:?}");
+        let keyed = api_call_in_clear(&request(true), true);
+        assert!(keyed.body.error.contains("crossed the network in clear"), "{keyed:?}");
+        assert!(!keyed.body.error.contains("Bearer k"), "{keyed:?}");
     }
 }
