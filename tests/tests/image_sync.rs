@@ -294,15 +294,15 @@ async fn malformed_manifests_and_chunk_uploads_get_4xx_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let region = Region::start_with_config(&dir.path().join("region"), &region_config());
     let api_key = region.create_admin("admin", "correct horse battery");
-    let client = reqwest::Client::new();
-    let upload_url = format!("{}/api/v1/uploads?name=custom/x&arch=amd64&kind=root-disk&version=1", region.url);
+    let client = region.https_client();
+    let upload_url = format!("{}/api/v1/uploads?name=custom/x&arch=amd64&kind=root-disk&version=1", region.https_url());
 
     for (body, reason) in [(b"nonsense".to_vec(), "invalid manifest"), (vec![0u8; 200], "invalid manifest")] {
         let response = client.post(&upload_url).bearer_auth(&api_key).body(body).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert!(response.json::<metalrack_api::ErrorBody>().await.unwrap().error.contains(reason));
     }
-    let bad_name = format!("{}/api/v1/uploads?name=../x&arch=amd64&kind=root-disk&version=1", region.url);
+    let bad_name = format!("{}/api/v1/uploads?name=../x&arch=amd64&kind=root-disk&version=1", region.https_url());
     let response = client.post(&bad_name).bearer_auth(&api_key).body(b"x".to_vec()).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 
@@ -316,21 +316,21 @@ async fn malformed_manifests_and_chunk_uploads_get_4xx_and_change_nothing() {
     let first = manifest.chunks[0];
     let mut frame = Vec::new();
     metalrack_image_tools::frame::encode_frame(&first.hash, &vec![0u8; first.len as usize], &mut frame);
-    let chunks_url = format!("{}/api/v1/uploads/{}/chunks", region.url, upload.upload_id);
+    let chunks_url = format!("{}/api/v1/uploads/{}/chunks", region.https_url(), upload.upload_id);
     let response = client.post(&chunks_url).bearer_auth(&api_key).body(frame).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert!(response.json::<metalrack_api::ErrorBody>().await.unwrap().error.contains("damaged"));
     // A truncated frame, and committing with chunks missing.
     let response = client.post(&chunks_url).bearer_auth(&api_key).body(vec![1u8; 20]).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    let commit_url = format!("{}/api/v1/uploads/{}/commit", region.url, upload.upload_id);
+    let commit_url = format!("{}/api/v1/uploads/{}/commit", region.https_url(), upload.upload_id);
     let response = client.post(&commit_url).bearer_auth(&api_key).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::CONFLICT);
     assert!(response.json::<metalrack_api::ErrorBody>().await.unwrap().error.contains("missing"));
 
     // Nothing changed: no image, no stored chunk.
     let images: Vec<ImageView> = client
-        .get(format!("{}/api/v1/images", region.url))
+        .get(format!("{}/api/v1/images", region.https_url()))
         .bearer_auth(&api_key)
         .send()
         .await

@@ -178,6 +178,8 @@ async fn every_command_of_the_operator_guide_works_as_shown() {
             ("/etc/metalrack/region.toml", Some(config.display().to_string())),
             ("jammy.img", Some(image.display().to_string())),
             ("REGION:5240", None),
+            // The region's certificate as the operator copied it (here: where the region made it).
+            ("cert.pem", None),
             ("KEY", None),
             ("0123456789abcdef0123456789abcdef", None),
             ("HEX32", Some("00112233445566778899aabbccddeeff".into())),
@@ -248,7 +250,13 @@ async fn every_command_of_the_operator_guide_works_as_shown() {
     .await;
     assert!(shown.contains("rack1") && shown.contains(&region.url), "registration and region: {shown}");
 
-    // 4. Images: push (listed by the region), then the rack syncs it now.
+    // 4. Images: the certificate to trust, push over HTTPS (listed by the region), then the
+    // rack syncs it now.
+    let shown = shell.run(&guide.take("regiond tls show"));
+    let certificate = region.certificate_path();
+    assert!(shown.contains(&certificate.display().to_string()), "the path: {shown}");
+    assert!(shown.contains(&region.certificate_sha256()), "the fingerprint: {shown}");
+    shell.set("cert.pem", &certificate.display().to_string());
     let pushed = shell.run(&guide.take("imgtool push"));
     assert!(pushed.contains("committed"), "{pushed}");
     let listed = api.image("ubuntu/jammy").await.unwrap();

@@ -493,10 +493,10 @@ async fn a_write_held_up_by_another_writer_is_answered_503_with_retry_after_not_
     std::io::BufReader::new(locker.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "locked");
 
-    let client = reqwest::Client::new();
+    let client = region.https_client();
     let put = || {
         client
-            .put(format!("{}/api/v1/machines/52-54-00-aa-bb-07", region.url))
+            .put(format!("{}/api/v1/machines/52-54-00-aa-bb-07", region.https_url()))
             .bearer_auth(&api_key)
             .json(&serde_json::json!({"hostname": "node7", "boot": {"kind": "local"}}))
             .send()

@@ -162,3 +162,110 @@ async fn the_ui_is_https_with_secure_cookies_and_clear_http_is_redirected_or_ref
     assert_eq!(body.code.as_deref(), Some(metalrack_api::CODE_REREGISTER), "{body:?}");
     assert!(body.error.contains("HTTPS"), "{body:?}");
 }
+
+#[tokio::test]
+async fn the_api_is_refused_in_clear_with_or_without_a_key_and_says_where_to_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let clear = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+
+    // With the key, the API over clear HTTP is refused, not redirected: a redirect followed
+    // would succeed and hide that the key crossed in clear; the refusal says to replace it.
+    for (method, path) in [(reqwest::Method::GET, "/api/v1/images"), (reqwest::Method::PUT, "/api/v1/machines/x")] {
+        let response =
+            clear.request(method.clone(), format!("{}{path}", region.url)).bearer_auth(&api_key).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{method} {path}");
+        let body: metalrack_api::ErrorBody = response.json().await.unwrap();
+        assert!(body.error.contains(&format!("use {}{path}", region.https_url())), "{body:?}");
+        assert!(body.error.contains("crossed the network in clear") && body.error.contains("--new"), "{body:?}");
+        assert!(!body.error.contains(&api_key), "{body:?}");
+    }
+    // Without a key too (nothing in the API is for clear HTTP), and a key sent to a UI page is
+    // refused rather than redirected, for the same reason.
+    let anonymous = clear.get(format!("{}/api/v1/images", region.url)).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::FORBIDDEN);
+    let keyed_page = clear.get(format!("{}/controllers", region.url)).bearer_auth(&api_key).send().await.unwrap();
+    assert_eq!(keyed_page.status(), StatusCode::FORBIDDEN);
+    // What racks need before they know the certificate is still answered in clear.
+    let challenge = clear
+        .post(format!("{}/api/v1/racks/challenge", region.url))
+        .json(&metalrack_api::ChallengeRequest { name: "r1".into() })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(challenge.status(), StatusCode::OK);
+    // And the same key over HTTPS works.
+    assert!(region.api(&api_key).images().await.unwrap().is_empty());
+}
+
+/// `imgtool push` of `file` as `version` over `url`, trusting the region as `trust` says
+/// (arguments, then environment variables).
+fn imgtool_push(
+    api_key: &str,
+    file: &std::path::Path,
+    version: &str,
+    url: &str,
+    trust: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut command = std::process::Command::new(metalrack_tests::binary("imgtool"));
+    command.arg("push").arg(file).args(["--name", "custom/x", "--arch", "amd64", "--kind", "root-disk"]);
+    command.args(["--version", version, "--url", url, "--api-key", api_key]).args(trust);
+    command.env_remove("METALRACK_CA_CERT").env_remove("METALRACK_REGION_CERT_SHA256").env_remove("METALRACK_URL");
+    command.envs(env.iter().copied());
+    command.output().unwrap()
+}
+
+#[tokio::test]
+async fn imgtool_pushes_over_https_trusting_the_regions_certificate_or_its_fingerprint_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let file = dir.path().join("x.img");
+    std::fs::write(&file, metalrack_tests::random_bytes(300 << 10, 9)).unwrap();
+    let certificate = region.certificate_path().display().to_string();
+    let sha256 = region.certificate_sha256();
+    let url = region.https_url();
+
+    // The operator's two ways, as options and as environment variables.
+    let committed = [
+        imgtool_push(&api_key, &file, "1", &url, &["--ca-cert", &certificate], &[]),
+        imgtool_push(&api_key, &file, "2", &url, &["--region-cert-sha256", &sha256], &[]),
+        imgtool_push(&api_key, &file, "3", &url, &[], &[("METALRACK_CA_CERT", &certificate)]),
+        imgtool_push(&api_key, &file, "4", &url, &[], &[("METALRACK_REGION_CERT_SHA256", &sha256)]),
+    ];
+    for (i, output) in committed.iter().enumerate() {
+        assert!(output.status.success(), "push {}: {}", i + 1, stderr(output));
+        assert!(String::from_utf8_lossy(&output.stdout).contains("committed"), "push {}", i + 1);
+    }
+
+    // Another certificate, another fingerprint, a clear URL, no trust at all: refused, exit 2,
+    // one line saying what to fix, and nothing pushed.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let other_pem = other_dir.path().join("other.pem");
+    std::fs::write(&other_pem, other.cert.pem()).unwrap();
+    let other_pem = other_pem.display().to_string();
+    let wrong_pin = "00".repeat(32);
+    let clear_url = region.url.clone();
+    let refused = [
+        (vec!["--ca-cert", other_pem.as_str()], url.as_str(), "not trusted by --ca-cert"),
+        (vec!["--region-cert-sha256", wrong_pin.as_str()], url.as_str(), sha256.as_str()),
+        (vec!["--ca-cert", certificate.as_str()], clear_url.as_str(), "use --url https://"),
+        (vec![], url.as_str(), "--ca-cert"),
+    ];
+    for (trust, url, expected) in refused {
+        let output = imgtool_push(&api_key, &file, "5", url, &trust, &[]);
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{trust:?} {url}: {message}");
+        assert!(message.contains(expected), "{trust:?} {url}: expected {expected:?} in {message:?}");
+        if !trust.is_empty() {
+            assert_eq!(message.trim_end().lines().count(), 1, "one line: {message:?}");
+        }
+    }
+    let image = region.api(&api_key).image("custom/x").await.unwrap();
+    let versions: Vec<&str> = image.versions.iter().map(|v| v.version.as_str()).collect();
+    assert_eq!(versions.len(), 4, "only the trusted pushes committed: {versions:?}");
+    assert!(!versions.contains(&"5"), "{versions:?}");
+}
