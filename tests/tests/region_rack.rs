@@ -532,36 +532,16 @@ async fn rackd_register_takes_the_secret_from_stdin_or_a_file_so_it_stays_out_of
     let file = dir.path().join("secret.txt");
     std::fs::write(&file, format!("{secret}\n")).unwrap();
     let from_file = Rack::new(dir.path(), "file-rack");
-    let output = from_file
-        .command_for(&[
-            "register",
-            "--url",
-            &region.url,
-            "--secret-file",
-            file.to_str().unwrap(),
-            "--name",
-            "file-rack",
-        ])
-        .unwrap()
-        .output()
-        .unwrap();
+    let register_from_file = || {
+        let args = ["register", "--url", &region.url, "--secret-file", file.to_str().unwrap(), "--name", "file-rack"];
+        from_file.command_for(&args).unwrap().output().unwrap()
+    };
+    let output = register_from_file();
     assert!(output.status.success(), "{}", stderr(&output));
 
     // A wrong secret from a file is refused like one on the command line.
     std::fs::write(&file, "00000000000000000000000000000000\n").unwrap();
-    let output = from_file
-        .command_for(&[
-            "register",
-            "--url",
-            &region.url,
-            "--secret-file",
-            file.to_str().unwrap(),
-            "--name",
-            "file-rack",
-        ])
-        .unwrap()
-        .output()
-        .unwrap();
+    let output = register_from_file();
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("wrong secret"), "{}", stderr(&output));
 }
