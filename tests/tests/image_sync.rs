@@ -41,10 +41,12 @@ async fn rack_view(region: &Region, api_key: &str, name: &str) -> RackView {
 /// Waits until the rack is idle and the region shows it serving `file_hash`'s version.
 async fn wait_synced(region: &Region, api_key: &str, rack: &str, file_hash: &str) -> RackView {
     wait_for(&format!("{rack} to sync {}", &file_hash[..12]), DEADLINE, || async {
+        // The Images view first: once it shows the file served, the heartbeat that named the
+        // new snapshot (and carried its figures) is in, so the rack view read after it has them.
+        let serves = region.api(api_key).rack_serves_file(rack, file_hash).await.unwrap();
         let view = rack_view(region, api_key, rack).await;
         let idle = view.sync.as_ref().is_some_and(|s| s.phase == SyncPhase::Idle);
-        let serves = region.api(api_key).rack_serves_file(rack, file_hash).await.unwrap();
-        (idle && serves).then_some(view)
+        (serves && idle).then_some(view)
     })
     .await
 }

@@ -62,13 +62,15 @@ pub async fn wait_synced(api: &Api, rack: &Rack, file: &Path, file_hash: &str, s
     let on_disk = started.elapsed();
     let view =
         try_wait_for(&format!("the region to show {} synced", rack.name), Duration::from_secs(30), POLL, || async {
+            // The Images view first: once it shows the file served, the rack view read after it
+            // holds the heartbeat that named the new snapshot, with that sync's figures.
+            let serves = api.rack_serves_file(&rack.name, file_hash).await?;
             let view = api.rack(&rack.name).await?;
             let sync = view.sync.clone().unwrap_or_default();
             if sync.phase == SyncPhase::Failed {
                 bail!("rack {} sync failed: {}", rack.name, sync.message);
             }
-            let synced = sync.phase == SyncPhase::Idle && api.rack_serves_file(&rack.name, file_hash).await?;
-            Ok(synced.then_some(view))
+            Ok((serves && sync.phase == SyncPhase::Idle).then_some(view))
         })
         .await?;
     let figures = view.sync.and_then(|s| s.last_sync).context("a synced rack reports its last sync")?;
