@@ -103,7 +103,7 @@ fn load(data_dir: &DataDir, request_timeout: Duration) -> Result<Linked, LinkErr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn write_registration(data_dir: &DataDir, rack_name: &str) {

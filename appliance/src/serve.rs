@@ -174,7 +174,6 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::registration::Registration;
 
     /// A registered rack in a temp dir, its region unreachable (a closed port), with PXE on
     /// loopback ports chosen by the kernel and DHCP off.
@@ -182,16 +181,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = DataDir::new(dir.path().join("data"));
         std::fs::create_dir_all(data_dir.root()).unwrap();
-        let registration = Registration {
-            region_url: "http://127.0.0.1:9/MAAS".into(),
-            rack_name: "r1".into(),
-            rack_id: "1".into(),
-            credential: "c".into(),
-            cluster_name: "test".into(),
-            registered_at_ms: 0,
-            region_certificate_sha256: Some("ab".repeat(32)),
-        };
-        std::fs::write(data_dir.registration(), toml::to_string(&registration).unwrap()).unwrap();
+        crate::region_link::tests::write_registration(&data_dir, "r1");
         let loaders = dir.path().join("loaders");
         std::fs::create_dir_all(&loaders).unwrap();
         std::fs::write(loaders.join("undionly.kpxe"), b"pretend loader").unwrap();
