@@ -203,6 +203,7 @@ impl EventQueue {
             mac: mac.to_owned(),
             kind: kind.to_owned(),
             message,
+            report: None,
         };
         // Not short-circuited: every field is cut.
         let truncated = truncate_field(&mut event.mac, BOOT_EVENT_MAC_BYTES_MAX)

@@ -1,5 +1,6 @@
 //! Per-MAC iPXE scripts, rendered from the rack's local boot table (no region needed).
 
+use metalrack_api::agent::{DeployEnv, CMDLINE_MAC, CMDLINE_RACK, CMDLINE_TOKEN};
 use metalrack_api::machines::{BootAction, MachineBoot};
 
 /// The script for `mac` (lower-case, colon-separated). Every script ends by fetching a
@@ -24,6 +25,9 @@ pub fn script(base_url: &str, mac: &str, machine: Option<&MachineBoot>) -> Strin
              exit 1\n",
             callback("local")
         ),
+        Some(BootAction::Agent { env, token, job, .. }) => {
+            agent_script(base_url, mac, env, token, &format!("{job:?}"), &callback("loaded"), &callback("failed"))
+        }
         Some(BootAction::Image { image, arch, version, kernel_params }) => {
             let files = format!("{base_url}/images/{image}/{arch}/{version}");
             let params = if kernel_params.is_empty() { String::new() } else { format!(" {kernel_params}") };
@@ -44,6 +48,36 @@ pub fn script(base_url: &str, mac: &str, machine: Option<&MachineBoot>) -> Strin
             )
         }
     }
+}
+
+/// Boots the deploy environment with the agent's parameters on the kernel command line.
+fn agent_script(
+    base_url: &str,
+    mac: &str,
+    env: &DeployEnv,
+    token: &str,
+    what: &str,
+    loaded: &str,
+    failed: &str,
+) -> String {
+    let dashed = mac.replace(':', "-");
+    let (image, arch, version) = (&env.image.image, &env.image.arch, &env.image.version);
+    let files = format!("{base_url}/images/{image}/{arch}/{version}");
+    let params = if env.kernel_params.is_empty() { String::new() } else { format!(" {}", env.kernel_params) };
+    let token = if token.is_empty() { String::new() } else { format!(" {CMDLINE_TOKEN}={token}") };
+    format!(
+        "#!ipxe\n\
+         echo Metalrack: {mac} runs the deploy environment: {what}\n\
+         imgfetch --name kernel {files}/kernel BOOTIF=01-{dashed} {CMDLINE_RACK}={base_url} {CMDLINE_MAC}={mac}{token}{params} || goto failed\n\
+         imgfetch --name initrd {files}/initrd || goto failed\n\
+         imgfetch {loaded} ||\n\
+         boot kernel\n\
+         :failed\n\
+         imgfetch {failed} ||\n\
+         echo Metalrack: could not load the deploy environment; retrying in 10 s\n\
+         sleep 10\n\
+         chain {base_url}/ipxe/{dashed}\n"
+    )
 }
 
 #[cfg(test)]

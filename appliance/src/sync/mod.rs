@@ -364,7 +364,14 @@ mod tests {
     }
 
     fn catalogue(files: Vec<CatalogueFile>) -> RackCatalogue {
-        RackCatalogue { revision: 1, sync_requested: 0, policy: Default::default(), files, machines: Vec::new() }
+        RackCatalogue {
+            revision: 1,
+            sync_requested: 0,
+            policy: Default::default(),
+            files,
+            machines: Vec::new(),
+            deploy_env: None,
+        }
     }
 
     #[test]

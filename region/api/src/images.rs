@@ -139,6 +139,10 @@ pub struct RackCatalogue {
     /// Boot decisions for the machines this rack serves (all known machines, for now).
     #[serde(default)]
     pub machines: Vec<crate::machines::MachineBoot>,
+    /// The deploy environment unknown machines boot into to enlist; absent while the catalogue
+    /// holds none (they then wait in a loop for an operator, as before).
+    #[serde(default)]
+    pub deploy_env: Option<crate::agent::DeployEnv>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

@@ -2,10 +2,12 @@
 //! endpoint paths, the limits both sides must respect, the registration proof, and the header
 //! formats. Both sides compile against this one crate so they cannot drift apart.
 
+pub mod agent;
 pub mod images;
 pub mod limits;
 pub mod machines;
 pub mod paths;
+pub mod power;
 #[cfg(feature = "tls-client")]
 pub mod tls_pin;
 

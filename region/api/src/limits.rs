@@ -50,9 +50,12 @@ pub const BOOT_EVENT_MAC_BYTES_MAX: usize = 64;
 pub const BOOT_EVENT_MESSAGE_BYTES_MAX: usize = 1024;
 
 /// Largest JSON of one boot event: every byte of its text escaped (`\u0000`, 6 bytes each) plus
-/// the field names, quotes and four 20-digit numbers (~150 bytes; 256 with room to spare).
-pub const BOOT_EVENT_JSON_BYTES_MAX: usize =
-    6 * (BOOT_EVENT_KIND_BYTES_MAX + BOOT_EVENT_MAC_BYTES_MAX + BOOT_EVENT_MESSAGE_BYTES_MAX) + 256;
+/// the field names, quotes and four 20-digit numbers (~150 bytes; 256 with room to spare), plus
+/// the machine report an agent's event carries (~31 KiB at most, an inventory).
+pub const BOOT_EVENT_JSON_BYTES_MAX: usize = 6
+    * (BOOT_EVENT_KIND_BYTES_MAX + BOOT_EVENT_MAC_BYTES_MAX + BOOT_EVENT_MESSAGE_BYTES_MAX)
+    + 256
+    + crate::agent::MACHINE_REPORT_JSON_BYTES_MAX;
 
 /// Bytes of JSON in one `POST /rack/events` body, as the rack counts them (the array, its
 /// commas and each event's serialized length). Three quarters of [`REQUEST_BODY_MAX_BYTES`]: the

@@ -1,7 +1,10 @@
-//! Wire types of machines' boot decisions (what the rack serves each MAC) and of the boot
-//! events racks report.
+//! Wire types of machines: their lifecycle as the API shows and changes it, their boot
+//! decisions (what the rack serves each MAC), and the boot events racks report.
 
 use serde::{Deserialize, Serialize};
+
+use crate::agent::{AgentJob, DeployEnv, DeployProgress, EraseMode, ImageRef, Inventory, MachineReport};
+use crate::power::{PowerParameters, PowerState, PowerView};
 
 /// Boot events one request may carry; a rack with more queued sends several requests, each also
 /// within [`BOOT_EVENTS_BATCH_BYTES_MAX`] of JSON, each field within its `*_BYTES_MAX`.
@@ -20,6 +23,15 @@ pub enum BootAction {
     Local,
     /// Network-boot the kernel and initrd of an image version.
     Image { image: String, arch: String, version: String, kernel_params: String },
+    /// Boot the deploy environment to run a job (commission, deploy, release).
+    Agent {
+        env: DeployEnv,
+        machine_id: String,
+        /// The job's token, which the agent shows the rack and the rack's reports carry.
+        token: String,
+        #[serde(flatten)]
+        job: AgentJob,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -57,9 +69,199 @@ pub struct BootEvent {
     pub seq: u64,
     pub at_ms: i64,
     pub mac: String,
-    /// `boot.dhcp`, `boot.tftp`, `boot.http`, `boot.script`, `boot.callback`, `boot.refused`.
+    /// `boot.dhcp`, `boot.tftp`, `boot.http`, `boot.script`, `boot.callback`, `boot.refused`,
+    /// and for a machine report `machine.*` ([`crate::agent::AgentReport::event_kind`]).
     pub kind: String,
     pub message: String,
+    /// What an agent (or the rack on its behalf) reported; absent for plain boot events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<MachineReport>,
+}
+
+/// A machine's place in its lifecycle (MAAS's states and words).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineState {
+    /// Enlisted or added; not yet commissioned.
+    New,
+    Commissioning,
+    FailedCommissioning,
+    /// Commissioned, powered off, free to deploy.
+    Ready,
+    /// Reserved for a deploy that waits for a slot on its rack.
+    Allocated,
+    Deploying,
+    FailedDeployment,
+    Deployed,
+    Releasing,
+    FailedReleasing,
+    /// Taken out of service by an operator, with a reason.
+    Broken,
+}
+
+impl MachineState {
+    pub const ALL: [MachineState; 11] = [
+        MachineState::New,
+        MachineState::Commissioning,
+        MachineState::FailedCommissioning,
+        MachineState::Ready,
+        MachineState::Allocated,
+        MachineState::Deploying,
+        MachineState::FailedDeployment,
+        MachineState::Deployed,
+        MachineState::Releasing,
+        MachineState::FailedReleasing,
+        MachineState::Broken,
+    ];
+
+    /// The word in the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineState::New => "new",
+            MachineState::Commissioning => "commissioning",
+            MachineState::FailedCommissioning => "failed_commissioning",
+            MachineState::Ready => "ready",
+            MachineState::Allocated => "allocated",
+            MachineState::Deploying => "deploying",
+            MachineState::FailedDeployment => "failed_deployment",
+            MachineState::Deployed => "deployed",
+            MachineState::Releasing => "releasing",
+            MachineState::FailedReleasing => "failed_releasing",
+            MachineState::Broken => "broken",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<MachineState> {
+        MachineState::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// How the UI shows it: `Failed deployment`.
+    pub fn label(self) -> &'static str {
+        match self {
+            MachineState::New => "New",
+            MachineState::Commissioning => "Commissioning",
+            MachineState::FailedCommissioning => "Failed commissioning",
+            MachineState::Ready => "Ready",
+            MachineState::Allocated => "Allocated",
+            MachineState::Deploying => "Deploying",
+            MachineState::FailedDeployment => "Failed deployment",
+            MachineState::Deployed => "Deployed",
+            MachineState::Releasing => "Releasing",
+            MachineState::FailedReleasing => "Failed releasing",
+            MachineState::Broken => "Broken",
+        }
+    }
+}
+
+/// A machine as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MachineView {
+    /// The region's id: 8 lower-case letters and digits.
+    pub id: String,
+    pub hostname: String,
+    /// The MAC it boots from.
+    pub mac: String,
+    pub state: MachineState,
+    /// Why it is in that state (a failure's last event, a broken machine's reason).
+    pub status_message: String,
+    pub rack_id: Option<String>,
+    pub rack_name: Option<String>,
+    pub power: Option<PowerView>,
+    pub power_state: PowerState,
+    pub power_checked_at_ms: Option<i64>,
+    /// The image deployed or being deployed, and the disk.
+    pub image: Option<ImageRef>,
+    pub disk: Option<String>,
+    /// While deploying: the agent's last figures.
+    pub progress: Option<DeployProgress>,
+    /// Allocated and waiting for a deploy slot on its rack: 1 for the next to start.
+    pub queue_position: Option<u32>,
+    pub inventory: Option<Inventory>,
+    pub updated_at_ms: i64,
+    /// The last time its state changed.
+    pub state_changed_at_ms: i64,
+}
+
+/// One page of the machine list (`GET /machines?state=&offset=&limit=`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MachinePage {
+    pub machines: Vec<MachineView>,
+    /// Machines matching the filter, on every page.
+    pub total: u64,
+}
+
+/// Machines one list page holds at most (the default page is 100).
+pub const MACHINE_PAGE_MAX: u32 = 1000;
+
+/// `POST /machines`: an operator adds a machine by its MAC and power settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineCreate {
+    #[serde(default)]
+    pub hostname: String,
+    pub mac: String,
+    pub power: PowerParameters,
+    /// The rack (id or name) whose network the machine boots from; may be left out when there
+    /// is one rack.
+    #[serde(default)]
+    pub rack: Option<String>,
+}
+
+/// `PATCH /machines/{id}`: change what an operator may change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MachineEdit {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub power: Option<PowerParameters>,
+    #[serde(default)]
+    pub rack: Option<String>,
+}
+
+/// `POST /machines/{id}/deploy`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    pub image: String,
+    pub arch: String,
+    /// The newest version when absent.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The first disk of the inventory when absent.
+    #[serde(default)]
+    pub disk: Option<String>,
+}
+
+/// `POST /machines/{id}/release`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    #[serde(default)]
+    pub erase: EraseMode,
+}
+
+/// `POST /machines/{id}/mark-broken`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BrokenRequest {
+    pub reason: String,
+}
+
+/// `POST /machines/{id}/power`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerCommand {
+    On,
+    Off,
+    Cycle,
+    Query,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PowerCommandRequest {
+    pub action: PowerCommand,
 }
 
 /// Largest `queue_id` (exclusive): 2^53, the largest integer every JSON reader keeps exact.
@@ -104,6 +306,7 @@ mod tests {
             mac: escaped(BOOT_EVENT_MAC_BYTES_MAX),
             kind: escaped(BOOT_EVENT_KIND_BYTES_MAX),
             message: escaped(BOOT_EVENT_MESSAGE_BYTES_MAX),
+            report: None,
         };
         let len = serde_json::to_vec(&event).unwrap().len();
         assert!(len <= BOOT_EVENT_JSON_BYTES_MAX, "{len} > {BOOT_EVENT_JSON_BYTES_MAX}");

@@ -15,6 +15,8 @@ pub const RACK_MANIFEST: &str = "/rack/manifests/{id}";
 pub const RACK_CHUNKS: &str = "/rack/chunks";
 pub const RACK_EVENTS: &str = "/rack/events";
 pub const RACK_SNAPSHOT: &str = "/rack/snapshot";
+/// `GET`: the power requests for this rack's machines (long-poll, `?wait_ms=`); `POST`: a result.
+pub const RACK_POWER: &str = "/rack/power";
 
 // Users and tools (`Authorization: Bearer KEY`).
 pub const RACKS: &str = "/racks";
@@ -29,7 +31,19 @@ pub const UPLOAD_COMMIT: &str = "/uploads/{id}/commit";
 pub const IMAGES: &str = "/images";
 pub const IMAGE_VERSION: &str = "/images/{image_id}/versions/{version}";
 pub const MACHINES: &str = "/machines";
-pub const MACHINE: &str = "/machines/{mac}";
+/// `GET` a machine (by id or MAC); `PUT` by MAC sets a bare boot decision (no lifecycle);
+/// `PATCH` edits; `DELETE` removes.
+pub const MACHINE: &str = "/machines/{machine}";
+pub const MACHINE_COMMISSION: &str = "/machines/{machine}/commission";
+pub const MACHINE_DEPLOY: &str = "/machines/{machine}/deploy";
+pub const MACHINE_RELEASE: &str = "/machines/{machine}/release";
+pub const MACHINE_POWER: &str = "/machines/{machine}/power";
+pub const MACHINE_MARK_BROKEN: &str = "/machines/{machine}/mark-broken";
+pub const MACHINE_MARK_FIXED: &str = "/machines/{machine}/mark-fixed";
+pub const MACHINE_ABORT: &str = "/machines/{machine}/abort";
+pub const MACHINE_EVENTS: &str = "/machines/{machine}/events";
+/// The OpenAPI document of this API (JSON).
+pub const OPENAPI: &str = "/openapi.json";
 
 /// `template` with its one `{...}` segment replaced by `value`.
 fn fill(template: &str, value: &str) -> String {
@@ -50,16 +64,21 @@ pub fn rack_sync_policy(rack_id: &str) -> String {
     fill(RACK_SYNC_POLICY, rack_id)
 }
 
+pub fn machine(machine: &str) -> String {
+    fill(MACHINE, machine)
+}
+
+/// A machine's action path: `machine_path(MACHINE_DEPLOY, "abcd1234")`.
+pub fn machine_path(template: &str, machine: &str) -> String {
+    fill(template, machine)
+}
+
 pub fn upload_chunks(upload_id: &str) -> String {
     fill(UPLOAD_CHUNKS, upload_id)
 }
 
 pub fn upload_commit(upload_id: &str) -> String {
     fill(UPLOAD_COMMIT, upload_id)
-}
-
-pub fn machine(mac: &str) -> String {
-    fill(MACHINE, mac)
 }
 
 pub fn image_version(image_id: &str, version: &str) -> String {

@@ -536,6 +536,7 @@ impl Catalogue {
             policy: rack.sync_policy,
             files: store.catalogue_files().await.map_err(store_error("list the catalogue"))?,
             machines: store.machines().await.map_err(store_error("list machines"))?,
+            deploy_env: None,
         })
     }
 

@@ -145,6 +145,7 @@ mod tests {
             mac: "52:54:00:aa:bb:01".into(),
             kind: "boot.tftp".into(),
             message: message.into(),
+            report: None,
         }
     }
 
