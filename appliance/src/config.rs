@@ -64,6 +64,10 @@ pub struct PxeConfig {
     #[serde(default)]
     pub tftp: TftpConfig,
     pub dhcp: DhcpConfig,
+    /// Testing only: flip one byte of the first ranged response for an image file (what a
+    /// deploy agent fetches), to prove agents verify every chunk before writing it. Default off.
+    #[serde(default)]
+    pub fault_corrupt_one_image_range: bool,
 }
 
 fn default_http_listen() -> SocketAddr {

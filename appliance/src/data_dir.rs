@@ -7,6 +7,7 @@
 //! DATA/status.json            the last heartbeat, for `rackd status`            status
 //! DATA/control.sock           `rackd sync` talks to `rackd serve` here          control
 //! DATA/boot-table.json        the machines' boot decisions from the region      snapshot::boot_table
+//! DATA/deploys-done.json      deploys this rack saw finish (region not told yet) snapshot::boot_table
 //! DATA/images/                the snapshot store (see `snapshot`)               snapshot
 //! DATA/images/sync-state.json what the sync has acted on                        sync
 //! DATA/boot/                  iPXE loaders copied at start (the TFTP root)      pxe
@@ -45,6 +46,10 @@ impl DataDir {
 
     pub fn boot_table(&self) -> PathBuf {
         self.root.join("boot-table.json")
+    }
+
+    pub fn deploys_done(&self) -> PathBuf {
+        self.root.join("deploys-done.json")
     }
 
     /// The snapshot store's root.

@@ -24,6 +24,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use metalrack_api::agent::MachineReport;
 use metalrack_api::machines::{
     BootEvent, BOOT_EVENT_KIND_BYTES_MAX, BOOT_EVENT_MAC_BYTES_MAX, BOOT_EVENT_MESSAGE_BYTES_MAX,
 };
@@ -196,6 +197,17 @@ impl EventQueue {
     /// Queues an event: numbered, its fields cut to the wire's lengths, appended to the file (one
     /// write to the page cache; the flush task syncs). When full, the oldest make room.
     pub fn push(&self, mac: &str, kind: &str, message: String) {
+        self.push_event(mac, kind, message, None);
+    }
+
+    /// Queues a machine's report (checked against its bounds by the caller: see
+    /// `AgentReport::validate`) as an event of its kind, in order with the boot events.
+    pub fn push_report(&self, mac: &str, message: String, report: MachineReport) {
+        let kind = report.report.event_kind();
+        self.push_event(mac, kind, message, Some(report));
+    }
+
+    fn push_event(&self, mac: &str, kind: &str, message: String, report: Option<MachineReport>) {
         let mut event = BootEvent {
             queue_id: 0,
             seq: 0,
@@ -203,7 +215,7 @@ impl EventQueue {
             mac: mac.to_owned(),
             kind: kind.to_owned(),
             message,
-            report: None,
+            report,
         };
         // Not short-circuited: every field is cut.
         let truncated = truncate_field(&mut event.mac, BOOT_EVENT_MAC_BYTES_MAX)

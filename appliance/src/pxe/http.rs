@@ -191,7 +191,8 @@ pub fn router(pxe: Arc<Pxe>) -> (Router, Arc<Registry>) {
         .route("/ipxe/{mac}", get(ipxe_script))
         .route("/callback/{mac}", get(callback))
         .route("/metrics", get(metrics))
-        .with_state(state);
+        .with_state(state.clone())
+        .merge(super::agent::router(state.pxe.clone()));
     (router, registry)
 }
 
@@ -514,9 +515,21 @@ async fn send_file(
             let _ = map.map().advise_range(memmap2::Advice::WillNeed, from, to - from);
         }
     };
+    if range.is_some() && label.starts_with("/images/") && state.pxe.fault_armed.swap(false, Ordering::Relaxed) {
+        // The test fault hook: this one response carries a flipped byte, from a copy.
+        let mut copy = bytes.slice(start as usize..end as usize).to_vec();
+        let middle = copy.len() / 2;
+        copy[middle] ^= 0x5a;
+        tracing::warn!(%label, start, end, "fault hook: corrupted one byte of this response");
+        return response.body(Body::from(copy)).expect("valid response");
+    }
     state.pxe.metrics.http_streams.inc();
     state.pxe.metrics.http_streams_active.inc();
-    state.pxe.record(&mac, "boot.http", format!("HTTP {label} ({} bytes) to {peer}", end - start));
+    if range.is_none() {
+        // A deploy agent's ranged fetches (hundreds per image) are counted in the metrics, not
+        // logged one by one; the agent reports its own progress.
+        state.pxe.record(&mac, "boot.http", format!("HTTP {label} ({} bytes) to {peer}", end - start));
+    }
     let guard = Arc::new(StreamGuard { _permit: permit, _client: client, pxe: state.pxe.clone() });
     let pxe = state.pxe.clone();
     // State: the next offset to send, and how far the kernel has been asked to read ahead.
@@ -565,12 +578,28 @@ async fn ipxe_script(
     let Ok(mac) = normalize_mac(&mac) else {
         return (StatusCode::BAD_REQUEST, "expected /ipxe/aa-bb-cc-dd-ee-ff\n").into_response();
     };
-    let table = state.pxe.boot_table.borrow().clone();
-    let machine = table.iter().find(|m| m.mac == mac);
-    let script = super::ipxe::script(&state.pxe.base_url(), &mac, machine);
-    let what = machine.map(|m| format!("{:?}", m.boot)).unwrap_or_else(|| "enlist (unknown MAC)".into());
+    let boots = state.pxe.boot_table.borrow().clone();
+    let machine = boots.machine(&mac);
+    let (script, what) = if super::agent::booted_local_after_deploy(&state.pxe, &boots, &mac) {
+        (super::ipxe::local_script(&state.pxe.base_url(), &mac), "local (deploy finished here)".to_string())
+    } else {
+        let script = super::ipxe::script(&state.pxe.base_url(), &mac, machine, boots.deploy_env.as_ref());
+        let what = machine.map(|m| describe_boot(&m.boot)).unwrap_or_else(|| "enlist (unknown MAC)".into());
+        (script, what)
+    };
     state.pxe.record(&mac, "boot.script", format!("iPXE script to {peer}: {what}"));
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))], script).into_response()
+}
+
+/// A boot decision in a few words (no tokens: events are shown to operators).
+fn describe_boot(boot: &metalrack_api::machines::BootAction) -> String {
+    use metalrack_api::machines::BootAction;
+    match boot {
+        BootAction::Enlist => "enlist".into(),
+        BootAction::Local => "local".into(),
+        BootAction::Image { image, arch, version, .. } => format!("image {image} {arch} {version}"),
+        BootAction::Agent { job, .. } => format!("deploy environment: {job:?}"),
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -643,25 +672,10 @@ mod tests {
              [dhcp]\nmode = \"off\"\n"
         ))
         .unwrap();
-        let store = crate::snapshot::SnapshotStore::open(&data_dir).unwrap();
         let boot_files_dir = data_dir.boot_files();
         std::fs::create_dir_all(&boot_files_dir).unwrap();
         std::fs::File::create(boot_files_dir.join("big")).unwrap().set_len(big_len).unwrap();
-        let metrics = crate::pxe::metrics::Metrics::new();
-        let events = crate::pxe::events::EventQueue::open(&data_dir, metrics.boot_events.clone()).unwrap();
-        let pxe = Arc::new(Pxe {
-            config,
-            data_dir,
-            store,
-            boot_files_dir,
-            loader_hashes: Default::default(),
-            boot_table: tokio::sync::watch::channel(Arc::new(Vec::new())).1,
-            sync_phase: Box::new(Default::default),
-            events,
-            metrics,
-            loader_sent: Default::default(),
-            macs_by_address: Default::default(),
-        });
+        let pxe = Pxe::for_test(config, data_dir, tokio::sync::watch::channel(Arc::default()).1);
         let listener = bind(&pxe.config).await.unwrap();
         let address = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();

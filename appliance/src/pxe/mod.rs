@@ -2,6 +2,7 @@
 //! TFTP and HTTP boot, per-MAC iPXE scripts from the local boot table, boot events queued for
 //! the region, Prometheus metrics. Nothing here asks the region anything at boot time.
 
+pub mod agent;
 pub mod dhcp;
 pub mod events;
 pub mod http;
@@ -24,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{DhcpMode, PxeConfig};
 use crate::data_dir::DataDir;
-use crate::snapshot::boot_table::Machines;
+use crate::snapshot::boot_table::{DeploysDone, Machines};
 use crate::snapshot::SnapshotStore;
 
 /// How long after our iPXE loader went to a client over TFTP its next DHCP request (the loader
@@ -69,6 +70,10 @@ pub struct Pxe {
     /// BLAKE3 of each loader, for HTTP ETags.
     pub loader_hashes: HashMap<String, String>,
     pub boot_table: tokio::sync::watch::Receiver<Machines>,
+    /// Deploys the agent reported finished here, which the region may not know yet.
+    pub deploys_done: DeploysDone,
+    /// The test fault hook (`fault_corrupt_one_image_range`), disarmed once used.
+    pub fault_armed: std::sync::atomic::AtomicBool,
     pub sync_phase: SyncPhaseFn,
     pub events: events::EventQueue,
     pub metrics: metrics::Metrics,
@@ -192,12 +197,14 @@ impl Pxe {
         let metrics = metrics::Metrics::new();
         let events = events::EventQueue::open(data_dir, metrics.boot_events.clone())?;
         Ok(Arc::new(Pxe {
+            fault_armed: std::sync::atomic::AtomicBool::new(config.fault_corrupt_one_image_range),
             config,
             data_dir: data_dir.clone(),
             store,
             boot_files_dir,
             loader_hashes,
             boot_table,
+            deploys_done: DeploysDone::open(data_dir),
             sync_phase,
             events,
             metrics,
@@ -257,8 +264,53 @@ pub fn spawn(
         tasks.spawn(dhcp::serve(socket, pxe.clone(), shutdown.clone()));
     }
     tasks.spawn(events::flush_until_stopped(pxe.clone(), link, retry_backoff_max, shutdown.clone()));
+    tasks.spawn(forget_finished_deploys(pxe.clone(), shutdown.clone()));
     let config = &pxe.config;
     tracing::info!(interface = %config.interface, address = %config.address, dhcp = ?config.dhcp.mode, "PXE serving");
+}
+
+#[cfg(test)]
+impl Pxe {
+    /// The shared state for a test server: `boot_files_dir` is `DATA/boot` (the caller fills
+    /// it), nothing prepared, no loader hashes.
+    pub fn for_test(
+        config: PxeConfig,
+        data_dir: DataDir,
+        boot_table: tokio::sync::watch::Receiver<Machines>,
+    ) -> Arc<Pxe> {
+        let store = SnapshotStore::open(&data_dir).expect("snapshot store");
+        let metrics = metrics::Metrics::new();
+        let events = events::EventQueue::open(&data_dir, metrics.boot_events.clone()).expect("event queue");
+        Arc::new(Pxe {
+            fault_armed: std::sync::atomic::AtomicBool::new(config.fault_corrupt_one_image_range),
+            config,
+            boot_files_dir: data_dir.boot_files(),
+            deploys_done: DeploysDone::open(&data_dir),
+            data_dir,
+            store,
+            loader_hashes: HashMap::new(),
+            boot_table,
+            sync_phase: Box::new(Default::default),
+            events,
+            metrics,
+            loader_sent: Mutex::default(),
+            macs_by_address: Mutex::default(),
+        })
+    }
+}
+
+/// Forgets finished deploys once the region's table has moved on from them (see
+/// [`DeploysDone::prune`]), at each new table.
+async fn forget_finished_deploys(pxe: Arc<Pxe>, shutdown: CancellationToken) {
+    let mut table = pxe.boot_table.clone();
+    loop {
+        let boots = table.borrow_and_update().clone();
+        pxe.deploys_done.prune(&boots);
+        tokio::select! {
+            changed = table.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -168,7 +168,7 @@ impl Controller {
                     Ok(new) => {
                         policy.catalogue_seen(new.revision, Instant::now());
                         seen_requested = new.sync_requested;
-                        self.boot_table.update(&new.machines);
+                        self.boot_table.update(&new.machines, new.deploy_env.as_ref());
                         catalogue = Some(new);
                     }
                     Err(e) => {

@@ -91,21 +91,7 @@ async fn rack(tftp: &str, files: &[(&str, &[u8])], send_path: SendPath) -> Rack 
     let boot_files_dir = data_dir.boot_files();
     std::fs::create_dir_all(&boot_files_dir).unwrap();
     std::fs::write(boot_files_dir.join("undionly.kpxe"), LOADER).unwrap();
-    let metrics = Metrics::new();
-    let events = crate::pxe::events::EventQueue::open(&data_dir, metrics.boot_events.clone()).unwrap();
-    let pxe = Arc::new(Pxe {
-        config,
-        data_dir,
-        store,
-        boot_files_dir,
-        loader_hashes: Default::default(),
-        boot_table: watch::channel(Arc::new(Vec::new())).1,
-        sync_phase: Box::new(Default::default),
-        events,
-        metrics,
-        loader_sent: Default::default(),
-        macs_by_address: Default::default(),
-    });
+    let pxe = Pxe::for_test(config, data_dir, watch::channel(Arc::default()).1);
     let server = bind_with(pxe.clone(), send_path).await.unwrap();
     let address = server.local_addr().unwrap();
     tokio::spawn(server.serve(Default::default(), Default::default()));
