@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use metalrack_api::images::{RackCatalogue, RackSnapshot, MANIFEST_DELTA_TYPE};
 use metalrack_api::paths;
+use metalrack_api::power::{PowerRequest, PowerResult};
 use metalrack_api::tls_pin::{client_config, find_pin_mismatch};
 pub use metalrack_api::tls_pin::{PinMismatch, RegionTrust};
 use metalrack_api::{
@@ -234,6 +235,31 @@ impl RegionClient {
             .timeout(self.request_timeout)
             .body(body);
         self.send(request).await.map(|_| ())
+    }
+
+    /// This rack's power requests, held open by the region up to `wait` while there are none.
+    pub async fn power_requests(&self, authorization: &str, wait: Duration) -> Result<Vec<PowerRequest>, RegionError> {
+        let url = format!("{}{API_PREFIX}{}?wait_ms={}", self.base, paths::RACK_POWER, wait.as_millis());
+        let request = self
+            .http
+            .get(&url)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .timeout(self.request_timeout + wait);
+        let bytes = self.send(request).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|_| RegionError::NotARegion { url: self.base.clone(), status: StatusCode::OK })
+    }
+
+    /// What came of one power request.
+    pub async fn power_result(&self, authorization: &str, result: &PowerResult) -> Result<(), RegionError> {
+        let url = format!("{}{API_PREFIX}{}", self.base, paths::RACK_POWER);
+        let request = self
+            .http
+            .post(&url)
+            .timeout(self.request_timeout)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .json(result);
+        self.send(request).await.map(drop)
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<bytes::Bytes, RegionError> {

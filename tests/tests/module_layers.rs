@@ -115,7 +115,7 @@ const APPLIANCE_LAYERS: &[&[&str]] = &[
     &["registration"],
     &["region_link", "snapshot"],
     &["pxe", "sync"],
-    &["control", "heartbeat"],
+    &["control", "heartbeat", "power_requests"],
     &["serve"],
     &["cli"],
 ];
