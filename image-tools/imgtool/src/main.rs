@@ -13,7 +13,7 @@ use metalrack_image_tools::manifest::{self, Manifest};
 use metalrack_image_tools::{diff, verify};
 
 mod push;
-mod tls;
+use metalrack_imgtool::tls;
 
 /// The largest valid manifest (CHUNKS_MAX entries, 144 MiB): reading stops past it, so a wrong
 /// path (a disk image instead of its manifest) fails at once instead of filling memory.
