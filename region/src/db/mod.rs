@@ -94,6 +94,13 @@ fn migrator() -> Migrator {
             Cow::Borrowed(include_str!("../../migrations/sqlite/0005_boot_event_ids.sql")),
             false,
         ),
+        Migration::new(
+            6,
+            Cow::Borrowed("machine lifecycle"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../../migrations/sqlite/0006_machine_lifecycle.sql")),
+            false,
+        ),
     ];
     Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
 }
