@@ -350,3 +350,30 @@ async fn an_unknown_mac_reporting_an_inventory_is_enlisted_on_its_rack() {
     let page = site.region.api(&site.key).machines().await.unwrap();
     assert_eq!(page.iter().filter(|m| m.mac == mac).count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_power_poll_answers_as_soon_as_a_request_is_queued_and_a_machine_without_a_bmc_refuses_power_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::start(dir.path(), "").await;
+    let machine = site.add("52:54:00:aa:bb:0b").await;
+    let hold = Duration::from_secs(50);
+    let started = std::time::Instant::now();
+    let rack = site.rack.clone();
+    let poll = tokio::spawn(async move { rack.power_requests(hold).await.unwrap() });
+    let body = json!({"action": "on"});
+    site.action(paths::MACHINE_POWER, &machine.id, Some(body)).await;
+    let requests = tokio::time::timeout(DEADLINE, poll).await.expect("the poll answered").unwrap();
+    assert!(started.elapsed() < hold / 2, "the poll waited out its hold ({:?})", started.elapsed());
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].actions, [PowerAction::On]);
+
+    // A machine without a BMC: power commands are refused, naming why.
+    let body = json!({"mac": "52:54:00:aa:bb:0c", "power": {"driver": "manual"}});
+    let text = site.expect(Method::POST, paths::MACHINES, Some(body), StatusCode::CREATED).await;
+    let manual: MachineView = serde_json::from_str(&text).unwrap();
+    let (status, text) = site
+        .call(Method::POST, &paths::machine_path(paths::MACHINE_POWER, &manual.id), Some(json!({"action": "on"})))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(text.contains("no power driver"), "{text}");
+}

@@ -1377,6 +1377,57 @@ mod tests {
         }
     }
 
+    fn row(state: MachineState) -> MachineRow {
+        MachineRow {
+            id: "abcd1234".into(),
+            mac: "52:54:00:aa:bb:01".into(),
+            hostname: "node1".into(),
+            boot: None,
+            state,
+            status_message: String::new(),
+            rack_id: Some("r1".into()),
+            power: None,
+            power_state: PowerState::Unknown,
+            power_checked_at_ms: None,
+            image: None,
+            disk: None,
+            job: Some(AgentJob::Commission),
+            job_token: Some("t".repeat(32)),
+            progress: None,
+            last_progress_at_ms: None,
+            inventory: None,
+            deploy_requested_at_ms: None,
+            state_changed_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn racks_boot_jobs_into_the_agent_deployed_machines_from_disk_and_others_by_their_bare_decision() {
+        let env = DeployEnv {
+            image: ImageRef { image: "metalrack/deploy-env".into(), arch: "amd64".into(), version: "1".into() },
+            kernel_params: "console=ttyS0".into(),
+        };
+        let agent = boot_action(&row(MachineState::Commissioning), Some(&env));
+        assert!(matches!(agent, BootAction::Agent { job: AgentJob::Commission, .. }), "{agent:?}");
+        assert_eq!(boot_action(&row(MachineState::Commissioning), None), BootAction::Local, "no env: no agent");
+        let image = BootAction::Image {
+            image: "ubuntu/noble".into(),
+            arch: "amd64".into(),
+            version: "1".into(),
+            kernel_params: String::new(),
+        };
+        let mut legacy = row(MachineState::New);
+        legacy.job = None;
+        legacy.boot = Some(image.clone());
+        assert_eq!(boot_action(&legacy, Some(&env)), image, "the bare decision stays while no job runs");
+        legacy.state = MachineState::Deployed;
+        assert_eq!(boot_action(&legacy, Some(&env)), BootAction::Local);
+        legacy.boot = None;
+        legacy.state = MachineState::Ready;
+        assert_eq!(boot_action(&legacy, Some(&env)), BootAction::Local);
+    }
+
     #[tokio::test]
     async fn a_batch_sent_twice_is_stored_once_and_other_racks_and_queues_are_apart() {
         let dir = tempfile::tempdir().unwrap();
