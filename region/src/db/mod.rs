@@ -57,7 +57,8 @@ pub fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError
     move |source| StoreError::Query { what, source }
 }
 
-fn migrator() -> Migrator {
+/// The schema's migrations, in order (tests run a prefix of them to build an older database).
+pub(crate) fn migrator() -> Migrator {
     let migrations = vec![
         Migration::new(
             1,

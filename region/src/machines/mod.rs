@@ -44,6 +44,11 @@ pub const TEXT_LEN_MAX: usize = 1024;
 /// minute even on slow BMCs.
 pub const POWER_RESEND_AFTER: Duration = Duration::from_secs(120);
 
+/// Answered power requests are kept this long (for a look at what was asked of a BMC, in the
+/// database), then deleted with the next power poll: open requests are at most one per machine
+/// (a new one replaces the last), so the table holds machines plus a day of history.
+pub const POWER_REQUESTS_DONE_KEPT: Duration = Duration::from_secs(24 * 3600);
+
 /// Events one machine's event list shows (newest first).
 pub const MACHINE_EVENTS_SHOWN_MAX: i64 = 1000;
 
@@ -1322,6 +1327,10 @@ pub async fn run_timers(shared: Shared) {
             next_poll = tokio::time::Instant::now() + poll_every;
             if let Err(e) = queue_power_queries(&shared).await {
                 log("power poll", e);
+            }
+            let before = crate::util::now_ms() - POWER_REQUESTS_DONE_KEPT.as_millis() as i64;
+            if let Err(e) = shared.store.delete_done_power_requests(before).await {
+                log("power request cleanup", MachinesError::Store { step: "delete old power requests", source: e });
             }
         }
     }

@@ -383,6 +383,16 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Deletes answered (or replaced) power requests created before `before_ms`.
+    pub async fn delete_done_power_requests(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let result = sqlx::query("DELETE FROM power_requests WHERE done = 1 AND created_at_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("delete done power requests"))?;
+        Ok(result.rows_affected())
+    }
+
     pub async fn queue_power_query(&self, rack_id: &str, machine_id: &str) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await.map_err(query_error("connect"))?;
         queue_power(&mut conn, rack_id, machine_id, &[PowerAction::Query]).await
@@ -401,6 +411,20 @@ impl Store {
         resend_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<PowerRequest>, StoreError> {
+        // A read first: every queued request wakes every rack's poll, and most find nothing, so
+        // they must not each take the database's one write lock.
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM power_requests \
+             WHERE rack_id = $1 AND done = 0 AND (sent_at_ms IS NULL OR sent_at_ms < $2)",
+        )
+        .bind(rack_id)
+        .bind(resend_before_ms)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(query_error("count power requests"))?;
+        if pending == 0 {
+            return Ok(Vec::new());
+        }
         let mut tx = self.begin_write().await.map_err(query_error("begin take power requests"))?;
         let rows = sqlx::query(
             "SELECT p.id, p.machine_id, m.mac, m.power_json, p.actions_json FROM power_requests p \
@@ -553,4 +577,96 @@ pub async fn deploy_env(
             image: ImageRef { image: image.to_owned(), arch: arch.to_owned(), version },
             kernel_params: kernel_params.to_owned(),
         }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database from before the lifecycle (migrations 1-5) with a bare boot decision keeps it:
+    /// the machine gets an id, starts New, and racks are still told what it boots.
+    #[tokio::test]
+    async fn machines_from_before_the_lifecycle_keep_their_boot_decision_and_get_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join(crate::db::DATABASE_FILE).display());
+        {
+            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+            let mut old = crate::db::migrator();
+            old.migrations = std::borrow::Cow::Owned(old.migrations[..5].to_vec());
+            old.run(&pool).await.unwrap();
+            sqlx::query("INSERT INTO machines (mac, hostname, boot_json, updated_at_ms) VALUES ($1, $2, $3, $4)")
+                .bind("52:54:00:aa:bb:01")
+                .bind("node1")
+                .bind(r#"{"kind":"image","image":"ubuntu/noble","arch":"amd64","version":"1","kernel_params":""}"#)
+                .bind(1234_i64)
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = Store::open(dir.path()).await.unwrap();
+        let rows = store.all_machines().await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let row = &rows[0];
+        assert_eq!(
+            (row.mac.as_str(), row.hostname.as_str(), row.state),
+            ("52:54:00:aa:bb:01", "node1", MachineState::New)
+        );
+        assert!(row.id.len() == 8 && row.id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!((row.rack_id.as_deref(), row.state_changed_at_ms), (None, 1234));
+        assert!(matches!(&row.boot, Some(BootAction::Image { image, .. }) if image == "ubuntu/noble"));
+        let served = store.rack_machines("any-rack").await.unwrap();
+        assert_eq!(served.len(), 1, "a machine of no rack is served by every rack");
+    }
+
+    /// A request sent and not answered is sent again once the resend time has passed, and never
+    /// while it has not; an answered one never again.
+    #[tokio::test]
+    async fn unanswered_power_requests_are_sent_again_after_the_resend_time_answered_ones_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let (rack_id, _) = store.register_rack("rack1", "hash", 1).await.unwrap();
+        let mut conn = store.pool.acquire().await.unwrap();
+        let now = now_ms();
+        let machine = MachineRow {
+            id: "abcd1234".into(),
+            mac: "52:54:00:aa:bb:01".into(),
+            hostname: "node1".into(),
+            boot: None,
+            state: MachineState::New,
+            status_message: String::new(),
+            rack_id: Some(rack_id.clone()),
+            power: Some(PowerParameters::Ipmi {
+                address: "10.0.0.6".into(),
+                port: 623,
+                username: "u".into(),
+                password: "p".into(),
+            }),
+            power_state: PowerState::Unknown,
+            power_checked_at_ms: None,
+            image: None,
+            disk: None,
+            job: None,
+            job_token: None,
+            progress: None,
+            last_progress_at_ms: None,
+            inventory: None,
+            deploy_requested_at_ms: None,
+            state_changed_at_ms: now,
+            updated_at_ms: now,
+        };
+        assert!(insert_machine(&mut conn, &machine).await.unwrap());
+        assert!(!insert_machine(&mut conn, &machine).await.unwrap(), "a MAC is stored once");
+        queue_power(&mut conn, &rack_id, &machine.id, &[PowerAction::Query]).await.unwrap();
+        let first = store.take_power_requests(&rack_id, 0, 10).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].parameters, machine.power.clone().unwrap(), "the rack gets the password");
+        assert!(store.take_power_requests(&rack_id, 0, 10).await.unwrap().is_empty(), "sent, not yet due again");
+        assert!(store.take_power_requests("other-rack", now_ms() + 1, 10).await.unwrap().is_empty());
+        let again = store.take_power_requests(&rack_id, now_ms() + 1, 10).await.unwrap();
+        assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), [first[0].id], "unanswered: sent again");
+        finish_power_request(&mut conn, first[0].id).await.unwrap();
+        assert!(store.take_power_requests(&rack_id, now_ms() + 1, 10).await.unwrap().is_empty(), "answered");
+    }
 }
