@@ -333,7 +333,7 @@ async fn a_job_without_reports_for_the_stall_timeout_fails_naming_the_last_event
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_mac_reporting_an_inventory_is_enlisted_on_its_rack() {
+async fn an_unknown_mac_reporting_an_inventory_is_enlisted_on_its_rack_then_edited_and_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::start(dir.path(), "").await;
     let mac = "52:54:00:aa:bb:0a";
@@ -349,6 +349,18 @@ async fn an_unknown_mac_reporting_an_inventory_is_enlisted_on_its_rack() {
     assert_eq!(site.machine(mac).await.inventory.unwrap().cpus, 8);
     let page = site.region.api(&site.key).machines().await.unwrap();
     assert_eq!(page.iter().filter(|m| m.mac == mac).count(), 1);
+
+    // An operator names it and gives it a BMC; then deletes it.
+    let edit = json!({"hostname": "web1", "power": {"driver": "ipmi", "address": "10.0.0.7", "username": "root",
+                      "password": BMC_PASSWORD}});
+    let text = site.expect(Method::PATCH, &paths::machine(mac), Some(edit), StatusCode::OK).await;
+    let edited: MachineView = serde_json::from_str(&text).unwrap();
+    assert_eq!(edited.hostname, "web1");
+    assert_eq!(edited.power.unwrap().address.as_deref(), Some("10.0.0.7:623"));
+    let bad = json!({"hostname": "no spaces please"});
+    site.expect(Method::PATCH, &paths::machine(mac), Some(bad), StatusCode::BAD_REQUEST).await;
+    site.expect(Method::DELETE, &paths::machine(&edited.id), None, StatusCode::NO_CONTENT).await;
+    site.expect(Method::GET, &paths::machine(&edited.id), None, StatusCode::NOT_FOUND).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
