@@ -30,6 +30,25 @@ pub struct RegionConfig {
     /// Largest body of one chunk-upload request. Default 64 MiB: big enough that per-request
     /// overhead is noise, small enough that a failed request costs little to resend.
     pub upload_batch_bytes_max: u64,
+    /// Deploys that run at once on one rack; more wait in the order they were asked for.
+    /// Default 50: each deploy streams an image from the rack, and 50 at ~100 MB/s each fill a
+    /// 40 Gbit/s uplink.
+    pub deploys_per_rack_max: u32,
+    /// How often the power state of machines with a BMC is queried. Default 120 s: a BMC
+    /// answers in a second or two, and 1,000 machines then cost ~8 queries per second.
+    pub power_poll_interval_s: u64,
+    /// A commissioning, deploy or release with no report from its machine for this long
+    /// fails. Default 1800 s: a slow disk writing a large image reports progress every few
+    /// seconds, while a machine that never booted the deploy environment reports nothing.
+    pub stall_timeout_s: u64,
+    /// The image (and its arch) whose newest version with `kernel` and `initrd` files is the
+    /// deploy environment machines boot to enlist, commission, deploy and release. Default
+    /// `metalrack/deploy-env`, `amd64`: what `imgtool deploy-env build --push` pushes.
+    pub deploy_env_image: String,
+    pub deploy_env_arch: String,
+    /// Kernel parameters the deploy environment boots with. Default `console=ttyS0`, so a
+    /// machine's serial console shows the agent.
+    pub deploy_env_kernel_params: String,
 }
 
 impl Default for RegionConfig {
@@ -42,6 +61,12 @@ impl Default for RegionConfig {
             rack_offline_after_ms: 30_000,
             session_lifetime_ms: 14 * 24 * 3600 * 1000,
             upload_batch_bytes_max: 64 * 1024 * 1024,
+            deploys_per_rack_max: 50,
+            power_poll_interval_s: 120,
+            stall_timeout_s: 1800,
+            deploy_env_image: "metalrack/deploy-env".into(),
+            deploy_env_arch: "amd64".into(),
+            deploy_env_kernel_params: "console=ttyS0".into(),
         }
     }
 }
@@ -75,6 +100,19 @@ impl RegionConfig {
         }
         if self.upload_batch_bytes_max < 1024 * 1024 {
             return Err("upload_batch_bytes_max must be at least 1 MiB (one chunk must fit)".into());
+        }
+        if self.deploys_per_rack_max == 0 {
+            return Err("deploys_per_rack_max must be at least 1".into());
+        }
+        if self.power_poll_interval_s == 0 || self.stall_timeout_s == 0 {
+            return Err("power_poll_interval_s and stall_timeout_s must be above 0".into());
+        }
+        metalrack_api::images::validate_image_name(&self.deploy_env_image)
+            .map_err(|e| format!("deploy_env_image: {e}"))?;
+        metalrack_api::images::validate_image_token("arch", &self.deploy_env_arch)
+            .map_err(|e| format!("deploy_env_arch: {e}"))?;
+        if self.deploy_env_kernel_params.len() > 1024 || self.deploy_env_kernel_params.chars().any(char::is_control) {
+            return Err("deploy_env_kernel_params must be one line of at most 1024 characters".into());
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

@@ -26,6 +26,12 @@ pub struct Shared {
     /// Bumped on every change racks must hear about (catalogue, machines, sync requests,
     /// policies).
     changes: Arc<watch::Sender<u64>>,
+    /// Bumped when a power request is queued for any rack: racks' power long-polls wake and
+    /// look for theirs (one cheap query each; far rarer than heartbeats).
+    power_requests: Arc<watch::Sender<u64>>,
+    /// When this region process started: the stall timer measures from it at the earliest, so
+    /// a region that was down does not fail every job on its return.
+    started_at_ms: i64,
     /// Set when the region begins to shut down: long-polls answer at once so shutdown need not
     /// wait for them.
     closing: Arc<AtomicBool>,
@@ -43,6 +49,8 @@ impl Shared {
             config: Arc::new(config),
             data_dir: Arc::new(data_dir),
             changes: Arc::new(watch::channel(0).0),
+            power_requests: Arc::new(watch::channel(0).0),
+            started_at_ms: crate::util::now_ms(),
             closing: Arc::default(),
             failures: Arc::default(),
             bound: Arc::default(),
@@ -91,10 +99,25 @@ impl Shared {
         self.changes.subscribe()
     }
 
+    /// Wakes every rack's power long-poll.
+    pub fn notify_power(&self) {
+        self.power_requests.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every [`Shared::notify_power`] after this call.
+    pub fn watch_power(&self) -> watch::Receiver<u64> {
+        self.power_requests.subscribe()
+    }
+
+    pub fn started_at_ms(&self) -> i64 {
+        self.started_at_ms
+    }
+
     /// Tells long-polls to answer now: the region is stopping.
     pub fn begin_closing(&self) {
         self.closing.store(true, Ordering::SeqCst);
         self.notify_change();
+        self.notify_power();
     }
 
     pub fn is_closing(&self) -> bool {

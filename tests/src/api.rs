@@ -4,7 +4,7 @@
 
 use anyhow::{ensure, Context, Result};
 use metalrack_api::images::{ImageView, SyncPolicy, VersionSyncStatus};
-use metalrack_api::machines::MachineBoot;
+use metalrack_api::machines::{MachinePage, MachineView};
 use metalrack_api::{paths, EventView, RackView, API_PREFIX};
 use serde::Serialize;
 
@@ -93,8 +93,16 @@ impl Api {
         self.put(&paths::machine(&mac.replace(':', "-")), update).await
     }
 
-    pub async fn machines(&self) -> Result<Vec<MachineBoot>> {
-        self.get(paths::MACHINES).await
+    /// The first page of machines (up to the page maximum).
+    pub async fn machines(&self) -> Result<Vec<MachineView>> {
+        let page: MachinePage =
+            self.get(&format!("{}?limit={}", paths::MACHINES, metalrack_api::machines::MACHINE_PAGE_MAX)).await?;
+        Ok(page.machines)
+    }
+
+    /// Machine `key` (id or MAC).
+    pub async fn machine(&self, key: &str) -> Result<MachineView> {
+        self.get(&paths::machine(key)).await
     }
 
     /// The region's newest 1000 events.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use metalrack_api::images::RackCatalogue;
+use metalrack_api::power::{PowerRequest, PowerResult};
 use metalrack_api::{
     paths, rack_authorization, registration_proof, ChallengeRequest, ChallengeResponse, HeartbeatRequest,
     HeartbeatResponse, RegisterRequest, RegisterResponse, Secret, API_PREFIX, REGISTRATION_PROOF_VERSION,
@@ -117,6 +118,36 @@ impl RackClient {
             .send()
             .await
             .context("boot events")?;
+        Ok(response.status())
+    }
+
+    /// The power long-poll (`GET /rack/power?wait_ms=`): this rack's power requests, held up to
+    /// `wait` while there are none.
+    pub async fn power_requests(&self, wait: Duration) -> Result<Vec<PowerRequest>> {
+        let response = self
+            .http
+            .get(format!("{}{}?wait_ms={}", self.base, paths::RACK_POWER, wait.as_millis()))
+            .header("authorization", &self.authorization)
+            .timeout(wait + POLL_TIMEOUT_MARGIN)
+            .send()
+            .await
+            .context("power poll")?;
+        let status = response.status();
+        ensure!(status.is_success(), "power poll of {}: {status}: {}", self.name, response.text().await?);
+        response.json().await.context("power poll answer")
+    }
+
+    /// `POST /rack/power` with `result`; the status.
+    pub async fn power_result(&self, result: &PowerResult) -> Result<reqwest::StatusCode> {
+        let response = self
+            .http
+            .post(format!("{}{}", self.base, paths::RACK_POWER))
+            .header("authorization", &self.authorization)
+            .timeout(REQUEST_TIMEOUT)
+            .json(result)
+            .send()
+            .await
+            .context("power result")?;
         Ok(response.status())
     }
 

@@ -282,7 +282,7 @@ async fn every_command_of_the_operator_guide_works_as_shown() {
     let machine = machine.unwrap_or_else(|| panic!("the machine PUT took no effect; curl printed: {answer:?}"));
     assert_eq!(machine.hostname, "node1");
     assert_eq!(
-        machine.boot,
+        machine.boot.clone().expect("the PUT set a boot decision"),
         BootAction::Image {
             image: "ubuntu/noble".into(),
             arch: "amd64".into(),

@@ -85,7 +85,9 @@ pub enum AgentJob {
     Deploy {
         #[serde(flatten)]
         image: ImageRef,
-        /// The catalogue file kind to write: `root-disk`.
+        /// The catalogue file kind to write: `root-disk`. `file_kind` on the wire: the job is
+        /// flattened into `BootAction::Agent`, whose own tag is `kind`.
+        #[serde(rename = "file_kind")]
         kind: String,
         #[serde(default)]
         disk: Option<String>,
@@ -370,6 +372,27 @@ mod tests {
         assert_eq!(rack.as_deref(), Some("http://10.0.0.1:5248"));
         assert_eq!(mac.as_deref(), Some("52:54:00:aa:bb:01"));
         assert_eq!(token, None);
+    }
+
+    /// A deploy job inside the rack's boot table: the boot action's tag and the job's fields
+    /// must not collide (both were once `kind`), or the catalogue answer is not valid JSON.
+    #[test]
+    fn an_agent_boot_with_a_deploy_job_round_trips() {
+        let boot = crate::machines::BootAction::Agent {
+            env: DeployEnv {
+                image: ImageRef { image: "metalrack/deploy-env".into(), arch: "amd64".into(), version: "1".into() },
+                kernel_params: "console=ttyS0".into(),
+            },
+            machine_id: "abcd1234".into(),
+            token: "0".repeat(AGENT_TOKEN_HEX_LEN),
+            job: AgentJob::Deploy {
+                image: ImageRef { image: "ubuntu/noble".into(), arch: "amd64".into(), version: "2".into() },
+                kind: "root-disk".into(),
+                disk: Some("vda".into()),
+            },
+        };
+        let json = serde_json::to_string(&boot).unwrap();
+        assert_eq!(serde_json::from_str::<crate::machines::BootAction>(&json).unwrap(), boot, "{json}");
     }
 
     #[test]

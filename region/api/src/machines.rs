@@ -177,6 +177,10 @@ pub struct MachineView {
     /// Allocated and waiting for a deploy slot on its rack: 1 for the next to start.
     pub queue_position: Option<u32>,
     pub inventory: Option<Inventory>,
+    /// The bare boot decision an operator set with `PUT /machines/{mac}` (served while no job
+    /// runs), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootAction>,
     pub updated_at_ms: i64,
     /// The last time its state changed.
     pub state_changed_at_ms: i64,

@@ -127,6 +127,8 @@ pub enum CatalogueError {
     ShuttingDown,
     #[error("a catalogue task stopped before it finished")]
     Task { source: tokio::task::JoinError },
+    #[error("cannot list the rack's machines")]
+    Machines { source: Box<crate::machines::MachinesError> },
     #[error("cannot {step}")]
     Store { step: &'static str, source: StoreError },
 }
@@ -530,13 +532,18 @@ impl Catalogue {
         let store = &self.shared.store;
         let rack =
             store.rack(rack_id).await.map_err(store_error("look up the rack"))?.ok_or(CatalogueError::RackGone)?;
+        let deploy_env = crate::machines::deploy_env(&self.shared)
+            .await
+            .map_err(|source| CatalogueError::Machines { source: Box::new(source) })?;
         Ok(RackCatalogue {
             revision: store.catalogue_revision().await.map_err(store_error("read the catalogue revision"))?,
             sync_requested: rack.sync_requested,
             policy: rack.sync_policy,
             files: store.catalogue_files().await.map_err(store_error("list the catalogue"))?,
-            machines: store.machines().await.map_err(store_error("list machines"))?,
-            deploy_env: None,
+            machines: crate::machines::rack_boots(&self.shared, rack_id, deploy_env.as_ref())
+                .await
+                .map_err(|source| CatalogueError::Machines { source: Box::new(source) })?,
+            deploy_env,
         })
     }
 

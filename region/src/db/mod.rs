@@ -57,7 +57,8 @@ pub fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError
     move |source| StoreError::Query { what, source }
 }
 
-fn migrator() -> Migrator {
+/// The schema's migrations, in order (tests run a prefix of them to build an older database).
+pub(crate) fn migrator() -> Migrator {
     let migrations = vec![
         Migration::new(
             1,
@@ -92,6 +93,13 @@ fn migrator() -> Migrator {
             Cow::Borrowed("boot event ids"),
             MigrationType::Simple,
             Cow::Borrowed(include_str!("../../migrations/sqlite/0005_boot_event_ids.sql")),
+            false,
+        ),
+        Migration::new(
+            6,
+            Cow::Borrowed("machine lifecycle"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../../migrations/sqlite/0006_machine_lifecycle.sql")),
             false,
         ),
     ];

@@ -151,12 +151,25 @@ impl From<MachinesError> for ApiError {
             NotAdmin => StatusCode::FORBIDDEN,
             InvalidMac { .. }
             | HostnameTooLong
+            | InvalidHostname { .. }
             | InvalidImage { .. }
+            | InvalidPower { .. }
             | InvalidKernelParams
+            | InvalidReason
+            | InvalidLimit
+            | InvalidState { .. }
             | TooManyEvents
             | InvalidEvent { .. }
             | EventFieldTooLong { .. }
-            | EventIdOutOfRange { .. } => StatusCode::BAD_REQUEST,
+            | EventIdOutOfRange { .. }
+            | RackRequired => StatusCode::BAD_REQUEST,
+            NoSuchMachine { .. } | NoSuchRack { .. } => StatusCode::NOT_FOUND,
+            MacTaken { .. }
+            | NoRack { .. }
+            | NoPowerDriver { .. }
+            | NoDeployEnv
+            | NoDeployableImage { .. }
+            | Illegal { .. } => StatusCode::CONFLICT,
             Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::from_domain(status, &error)
@@ -198,6 +211,7 @@ impl From<CatalogueError> for ApiError {
             | CollectChunks { .. }
             | EncodeDelta { .. }
             | Task { .. }
+            | Machines { .. }
             | Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         // A client error whose cause is the client's own input says what was wrong with it.

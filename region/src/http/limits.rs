@@ -29,10 +29,10 @@ pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// only once its body is in (see [`read_small_body`]), so slow senders cannot hold these.
 pub const HTTP_REQUESTS_IN_FLIGHT_MAX: usize = 256;
 
-/// Catalogue long-polls held at once: one per rack, each held up to 60 s. They wait on a
+/// Long-polls (racks' catalogue and power polls) held at once: two per rack, each held up to 60 s. They wait on a
 /// change, not on work, so they do not count against [`HTTP_REQUESTS_IN_FLIGHT_MAX`]; past this
 /// bound a poll is answered 503 and the rack polls again after its backoff. 4,096 covers a
-/// site of 1,000 racks with room for racks re-registering under new names.
+/// site of 1,000 racks (2,000 polls) with room for racks re-registering under new names.
 pub const LONG_POLLS_MAX: usize = 4096;
 
 /// Seconds a client refused for load is asked to wait.
@@ -94,10 +94,13 @@ pub async fn read_small_body(request: Request, next: Next) -> Response {
 
 /// Holds a permit of the right bound while the request is handled.
 pub async fn limit_in_flight(State(in_flight): State<Arc<InFlight>>, request: Request, next: Next) -> Response {
-    if request.uri().path() == api_path(paths::RACK_CATALOGUE) {
+    let path = request.uri().path();
+    let long_poll = path == api_path(paths::RACK_CATALOGUE)
+        || (path == api_path(paths::RACK_POWER) && request.method() == axum::http::Method::GET);
+    if long_poll {
         let Ok(_permit) = in_flight.long_polls.try_acquire() else {
             let mut response =
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many catalogue polls; poll again").into_response();
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many long-polls; poll again").into_response();
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
             return response;
         };

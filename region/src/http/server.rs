@@ -108,6 +108,7 @@ pub async fn serve(
     let shared = state.shared.clone();
     shared.set_bound_address(local);
     let summaries = tokio::spawn(crate::state::flush_failure_summaries(shared.clone()));
+    let machine_timers = tokio::spawn(crate::machines::run_timers(shared.clone()));
     let app = router(state);
     let connections = Arc::new(Connections::default());
     let graceful = GracefulShutdown::new();
@@ -156,6 +157,7 @@ pub async fn serve(
         tracing::warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "requests still running at shutdown were cut off");
     }
     summaries.abort();
+    machine_timers.abort();
     crate::state::flush_failure_summaries_once(&shared).await;
     Ok(())
 }

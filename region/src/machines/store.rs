@@ -1,58 +1,491 @@
-//! The machines' queries: each machine's boot decision by MAC, and the boot events racks report.
+//! The machines' queries: machine rows (lifecycle, power settings, jobs), machine events, power
+//! requests for racks, the deploy queue, and the boot events racks report. Functions taking a
+//! connection run inside the caller's transaction, so a change, its event and its power request
+//! commit together.
 
-use metalrack_api::machines::{BootEvent, MachineBoot};
-use sqlx::Row;
+use metalrack_api::agent::{AgentJob, DeployEnv, DeployProgress, ImageRef, Inventory};
+use metalrack_api::machines::{BootAction, MachineState};
+use metalrack_api::power::{PowerAction, PowerParameters, PowerRequest, PowerState};
+use metalrack_api::EventView;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
 
 use crate::db::events::EVENTS_KEPT_MAX;
 use crate::db::{query_error, Store, StoreError};
 use crate::util::now_ms;
 
+/// A machine as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineRow {
+    pub id: String,
+    pub mac: String,
+    pub hostname: String,
+    /// The legacy bare boot decision (`PUT /machines/{mac}`), if one was set.
+    pub boot: Option<BootAction>,
+    pub state: MachineState,
+    pub status_message: String,
+    pub rack_id: Option<String>,
+    pub power: Option<PowerParameters>,
+    pub power_state: PowerState,
+    pub power_checked_at_ms: Option<i64>,
+    pub image: Option<ImageRef>,
+    pub disk: Option<String>,
+    pub job: Option<AgentJob>,
+    pub job_token: Option<String>,
+    pub progress: Option<DeployProgress>,
+    pub last_progress_at_ms: Option<i64>,
+    pub inventory: Option<Inventory>,
+    pub deploy_requested_at_ms: Option<i64>,
+    pub state_changed_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+const COLUMNS: &str = "mac, id, hostname, boot_json, state, status_message, rack_id, power_json, power_state, \
+     power_checked_at_ms, image_json, disk, job_json, job_token, progress_json, last_progress_at_ms, inventory_json, \
+     deploy_requested_at_ms, state_changed_at_ms, updated_at_ms";
+
+fn to_json<T: serde::Serialize>(value: &Option<T>) -> Option<String> {
+    value.as_ref().map(|v| serde_json::to_string(v).expect("wire types serialize"))
+}
+
+pub fn power_state_word(state: PowerState) -> &'static str {
+    match state {
+        PowerState::On => "on",
+        PowerState::Off => "off",
+        PowerState::Unknown => "unknown",
+        PowerState::Error => "error",
+    }
+}
+
+fn parse_power_state(word: &str) -> PowerState {
+    match word {
+        "on" => PowerState::On,
+        "off" => PowerState::Off,
+        "error" => PowerState::Error,
+        _ => PowerState::Unknown,
+    }
+}
+
+fn read_row(row: &AnyRow) -> Result<MachineRow, StoreError> {
+    let read = || query_error("read machine");
+    let mac: String = row.try_get(0).map_err(read())?;
+    let json = |index: usize, what: &str| -> Result<Option<String>, StoreError> {
+        let _ = what;
+        row.try_get::<Option<String>, _>(index).map_err(query_error("read machine"))
+    };
+    fn parse<T: serde::de::DeserializeOwned>(
+        mac: &str,
+        what: &str,
+        text: Option<String>,
+    ) -> Result<Option<T>, StoreError> {
+        text.map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt { what: format!("{what} of machine {mac}: {e}") })
+    }
+    let state: String = row.try_get(4).map_err(read())?;
+    Ok(MachineRow {
+        id: row.try_get(1).map_err(read())?,
+        hostname: row.try_get(2).map_err(read())?,
+        boot: parse(&mac, "boot decision", json(3, "boot")?)?,
+        state: MachineState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt { what: format!("state {state:?} of machine {mac}") })?,
+        status_message: row.try_get(5).map_err(read())?,
+        rack_id: row.try_get(6).map_err(read())?,
+        power: parse(&mac, "power parameters", json(7, "power")?)?,
+        power_state: parse_power_state(&row.try_get::<String, _>(8).map_err(read())?),
+        power_checked_at_ms: row.try_get(9).map_err(read())?,
+        image: parse(&mac, "image", json(10, "image")?)?,
+        disk: row.try_get(11).map_err(read())?,
+        job: parse(&mac, "job", json(12, "job")?)?,
+        job_token: row.try_get(13).map_err(read())?,
+        progress: parse(&mac, "progress", json(14, "progress")?)?,
+        last_progress_at_ms: row.try_get(15).map_err(read())?,
+        inventory: parse(&mac, "inventory", json(16, "inventory")?)?,
+        deploy_requested_at_ms: row.try_get(17).map_err(read())?,
+        state_changed_at_ms: row.try_get(18).map_err(read())?,
+        updated_at_ms: row.try_get(19).map_err(read())?,
+        mac,
+    })
+}
+
+/// The machine named `key` (its id, or its normalised MAC).
+pub async fn machine_row(conn: &mut AnyConnection, key: &str) -> Result<Option<MachineRow>, StoreError> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM machines WHERE id = $1 OR mac = $1"))
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(query_error("look up machine"))?;
+    row.as_ref().map(read_row).transpose()
+}
+
+/// Inserts `machine`; `false` when its MAC or id is taken.
+pub async fn insert_machine(conn: &mut AnyConnection, machine: &MachineRow) -> Result<bool, StoreError> {
+    let sql = format!(
+        "INSERT INTO machines ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+         $16, $17, $18, $19, $20) ON CONFLICT DO NOTHING"
+    );
+    let result =
+        bind_row(sqlx::query(&sql), machine).execute(&mut *conn).await.map_err(query_error("insert machine"))?;
+    Ok(result.rows_affected() == 1)
+}
+
+fn bind_row<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    m: &MachineRow,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    query
+        .bind(m.mac.clone())
+        .bind(m.id.clone())
+        .bind(m.hostname.clone())
+        .bind(to_json(&m.boot))
+        .bind(m.state.as_str())
+        .bind(m.status_message.clone())
+        .bind(m.rack_id.clone())
+        .bind(to_json(&m.power))
+        .bind(power_state_word(m.power_state))
+        .bind(m.power_checked_at_ms)
+        .bind(to_json(&m.image))
+        .bind(m.disk.clone())
+        .bind(to_json(&m.job))
+        .bind(m.job_token.clone())
+        .bind(to_json(&m.progress))
+        .bind(m.last_progress_at_ms)
+        .bind(to_json(&m.inventory))
+        .bind(m.deploy_requested_at_ms)
+        .bind(m.state_changed_at_ms)
+        .bind(m.updated_at_ms)
+}
+
+/// Writes every column of `machine` back to its row (found by id).
+pub async fn save_machine(conn: &mut AnyConnection, machine: &MachineRow) -> Result<(), StoreError> {
+    let query = sqlx::query(
+        "UPDATE machines SET mac = $1, hostname = $3, boot_json = $4, state = $5, status_message = $6, rack_id = $7, \
+         power_json = $8, power_state = $9, power_checked_at_ms = $10, image_json = $11, disk = $12, job_json = $13, \
+         job_token = $14, progress_json = $15, last_progress_at_ms = $16, inventory_json = $17, \
+         deploy_requested_at_ms = $18, state_changed_at_ms = $19, updated_at_ms = $20 WHERE id = $2",
+    );
+    bind_row(query, machine).execute(&mut *conn).await.map_err(query_error("update machine"))?;
+    Ok(())
+}
+
+pub async fn delete_machine(conn: &mut AnyConnection, id: &str) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM machines WHERE id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(query_error("delete machine"))?;
+    Ok(())
+}
+
+/// Appends an event about machine `machine_id` (trimming the log is left to the boot-event and
+/// general paths, which run far more often).
+pub async fn insert_machine_event(
+    conn: &mut AnyConnection,
+    kind: &str,
+    actor: &str,
+    message: &str,
+    machine_id: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO events (at_ms, kind, actor, message, machine_id) VALUES ($1, $2, $3, $4, $5)")
+        .bind(now_ms())
+        .bind(kind)
+        .bind(actor)
+        .bind(message)
+        .bind(machine_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(query_error("insert machine event"))?;
+    Ok(())
+}
+
+/// Queues a power request for `rack_id`.
+pub async fn queue_power(
+    conn: &mut AnyConnection,
+    rack_id: &str,
+    machine_id: &str,
+    actions: &[PowerAction],
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO power_requests (rack_id, machine_id, actions_json, created_at_ms, done) VALUES ($1, $2, $3, $4, 0)",
+    )
+    .bind(rack_id)
+    .bind(machine_id)
+    .bind(serde_json::to_string(actions).expect("actions serialize"))
+    .bind(now_ms())
+    .execute(&mut *conn)
+    .await
+    .map_err(query_error("queue power request"))?;
+    Ok(())
+}
+
+/// Drops the unanswered power requests of a machine (a new job's request replaces them).
+pub async fn cancel_power(conn: &mut AnyConnection, machine_id: &str) -> Result<(), StoreError> {
+    sqlx::query("UPDATE power_requests SET done = 1 WHERE machine_id = $1 AND done = 0")
+        .bind(machine_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(query_error("cancel power requests"))?;
+    Ok(())
+}
+
+/// The position of Allocated machine `id` in its rack's deploy queue (1 for the next).
+pub async fn queue_position(conn: &mut AnyConnection, machine: &MachineRow) -> Result<Option<u32>, StoreError> {
+    if machine.state != MachineState::Allocated {
+        return Ok(None);
+    }
+    let ahead: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM machines WHERE state = 'allocated' AND rack_id IS $1 AND \
+         (deploy_requested_at_ms < $2 OR (deploy_requested_at_ms = $2 AND id < $3))",
+    )
+    .bind(machine.rack_id.clone())
+    .bind(machine.deploy_requested_at_ms.unwrap_or(0))
+    .bind(machine.id.clone())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(query_error("count the deploy queue"))?;
+    Ok(Some(u32::try_from(ahead + 1).unwrap_or(u32::MAX)))
+}
+
+/// Files of image version `image` (all versions when `version` is `None`), newest version first:
+/// `(version, kinds)`.
+pub async fn image_versions(
+    conn: &mut AnyConnection,
+    image: &str,
+    arch: &str,
+) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT v.version, f.kind FROM images i JOIN image_versions v ON v.image_id = i.id \
+         JOIN image_files f ON f.version_id = v.id WHERE i.name = $1 AND i.arch = $2 \
+         ORDER BY v.created_at_ms DESC, v.version DESC, f.kind",
+    )
+    .bind(image)
+    .bind(arch)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(query_error("list image versions"))?;
+    let mut versions: Vec<(String, Vec<String>)> = Vec::new();
+    for row in rows {
+        let version: String = row.try_get(0).map_err(query_error("read image version"))?;
+        let kind: String = row.try_get(1).map_err(query_error("read image version"))?;
+        match versions.last_mut() {
+            Some((last, kinds)) if *last == version => kinds.push(kind),
+            _ => versions.push((version, vec![kind])),
+        }
+    }
+    Ok(versions)
+}
+
+/// The rack whose id or name is `key`: its id.
+pub async fn rack_id_by_key(conn: &mut AnyConnection, key: &str) -> Result<Option<String>, StoreError> {
+    sqlx::query_scalar("SELECT id FROM racks WHERE id = $1 OR name = $1")
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(query_error("look up rack"))
+}
+
+/// Every rack's id (to pick the one when there is one).
+pub async fn rack_ids(conn: &mut AnyConnection) -> Result<Vec<String>, StoreError> {
+    sqlx::query_scalar("SELECT id FROM racks ORDER BY id LIMIT 2")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(query_error("list racks"))
+}
+
 impl Store {
-    pub async fn machines(&self) -> Result<Vec<MachineBoot>, StoreError> {
-        let rows = sqlx::query("SELECT mac, hostname, boot_json FROM machines ORDER BY mac")
+    /// One page of machines (all states when `state` is `None`), by hostname, and the total.
+    pub async fn machine_page(
+        &self,
+        state: Option<MachineState>,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(Vec<MachineRow>, u64), StoreError> {
+        let filter = state.map(MachineState::as_str);
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM machines WHERE ($1 IS NULL OR state = $1) ORDER BY hostname, id LIMIT $2 OFFSET $3"
+        ))
+        .bind(filter)
+        .bind(i64::from(limit))
+        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("list machines"))?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM machines WHERE ($1 IS NULL OR state = $1)")
+            .bind(filter)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_error("count machines"))?;
+        Ok((rows.iter().map(read_row).collect::<Result<_, _>>()?, total as u64))
+    }
+
+    /// The machines rack `rack_id` serves: its own and those of no rack.
+    pub async fn rack_machines(&self, rack_id: &str) -> Result<Vec<MachineRow>, StoreError> {
+        let rows =
+            sqlx::query(&format!("SELECT {COLUMNS} FROM machines WHERE rack_id = $1 OR rack_id IS NULL ORDER BY mac"))
+                .bind(rack_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_error("list the rack's machines"))?;
+        rows.iter().map(read_row).collect()
+    }
+
+    /// Machines in `states` (the periodic tasks' work lists).
+    pub async fn machines_in_states(&self, states: &[MachineState]) -> Result<Vec<MachineRow>, StoreError> {
+        let words: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        // The words are the enum's own, never input: safe to inline.
+        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM machines WHERE state IN ({})", words.join(", ")))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("list machines by state"))?;
+        rows.iter().map(read_row).collect()
+    }
+
+    pub async fn all_machines(&self) -> Result<Vec<MachineRow>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM machines"))
             .fetch_all(&self.pool)
             .await
             .map_err(query_error("list machines"))?;
+        rows.iter().map(read_row).collect()
+    }
+
+    /// The newest `limit` events about machine `machine_id`, newest first.
+    pub async fn machine_events(&self, machine_id: &str, limit: i64) -> Result<Vec<EventView>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at_ms, kind, actor, message FROM events WHERE machine_id = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(machine_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("list machine events"))?;
         rows.iter()
             .map(|row| {
-                let read = query_error("read machine");
-                let mac: String = row.try_get(0).map_err(read)?;
-                let hostname: String = row.try_get(1).map_err(query_error("read machine"))?;
-                let json: String = row.try_get(2).map_err(query_error("read machine"))?;
-                let boot = serde_json::from_str(&json)
-                    .map_err(|e| StoreError::Corrupt { what: format!("boot decision of {mac}: {e}") })?;
-                Ok(MachineBoot { mac, hostname, boot })
+                (|| {
+                    Ok(EventView {
+                        id: row.try_get(0)?,
+                        at_ms: row.try_get(1)?,
+                        kind: row.try_get(2)?,
+                        actor: row.try_get(3)?,
+                        message: row.try_get(4)?,
+                    })
+                })()
+                .map_err(query_error("read machine event"))
             })
             .collect()
     }
 
-    pub async fn put_machine(&self, machine: &MachineBoot) -> Result<(), StoreError> {
-        let json = serde_json::to_string(&machine.boot).expect("BootAction serializes");
-        sqlx::query(
-            "INSERT INTO machines (mac, hostname, boot_json, updated_at_ms) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (mac) DO UPDATE SET hostname = excluded.hostname, boot_json = excluded.boot_json, \
-             updated_at_ms = excluded.updated_at_ms",
+    pub async fn has_open_power_request(&self, machine_id: &str) -> Result<bool, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM power_requests WHERE machine_id = $1 AND done = 0")
+            .bind(machine_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_error("count open power requests"))?;
+        Ok(n > 0)
+    }
+
+    /// Deletes answered (or replaced) power requests created before `before_ms`.
+    pub async fn delete_done_power_requests(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let result = sqlx::query("DELETE FROM power_requests WHERE done = 1 AND created_at_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("delete done power requests"))?;
+        Ok(result.rows_affected())
+    }
+
+    pub async fn queue_power_query(&self, rack_id: &str, machine_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(query_error("connect"))?;
+        queue_power(&mut conn, rack_id, machine_id, &[PowerAction::Query]).await
+    }
+
+    /// The newest event about machine `machine_id`, for a failure's status message.
+    pub async fn last_machine_event(&self, machine_id: &str) -> Result<Option<EventView>, StoreError> {
+        Ok(self.machine_events(machine_id, 1).await?.into_iter().next())
+    }
+
+    /// Power requests for `rack_id` not yet sent, or sent before `resend_before_ms` and not
+    /// answered: at most `limit`, oldest first, marked sent now.
+    pub async fn take_power_requests(
+        &self,
+        rack_id: &str,
+        resend_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<PowerRequest>, StoreError> {
+        // A read first: every queued request wakes every rack's poll, and most find nothing, so
+        // they must not each take the database's one write lock.
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM power_requests \
+             WHERE rack_id = $1 AND done = 0 AND (sent_at_ms IS NULL OR sent_at_ms < $2)",
         )
-        .bind(&machine.mac)
-        .bind(&machine.hostname)
-        .bind(json)
-        .bind(now_ms())
-        .execute(&self.pool)
+        .bind(rack_id)
+        .bind(resend_before_ms)
+        .fetch_one(&self.pool)
         .await
-        .map_err(query_error("put machine"))?;
-        Ok(())
+        .map_err(query_error("count power requests"))?;
+        if pending == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin_write().await.map_err(query_error("begin take power requests"))?;
+        let rows = sqlx::query(
+            "SELECT p.id, p.machine_id, m.mac, m.power_json, p.actions_json FROM power_requests p \
+             JOIN machines m ON m.id = p.machine_id \
+             WHERE p.rack_id = $1 AND p.done = 0 AND (p.sent_at_ms IS NULL OR p.sent_at_ms < $2) \
+             ORDER BY p.id LIMIT $3",
+        )
+        .bind(rack_id)
+        .bind(resend_before_ms)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(query_error("list power requests"))?;
+        let mut requests = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let read = || query_error("read power request");
+            let id: i64 = row.try_get(0).map_err(read())?;
+            let machine_id: String = row.try_get(1).map_err(read())?;
+            let power: Option<String> = row.try_get(3).map_err(read())?;
+            let actions: String = row.try_get(4).map_err(read())?;
+            let corrupt = |e: serde_json::Error| StoreError::Corrupt { what: format!("power request {id}: {e}") };
+            let parameters = match power {
+                Some(json) => serde_json::from_str(&json).map_err(corrupt)?,
+                None => PowerParameters::Manual,
+            };
+            requests.push(PowerRequest {
+                id,
+                mac: row.try_get(2).map_err(read())?,
+                machine_id,
+                parameters,
+                actions: serde_json::from_str(&actions).map_err(corrupt)?,
+            });
+            sqlx::query("UPDATE power_requests SET sent_at_ms = $1 WHERE id = $2")
+                .bind(now_ms())
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error("mark power request sent"))?;
+        }
+        tx.commit().await.map_err(query_error("commit take power requests"))?;
+        Ok(requests)
     }
 
     /// Appends a rack's boot events to the event log in one transaction, skipping any this rack
     /// sent before (by `(queue_id, seq)`; 0 and 0 are never skipped), and trims the log to
-    /// [`EVENTS_KEPT_MAX`] once. Returns how many were new. `seq` must fit an i64 (checked by the
-    /// caller: the wire's bound).
-    pub async fn record_boot_events(
+    /// [`EVENTS_KEPT_MAX`] once. `apply` runs in the same transaction for each new event (the
+    /// machines domain applies reports with it). Returns how many were new. `seq` must fit an
+    /// i64 (checked by the caller: the wire's bound).
+    pub async fn record_boot_events_with<F>(
         &self,
         rack_id: &str,
         rack_name: &str,
-        events: &[BootEvent],
-    ) -> Result<u64, StoreError> {
+        events: &[metalrack_api::machines::BootEvent],
+        mut apply: F,
+    ) -> Result<u64, StoreError>
+    where
+        F: for<'c> FnMut(
+            &'c mut AnyConnection,
+            &'c metalrack_api::machines::BootEvent,
+        ) -> futures_util::future::BoxFuture<'c, Result<(), StoreError>>,
+    {
         let mut tx = self.begin_write().await.map_err(query_error("begin record boot events"))?;
         let now = now_ms();
         let mut stored = 0;
@@ -74,7 +507,10 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(query_error("insert boot event"))?;
-            stored += result.rows_affected();
+            if result.rows_affected() == 1 {
+                stored += 1;
+                apply(&mut tx, event).await?;
+            }
         }
         sqlx::query("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - $1")
             .bind(EVENTS_KEPT_MAX)
@@ -83,5 +519,154 @@ impl Store {
             .map_err(query_error("trim events"))?;
         tx.commit().await.map_err(query_error("commit boot events"))?;
         Ok(stored)
+    }
+
+    /// Appends boot events without applying anything (see [`Store::record_boot_events_with`]).
+    pub async fn record_boot_events(
+        &self,
+        rack_id: &str,
+        rack_name: &str,
+        events: &[metalrack_api::machines::BootEvent],
+    ) -> Result<u64, StoreError> {
+        self.record_boot_events_with(rack_id, rack_name, events, |_, _| Box::pin(async { Ok(()) })).await
+    }
+}
+
+/// The power request `id` of rack `rack_id` if it is still open: its machine id.
+pub async fn open_power_request(
+    conn: &mut AnyConnection,
+    rack_id: &str,
+    id: i64,
+) -> Result<Option<(String, Vec<PowerAction>)>, StoreError> {
+    let row =
+        sqlx::query("SELECT machine_id, actions_json FROM power_requests WHERE id = $1 AND rack_id = $2 AND done = 0")
+            .bind(id)
+            .bind(rack_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(query_error("look up power request"))?;
+    let Some(row) = row else { return Ok(None) };
+    let machine_id: String = row.try_get(0).map_err(query_error("read power request"))?;
+    let actions: String = row.try_get(1).map_err(query_error("read power request"))?;
+    let actions =
+        serde_json::from_str(&actions).map_err(|e| StoreError::Corrupt { what: format!("power request {id}: {e}") })?;
+    Ok(Some((machine_id, actions)))
+}
+
+pub async fn finish_power_request(conn: &mut AnyConnection, id: i64) -> Result<(), StoreError> {
+    sqlx::query("UPDATE power_requests SET done = 1 WHERE id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(query_error("finish power request"))?;
+    Ok(())
+}
+
+/// The newest version of `image`/`arch` holding both `kernel` and `initrd`, as a deploy env.
+pub async fn deploy_env(
+    conn: &mut AnyConnection,
+    image: &str,
+    arch: &str,
+    kernel_params: &str,
+) -> Result<Option<DeployEnv>, StoreError> {
+    let versions = image_versions(conn, image, arch).await?;
+    Ok(versions
+        .into_iter()
+        .find(|(_, kinds)| kinds.iter().any(|k| k == "kernel") && kinds.iter().any(|k| k == "initrd"))
+        .map(|(version, _)| DeployEnv {
+            image: ImageRef { image: image.to_owned(), arch: arch.to_owned(), version },
+            kernel_params: kernel_params.to_owned(),
+        }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database from before the lifecycle (migrations 1-5) with a bare boot decision keeps it:
+    /// the machine gets an id, starts New, and racks are still told what it boots.
+    #[tokio::test]
+    async fn machines_from_before_the_lifecycle_keep_their_boot_decision_and_get_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join(crate::db::DATABASE_FILE).display());
+        {
+            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+            let mut old = crate::db::migrator();
+            old.migrations = std::borrow::Cow::Owned(old.migrations[..5].to_vec());
+            old.run(&pool).await.unwrap();
+            sqlx::query("INSERT INTO machines (mac, hostname, boot_json, updated_at_ms) VALUES ($1, $2, $3, $4)")
+                .bind("52:54:00:aa:bb:01")
+                .bind("node1")
+                .bind(r#"{"kind":"image","image":"ubuntu/noble","arch":"amd64","version":"1","kernel_params":""}"#)
+                .bind(1234_i64)
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = Store::open(dir.path()).await.unwrap();
+        let rows = store.all_machines().await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let row = &rows[0];
+        assert_eq!(
+            (row.mac.as_str(), row.hostname.as_str(), row.state),
+            ("52:54:00:aa:bb:01", "node1", MachineState::New)
+        );
+        assert!(row.id.len() == 8 && row.id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!((row.rack_id.as_deref(), row.state_changed_at_ms), (None, 1234));
+        assert!(matches!(&row.boot, Some(BootAction::Image { image, .. }) if image == "ubuntu/noble"));
+        let served = store.rack_machines("any-rack").await.unwrap();
+        assert_eq!(served.len(), 1, "a machine of no rack is served by every rack");
+    }
+
+    /// A request sent and not answered is sent again once the resend time has passed, and never
+    /// while it has not; an answered one never again.
+    #[tokio::test]
+    async fn unanswered_power_requests_are_sent_again_after_the_resend_time_answered_ones_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let (rack_id, _) = store.register_rack("rack1", "hash", 1).await.unwrap();
+        let mut conn = store.pool.acquire().await.unwrap();
+        let now = now_ms();
+        let machine = MachineRow {
+            id: "abcd1234".into(),
+            mac: "52:54:00:aa:bb:01".into(),
+            hostname: "node1".into(),
+            boot: None,
+            state: MachineState::New,
+            status_message: String::new(),
+            rack_id: Some(rack_id.clone()),
+            power: Some(PowerParameters::Ipmi {
+                address: "10.0.0.6".into(),
+                port: 623,
+                username: "u".into(),
+                password: "p".into(),
+            }),
+            power_state: PowerState::Unknown,
+            power_checked_at_ms: None,
+            image: None,
+            disk: None,
+            job: None,
+            job_token: None,
+            progress: None,
+            last_progress_at_ms: None,
+            inventory: None,
+            deploy_requested_at_ms: None,
+            state_changed_at_ms: now,
+            updated_at_ms: now,
+        };
+        assert!(insert_machine(&mut conn, &machine).await.unwrap());
+        assert!(!insert_machine(&mut conn, &machine).await.unwrap(), "a MAC is stored once");
+        queue_power(&mut conn, &rack_id, &machine.id, &[PowerAction::Query]).await.unwrap();
+        let first = store.take_power_requests(&rack_id, 0, 10).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].parameters, machine.power.clone().unwrap(), "the rack gets the password");
+        assert!(store.take_power_requests(&rack_id, 0, 10).await.unwrap().is_empty(), "sent, not yet due again");
+        assert!(store.take_power_requests("other-rack", now_ms() + 1, 10).await.unwrap().is_empty());
+        let again = store.take_power_requests(&rack_id, now_ms() + 1, 10).await.unwrap();
+        assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), [first[0].id], "unanswered: sent again");
+        finish_power_request(&mut conn, first[0].id).await.unwrap();
+        assert!(store.take_power_requests(&rack_id, now_ms() + 1, 10).await.unwrap().is_empty(), "answered");
     }
 }

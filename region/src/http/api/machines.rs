@@ -1,25 +1,74 @@
-//! Machines' boot decisions, and the boot events racks report.
+//! Machines: their lifecycle and power for users (admins change, everyone reads), the bare boot
+//! decision by MAC, and the rack's side: boot events and reports, power requests and results.
 
-use axum::extract::{Path, State};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use metalrack_api::machines::{BootEvent, MachineBoot, MachineUpdate};
-use metalrack_api::paths;
+use metalrack_api::machines::{
+    BootEvent, BrokenRequest, DeployRequest, MachineCreate, MachineEdit, MachinePage, MachineUpdate, MachineView,
+    PowerCommandRequest, ReleaseRequest,
+};
+use metalrack_api::power::{PowerRequest, PowerResult};
+use metalrack_api::{paths, EventView};
+use serde::Deserialize;
 
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, ApiUser, AuthedRack};
 use crate::http::AppState;
+use crate::machines;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route(paths::MACHINES, get(list_machines))
-        .route(paths::MACHINE, put(put_machine))
+        .route(paths::MACHINES, get(list_machines).post(add_machine))
+        .route(paths::MACHINE, get(get_machine).put(put_machine).patch(edit_machine).delete(delete_machine))
+        .route(paths::MACHINE_COMMISSION, post(commission))
+        .route(paths::MACHINE_DEPLOY, post(deploy))
+        .route(paths::MACHINE_RELEASE, post(release))
+        .route(paths::MACHINE_POWER, post(power))
+        .route(paths::MACHINE_MARK_BROKEN, post(mark_broken))
+        .route(paths::MACHINE_MARK_FIXED, post(mark_fixed))
+        .route(paths::MACHINE_ABORT, post(abort))
+        .route(paths::MACHINE_EVENTS, get(machine_events))
         .route(paths::RACK_EVENTS, post(rack_events))
+        .route(paths::RACK_POWER, get(rack_power).post(rack_power_result))
 }
 
-async fn list_machines(State(state): State<AppState>, _user: ApiUser) -> Result<Json<Vec<MachineBoot>>, ApiError> {
-    Ok(Json(crate::machines::list(&state.shared).await?))
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+async fn list_machines(
+    State(state): State<AppState>,
+    _user: ApiUser,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<MachinePage>, ApiError> {
+    Ok(Json(machines::list(&state.shared, query.state.as_deref(), query.offset, query.limit).await?))
+}
+
+async fn add_machine(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    ApiJson(create): ApiJson<MachineCreate>,
+) -> Result<(StatusCode, Json<MachineView>), ApiError> {
+    Ok((StatusCode::CREATED, Json(machines::add(&state.shared, &user, create).await?)))
+}
+
+async fn get_machine(
+    State(state): State<AppState>,
+    _user: ApiUser,
+    Path(key): Path<String>,
+) -> Result<Json<MachineView>, ApiError> {
+    Ok(Json(machines::get(&state.shared, &key).await?))
 }
 
 async fn put_machine(
@@ -28,8 +77,94 @@ async fn put_machine(
     Path(mac): Path<String>,
     ApiJson(update): ApiJson<MachineUpdate>,
 ) -> Result<StatusCode, ApiError> {
-    crate::machines::put(&state.shared, &user, &mac, update).await?;
+    machines::put(&state.shared, &user, &mac, update).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn edit_machine(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    Path(key): Path<String>,
+    ApiJson(edit): ApiJson<MachineEdit>,
+) -> Result<Json<MachineView>, ApiError> {
+    Ok(Json(machines::edit(&state.shared, &user, &key, edit).await?))
+}
+
+async fn delete_machine(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    Path(key): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    machines::delete(&state.shared, &user, &key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn commission(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    Path(key): Path<String>,
+) -> Result<Json<MachineView>, ApiError> {
+    Ok(Json(machines::commission(&state.shared, &user, &key).await?))
+}
+
+async fn deploy(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<DeployRequest>,
+) -> Result<Json<MachineView>, ApiError> {
+    Ok(Json(machines::deploy(&state.shared, &user, &key, request).await?))
+}
+
+async fn release(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<ReleaseRequest>,
+) -> Result<Json<MachineView>, ApiError> {
+    Ok(Json(machines::release(&state.shared, &user, &key, request).await?))
+}
+
+async fn power(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<PowerCommandRequest>,
+) -> Result<Json<MachineView>, ApiError> {
+    Ok(Json(machines::power(&state.shared, &user, &key, request.action).await?))
+}
+
+async fn mark_broken(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<BrokenRequest>,
+) -> Result<Json<MachineView>, ApiError> {
+    Ok(Json(machines::mark_broken(&state.shared, &user, &key, request).await?))
+}
+
+async fn mark_fixed(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    Path(key): Path<String>,
+) -> Result<Json<MachineView>, ApiError> {
+    Ok(Json(machines::mark_fixed(&state.shared, &user, &key).await?))
+}
+
+async fn abort(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    Path(key): Path<String>,
+) -> Result<Json<MachineView>, ApiError> {
+    Ok(Json(machines::abort(&state.shared, &user, &key).await?))
+}
+
+async fn machine_events(
+    State(state): State<AppState>,
+    _user: ApiUser,
+    Path(key): Path<String>,
+) -> Result<Json<Vec<EventView>>, ApiError> {
+    Ok(Json(machines::events(&state.shared, &key).await?))
 }
 
 async fn rack_events(
@@ -37,6 +172,31 @@ async fn rack_events(
     AuthedRack(rack): AuthedRack,
     ApiJson(events): ApiJson<Vec<BootEvent>>,
 ) -> Result<StatusCode, ApiError> {
-    crate::machines::record_boot_events(&state.shared, &rack.id, &rack.name, events).await?;
+    machines::record_boot_events(&state.shared, &rack.id, &rack.name, events).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PowerPollQuery {
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+async fn rack_power(
+    State(state): State<AppState>,
+    AuthedRack(rack): AuthedRack,
+    Query(query): Query<PowerPollQuery>,
+) -> Result<Json<Vec<PowerRequest>>, ApiError> {
+    let wait = Duration::from_millis(query.wait_ms);
+    Ok(Json(machines::rack_power_requests(&state.shared, &rack.id, wait).await?))
+}
+
+async fn rack_power_result(
+    State(state): State<AppState>,
+    AuthedRack(rack): AuthedRack,
+    ApiJson(result): ApiJson<PowerResult>,
+) -> Result<StatusCode, ApiError> {
+    machines::power_result(&state.shared, &rack.id, &rack.name, result).await?;
     Ok(StatusCode::NO_CONTENT)
 }
