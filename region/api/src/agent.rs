@@ -46,6 +46,7 @@ pub const AGENT_REPORT_JSON_BYTES_MAX: usize =
 
 /// An image version named by the catalogue's words.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImageRef {
     pub image: String,
     pub arch: String,
@@ -55,6 +56,7 @@ pub struct ImageRef {
 /// The deploy environment a rack boots machines into: an image version whose `kernel` and
 /// `initrd` files are the environment, and the kernel parameters it boots with.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeployEnv {
     #[serde(flatten)]
     pub image: ImageRef,
@@ -63,6 +65,7 @@ pub struct DeployEnv {
 
 /// How much of a disk a release erases.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EraseMode {
     /// Nothing: the disk keeps the image (a redeploy then writes only what changed).
@@ -76,6 +79,7 @@ pub enum EraseMode {
 
 /// What the region asks of a machine's agent (in the rack's boot table).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "job", rename_all = "snake_case")]
 pub enum AgentJob {
     /// Report the inventory, then power off.
@@ -103,6 +107,7 @@ pub enum AgentJob {
 /// What the agent gets from `GET /agent/task`: its job, resolved by the rack against its own
 /// snapshot (URLs on the rack, sizes and hashes).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "task", rename_all = "snake_case")]
 pub enum AgentTask {
     /// An unknown machine: report the inventory (with no token), then power off.
@@ -131,6 +136,7 @@ pub enum AgentTask {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Firmware {
     Bios,
@@ -138,6 +144,7 @@ pub enum Firmware {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiskInventory {
     /// Kernel name: `vda`, `sda`, `nvme0n1`.
     pub name: String,
@@ -149,6 +156,7 @@ pub struct DiskInventory {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NicInventory {
     pub name: String,
     /// Lower-case, colon-separated.
@@ -160,6 +168,7 @@ pub struct NicInventory {
 
 /// A machine's hardware as its agent found it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Inventory {
     pub firmware: Firmware,
     pub cpus: u32,
@@ -172,6 +181,7 @@ pub struct Inventory {
 
 /// Where a deploy is.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DeployPhase {
     /// Reading the disk at the manifest's chunk places to find what is already there.
@@ -186,6 +196,7 @@ pub enum DeployPhase {
 
 /// A deploy's figures, as the agent reports them (each report replaces the last).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeployProgress {
     pub phase: DeployPhase,
     /// The image's length.
@@ -206,6 +217,7 @@ pub struct DeployProgress {
 
 /// What an agent reports to its rack (`POST /agent/report`), and what the rack adds itself.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "report", rename_all = "snake_case")]
 pub enum AgentReport {
     /// Enlist or commission: the machine's hardware.
@@ -286,6 +298,7 @@ impl AgentReport {
 /// region applies it only if `token` is the machine's current job's (a late report of an
 /// earlier job changes nothing), except `Inventory` with an empty `machine_id`: an enlistment.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MachineReport {
     #[serde(default)]
     pub machine_id: String,

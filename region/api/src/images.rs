@@ -43,6 +43,7 @@ pub fn validate_kind(kind: &str) -> Result<(), String> {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum SyncPolicyKind {
     /// Sync `delay_ms` after the last catalogue change (debounced).
@@ -56,6 +57,7 @@ pub enum SyncPolicyKind {
 
 /// How and when a rack syncs; set per rack on the region.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SyncPolicy {
     pub policy: SyncPolicyKind,
@@ -115,6 +117,7 @@ impl SyncPolicy {
 
 /// One file of the catalogue as a rack sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CatalogueFile {
     pub image: String,
     pub arch: String,
@@ -130,6 +133,7 @@ pub struct CatalogueFile {
 
 /// The catalogue long-poll answer: everything a rack needs to decide whether and what to sync.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RackCatalogue {
     pub revision: i64,
     /// Raised by "sync now"; the rack syncs when this exceeds the value it last handled.
@@ -146,6 +150,7 @@ pub struct RackCatalogue {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum SyncPhase {
     /// The snapshot matches the catalogue.
@@ -165,6 +170,7 @@ pub const MANIFEST_DELTA_TYPE: &str = "application/vnd.metalrack.manifest-delta"
 
 /// The figures of a finished sync.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SyncFigures {
     pub chunks_fetched: u64,
     /// Bytes of the fetched chunks (as decoded).
@@ -186,6 +192,7 @@ pub struct SyncFigures {
 
 /// A rack's sync state, sent with each heartbeat.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SyncReport {
     pub snapshot_id: Option<String>,
     /// Catalogue revision the current snapshot was built from.
@@ -202,6 +209,7 @@ pub struct SyncReport {
 /// the snapshot's id, so they stay small whatever the catalogue's size; the rack sends this when
 /// its heartbeat's answer says the region does not know that id yet.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RackSnapshot {
     pub snapshot_id: String,
     pub file_hashes: Vec<String>,
@@ -209,6 +217,7 @@ pub struct RackSnapshot {
 
 /// Answer to a manifest upload: which chunks the region still lacks.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UploadResponse {
     pub upload_id: String,
     pub manifest_id: String,
@@ -221,12 +230,14 @@ pub struct UploadResponse {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChunksStored {
     pub stored: u64,
     pub already_present: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CommitResponse {
     pub image: String,
     pub arch: String,
@@ -236,12 +247,14 @@ pub struct CommitResponse {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeleteVersionResponse {
     pub chunks_removed: u64,
     pub reclaimed_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum VersionSyncStatus {
     Synced,
@@ -251,6 +264,7 @@ pub enum VersionSyncStatus {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RackSyncView {
     pub rack_id: String,
     pub rack_name: String,
@@ -261,6 +275,7 @@ pub struct RackSyncView {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FileView {
     pub kind: String,
     pub file_hash: String,
@@ -269,6 +284,7 @@ pub struct FileView {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VersionView {
     pub version: String,
     pub created_at_ms: i64,
@@ -279,6 +295,7 @@ pub struct VersionView {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImageView {
     pub id: String,
     pub name: String,

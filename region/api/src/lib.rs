@@ -195,6 +195,7 @@ pub fn rack_authorization(rack_id: &str, credential: &str) -> String {
 
 /// Every API error is this JSON body with a non-2xx status.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// What is wrong, for a person.
     pub error: String,
@@ -204,11 +205,13 @@ pub struct ErrorBody {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChallengeRequest {
     pub name: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChallengeResponse {
     /// Hex of [`NONCE_LEN_BYTES`] random bytes, valid once and for a short time.
     pub nonce: String,
@@ -220,6 +223,7 @@ pub struct ChallengeResponse {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterRequest {
     pub name: String,
     pub nonce: String,
@@ -235,6 +239,7 @@ fn proof_version_before_tls() -> u32 {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterResponse {
     pub rack_id: String,
     /// The rack's credential for every later call; the region keeps only its hash.
@@ -247,6 +252,7 @@ pub struct RegisterResponse {
 
 /// What a rack reports about itself every heartbeat.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RackHealth {
     pub version: String,
     pub uptime_s: u64,
@@ -258,6 +264,7 @@ pub struct RackHealth {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatRequest {
     pub health: RackHealth,
     /// Absent from racks that do not sync yet.
@@ -266,6 +273,7 @@ pub struct HeartbeatRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     /// How often the region wants heartbeats; the rack may send more often.
     pub heartbeat_interval_ms: u64,
@@ -277,6 +285,7 @@ pub struct HeartbeatResponse {
 
 /// A rack controller as the API lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RackView {
     pub id: String,
     pub name: String,
@@ -293,6 +302,7 @@ pub struct RackView {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RackState {
     Online,
@@ -312,6 +322,7 @@ impl RackState {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventView {
     pub id: i64,
     pub at_ms: i64,
@@ -321,6 +332,7 @@ pub struct EventView {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AccountView {
     pub username: String,
     pub email: String,

@@ -15,6 +15,7 @@ pub use crate::limits::{
 
 /// What a machine boots into next.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BootAction {
     /// Unknown or new machine: the enlistment script.
@@ -35,6 +36,7 @@ pub enum BootAction {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MachineBoot {
     /// Lower-case, colon-separated.
     pub mac: String,
@@ -44,6 +46,7 @@ pub struct MachineBoot {
 
 /// `PUT /api/v1/machines/{mac}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MachineUpdate {
     #[serde(default)]
@@ -57,6 +60,7 @@ pub struct MachineUpdate {
 /// once per rack, so a batch sent again (its answer was lost) is not stored twice. 0 and 0 are
 /// events from racks older than these ids, stored as they come.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BootEvent {
     /// The rack's event queue that numbered the event: random (below 2^53, so it survives a
     /// JSON number and a signed 64-bit column), chosen when the queue's file is created. A rack
@@ -80,6 +84,7 @@ pub struct BootEvent {
 
 /// A machine's place in its lifecycle (MAAS's states and words).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MachineState {
     /// Enlisted or added; not yet commissioned.
@@ -155,6 +160,7 @@ impl MachineState {
 
 /// A machine as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MachineView {
     /// The region's id: 8 lower-case letters and digits.
     pub id: String,
@@ -188,6 +194,7 @@ pub struct MachineView {
 
 /// One page of the machine list (`GET /machines?state=&offset=&limit=`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MachinePage {
     pub machines: Vec<MachineView>,
     /// Machines matching the filter, on every page.
@@ -199,6 +206,7 @@ pub const MACHINE_PAGE_MAX: u32 = 1000;
 
 /// `POST /machines`: an operator adds a machine by its MAC and power settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MachineCreate {
     #[serde(default)]
@@ -213,6 +221,7 @@ pub struct MachineCreate {
 
 /// `PATCH /machines/{id}`: change what an operator may change.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MachineEdit {
     #[serde(default)]
@@ -225,6 +234,7 @@ pub struct MachineEdit {
 
 /// `POST /machines/{id}/deploy`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DeployRequest {
     pub image: String,
@@ -239,6 +249,7 @@ pub struct DeployRequest {
 
 /// `POST /machines/{id}/release`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseRequest {
     #[serde(default)]
@@ -247,6 +258,7 @@ pub struct ReleaseRequest {
 
 /// `POST /machines/{id}/mark-broken`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BrokenRequest {
     pub reason: String,
@@ -254,6 +266,7 @@ pub struct BrokenRequest {
 
 /// `POST /machines/{id}/power`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PowerCommand {
     On,
@@ -263,6 +276,7 @@ pub enum PowerCommand {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PowerCommandRequest {
     pub action: PowerCommand,

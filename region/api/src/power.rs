@@ -15,6 +15,7 @@ pub const POWER_REQUESTS_PER_POLL_MAX: usize = 256;
 
 /// How to reach a machine's BMC, as the operator set it.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "driver", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PowerParameters {
     /// DMTF Redfish over HTTPS (or HTTP for a lab BMC): `ComputerSystem.Reset`,
@@ -131,6 +132,7 @@ impl PowerParameters {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PowerDriver {
     Redfish,
@@ -140,6 +142,7 @@ pub enum PowerDriver {
 
 /// A machine's power settings as the API shows them: no password.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PowerView {
     pub driver: PowerDriver,
     pub address: Option<String>,
@@ -151,6 +154,7 @@ pub struct PowerView {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PowerState {
     On,
@@ -164,6 +168,7 @@ pub enum PowerState {
 
 /// Where a machine boots next.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BootDevice {
     /// The network (the rack's PXE).
@@ -174,6 +179,7 @@ pub enum BootDevice {
 
 /// One step of a power request, run in order by the rack.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "action", content = "device", rename_all = "snake_case")]
 pub enum PowerAction {
     On,
@@ -188,6 +194,7 @@ pub enum PowerAction {
 
 /// `GET /rack/power` answer: what the region asks this rack to do.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PowerRequest {
     /// The region's id of this request; the result names it.
     pub id: i64,
@@ -199,6 +206,7 @@ pub struct PowerRequest {
 
 /// `POST /rack/power` body: what came of one request.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PowerResult {
     pub id: i64,
     pub machine_id: String,

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use metalrack_api::images::{
     ChunksStored, CommitResponse, DeleteVersionResponse, ImageView, RackCatalogue, UploadResponse, MANIFEST_DELTA_TYPE,
 };
-use metalrack_api::paths;
+use metalrack_api::{paths, ErrorBody};
 use serde::Deserialize;
 
 use crate::catalogue::{ManifestPayload, UploadTarget, CHUNK_REQUEST_BYTES_MAX, MANIFEST_BYTES_MAX};
@@ -41,6 +41,7 @@ struct UploadQuery {
 }
 
 /// Step 1 of a push: the manifest. Answers which chunks the region lacks.
+#[utoipa::path(post, path = paths::UPLOADS, tag = "images", security(("api_key" = [])), params(("name" = String, Query), ("arch" = String, Query), ("kind" = String, Query), ("version" = String, Query)), request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's manifest (image-tools wire format)"), responses((status = 200, body = UploadResponse), (status = 422, body = ErrorBody)))]
 async fn start_upload(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -52,6 +53,7 @@ async fn start_upload(
 }
 
 /// Step 2: chunks, as a stream of frames, never held whole in memory.
+#[utoipa::path(post, path = paths::UPLOAD_CHUNKS, tag = "images", security(("api_key" = [])), params(("id" = String, Path, description = "upload id")), request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "chunk frames"), responses((status = 200, body = ChunksStored), (status = 422, body = ErrorBody)))]
 async fn upload_chunks(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -62,6 +64,7 @@ async fn upload_chunks(
 }
 
 /// Step 3: the version joins the catalogue.
+#[utoipa::path(post, path = paths::UPLOAD_COMMIT, tag = "images", security(("api_key" = [])), params(("id" = String, Path, description = "upload id")), responses((status = 200, body = CommitResponse), (status = 409, body = ErrorBody)))]
 async fn commit_upload(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -70,10 +73,14 @@ async fn commit_upload(
     Ok(Json(state.catalogue.commit_upload(&user, &id).await?))
 }
 
+/// Every image with its versions, files and where each rack's sync of it stands.
+#[utoipa::path(get, path = paths::IMAGES, tag = "images", security(("api_key" = [])), responses((status = 200, body = Vec<ImageView>)))]
 async fn list_images(State(state): State<AppState>, _user: ApiUser) -> Result<Json<Vec<ImageView>>, ApiError> {
     Ok(Json(state.catalogue.image_views().await?))
 }
 
+/// Removes an image version from the catalogue (racks drop it at their next sync).
+#[utoipa::path(delete, path = paths::IMAGE_VERSION, tag = "images", security(("api_key" = [])), params(("image_id" = String, Path), ("version" = String, Path)), responses((status = 200, body = DeleteVersionResponse), (status = 404, body = ErrorBody)))]
 async fn delete_version(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -100,6 +107,7 @@ fn minus_one() -> i64 {
 }
 
 /// The catalogue for a rack, held open (long-poll) until something changes or `wait_ms` passes.
+#[utoipa::path(get, path = paths::RACK_CATALOGUE, tag = "rack protocol", security(("rack" = [])), params(("after" = Option<i64>, Query), ("requested" = Option<i64>, Query), ("wait_ms" = Option<u64>, Query)), responses((status = 200, body = RackCatalogue)))]
 async fn rack_catalogue(
     State(state): State<AppState>,
     AuthedRack(rack): AuthedRack,
@@ -115,6 +123,8 @@ struct ManifestQuery {
     base: Option<String>,
 }
 
+/// A manifest, raw or as a delta against `base`.
+#[utoipa::path(get, path = paths::RACK_MANIFEST, tag = "rack protocol", security(("rack" = [])), params(("id" = String, Path), ("base" = Option<String>, Query)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
 async fn rack_manifest(
     State(state): State<AppState>,
     _rack: AuthedRack,
@@ -128,6 +138,7 @@ async fn rack_manifest(
 }
 
 /// Chunks for a rack, streamed one frame per want.
+#[utoipa::path(post, path = paths::RACK_CHUNKS, tag = "rack protocol", security(("rack" = [])), request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "wants"), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>, description = "one frame per want")))]
 async fn rack_chunks(State(state): State<AppState>, _rack: AuthedRack, body: Bytes) -> Result<Response, ApiError> {
     let stream = state.catalogue.rack_chunks(&body)?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())

@@ -12,7 +12,7 @@ use metalrack_api::machines::{
     PowerCommandRequest, ReleaseRequest,
 };
 use metalrack_api::power::{PowerRequest, PowerResult};
-use metalrack_api::{paths, EventView};
+use metalrack_api::{paths, ErrorBody, EventView};
 use serde::Deserialize;
 
 use crate::http::error::ApiError;
@@ -47,6 +47,8 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
+/// Machines, a page at a time, optionally in one state.
+#[utoipa::path(get, path = paths::MACHINES, tag = "machines", security(("api_key" = [])), params(("state" = Option<String>, Query), ("offset" = Option<u64>, Query), ("limit" = Option<u32>, Query, description = "at most 1000; default 100")), responses((status = 200, body = MachinePage), (status = 400, body = ErrorBody)))]
 async fn list_machines(
     State(state): State<AppState>,
     _user: ApiUser,
@@ -55,6 +57,8 @@ async fn list_machines(
     Ok(Json(machines::list(&state.shared, query.state.as_deref(), query.offset, query.limit).await?))
 }
 
+/// Adds a machine by its boot MAC and power settings (as New).
+#[utoipa::path(post, path = paths::MACHINES, tag = "machines", security(("api_key" = [])), request_body = MachineCreate, responses((status = 201, body = MachineView), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn add_machine(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -63,6 +67,7 @@ async fn add_machine(
     Ok((StatusCode::CREATED, Json(machines::add(&state.shared, &user, create).await?)))
 }
 
+#[utoipa::path(get, path = paths::MACHINE, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), responses((status = 200, body = MachineView), (status = 404, body = ErrorBody)))]
 async fn get_machine(
     State(state): State<AppState>,
     _user: ApiUser,
@@ -71,6 +76,8 @@ async fn get_machine(
     Ok(Json(machines::get(&state.shared, &key).await?))
 }
 
+/// Sets a bare boot decision by MAC (no lifecycle: an image to network-boot, or local).
+#[utoipa::path(put, path = paths::MACHINE, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), request_body = MachineUpdate, responses((status = 204, description = "set"), (status = 422, body = ErrorBody)))]
 async fn put_machine(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -81,6 +88,7 @@ async fn put_machine(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(patch, path = paths::MACHINE, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), request_body = MachineEdit, responses((status = 200, body = MachineView), (status = 422, body = ErrorBody)))]
 async fn edit_machine(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -90,6 +98,7 @@ async fn edit_machine(
     Ok(Json(machines::edit(&state.shared, &user, &key, edit).await?))
 }
 
+#[utoipa::path(delete, path = paths::MACHINE, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), responses((status = 204, description = "deleted"), (status = 409, body = ErrorBody)))]
 async fn delete_machine(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -99,6 +108,8 @@ async fn delete_machine(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Powers the machine on into the deploy environment, which reports its hardware; then Ready.
+#[utoipa::path(post, path = paths::MACHINE_COMMISSION, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), responses((status = 200, body = MachineView), (status = 409, body = ErrorBody)))]
 async fn commission(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -107,6 +118,8 @@ async fn commission(
     Ok(Json(machines::commission(&state.shared, &user, &key).await?))
 }
 
+/// Allocates the machine and deploys an image to its disk (queued per rack).
+#[utoipa::path(post, path = paths::MACHINE_DEPLOY, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), request_body = DeployRequest, responses((status = 200, body = MachineView), (status = 409, body = ErrorBody)))]
 async fn deploy(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -116,6 +129,8 @@ async fn deploy(
     Ok(Json(machines::deploy(&state.shared, &user, &key, request).await?))
 }
 
+/// Optionally erases the disk, powers off, Ready.
+#[utoipa::path(post, path = paths::MACHINE_RELEASE, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), request_body = ReleaseRequest, responses((status = 200, body = MachineView), (status = 409, body = ErrorBody)))]
 async fn release(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -125,6 +140,7 @@ async fn release(
     Ok(Json(machines::release(&state.shared, &user, &key, request).await?))
 }
 
+#[utoipa::path(post, path = paths::MACHINE_POWER, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), request_body = PowerCommandRequest, responses((status = 200, body = MachineView), (status = 409, body = ErrorBody)))]
 async fn power(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -134,6 +150,7 @@ async fn power(
     Ok(Json(machines::power(&state.shared, &user, &key, request.action).await?))
 }
 
+#[utoipa::path(post, path = paths::MACHINE_MARK_BROKEN, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), request_body = BrokenRequest, responses((status = 200, body = MachineView), (status = 409, body = ErrorBody)))]
 async fn mark_broken(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -143,6 +160,7 @@ async fn mark_broken(
     Ok(Json(machines::mark_broken(&state.shared, &user, &key, request).await?))
 }
 
+#[utoipa::path(post, path = paths::MACHINE_MARK_FIXED, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), responses((status = 200, body = MachineView), (status = 409, body = ErrorBody)))]
 async fn mark_fixed(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -151,6 +169,8 @@ async fn mark_fixed(
     Ok(Json(machines::mark_fixed(&state.shared, &user, &key).await?))
 }
 
+/// Stops a commission, deploy or release in progress.
+#[utoipa::path(post, path = paths::MACHINE_ABORT, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), responses((status = 200, body = MachineView), (status = 409, body = ErrorBody)))]
 async fn abort(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -159,6 +179,8 @@ async fn abort(
     Ok(Json(machines::abort(&state.shared, &user, &key).await?))
 }
 
+/// The machine's events, newest first.
+#[utoipa::path(get, path = paths::MACHINE_EVENTS, tag = "machines", security(("api_key" = [])), params(("machine" = String, Path, description = "machine id or MAC")), responses((status = 200, body = Vec<EventView>), (status = 404, body = ErrorBody)))]
 async fn machine_events(
     State(state): State<AppState>,
     _user: ApiUser,
@@ -167,6 +189,8 @@ async fn machine_events(
     Ok(Json(machines::events(&state.shared, &key).await?))
 }
 
+/// Boot events and machine reports a rack queued (deduplicated by queue id and sequence).
+#[utoipa::path(post, path = paths::RACK_EVENTS, tag = "rack protocol", security(("rack" = [])), request_body = Vec<BootEvent>, responses((status = 204, description = "stored"), (status = 422, body = ErrorBody)))]
 async fn rack_events(
     State(state): State<AppState>,
     AuthedRack(rack): AuthedRack,
@@ -183,6 +207,8 @@ struct PowerPollQuery {
     wait_ms: u64,
 }
 
+/// This rack's power requests (long-poll).
+#[utoipa::path(get, path = paths::RACK_POWER, tag = "rack protocol", security(("rack" = [])), params(("wait_ms" = Option<u64>, Query)), responses((status = 200, body = Vec<PowerRequest>)))]
 async fn rack_power(
     State(state): State<AppState>,
     AuthedRack(rack): AuthedRack,
@@ -192,6 +218,8 @@ async fn rack_power(
     Ok(Json(machines::rack_power_requests(&state.shared, &rack.id, wait).await?))
 }
 
+/// What came of a power request.
+#[utoipa::path(post, path = paths::RACK_POWER, tag = "rack protocol", security(("rack" = [])), request_body = PowerResult, responses((status = 204, description = "stored")))]
 async fn rack_power_result(
     State(state): State<AppState>,
     AuthedRack(rack): AuthedRack,

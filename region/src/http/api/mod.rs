@@ -4,6 +4,7 @@
 
 mod catalogue;
 mod machines;
+pub mod openapi;
 mod racks;
 mod users;
 
@@ -18,5 +19,6 @@ pub fn router() -> Router<AppState> {
         .merge(users::router())
         .merge(catalogue::router())
         .merge(machines::router())
+        .route(metalrack_api::paths::OPENAPI, axum::routing::get(openapi::document))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
 }

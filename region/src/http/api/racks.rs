@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use metalrack_api::images::{RackSnapshot, SyncPolicy};
 use metalrack_api::paths;
 use metalrack_api::{
-    ChallengeRequest, ChallengeResponse, HeartbeatRequest, HeartbeatResponse, RackView, RegisterRequest,
+    ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, RackView, RegisterRequest,
     RegisterResponse,
 };
 
@@ -32,6 +32,7 @@ pub fn router() -> Router<AppState> {
         )
 }
 
+#[utoipa::path(put, path = paths::RACK_SNAPSHOT, tag = "rack protocol", security(("rack" = [])), request_body = RackSnapshot, responses((status = 204, description = "stored"), (status = 401, body = ErrorBody)))]
 async fn put_snapshot(
     State(state): State<AppState>,
     AuthedRack(rack): AuthedRack,
@@ -41,6 +42,8 @@ async fn put_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Registration, step 1: a nonce for the rack to prove it knows the secret.
+#[utoipa::path(post, path = paths::RACK_CHALLENGE, tag = "rack protocol", request_body = ChallengeRequest, responses((status = 200, body = ChallengeResponse), (status = 429, body = ErrorBody)))]
 async fn challenge(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -50,6 +53,8 @@ async fn challenge(
     Ok(Json(ChallengeResponse { nonce, certificate_sha256: Some(state.racks.certificate_sha256_hex()) }))
 }
 
+/// Registration, step 2: the HMAC proof; answers the rack's id and credential.
+#[utoipa::path(post, path = paths::RACK_REGISTER, tag = "rack protocol", request_body = RegisterRequest, responses((status = 200, body = RegisterResponse), (status = 403, body = ErrorBody)))]
 async fn register(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -58,6 +63,8 @@ async fn register(
     Ok(Json(state.racks.register(request, peer.ip()).await?))
 }
 
+/// A rack's health and sync state, every few seconds.
+#[utoipa::path(post, path = paths::RACK_HEARTBEAT, tag = "rack protocol", security(("rack" = [])), request_body = HeartbeatRequest, responses((status = 200, body = HeartbeatResponse), (status = 401, body = ErrorBody)))]
 async fn heartbeat(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -67,10 +74,14 @@ async fn heartbeat(
     Ok(Json(state.racks.heartbeat(&rack, &request, &peer.ip().to_string()).await?))
 }
 
+/// The rack controllers, with their state, health and sync.
+#[utoipa::path(get, path = paths::RACKS, tag = "racks", security(("api_key" = [])), responses((status = 200, body = Vec<RackView>)))]
 async fn list_racks(State(state): State<AppState>, _user: ApiUser) -> Result<Json<Vec<RackView>>, ApiError> {
     Ok(Json(state.racks.views().await?))
 }
 
+/// "Sync now" for one rack.
+#[utoipa::path(post, path = paths::RACK_SYNC, tag = "racks", security(("api_key" = [])), params(("id" = String, Path, description = "rack id")), responses((status = 202, description = "asked"), (status = 404, body = ErrorBody)))]
 async fn sync_rack(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
@@ -80,11 +91,15 @@ async fn sync_rack(
     Ok(StatusCode::ACCEPTED)
 }
 
+/// "Sync now" for every rack.
+#[utoipa::path(post, path = paths::SYNC_ALL, tag = "racks", security(("api_key" = [])), responses((status = 202, description = "asked")))]
 async fn sync_all(State(state): State<AppState>, ApiUser(user): ApiUser) -> Result<StatusCode, ApiError> {
     state.racks.request_sync(&user, None).await?;
     Ok(StatusCode::ACCEPTED)
 }
 
+/// A rack's sync policy (auto, window, manual; bandwidth cap).
+#[utoipa::path(put, path = paths::RACK_SYNC_POLICY, tag = "racks", security(("api_key" = [])), params(("id" = String, Path, description = "rack id")), request_body = SyncPolicy, responses((status = 204, description = "set"), (status = 422, body = ErrorBody)))]
 async fn set_sync_policy(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,

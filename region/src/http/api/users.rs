@@ -4,7 +4,7 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use metalrack_api::paths;
-use metalrack_api::{AccountView, EventView};
+use metalrack_api::{AccountView, ErrorBody, EventView};
 use serde::Deserialize;
 
 use crate::http::error::ApiError;
@@ -26,6 +26,8 @@ struct EventsQuery {
     limit: Option<i64>,
 }
 
+/// The region's event log, newest first.
+#[utoipa::path(get, path = paths::EVENTS, tag = "events", security(("api_key" = [])), params(("limit" = Option<i64>, Query, description = "at most 1000; default 100")), responses((status = 200, body = Vec<EventView>), (status = 400, body = ErrorBody)))]
 async fn list_events(
     State(state): State<AppState>,
     _user: ApiUser,
@@ -38,6 +40,8 @@ async fn list_events(
     Ok(Json(state.shared.store.events(limit).await?))
 }
 
+/// The calling user's account.
+#[utoipa::path(get, path = paths::ACCOUNT, tag = "users", security(("api_key" = [])), responses((status = 200, body = AccountView), (status = 401, body = ErrorBody)))]
 async fn account(State(state): State<AppState>, ApiUser(user): ApiUser) -> Result<Json<AccountView>, ApiError> {
     let account = crate::users::account(&state.shared, &user).await?;
     Ok(Json(AccountView {
