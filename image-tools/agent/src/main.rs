@@ -62,6 +62,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // The console is often a serial log read as text.
+        .with_ansi(false)
         .init();
     let args = Args::parse();
     let no_power = args.no_power;
