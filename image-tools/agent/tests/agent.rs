@@ -96,6 +96,35 @@ fn a_chunk_corrupted_in_transit_is_fetched_again_and_the_deploy_is_right() {
 }
 
 #[test]
+fn a_connection_dropped_mid_range_resumes_at_the_first_chunk_not_written() {
+    let rack = TestRack::start("127.0.0.1:0");
+    let image = bytes(5, IMAGE_BYTES);
+    let manifest = rack.serve_image(&image);
+    // Mid-chunk, past several whole chunks of the first 4 MiB range.
+    let drop_after = 1_000_000 + 12_345;
+    *rack.state.drop_once_after.lock().unwrap() = Some(drop_after);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::write(&disk, b"").unwrap();
+    assert!(run_agent(&rack, &["--disk", disk.to_str().unwrap()], DEADLINE).success());
+    assert!(std::fs::read(&disk).unwrap() == image, "the disk file equals the image");
+    assert!(rack.state.drop_once_after.lock().unwrap().is_none(), "the rack did drop a range");
+    // Fetched twice: only the part of the chunk that was cut in two.
+    let cut_chunk_start = manifest
+        .chunk_offsets()
+        .map(|(offset, _)| offset)
+        .take_while(|&offset| offset <= drop_after as u64)
+        .last()
+        .unwrap();
+    let served = rack.state.bytes_served.load(Ordering::SeqCst);
+    // Every byte sent before the drop arrives on loopback, so exactly the cut chunk's first
+    // part is fetched twice; a restart from the range's start would fetch `drop_after` twice.
+    assert_eq!(served, IMAGE_BYTES as u64 + (drop_after as u64 - cut_chunk_start), "cut chunk at {cut_chunk_start}");
+    let done = deployed(&rack.reports());
+    assert_eq!((done.bytes_written, done.chunks_refetched), (IMAGE_BYTES as u64, 0));
+}
+
+#[test]
 fn a_task_the_agent_cannot_do_is_reported_as_failed_with_the_reason() {
     let rack = TestRack::start("127.0.0.1:0");
     rack.serve_image(&bytes(4, 100_000));

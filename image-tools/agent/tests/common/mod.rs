@@ -35,6 +35,9 @@ pub struct RackState {
     pub bytes_served: AtomicU64,
     /// Offset of a byte to flip the first time a range covering it is served.
     pub corrupt_once: Mutex<Option<u64>>,
+    /// Bytes after which the next range response longer than that breaks off (the connection
+    /// drops mid-range), once.
+    pub drop_once_after: Mutex<Option<usize>>,
 }
 
 pub struct TestRack {
@@ -137,8 +140,25 @@ async fn file(State(state): State<Arc<RackState>>, headers: HeaderMap) -> Respon
             *corrupt = None;
         }
     }
+    drop(corrupt);
+    let content_range = [(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))];
+    let drop_after = state.drop_once_after.lock().unwrap().take_if(|after| *after < body.len());
+    if let Some(after) = drop_after {
+        // The headers promise the whole range; the body stops after `after` bytes with an
+        // error, which makes the server drop the connection.
+        state.bytes_served.fetch_add(after as u64, Ordering::SeqCst);
+        let first = Bytes::copy_from_slice(&body[..after]);
+        let stream = futures_util::stream::iter([
+            Ok(first),
+            Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "dropped by the test rack")),
+        ]);
+        let mut response =
+            (StatusCode::PARTIAL_CONTENT, content_range, axum::body::Body::from_stream(stream)).into_response();
+        response.headers_mut().insert(header::CONTENT_LENGTH, body.len().into());
+        return response;
+    }
     state.bytes_served.fetch_add(body.len() as u64, Ordering::SeqCst);
-    (StatusCode::PARTIAL_CONTENT, [(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))], body).into_response()
+    (StatusCode::PARTIAL_CONTENT, content_range, body).into_response()
 }
 
 /// The agent binary built with this package.
