@@ -42,11 +42,11 @@ fn built_env() -> &'static Path {
     })
 }
 
-#[test]
-fn the_deploy_environment_boots_in_qemu_commissions_the_machine_and_powers_it_off() {
+/// Boots the environment in QEMU with an empty virtio disk of [`DISK_BYTES`] and a virtio NIC
+/// on user networking, talking to `rack`; waits for QEMU to exit by itself. Returns the disk's
+/// bytes and the console.
+fn boot(rack: &TestRack) -> (Vec<u8>, String) {
     let env = built_env();
-    let rack = TestRack::start("0.0.0.0:0");
-    *rack.state.task.lock().unwrap() = Some(AgentTask::Commission { machine_id: "m1".into() });
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(DISK_BYTES).unwrap();
@@ -73,11 +73,17 @@ fn the_deploy_environment_boots_in_qemu_commissions_the_machine_and_powers_it_of
         .expect("qemu-system-x86_64 (apt-get install qemu-system-x86)");
     let status = wait_child(&mut qemu, BOOT_DEADLINE);
     let console = std::fs::read_to_string(&serial).unwrap_or_default();
-    let status =
-        status.unwrap_or_else(|| panic!("QEMU did not power off within {BOOT_DEADLINE:?}; console:\n{console}"));
+    let status = status.unwrap_or_else(|| panic!("QEMU did not exit within {BOOT_DEADLINE:?}; console:\n{console}"));
     assert!(status.success(), "QEMU exited with {status}; console:\n{console}");
-    assert!(console.contains("reboot: Power down"), "the kernel powered off (not a panic); console:\n{console}");
+    (std::fs::read(&disk).unwrap(), console)
+}
 
+#[test]
+fn the_deploy_environment_boots_in_qemu_commissions_the_machine_and_powers_it_off() {
+    let rack = TestRack::start("0.0.0.0:0");
+    *rack.state.task.lock().unwrap() = Some(AgentTask::Commission { machine_id: "m1".into() });
+    let (_, console) = boot(&rack);
+    assert!(console.contains("reboot: Power down"), "the agent powered off (not a panic); console:\n{console}");
     let reports = rack.state.reports.lock().unwrap().clone();
     let [(AgentReport::Inventory { inventory }, auth, mac)] = &reports[..] else {
         panic!("one Inventory report expected, got {reports:?}; console:\n{console}")
@@ -90,6 +96,22 @@ fn the_deploy_environment_boots_in_qemu_commissions_the_machine_and_powers_it_of
     );
     assert!(inventory.nics.iter().any(|nic| nic.mac == GUEST_MAC), "the NIC QEMU was given: {inventory:?}");
     assert!(inventory.cpus >= 1 && inventory.memory_bytes > 0, "{inventory:?}");
+}
+
+#[test]
+fn the_deploy_environment_writes_an_image_to_the_virtio_disk_and_reboots() {
+    let rack = TestRack::start("0.0.0.0:0");
+    let image = common::bytes(9, 3 * 1024 * 1024 + 12_345);
+    rack.serve_image(&image);
+    let (disk, console) = boot(&rack);
+    assert!(console.contains("reboot: Restarting system"), "the agent rebooted; console:\n{console}");
+    assert!(disk[..image.len()] == image[..], "the virtio disk holds the image; console:\n{console}");
+    assert!(disk[image.len()..].iter().all(|&byte| byte == 0), "nothing written past the image");
+    let reports = rack.reports();
+    match reports.last() {
+        Some(AgentReport::Deployed { progress }) => assert_eq!(progress.bytes_written, image.len() as u64),
+        other => panic!("the last report is not Deployed: {other:?}; console:\n{console}"),
+    }
 }
 
 #[test]
