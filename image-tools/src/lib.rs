@@ -11,6 +11,7 @@
 pub mod chunker;
 mod cut;
 pub mod delta;
+pub mod deploy;
 pub mod diff;
 pub mod error_chain;
 pub mod frame;

@@ -12,6 +12,7 @@ use metalrack_image_tools::chunker::{self, ChunkerConfig};
 use metalrack_image_tools::manifest::{self, Manifest};
 use metalrack_image_tools::{diff, verify};
 
+mod deploy_env;
 mod push;
 use metalrack_imgtool::tls;
 
@@ -54,7 +55,56 @@ enum Command {
     // Subcommands that live in their own module (`push` in src/push.rs) go below this line,
     // each with one arm in `run`.
     Push(PushArgs),
+    #[command(subcommand)]
+    DeployEnv(DeployEnvCommand),
 }
+
+/// The deploy environment machines boot to be commissioned, deployed and released.
+#[derive(Debug, Subcommand)]
+enum DeployEnvCommand {
+    Build(DeployEnvBuildArgs),
+}
+
+/// Build the deploy environment (kernel and initrd) into OUT, and optionally push it.
+///
+/// Downloads Debian's cloud kernel and busybox-static with apt-get (once: they stay in the
+/// cache), and writes OUT/kernel and OUT/initrd: busybox, the virtio modules, an init that
+/// brings up the boot NIC with DHCP, and the static agent. Two builds from the same packages and
+/// agent are identical. With --push, both files go to the catalogue as image
+/// metalrack/deploy-env (kinds kernel and initrd).
+#[derive(Debug, Args)]
+struct DeployEnvBuildArgs {
+    /// Where to write `kernel` and `initrd`.
+    #[arg(long)]
+    out: PathBuf,
+    /// The static agent binary (scripts/build-deploy-env builds it there).
+    #[arg(long, default_value = "target/x86_64-unknown-linux-gnu/release/metalrack-agent")]
+    agent: PathBuf,
+    /// Where downloaded packages are kept between builds.
+    #[arg(long, default_value = "target/deploy-env-cache")]
+    cache: PathBuf,
+    /// Also push both files to the region's catalogue.
+    #[arg(long)]
+    push: bool,
+    /// The version to push under (default: the UTC time now, YYYYMMDDHHMMSS).
+    #[arg(long, requires = "push")]
+    version: Option<String>,
+    /// The region, e.g. https://REGION:5240/MAAS (with --push).
+    #[arg(long, env = "METALRACK_URL", requires = "push")]
+    url: Option<String>,
+    /// Your API key (with --push).
+    #[arg(long, env = "METALRACK_API_KEY", hide_env_values = true, requires = "push")]
+    api_key: Option<String>,
+    /// Trust the region's certificate in FILE (PEM), as for `imgtool push` (with --push).
+    #[arg(long, env = "METALRACK_CA_CERT", value_name = "FILE", requires = "push")]
+    ca_cert: Option<PathBuf>,
+    /// Trust exactly the region certificate with this SHA-256 (with --push).
+    #[arg(long, env = "METALRACK_REGION_CERT_SHA256", value_name = "HEX", requires = "push")]
+    region_cert_sha256: Option<String>,
+}
+
+/// The catalogue image the deploy environment is pushed as.
+const DEPLOY_ENV_IMAGE: &str = "metalrack/deploy-env";
 
 /// Upload FILE into the region's catalogue as IMAGE VERSION's file of KIND.
 ///
@@ -176,25 +226,71 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Diff(args) => diff(args),
         Command::Verify(args) => verify(args),
         Command::Push(args) => push_command(args),
+        Command::DeployEnv(DeployEnvCommand::Build(args)) => deploy_env_build(args),
     }
 }
 
+fn deploy_env_build(args: DeployEnvBuildArgs) -> anyhow::Result<ExitCode> {
+    let built =
+        deploy_env::build(&deploy_env::BuildOptions { out: &args.out, agent: &args.agent, cache: &args.cache })?;
+    println!(
+        "deploy environment: kernel {} ({}), initrd {} ({}), modules {}",
+        built.kernel.display(),
+        built.kernel_version,
+        built.initrd.display(),
+        HumanBytes(std::fs::metadata(&built.initrd)?.len()),
+        built.modules.join(" ")
+    );
+    if !args.push {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (Some(url), Some(api_key)) = (args.url.as_deref(), args.api_key.as_deref()) else {
+        bail!("--push needs --url and --api-key (or METALRACK_URL and METALRACK_API_KEY)");
+    };
+    if args.ca_cert.is_none() == args.region_cert_sha256.is_none() {
+        bail!("--push needs exactly one of --ca-cert and --region-cert-sha256");
+    }
+    let region_certificate = tls::RegionCertificate::from_options(args.ca_cert, args.region_cert_sha256.as_deref())?;
+    let version = args.version.unwrap_or_else(default_version);
+    for (kind, file) in [("kernel", &built.kernel), ("initrd", &built.initrd)] {
+        let summary = push::push(&push::PushArgs {
+            file,
+            name: DEPLOY_ENV_IMAGE,
+            arch: "amd64",
+            kind,
+            version: &version,
+            url,
+            api_key,
+            region_certificate: &region_certificate,
+            config: ChunkerConfig::default(),
+        })?;
+        println!(
+            "{} {} version {}: {} committed, {} bytes sent",
+            summary.commit.image, summary.commit.arch, summary.commit.version, summary.commit.kind, summary.bytes_sent
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The UTC time now as YYYYMMDDHHMMSS: the default version of a push.
+fn default_version() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let (days, secs) = ((now / 86_400) as i64, now % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}{:02}{:02}{:02}", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
 fn push_command(args: PushArgs) -> anyhow::Result<ExitCode> {
-    let version = args.version.clone().unwrap_or_else(|| {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-        let (days, secs) = ((now / 86_400) as i64, now % 86_400);
-        // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        format!("{year:04}{month:02}{day:02}{:02}{:02}{:02}", secs / 3600, secs % 3600 / 60, secs % 60)
-    });
+    let version = args.version.clone().unwrap_or_else(default_version);
     let region_certificate =
         tls::RegionCertificate::from_options(args.trust.ca_cert.clone(), args.trust.region_cert_sha256.as_deref())?;
     let summary = push::push(&push::PushArgs {
