@@ -325,10 +325,10 @@ struct System {
 }
 
 impl System {
-    /// The etag of the representation: the BMC's changes and the power state (which the guest
-    /// can change on its own).
-    fn etag(&mut self) -> String {
-        let power = if self.machine.is_on() { "on" } else { "off" };
+    /// The etag of the representation when the machine is `on` or not: the BMC's changes and the
+    /// power state (which the guest can change on its own). Each request asks the machine once.
+    fn etag(&self, on: bool) -> String {
+        let power = if on { "on" } else { "off" };
         format!("\"{}-{power}\"", self.generation)
     }
 
@@ -610,8 +610,9 @@ async fn systems(State(shared): State<Arc<Shared>>) -> Json<Value> {
 
 /// The system's representation with its `ETag` header.
 fn system_response(shared: &Shared, system: &mut System) -> Response {
-    let etag = system.etag();
-    let power = if system.machine.is_on() { "On" } else { "Off" };
+    let on = system.machine.is_on();
+    let etag = system.etag(on);
+    let power = if on { "On" } else { "Off" };
     let path = shared.system_path();
     let body = json!({
         "@odata.id": path,
@@ -705,7 +706,8 @@ async fn system_patch(
     shared
         .with_system(move |system| {
             if let Some(if_match) = if_match {
-                let current = system.etag();
+                let on = system.machine.is_on();
+                let current = system.etag(on);
                 let matches = if_match.split(',').map(str::trim).any(|tag| tag == "*" || tag == current);
                 if !matches {
                     return redfish_error(
