@@ -398,8 +398,9 @@ impl Shared {
     }
 }
 
-/// A running BMC; dropping it stops serving (the machine keeps its power state: drop the
-/// machine to end it).
+/// A running BMC, which owns its machine. Dropping it stops serving; the machine is dropped once
+/// the last request in flight ends (a [`QemuMachine`] then ends its QEMU). Power the machine off
+/// through Redfish first when the moment QEMU ends matters.
 pub struct BmcServer {
     address: SocketAddr,
     certificate_der: Option<Vec<u8>>,
@@ -448,6 +449,13 @@ impl BmcServer {
         let task = tokio::spawn(accept_loop(listener, acceptor, router(shared)));
         tracing::info!(%address, "lab BMC serving Redfish");
         Ok(BmcServer { address, certificate_der, task })
+    }
+
+    /// [`BmcServer::start`] on a listener bound to `address` in the calling thread's network
+    /// namespace.
+    pub fn bind(address: SocketAddr, config: BmcConfig, machine: impl PoweredMachine) -> Result<BmcServer, BmcError> {
+        let listener = std::net::TcpListener::bind(address).map_err(|source| BmcError::Listener { source })?;
+        BmcServer::start(listener, config, machine)
     }
 
     /// Where it listens.

@@ -232,6 +232,59 @@ mod tests {
         assert!(!error.contains("secret-password"));
     }
 
+    /// A log writer the test reads back.
+    #[derive(Clone, Default)]
+    struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for CapturedLog {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_password_is_in_no_log_line_of_a_failing_or_succeeding_request() {
+        use metalrack_hardware::bmc::{BmcConfig, BmcServer, SimulatedMachine};
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        // The runtime has one thread, so everything of the request logs through this subscriber.
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let password = "password-that-must-not-be-logged";
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = BmcServer::start(listener, BmcConfig::new("admin", password), SimulatedMachine::new()).unwrap();
+        let parameters = |password: &str| PowerParameters::Redfish {
+            address: server.url(),
+            username: "admin".into(),
+            password: password.into(),
+            system_id: None,
+            trust_self_signed: false,
+        };
+        let mut request = PowerRequest {
+            id: 1,
+            machine_id: "m1".into(),
+            mac: "52:54:00:00:00:01".into(),
+            parameters: parameters(password),
+            actions: vec![PowerAction::SetNextBoot(BootDevice::Pxe), PowerAction::On, PowerAction::Query],
+        };
+        assert_eq!(run(&request).await.error, None);
+        let wrong = "wrong-password-that-must-not-be-logged";
+        request.parameters = parameters(wrong);
+        assert!(run(&request).await.error.is_some());
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("power request done") && text.contains("power request failed"), "{text}");
+        assert!(!text.contains(password) && !text.contains(wrong), "{text}");
+    }
+
     #[tokio::test]
     async fn too_many_actions_are_refused() {
         let request = PowerRequest {
