@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use metalrack_api::power::{BootDevice, PowerState};
 
-use super::PowerDriver;
+use super::PowerControl;
 
 /// The program, found on `PATH`; Debian's package `ipmitool`.
 pub const IPMITOOL_PROGRAM: &str = "ipmitool";
@@ -146,7 +146,7 @@ fn parse_power_status(stdout: &str) -> Option<PowerState> {
     })
 }
 
-impl PowerDriver for IpmiDriver {
+impl PowerControl for IpmiDriver {
     type Error = IpmiError;
     const CONFIRMS_POWER: bool = true;
 

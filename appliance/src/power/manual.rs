@@ -3,7 +3,7 @@
 
 use metalrack_api::power::{BootDevice, PowerState};
 
-use super::PowerDriver;
+use super::PowerControl;
 
 /// Asks the operator, through the log, to do what a BMC would.
 #[derive(Debug, Clone)]
@@ -27,7 +27,7 @@ impl ManualDriver {
     }
 }
 
-impl PowerDriver for ManualDriver {
+impl PowerControl for ManualDriver {
     type Error = ManualError;
     const CONFIRMS_POWER: bool = false;
 

@@ -1,5 +1,5 @@
 //! Power control of the rack's machines: the drivers ([`redfish`], [`ipmi`], [`manual`]) behind
-//! one [`PowerDriver`] trait, and [`run`], which carries out one of the region's
+//! one [`PowerControl`] trait, and [`run`], which carries out one of the region's
 //! [`PowerRequest`]s and says what came of it.
 //!
 //! The region decides; the rack only runs requests, since BMC networks are rack-local. A
@@ -27,9 +27,9 @@ pub const POWER_ACTION_TIMEOUT: Duration = Duration::from_secs(90);
 /// More is a malformed request, refused before anything runs.
 pub const POWER_ACTIONS_PER_REQUEST_MAX: usize = 16;
 
-/// What a driver does to one machine. The futures are `Send` so the rack's loop can run
-/// requests on any worker.
-pub trait PowerDriver {
+/// What a driver does to one machine (named apart from the wire's `PowerDriver`, which only says
+/// which driver). The futures are `Send` so the rack's loop can run requests on any worker.
+pub trait PowerControl {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Whether a successful on/off/cycle means the machine is now in that state. False for the
@@ -116,7 +116,7 @@ fn prepare(request: &PowerRequest) -> Result<(), RequestError> {
 
 /// Runs `actions` with `driver`: the state they leave (the last query's, or what the last
 /// confirmed action implies) and the first error's text.
-pub async fn run_actions<D: PowerDriver>(driver: &D, actions: &[PowerAction]) -> (PowerState, Option<String>) {
+pub async fn run_actions<D: PowerControl>(driver: &D, actions: &[PowerAction]) -> (PowerState, Option<String>) {
     let mut state = PowerState::Unknown;
     for action in actions {
         match run_action(driver, *action).await {
@@ -134,7 +134,7 @@ pub async fn run_actions<D: PowerDriver>(driver: &D, actions: &[PowerAction]) ->
 }
 
 /// One action within [`POWER_ACTION_TIMEOUT`]: the state it leaves when it tells.
-async fn run_action<D: PowerDriver>(
+async fn run_action<D: PowerControl>(
     driver: &D,
     action: PowerAction,
 ) -> Result<Option<PowerState>, ActionError<D::Error>> {

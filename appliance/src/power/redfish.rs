@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 
-use super::PowerDriver;
+use super::PowerControl;
 
 /// Deadline of one HTTP request to a BMC. BMCs are slow (a reset may take seconds to answer on
 /// real hardware) but a minute of silence is a dead one.
@@ -265,15 +265,22 @@ fn power_state(value: &Value) -> Option<PowerState> {
     })
 }
 
-impl PowerDriver for RedfishDriver {
+impl PowerControl for RedfishDriver {
     type Error = RedfishError;
     const CONFIRMS_POWER: bool = true;
 
     async fn power_on(&self) -> Result<(), RedfishError> {
+        // Some BMCs refuse a reset into the state the machine is in (409 "already on"): look first.
+        if self.query().await? == PowerState::On {
+            return Ok(());
+        }
         self.reset("On").await
     }
 
     async fn power_off(&self) -> Result<(), RedfishError> {
+        if self.query().await? == PowerState::Off {
+            return Ok(());
+        }
         self.reset("ForceOff").await
     }
 
