@@ -263,7 +263,7 @@ impl Machine {
 
         std::fs::create_dir_all(log_dir)
             .map_err(|source| QemuError::CreateLogDir { path: log_dir.to_path_buf(), source })?;
-        let stem = format!("{}-{tap}", lab.name());
+        let stem = machine_name(lab, tap);
         let serial_log_path = log_dir.join(format!("{stem}.serial.log"));
         let qemu_log_path = log_dir.join(format!("{stem}.qemu.log"));
         check_no_comma(&serial_log_path)?;
@@ -387,6 +387,27 @@ impl Drop for Machine {
     fn drop(&mut self) {
         self.power_off();
     }
+}
+
+/// The `-name` [`Machine::power_on`] gives the QEMU on `tap` of `lab`: `<namespace>-<tap>`.
+pub fn machine_name(lab: &Lab, tap: &str) -> String {
+    format!("{}-{tap}", lab.name())
+}
+
+/// The command line (arguments joined by spaces) of the running QEMU named `name` (see
+/// [`machine_name`]), read from /proc: how a test sees a QEMU that something else (a BMC)
+/// started.
+pub fn running_command_line(name: &str) -> Option<String> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let arguments: Vec<String> =
+            raw.split(|&b| b == 0).map(|argument| String::from_utf8_lossy(argument).into_owned()).collect();
+        let named = arguments.windows(2).any(|pair| pair[0] == "-name" && pair[1] == name);
+        if named && arguments.first().is_some_and(|program| program.ends_with(QEMU_PROGRAM)) {
+            return Some(arguments.join(" "));
+        }
+    }
+    None
 }
 
 /// The six bytes of a MAC written `aa:bb:cc:dd:ee:ff` (either case), or why it is not one a NIC

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metalrack_hardware::bmc::{BmcConfig, BmcServer, QemuMachine};
-use metalrack_hardware::qemu::{MachineSpec, Nic};
+use metalrack_hardware::qemu::{machine_name, running_command_line, MachineSpec, Nic};
 use metalrack_hardware::{have_root, Lab};
 use serde_json::{json, Value};
 
@@ -14,20 +14,6 @@ const USER: &str = "admin";
 const PASSWORD: &str = "qemu-bmc-password";
 /// QEMU is killed and reaped inside the BMC's call, so its /proc entry is gone within moments.
 const PROCESS_GONE_DEADLINE: Duration = Duration::from_secs(10);
-
-/// The command line of the process whose `-name` is `name`, if one runs.
-fn qemu_command_line(name: &str) -> Option<String> {
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let arguments: Vec<String> =
-            raw.split(|&b| b == 0).map(|argument| String::from_utf8_lossy(argument).into_owned()).collect();
-        let named = arguments.windows(2).any(|pair| pair[0] == "-name" && pair[1] == name);
-        if named && arguments.first().is_some_and(|program| program.ends_with("qemu-system-x86_64")) {
-            return Some(arguments.join(" "));
-        }
-    }
-    None
-}
 
 async fn redfish(
     client: &reqwest::Client,
@@ -57,15 +43,15 @@ async fn redfish_power_on_starts_qemu_with_a_one_time_network_boot_and_force_off
     let system = format!("{}/redfish/v1/Systems/1", server.url());
     let reset_url = format!("{system}/Actions/ComputerSystem.Reset");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-    let qemu_name = format!("{}-{tap}", lab.name());
-    assert_eq!(qemu_command_line(&qemu_name), None);
+    let qemu_name = machine_name(&lab, &tap);
+    assert_eq!(running_command_line(&qemu_name), None);
 
     let patch = json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" } });
     assert_eq!(redfish(&client, reqwest::Method::PATCH, &system, Some(patch)).await.status(), 200);
     let on = redfish(&client, reqwest::Method::POST, &reset_url, Some(json!({ "ResetType": "On" }))).await;
     assert_eq!(on.status(), 204, "{}", on.text().await.unwrap());
 
-    let command_line = qemu_command_line(&qemu_name).expect("QEMU runs after the Redfish power on");
+    let command_line = running_command_line(&qemu_name).expect("QEMU runs after the Redfish power on");
     assert!(command_line.contains("-boot order=nc,once=n"), "{command_line}");
     assert!(!command_line.contains("-no-reboot"), "a BMC's machine reboots like hardware: {command_line}");
     let state: Value = redfish(&client, reqwest::Method::GET, &system, None).await.json().await.unwrap();
@@ -75,7 +61,7 @@ async fn redfish_power_on_starts_qemu_with_a_one_time_network_boot_and_force_off
     let off = redfish(&client, reqwest::Method::POST, &reset_url, Some(json!({ "ResetType": "ForceOff" }))).await;
     assert_eq!(off.status(), 204);
     let deadline = Instant::now() + PROCESS_GONE_DEADLINE;
-    while qemu_command_line(&qemu_name).is_some() {
+    while running_command_line(&qemu_name).is_some() {
         assert!(Instant::now() < deadline, "QEMU still runs {PROCESS_GONE_DEADLINE:?} after ForceOff");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
