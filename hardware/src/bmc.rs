@@ -339,6 +339,10 @@ impl System {
     /// So `Once` becomes `once=` (the override lasts exactly one boot, even when the guest
     /// reboots), `Continuous` becomes `order=` (every boot of this start), and the next power on
     /// starts QEMU afresh from what is set then.
+    ///
+    /// Unlike a real board, an override set while the machine runs takes effect at the next power
+    /// on or reset through the BMC, not at a reboot the guest does by itself (QEMU's order is
+    /// fixed when it starts). The rack always follows `SetNextBoot` with an on or a cycle.
     fn next_boot_order(&mut self) -> BootOrder {
         let device = self.target.device();
         match (self.enabled, device) {
