@@ -8,6 +8,7 @@ pub mod control;
 pub mod data_dir;
 pub mod health;
 pub mod heartbeat;
+pub mod power;
 pub mod power_requests;
 pub mod pxe;
 pub mod region_client;

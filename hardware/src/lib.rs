@@ -1,13 +1,15 @@
 //! The virtual hardware lab for Metalrack's end-to-end tests: network namespaces as racks
-//! ([`lab`]) and QEMU machines that network-boot with real iPXE firmware ([`qemu`]).
+//! ([`lab`]), QEMU machines that network-boot with real iPXE firmware ([`qemu`]), and a virtual
+//! Redfish BMC that powers them ([`bmc`]).
 //!
 //! Everything needs root and lives inside network namespaces the lab creates and deletes; nothing
 //! touches the host's own network.
 
+pub mod bmc;
 pub mod command;
 pub mod lab;
 pub mod qemu;
 
 pub use command::CommandError;
 pub use lab::{have_root, Lab, LabError};
-pub use qemu::{Firmware, Machine, MachineSpec, Nic, QemuError};
+pub use qemu::{BootFrom, BootOrder, Firmware, GuestReboot, Machine, MachineSpec, Nic, QemuError};

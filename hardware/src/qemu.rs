@@ -2,9 +2,10 @@
 //! end-to-end tests.
 //!
 //! A machine is `qemu-system-x86_64 -accel tcg` (KVM is not reliable on the lab machines), booting
-//! from the network only (`-boot n`), never rebooting (`-no-reboot`, so a guest that ends its run
-//! ends QEMU), with no display and its serial console in a log file. The NIC's option ROM is
-//! Debian's iPXE build from the `ipxe-qemu` package.
+//! from the network (`-boot order=n`; with a disk, the network then the disk, as [`BootOrder`]
+//! says), by default never rebooting (`-no-reboot`, so a guest that ends its run ends QEMU), with
+//! no display and its serial console in a log file. The NIC's option ROM is Debian's iPXE build
+//! from the `ipxe-qemu` package.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -100,6 +101,69 @@ impl Nic {
     }
 }
 
+/// A device the firmware can boot from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootFrom {
+    /// The NIC's iPXE ROM (QEMU's `n`).
+    Network,
+    /// The first disk (QEMU's `c`); only meaningful with [`MachineSpec::disk`].
+    Disk,
+}
+
+impl BootFrom {
+    fn qemu_letter(self) -> char {
+        match self {
+            BootFrom::Network => 'n',
+            BootFrom::Disk => 'c',
+        }
+    }
+}
+
+/// Which device the firmware tries first. Without a disk only the network is tried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootOrder {
+    /// First on every start and every guest reboot; the other device comes second.
+    pub first: BootFrom,
+    /// First for this start only (QEMU's `-boot once=`): QEMU restores [`BootOrder::first`] on
+    /// the guest's next reset, which is exactly a BMC's one-time boot override.
+    pub once: Option<BootFrom>,
+}
+
+impl Default for BootOrder {
+    /// The network first, then the disk: how MAAS expects machines set up (the rack answers
+    /// "boot from the local disk" to a deployed machine, and iPXE's `exit` falls through to it).
+    fn default() -> BootOrder {
+        BootOrder { first: BootFrom::Network, once: None }
+    }
+}
+
+impl BootOrder {
+    /// The value of QEMU's `-boot` option.
+    fn qemu_option(self, has_disk: bool) -> String {
+        if !has_disk {
+            return "order=n".to_string();
+        }
+        let order = match self.first {
+            BootFrom::Network => "nc",
+            BootFrom::Disk => "cn",
+        };
+        match self.once {
+            Some(once) => format!("order={order},once={}", once.qemu_letter()),
+            None => format!("order={order}"),
+        }
+    }
+}
+
+/// What a guest's reboot does to QEMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestReboot {
+    /// QEMU exits (`-no-reboot`): a test sees the end of a run as the end of the process.
+    PowerOff,
+    /// QEMU resets the guest, as real hardware does: what a BMC-driven machine needs, whose
+    /// deploy ends in a reboot into the disk.
+    Restart,
+}
+
 /// What to power on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MachineSpec {
@@ -108,12 +172,25 @@ pub struct MachineSpec {
     pub firmware: Firmware,
     pub nic: Nic,
     pub memory_mib: u32,
+    /// A raw image attached as a virtio disk (the deploy target), if any.
+    pub disk: Option<PathBuf>,
+    pub boot: BootOrder,
+    pub guest_reboot: GuestReboot,
 }
 
 impl MachineSpec {
-    /// A BIOS machine with an e1000 NIC and [`MEMORY_MIB_DEFAULT`] of memory.
+    /// A BIOS machine with an e1000 NIC, [`MEMORY_MIB_DEFAULT`] of memory, no disk, booting from
+    /// the network, and ending QEMU when the guest reboots.
     pub fn new(mac: impl Into<String>) -> MachineSpec {
-        MachineSpec { mac: mac.into(), firmware: Firmware::Bios, nic: Nic::E1000, memory_mib: MEMORY_MIB_DEFAULT }
+        MachineSpec {
+            mac: mac.into(),
+            firmware: Firmware::Bios,
+            nic: Nic::E1000,
+            memory_mib: MEMORY_MIB_DEFAULT,
+            disk: None,
+            boot: BootOrder::default(),
+            guest_reboot: GuestReboot::PowerOff,
+        }
     }
 }
 
@@ -186,7 +263,7 @@ impl Machine {
 
         std::fs::create_dir_all(log_dir)
             .map_err(|source| QemuError::CreateLogDir { path: log_dir.to_path_buf(), source })?;
-        let stem = format!("{}-{tap}", lab.name());
+        let stem = machine_name(lab, tap);
         let serial_log_path = log_dir.join(format!("{stem}.serial.log"));
         let qemu_log_path = log_dir.join(format!("{stem}.qemu.log"));
         check_no_comma(&serial_log_path)?;
@@ -195,13 +272,22 @@ impl Machine {
         command
             .args(["-name", &stem, "-accel", "tcg", "-smp", "1"])
             .args(["-m", &spec.memory_mib.to_string()])
-            .args(["-boot", "n", "-no-reboot", "-display", "none", "-monitor", "none"])
+            .arg("-boot")
+            .arg(spec.boot.qemu_option(spec.disk.is_some()))
+            .args(["-display", "none", "-monitor", "none"])
             .arg("-serial")
             .arg(format!("file:{}", serial_log_path.display()))
             .arg("-netdev")
             .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
             .arg("-device")
             .arg(format!("{},netdev=net0,mac={},romfile={}", spec.nic.qemu_device(), spec.mac, rom.display()));
+        if spec.guest_reboot == GuestReboot::PowerOff {
+            command.arg("-no-reboot");
+        }
+        if let Some(disk) = &spec.disk {
+            check_no_comma(disk)?;
+            command.arg("-drive").arg(format!("file={},format=raw,if=virtio", disk.display()));
+        }
         if spec.firmware == Firmware::Uefi {
             match ovmf().ok_or(QemuError::NoOvmf)? {
                 Ovmf::Combined(image) => {
@@ -253,7 +339,8 @@ impl Machine {
         Ok(machine)
     }
 
-    /// Whether QEMU still runs. With `-no-reboot`, a guest that reboots or powers off ends it.
+    /// Whether QEMU still runs. A guest that powers off ends it, and so does a guest reboot under
+    /// [`GuestReboot::PowerOff`].
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -300,6 +387,27 @@ impl Drop for Machine {
     fn drop(&mut self) {
         self.power_off();
     }
+}
+
+/// The `-name` [`Machine::power_on`] gives the QEMU on `tap` of `lab`: `<namespace>-<tap>`.
+pub fn machine_name(lab: &Lab, tap: &str) -> String {
+    format!("{}-{tap}", lab.name())
+}
+
+/// The command line (arguments joined by spaces) of the running QEMU named `name` (see
+/// [`machine_name`]), read from /proc: how a test sees a QEMU that something else (a BMC)
+/// started.
+pub fn running_command_line(name: &str) -> Option<String> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let arguments: Vec<String> =
+            raw.split(|&b| b == 0).map(|argument| String::from_utf8_lossy(argument).into_owned()).collect();
+        let named = arguments.windows(2).any(|pair| pair[0] == "-name" && pair[1] == name);
+        if named && arguments.first().is_some_and(|program| program.ends_with(QEMU_PROGRAM)) {
+            return Some(arguments.join(" "));
+        }
+    }
+    None
 }
 
 /// The six bytes of a MAC written `aa:bb:cc:dd:ee:ff` (either case), or why it is not one a NIC
@@ -391,6 +499,17 @@ mod tests {
     fn rom_names_follow_firmware_and_nic() {
         assert_eq!(format!("{}-{}.rom", Firmware::Bios.rom_prefix(), Nic::E1000.rom_stem()), "pxe-e1000.rom");
         assert_eq!(format!("{}-{}.rom", Firmware::Uefi.rom_prefix(), Nic::Virtio.rom_stem()), "efi-virtio.rom");
+    }
+
+    #[test]
+    fn boot_option_puts_the_network_first_and_a_one_time_device_before_it() {
+        let network_first = BootOrder::default();
+        assert_eq!(network_first.qemu_option(false), "order=n");
+        assert_eq!(network_first.qemu_option(true), "order=nc");
+        let disk_once = BootOrder { first: BootFrom::Network, once: Some(BootFrom::Disk) };
+        assert_eq!(disk_once.qemu_option(true), "order=nc,once=c");
+        let disk_always = BootOrder { first: BootFrom::Disk, once: Some(BootFrom::Network) };
+        assert_eq!(disk_always.qemu_option(true), "order=cn,once=n");
     }
 
     #[test]

@@ -132,16 +132,24 @@ fn discover_from(subnet: [u8; 3], spec: MachineSpec) -> Duration {
 
 #[test]
 fn bios_e1000_machine_sends_dhcpdiscover_with_its_mac() {
-    let spec =
-        MachineSpec { mac: "52:54:00:12:34:56".into(), firmware: Firmware::Bios, nic: Nic::E1000, memory_mib: 256 };
+    let spec = MachineSpec {
+        firmware: Firmware::Bios,
+        nic: Nic::E1000,
+        memory_mib: 256,
+        ..MachineSpec::new("52:54:00:12:34:56")
+    };
     discover_from([10, 249, 30], spec);
 }
 
 #[test]
 fn uefi_virtio_machine_sends_dhcpdiscover_with_its_mac() {
     assert!(Firmware::Uefi.available(), "OVMF is missing: install the ovmf package");
-    let spec =
-        MachineSpec { mac: "52:54:00:65:43:21".into(), firmware: Firmware::Uefi, nic: Nic::Virtio, memory_mib: 256 };
+    let spec = MachineSpec {
+        firmware: Firmware::Uefi,
+        nic: Nic::Virtio,
+        memory_mib: 256,
+        ..MachineSpec::new("52:54:00:65:43:21")
+    };
     discover_from([10, 249, 31], spec);
 }
 

@@ -110,7 +110,7 @@ const REGION_LAYERS: &[&[&str]] = &[
 
 /// The appliance's layers, bottom first, as `docs/ARCHITECTURE.md` states them.
 const APPLIANCE_LAYERS: &[&[&str]] = &[
-    &["config", "data_dir", "health", "region_client"],
+    &["config", "data_dir", "health", "power", "region_client"],
     &["status"],
     &["registration"],
     &["region_link", "snapshot"],

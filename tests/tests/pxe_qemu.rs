@@ -79,7 +79,7 @@ async fn scenario(lab: &Lab, tap: &str, firmware: Firmware, nic: Nic, also_with_
     // Boot 1: the whole chain, seen from the region's events.
     let logs = dir.path().join("qemu");
     std::fs::create_dir_all(&logs).unwrap();
-    let spec = MachineSpec { mac: MAC.into(), firmware, nic, memory_mib: 256 };
+    let spec = MachineSpec { firmware, nic, memory_mib: 256, ..MachineSpec::new(MAC) };
     let loader = if firmware == Firmware::Bios { "undionly.kpxe" } else { "ipxe.efi" };
     let mut machine = Machine::power_on(lab, tap, &spec, &logs).expect("QEMU starts");
     let events = wait_for("the machine to fetch its final callback", BOOT_DEADLINE, || async {
