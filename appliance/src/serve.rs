@@ -107,6 +107,10 @@ pub async fn start(data_dir: &DataDir, config: &RackConfig) -> Result<Daemon, Se
             tracing::error!(error = %metalrack_image_tools::error_chain(&e), "control socket stopped");
         }
     });
+    // Power requests from the region, run with the drivers (BMC networks are rack-local).
+    let power_backoff_max = Duration::from_millis(config.retry_backoff_max_ms);
+    let power_run = |request: metalrack_api::power::PowerRequest| async move { crate::power::run(&request).await };
+    tasks.spawn(crate::power_requests::run_until_stopped(link.clone(), power_run, power_backoff_max, stop.clone()));
     let (heartbeat_dir, heartbeat_config, heartbeat_link, heartbeat_stop) =
         (data_dir.clone(), config.clone(), link.clone(), stop.clone());
     tasks.spawn(async move {
