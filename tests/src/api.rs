@@ -105,6 +105,19 @@ impl Api {
         self.get(&paths::machine(key)).await
     }
 
+    /// Adds a machine (`POST /machines`).
+    pub async fn add_machine(&self, create: &metalrack_api::machines::MachineCreate) -> Result<MachineView> {
+        let response = self.send(self.request(reqwest::Method::POST, paths::MACHINES).json(create)).await?;
+        response.json().await.context("POST /machines: unexpected JSON")
+    }
+
+    /// One of a machine's actions (`paths::MACHINE_DEPLOY`, ...) with a JSON `body`.
+    pub async fn machine_action(&self, template: &str, key: &str, body: &impl Serialize) -> Result<MachineView> {
+        let path = paths::machine_path(template, key);
+        let response = self.send(self.request(reqwest::Method::POST, &path).json(body)).await?;
+        response.json().await.with_context(|| format!("POST {path}: unexpected JSON"))
+    }
+
     /// The region's newest 1000 events.
     pub async fn events(&self) -> Result<Vec<EventView>> {
         self.get(&format!("{}?limit=1000", paths::EVENTS)).await

@@ -22,6 +22,16 @@ pub fn locate(name: &str) -> Result<PathBuf> {
     )
 }
 
+/// The cargo target directory this test runs from (`target/`): the directory above the
+/// profile's (`target/debug/deps/TEST` → `target`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("this executable's path");
+    exe.ancestors()
+        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+        .unwrap_or_else(|| panic!("{} is not inside a cargo target directory", exe.display()))
+        .to_path_buf()
+}
+
 /// [`locate`] for tests: panics with the reason.
 pub fn binary(name: &str) -> PathBuf {
     locate(name).unwrap_or_else(|e| panic!("{e:#}"))

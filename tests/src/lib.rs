@@ -17,6 +17,7 @@ pub mod api;
 pub mod bench;
 pub mod binaries;
 pub mod data;
+pub mod deploy_env;
 pub mod disk_image;
 pub mod lab;
 pub mod loopback;
