@@ -230,6 +230,14 @@ fn run() -> anyhow::Result<ExitCode> {
         None => login::default_path()?,
     };
     if let Command::Login(args) = cli.command {
+        // Said here in metalrack's words: the shared check speaks of imgtool's --url.
+        if let Some(rest) = args.url.trim().strip_prefix("http://") {
+            bail!(
+                "{}: metalrack talks to the region over HTTPS only, so the API key never crosses the network \
+                 in clear; use https://{rest} (the region serves HTTPS on the same port)",
+                args.url.trim()
+            );
+        }
         let login = Login {
             url: args.url,
             api_key: args.api_key,
