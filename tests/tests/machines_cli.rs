@@ -248,6 +248,17 @@ async fn login_refuses_a_wrong_key_saving_nothing_and_saves_a_right_one_readable
     let stderr = cli.error(&["machines", "list"]);
     assert!(stderr.contains("not logged in") && stderr.contains("metalrack login"), "{stderr}");
 
+    // `-`: the key from standard input (out of `ps`), as good as given.
+    let mut login = cli.command(&["login", &url, "-", "--region-cert-sha256", &pin]);
+    login.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = login.spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), format!("{key}\n").as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let saved = std::fs::read_to_string(&cli.login_file).unwrap();
+    assert!(saved.contains(&format!("api_key = \"{key}\"")), "the key read is saved: {saved}");
+    std::fs::remove_file(&cli.login_file).unwrap();
+
     // The right key, trusting the certificate file: saved for the owner only.
     let shown = cli.ok(&["login", &url, &key, "--ca-cert", region.certificate_path().to_str().unwrap()]);
     assert!(shown.contains("as admin"), "{shown}");
