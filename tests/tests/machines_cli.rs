@@ -323,6 +323,8 @@ async fn metalrack_adds_commissions_deploys_fails_releases_and_fixes_machines_wi
     let shown = cli.show(&m1.id);
     assert_eq!((shown.mac.as_str(), shown.power.unwrap().password_set), (mac1, true));
     assert_eq!(cli.show(mac1).id, m1.id, "found by its MAC");
+    let stderr = cli.error(&["machines", "show", &format!("{}/{}", &m1.id[..4], &m1.id[4..])]);
+    assert!(stderr.contains("is not a machine"), "not quietly another id: {stderr}");
     let stderr = cli.error(&["machines", "list", "--state", "sleeping"]);
     assert!(stderr.contains("not a state") && stderr.contains("ready"), "{stderr}");
 
