@@ -90,7 +90,7 @@ impl Client {
     }
 
     pub fn machine(&self, machine: &str) -> anyhow::Result<MachineView> {
-        self.get(&paths::machine(&segment(machine)?), &format!("reading machine {machine}"))
+        self.get(&paths::machine(segment(machine)?), &format!("reading machine {machine}"))
     }
 
     pub fn add(&self, create: &metalrack_api::machines::MachineCreate) -> anyhow::Result<()> {
@@ -99,19 +99,16 @@ impl Client {
 
     /// Posts to one of a machine's action paths (`paths::MACHINE_DEPLOY`, ...).
     pub fn act<B: Serialize>(&self, template: &str, machine: &str, body: &B, what: &str) -> anyhow::Result<()> {
-        self.post(&paths::machine_path(template, &segment(machine)?), body, &format!("{what} {machine}"))
+        self.post(&paths::machine_path(template, segment(machine)?), body, &format!("{what} {machine}"))
     }
 
     pub fn delete(&self, machine: &str) -> anyhow::Result<()> {
-        let url = format!("{}{}", self.api, paths::machine(&segment(machine)?));
+        let url = format!("{}{}", self.api, paths::machine(segment(machine)?));
         self.send(self.http.delete(url), &format!("deleting {machine}")).map(drop)
     }
 
     pub fn events(&self, machine: &str) -> anyhow::Result<Vec<EventView>> {
-        self.get(
-            &paths::machine_path(paths::MACHINE_EVENTS, &segment(machine)?),
-            &format!("reading {machine}'s events"),
-        )
+        self.get(&paths::machine_path(paths::MACHINE_EVENTS, segment(machine)?), &format!("reading {machine}'s events"))
     }
 
     pub fn images(&self) -> anyhow::Result<Vec<ImageView>> {
