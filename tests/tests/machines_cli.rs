@@ -333,7 +333,14 @@ async fn metalrack_adds_commissions_deploys_fails_releases_and_fixes_machines_wi
     assert!(stderr.contains("409") && stderr.contains("imgtool deploy-env build --push"), "{stderr}");
     site.push_deploy_env(dir.path());
     site.commission_to_ready(&m1).await;
-    site.commission_to_ready(&m2).await;
+    // commission --wait follows it to Ready (by MAC), exit 0.
+    let commission = spawn(cli, &["machines", "commission", mac2, "--wait"]);
+    wait_state(&site, &m2.id, MachineState::Commissioning).await;
+    let token = site.agent_token(mac2).await;
+    site.report(&m2, &token, AgentReport::Inventory { inventory: inventory(mac2) }).await;
+    let output = tokio::time::timeout(DEADLINE, commission).await.expect("commission --wait ends").unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("state:     Ready"), "{}", text(&output));
     let page: MachinePage = cli.json(&["machines", "list", "--state", "ready"]);
     assert_eq!(page.total, 2);
     let page: MachinePage = cli.json(&["machines", "list", "--state", "new"]);
