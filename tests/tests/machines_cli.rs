@@ -3,7 +3,7 @@
 //! file only its owner reads), add with manual and Redfish power (the BMC password in no output),
 //! list (table, JSON, state filter), show by id and MAC, commission (refused with the region's
 //! reason until a deploy environment is in the catalogue), deploy `--wait` ending Deployed
-//! (exit 0) or failed (exit 1) as the rack's reports say, release, power, broken and fixed, abort,
+//! (exit 0) or failed (exit 1) as the rack's reports say, a wait that times out (exit 2), release, power, broken and fixed, abort,
 //! delete, events naming the user, and the images list.
 
 use std::net::IpAddr;
@@ -414,8 +414,10 @@ async fn metalrack_adds_commissions_deploys_fails_releases_and_fixes_machines_wi
     assert_eq!(fixed.state, MachineState::Ready);
 
     // Abort a commissioning; then delete the machine.
-    let shown: MachineView = cli.json(&["machines", "commission", &m2.id]);
-    assert_eq!(shown.state, MachineState::Commissioning);
+    // (Waited for too briefly: exit 2, saying so; the commissioning goes on.)
+    let stderr = cli.error(&["machines", "commission", &m2.id, "--wait", "--wait-timeout-s", "1"]);
+    assert!(stderr.contains(&format!("{} is still Commissioning after 1 s", m2.id)), "{stderr}");
+    assert_eq!(cli.show(&m2.id).state, MachineState::Commissioning);
     let aborted: MachineView = cli.json(&["machines", "abort", &m2.id]);
     assert_eq!(aborted.state, MachineState::New, "an aborted commissioning leaves it new");
     assert!(aborted.status_message.contains("aborted by admin"), "{aborted:?}");
