@@ -3,8 +3,8 @@
 //! file only its owner reads), add with manual and Redfish power (the BMC password in no output),
 //! list (table, JSON, state filter), show by id and MAC, commission (refused with the region's
 //! reason until a deploy environment is in the catalogue), deploy `--wait` ending Deployed
-//! (exit 0) or failed (exit 1) as the rack's reports say, a wait that times out (exit 2), release, power, broken and fixed, abort,
-//! delete, events naming the user, and the images list.
+//! (exit 0) or failed (exit 1) as the rack's reports say, a wait that times out (exit 2),
+//! release, power, broken and fixed, abort, delete, events naming the user, and the images list.
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
