@@ -23,7 +23,18 @@ const NOT_RUN_AS_SHOWN: [(&str, &str); 4] = [
     ("imgtool verify", "named without arguments (\"Local tools\"): checked to exist with --help"),
 ];
 
+/// Commands the guide shows that need a machine booting the deploy environment (minutes of QEMU
+/// and a downloaded kernel): each is checked to parse, every flag it uses listed by its `--help`.
+/// `tests/tests/machines_cli.rs` runs them against a real region and a rack client.
+const CHECKED_NOT_RUN: [(&str, &str); 3] = [
+    ("metalrack machines commission", "metalrack machines commission --help"),
+    ("metalrack machines deploy", "metalrack machines deploy --help"),
+    ("metalrack machines release", "metalrack machines release --help"),
+];
+
 const MAC: &str = "52:54:00:aa:bb:01";
+/// The machine the guide's "Machines" section adds.
+const MACHINE_MAC: &str = "52:54:00:aa:bb:02";
 
 /// The guide's commands, handed out to the steps that run them; all must be handed out.
 struct Guide {
@@ -69,6 +80,8 @@ struct Shell {
     bin_dir: PathBuf,
     region_dir: PathBuf,
     rack_dir: PathBuf,
+    /// `metalrack`'s login file (never the operator's own under ~/.config).
+    login_file: PathBuf,
     /// Placeholder and value, replaced in this order; `None` until the value is known.
     values: Vec<(&'static str, Option<String>)>,
 }
@@ -100,6 +113,7 @@ impl Shell {
         let path = std::env::var("PATH").unwrap_or_default();
         command.env("PATH", format!("{}:{path}", self.bin_dir.display()));
         command.env_remove("METALRACK_DATA_DIR");
+        command.env("METALRACK_LOGIN_FILE", &self.login_file);
         match program {
             "regiond" => command.env("METALRACK_DATA_DIR", &self.region_dir),
             "rackd" => command.env("METALRACK_DATA_DIR", &self.rack_dir),
@@ -169,6 +183,7 @@ async fn every_command_of_the_operator_guide_works_as_shown() {
         bin_dir: binary("regiond").parent().unwrap().to_owned(),
         region_dir: region_dir.clone(),
         rack_dir: rack_dir.clone(),
+        login_file: dir.path().join("metalrack-login.toml"),
         values: vec![
             ("[--name NAME]", Some("--name rack1".into())),
             ("[--version V]", Some("--version 1".into())),
@@ -290,6 +305,43 @@ async fn every_command_of_the_operator_guide_works_as_shown() {
             kernel_params: "console=ttyS0".into()
         }
     );
+
+    // 6. Machines. The deploy environment's build downloads a kernel: the script is checked to
+    // exist and imgtool to take every flag the guide passes through it.
+    let build = guide.take("scripts/build-deploy-env");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(build.split_whitespace().next().unwrap());
+    assert!(
+        std::fs::metadata(&script).unwrap().permissions().mode() & 0o111 != 0,
+        "{} is executable",
+        script.display()
+    );
+    let help = shell.run("imgtool deploy-env build --help");
+    for flag in build.split_whitespace().filter(|w| w.starts_with("--")) {
+        assert!(help.contains(flag), "imgtool deploy-env build takes {flag}: {help}");
+    }
+    // metalrack: log in (saved 0600), add a machine with its BMC password from the environment
+    // (shown nowhere), list and show it.
+    let login = shell.run(&guide.take("metalrack login"));
+    assert!(login.contains("as ops"), "{login}");
+    assert_eq!(std::fs::metadata(&shell.login_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let add = guide.take("METALRACK_POWER_PASSWORD=bmc-password metalrack machines add");
+    let added = shell.run(&add);
+    assert!(added.contains("state:     New") && !added.contains("bmc-password"), "{added}");
+    let machine = api.machine(MACHINE_MAC).await.unwrap();
+    assert_eq!(machine.hostname, "node2");
+    assert!(machine.power.expect("power parameters").password_set);
+    let listed = shell.run(&guide.take("metalrack machines list"));
+    assert!(listed.lines().any(|l| l.contains(MACHINE_MAC) && l.contains("New")), "{listed}");
+    let shown = shell.run(&guide.take("metalrack machines show"));
+    assert!(shown.contains(&machine.id) && shown.contains("(redfish)"), "{shown}");
+    for (command, help) in CHECKED_NOT_RUN {
+        let text = guide.take(command);
+        assert!(text.contains(MACHINE_MAC), "{text}");
+        let help = shell.run(help);
+        for flag in text.split_whitespace().filter(|w| w.starts_with("--")) {
+            assert!(help.contains(flag), "`{command}` takes {flag}: {help}");
+        }
+    }
 
     guide.assert_all_taken();
     rack.daemon.as_mut().unwrap().terminate().unwrap();

@@ -12,6 +12,9 @@ use serde::Serialize;
 
 use crate::login::Login;
 
+/// Longer than any machine id or MAC (17 characters): longer keys are typos.
+const MACHINE_KEY_LEN_MAX: usize = 64;
+
 /// A call that takes longer has a region in trouble; say so rather than hang a script.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -87,7 +90,7 @@ impl Client {
     }
 
     pub fn machine(&self, machine: &str) -> anyhow::Result<MachineView> {
-        self.get(&paths::machine(&encode(machine)), &format!("reading machine {machine}"))
+        self.get(&paths::machine(segment(machine)?), &format!("reading machine {machine}"))
     }
 
     pub fn add(&self, create: &metalrack_api::machines::MachineCreate) -> anyhow::Result<()> {
@@ -96,16 +99,16 @@ impl Client {
 
     /// Posts to one of a machine's action paths (`paths::MACHINE_DEPLOY`, ...).
     pub fn act<B: Serialize>(&self, template: &str, machine: &str, body: &B, what: &str) -> anyhow::Result<()> {
-        self.post(&paths::machine_path(template, &encode(machine)), body, &format!("{what} {machine}"))
+        self.post(&paths::machine_path(template, segment(machine)?), body, &format!("{what} {machine}"))
     }
 
     pub fn delete(&self, machine: &str) -> anyhow::Result<()> {
-        let url = format!("{}{}", self.api, paths::machine(&encode(machine)));
+        let url = format!("{}{}", self.api, paths::machine(segment(machine)?));
         self.send(self.http.delete(url), &format!("deleting {machine}")).map(drop)
     }
 
     pub fn events(&self, machine: &str) -> anyhow::Result<Vec<EventView>> {
-        self.get(&paths::machine_path(paths::MACHINE_EVENTS, &encode(machine)), &format!("reading {machine}'s events"))
+        self.get(&paths::machine_path(paths::MACHINE_EVENTS, segment(machine)?), &format!("reading {machine}'s events"))
     }
 
     pub fn images(&self) -> anyhow::Result<Vec<ImageView>> {
@@ -113,7 +116,16 @@ impl Client {
     }
 }
 
-/// A machine id or MAC as one path segment (MACs keep their colons; nothing else is special).
-fn encode(machine: &str) -> String {
-    machine.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_' | '.')).collect()
+/// A machine id or MAC as one path segment (MACs keep their colons). Anything else is refused
+/// rather than dropped: `ab/cd1234` must not quietly become another machine's id `abcd1234`.
+fn segment(machine: &str) -> anyhow::Result<&str> {
+    let fits = |c: char| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_' | '.');
+    if machine.is_empty()
+        || machine.len() > MACHINE_KEY_LEN_MAX
+        || !machine.chars().all(fits)
+        || machine.starts_with('.')
+    {
+        bail!("{machine:?} is not a machine: give its id (8 letters and digits) or its MAC (aa:bb:cc:dd:ee:ff)");
+    }
+    Ok(machine)
 }

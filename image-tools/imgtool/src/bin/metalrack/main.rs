@@ -61,7 +61,8 @@ enum Command {
 struct LoginArgs {
     /// The region, e.g. https://REGION:5240/MAAS (HTTPS only: the API key goes in every request).
     url: String,
-    /// Your API key (the region's account page, or `regiond apikey --username U`).
+    /// Your API key (the region's account page, or `regiond apikey --username U`); `-` reads it
+    /// from standard input's first line, keeping it out of `ps` and shell history.
     api_key: String,
     /// Trust the region if its certificate is in, or signed by one in, FILE (PEM).
     #[arg(
@@ -230,9 +231,17 @@ fn run() -> anyhow::Result<ExitCode> {
         None => login::default_path()?,
     };
     if let Command::Login(args) = cli.command {
+        // Said here in metalrack's words: the shared check speaks of imgtool's --url.
+        if let Some(rest) = args.url.trim().strip_prefix("http://") {
+            bail!(
+                "{}: metalrack talks to the region over HTTPS only, so the API key never crosses the network \
+                 in clear; use https://{rest} (the region serves HTTPS on the same port)",
+                args.url.trim()
+            );
+        }
         let login = Login {
             url: args.url,
-            api_key: args.api_key,
+            api_key: api_key_argument(&args.api_key)?,
             ca_cert: args.ca_cert,
             region_cert_sha256: args.region_cert_sha256,
         };
@@ -268,6 +277,20 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Machines(command) => machines(&client, command, output),
     }
+}
+
+/// The API key `login` was given: itself, or standard input's first line for `-`.
+fn api_key_argument(argument: &str) -> anyhow::Result<String> {
+    if argument != "-" {
+        return Ok(argument.to_owned());
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("cannot read the API key from standard input")?;
+    let key = line.trim();
+    if key.is_empty() {
+        bail!("API key '-': standard input's first line is empty");
+    }
+    Ok(key.to_owned())
 }
 
 fn machines(client: &Client, command: MachinesCommand, output: Output) -> anyhow::Result<ExitCode> {
