@@ -259,7 +259,14 @@ impl Machine {
             return Err(QemuError::Memory { memory_mib: spec.memory_mib });
         }
         check_tap(lab, tap)?;
-        let rom = find_rom(spec.firmware, spec.nic)?;
+        let rom = match (spec.firmware, spec.nic) {
+            // Debian's pxe-virtio.rom (and efi-virtio.rom given by path) sends no packet from
+            // SeaBIOS here, while QEMU's own choice for the device network-boots: measured with
+            // a packet dump on user networking (0 DHCP packets in 40 s against a DISCOVER in
+            // seconds). So a BIOS virtio NIC keeps QEMU's default ROM.
+            (Firmware::Bios, Nic::Virtio) => None,
+            _ => Some(find_rom(spec.firmware, spec.nic)?),
+        };
 
         std::fs::create_dir_all(log_dir)
             .map_err(|source| QemuError::CreateLogDir { path: log_dir.to_path_buf(), source })?;
@@ -280,7 +287,10 @@ impl Machine {
             .arg("-netdev")
             .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
             .arg("-device")
-            .arg(format!("{},netdev=net0,mac={},romfile={}", spec.nic.qemu_device(), spec.mac, rom.display()));
+            .arg(match &rom {
+                Some(rom) => format!("{},netdev=net0,mac={},romfile={}", spec.nic.qemu_device(), spec.mac, rom.display()),
+                None => format!("{},netdev=net0,mac={}", spec.nic.qemu_device(), spec.mac),
+            });
         if spec.guest_reboot == GuestReboot::PowerOff {
             command.arg("-no-reboot");
         }
