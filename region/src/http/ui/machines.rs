@@ -206,7 +206,8 @@ async fn machines_page(
             }
         }
         p.pager {
-            (machines.total) " machines"
+            (machines.total) @if machines.total == 1 { " machine" } @else { " machines" }
+            @if machines.total > rows { " · showing " (query.offset + 1) "–" ((query.offset + rows).min(machines.total)) }
             @if query.offset > 0 { " · " a href=(list_href(&query.state, query.offset.saturating_sub(rows))) id="previous" { "previous" } }
             @if query.offset + rows < machines.total { " · " a href=(list_href(&query.state, query.offset + rows)) id="next" { "next" } }
         }
@@ -281,7 +282,7 @@ fn machine_markup(
         section.card {
             dl {
                 dt { "MAC" } dd { code { (m.mac) } }
-                dt { "State" } dd { (state_text(m)) " · since " span title=(rfc3339(m.state_changed_at_ms)) { (ago(m.state_changed_at_ms, now)) } }
+                dt { "State" } dd { (state_text(m)) " · changed " span title=(rfc3339(m.state_changed_at_ms)) { (ago(m.state_changed_at_ms, now)) } }
                 @if !m.status_message.is_empty() { dt { "Status" } dd id="status-message" { (m.status_message) } }
                 dt { "Rack" } dd { (m.rack_name.as_deref().unwrap_or("none")) }
                 dt { "Image" } dd { @if m.image.is_some() { (image_text(m)) } @else { span.muted { "none" } } }
