@@ -287,6 +287,7 @@ async fn a_machine_added_through_the_add_form_shows_on_machines_and_on_its_page(
 /// root-disk image, and one machine driven to Deploying through the API and the rack protocol.
 struct Deploying {
     region: Region,
+    key: String,
     rack: RackClient,
     machine: MachineView,
     token: String,
@@ -319,7 +320,8 @@ impl Deploying {
         let machine =
             call(paths::MACHINES.into(), serde_json::json!({"mac": MAC, "power": {"driver": "manual"}})).await;
         call(paths::machine_path(paths::MACHINE_COMMISSION, &machine.id), serde_json::json!({})).await;
-        let mut site = Deploying { region, rack, machine, token: String::new(), seq: Default::default() };
+        let mut site =
+            Deploying { region, key: key.clone(), rack, machine, token: String::new(), seq: Default::default() };
         site.token = site.agent_token(AgentJob::Commission).await;
         let inventory = Inventory {
             firmware: Firmware::Uefi,
@@ -433,5 +435,34 @@ async fn a_deploys_progress_bar_moves_on_the_machines_page_without_a_reload() {
     })
     .await;
     assert!(client.find(Locator::Css(&format!("{row} progress"))).await.is_err());
+
+    // What the script reads: the session's machines.json, the same data as the API's list...
+    let seen = client
+        .execute(
+            "return fetch(arguments[0]).then(response => response.json());",
+            vec![format!("{}/machines.json", site.region.https_url()).into()],
+        )
+        .await
+        .unwrap();
+    let api: serde_json::Value = site
+        .region
+        .api(&site.key)
+        .request(reqwest::Method::GET, paths::MACHINES)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen, api);
+    // ...and nothing without a session: the login page, never the machines.
+    let anonymous = site.region.https_client_builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let response = anonymous.get(format!("{}/machines.json", site.region.https_url())).send().await.unwrap();
+    assert!(response.status().is_redirection(), "{}", response.status());
+    assert!(response.headers()["location"].to_str().unwrap().ends_with("/MAAS/login"));
+    // The script itself is served by the region, as a script, cacheable.
+    let script = anonymous.get(format!("{}/static/machines.js", site.region.https_url())).send().await.unwrap();
+    assert_eq!(script.headers()["content-type"], "application/javascript");
+    assert_eq!(script.headers()["cache-control"], "max-age=300");
     client.close().await.unwrap();
 }
