@@ -1,7 +1,8 @@
 //! The web UI in a real browser (headless Chromium driven over WebDriver): log in, name the
 //! cluster, see the racks on Controllers, and register a new rack with the command the UI shows;
 //! add a machine through the Add form and find it on Machines and its own page; watch a deploy's
-//! progress bar move on the Machines page without a reload.
+//! progress bar move on the Machines page without a reload; deploy (a chosen version), abort,
+//! release with erase and check power from a machine's page.
 
 use std::io::{BufRead, BufReader};
 use std::process::Command;
@@ -283,9 +284,9 @@ async fn a_machine_added_through_the_add_form_shows_on_machines_and_on_its_page(
     client.close().await.unwrap();
 }
 
-/// The harness's deploy: a region with a registered rack client, a deploy environment and a
-/// root-disk image, and one machine driven to Deploying through the API and the rack protocol.
-struct Deploying {
+/// A region with a registered rack client, a deploy environment and a root-disk image in two
+/// versions, and one machine commissioned to Ready through the API and the rack protocol.
+struct Site {
     region: Region,
     key: String,
     rack: RackClient,
@@ -294,8 +295,8 @@ struct Deploying {
     seq: std::sync::atomic::AtomicU64,
 }
 
-impl Deploying {
-    async fn start(dir: &std::path::Path) -> Deploying {
+impl Site {
+    async fn ready(dir: &std::path::Path) -> Site {
         const MAC: &str = "52:54:00:aa:bb:21";
         let region = Region::start(&dir.join("region"));
         let key = region.create_admin("admin", ADMIN_PASSWORD);
@@ -305,23 +306,15 @@ impl Deploying {
             std::fs::write(&file, format!("pretend {kind} ").repeat(1000)).unwrap();
             region.push(&key, &file, "metalrack/deploy-env", kind, "1");
         }
-        let root = dir.join("root.img");
-        std::fs::write(&root, b"pretend root disk ".repeat(4000)).unwrap();
-        region.push(&key, &root, "ubuntu/noble", "root-disk", "1");
-        let api = region.api(&key);
-        let call = |path: String, body: serde_json::Value| {
-            let request = api.request(reqwest::Method::POST, &path).json(&body);
-            async move {
-                let response = request.send().await.unwrap();
-                assert!(response.status().is_success(), "{path}: {}", response.status());
-                response.json::<MachineView>().await.unwrap()
-            }
-        };
-        let machine =
-            call(paths::MACHINES.into(), serde_json::json!({"mac": MAC, "power": {"driver": "manual"}})).await;
-        call(paths::machine_path(paths::MACHINE_COMMISSION, &machine.id), serde_json::json!({})).await;
-        let mut site =
-            Deploying { region, key: key.clone(), rack, machine, token: String::new(), seq: Default::default() };
+        for version in ["1", "2"] {
+            let root = dir.join(format!("root-{version}.img"));
+            std::fs::write(&root, format!("pretend root disk {version} ").repeat(4000)).unwrap();
+            region.push(&key, &root, "ubuntu/noble", "root-disk", version);
+        }
+        let body = serde_json::json!({"mac": MAC, "power": {"driver": "manual"}});
+        let machine = api_post(&region, &key, paths::MACHINES.into(), body).await;
+        let mut site = Site { region, key, rack, machine, token: String::new(), seq: Default::default() };
+        site.call(paths::machine_path(paths::MACHINE_COMMISSION, &site.machine.id), serde_json::json!({})).await;
         site.token = site.agent_token(AgentJob::Commission).await;
         let inventory = Inventory {
             firmware: Firmware::Uefi,
@@ -337,9 +330,28 @@ impl Deploying {
             nics: vec![NicInventory { name: "eth0".into(), mac: MAC.into(), speed_mbps: None }],
         };
         site.report(AgentReport::Inventory { inventory }).await;
+        site
+    }
+
+    /// A POST to the API as the admin that must succeed; the machine it answers.
+    async fn call(&self, path: String, body: serde_json::Value) -> MachineView {
+        let response =
+            self.region.api(&self.key).request(reqwest::Method::POST, &path).json(&body).send().await.unwrap();
+        assert!(response.status().is_success(), "{path}: {}", response.status());
+        response.json().await.unwrap()
+    }
+
+    /// Deploys the newest image version through the API: Deploying, with the job's token.
+    async fn deploy(&mut self) {
         let deploy = serde_json::json!({"image": "ubuntu/noble", "arch": "amd64"});
-        site.machine = call(paths::machine_path(paths::MACHINE_DEPLOY, &site.machine.id), deploy).await;
-        assert_eq!(site.machine.state, MachineState::Deploying);
+        self.machine = self.call(paths::machine_path(paths::MACHINE_DEPLOY, &self.machine.id), deploy).await;
+        assert_eq!(self.machine.state, MachineState::Deploying);
+        self.deploy_token().await;
+    }
+
+    /// Takes the deploy job's token from the rack's catalogue.
+    async fn deploy_token(&mut self) {
+        let site = self;
         site.token = site
             .agent_token(AgentJob::Deploy {
                 image: site.machine.image.clone().unwrap(),
@@ -347,7 +359,6 @@ impl Deploying {
                 disk: Some("vda".into()),
             })
             .await;
-        site
     }
 
     /// The job token the rack is told to hand the machine's agent, checking the job.
@@ -381,6 +392,13 @@ impl Deploying {
     }
 }
 
+/// A POST to the API as `key`'s owner that must succeed; the machine it answers.
+async fn api_post(region: &Region, key: &str, path: String, body: serde_json::Value) -> MachineView {
+    let response = region.api(key).request(reqwest::Method::POST, &path).json(&body).send().await.unwrap();
+    assert!(response.status().is_success(), "{path}: {}", response.status());
+    response.json().await.unwrap()
+}
+
 /// A deploy of 1000 B, `done` of them written, at 100 B/s.
 fn progress_figures(done: u64) -> DeployProgress {
     DeployProgress {
@@ -398,7 +416,8 @@ fn progress_figures(done: u64) -> DeployProgress {
 #[tokio::test]
 async fn a_deploys_progress_bar_moves_on_the_machines_page_without_a_reload() {
     let dir = tempfile::tempdir().unwrap();
-    let site = Deploying::start(dir.path()).await;
+    let mut site = Site::ready(dir.path()).await;
+    site.deploy().await;
     site.progress(250).await;
 
     let (_driver, webdriver) = start_chromedriver(dir.path());
@@ -464,5 +483,87 @@ async fn a_deploys_progress_bar_moves_on_the_machines_page_without_a_reload() {
     let script = anonymous.get(format!("{}/static/machines.js", site.region.https_url())).send().await.unwrap();
     assert_eq!(script.headers()["content-type"], "application/javascript");
     assert_eq!(script.headers()["cache-control"], "max-age=300");
+    client.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_machine_is_deployed_aborted_released_and_powered_from_its_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut site = Site::ready(dir.path()).await;
+    let (_driver, webdriver) = start_chromedriver(dir.path());
+    let client =
+        browser(&webdriver, &dir.path().join("chromium-profile"), &site.region.certificate_spki_sha256_base64()).await;
+    log_in(&client, &site.region).await;
+    let page = format!("{}/machines/{}", site.region.https_url(), site.machine.id);
+    client.goto(&page).await.unwrap();
+    client.wait().for_element(Locator::Id("deploy-form")).await.unwrap();
+    assert_eq!(text(&client, "#machine-state").await, "Ready");
+    // The inventory the agent reported, and the disk to deploy to offered from it.
+    let inventory = text(&client, "#inventory").await;
+    assert!(inventory.contains("UEFI") && inventory.contains("vda") && inventory.contains("8.0 GiB"), "{inventory}");
+    assert_eq!(text(&client, "#deploy-disk option").await, "vda · 8.0 GiB QEMU");
+    // The newest version is chosen unless another is.
+    let image = client.find(Locator::Css("#deploy-image option:checked")).await.unwrap().text().await.unwrap();
+    assert_eq!(image, "ubuntu/noble amd64, newest (2)");
+    client
+        .find(Locator::Css("#deploy-image option[value='ubuntu/noble amd64 1']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    screenshot(&client, "machine-ready").await;
+    client.find(Locator::Id("deploy")).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Id("abort")).await.unwrap();
+    assert_eq!(text(&client, "#machine-state").await, "Deploying");
+    site.machine.image = Some(metalrack_api::agent::ImageRef {
+        image: "ubuntu/noble".into(),
+        arch: "amd64".into(),
+        version: "1".into(),
+    });
+    site.deploy_token().await;
+
+    // Abort: a failed deploy, with who stopped it.
+    client.find(Locator::Id("abort")).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Id("release-form")).await.unwrap();
+    assert_eq!(text(&client, "#machine-state").await, "Failed deployment");
+    assert_eq!(text(&client, "#status-message").await, "aborted by admin");
+
+    // Release with a quick erase: the rack is told to boot the agent with that job.
+    client.find(Locator::Css("#release-erase option[value='quick']")).await.unwrap().click().await.unwrap();
+    client.find(Locator::Id("release")).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Id("machine-state")).await.unwrap();
+    assert_eq!(text(&client, "#machine-state").await, "Releasing");
+    site.agent_token(AgentJob::Release { erase: metalrack_api::agent::EraseMode::Quick, disk: Some("vda".into()) })
+        .await;
+
+    // A machine with a BMC: its page's Check asks the rack to query its power.
+    let body = serde_json::json!({"mac": "52:54:00:aa:bb:22", "hostname": "bmc-node", "power": {"driver": "redfish",
+        "address": "https://10.0.0.5", "username": "admin", "password": "bmc-secret-7"}});
+    let other = api_post(&site.region, &site.key, paths::MACHINES.into(), body).await;
+    client.goto(&format!("{}/machines/{}", site.region.https_url(), other.id)).await.unwrap();
+    client.wait().for_element(Locator::Id("power-check")).await.unwrap();
+    let source = client.source().await.unwrap();
+    assert!(!source.contains("bmc-secret-7") && source.contains("https://10.0.0.5"), "{source}");
+    client.find(Locator::Id("power-check")).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Id("power-state")).await.unwrap();
+    wait_for("a power query for the machine", DEADLINE, || async {
+        let requests = site.rack.power_requests(Duration::from_secs(2)).await.unwrap();
+        requests
+            .iter()
+            .any(|r| r.machine_id == other.id && r.actions == [metalrack_api::power::PowerAction::Query])
+            .then_some(())
+    })
+    .await;
+    client.goto(&page).await.unwrap();
+    client.wait().for_element(Locator::Id("machine-state")).await.unwrap();
+
+    // The events, newest first, name who did what.
+    let events = text(&client, "table.events").await;
+    let release = events.find("Failed deployment → Releasing").unwrap_or_else(|| panic!("released: {events}"));
+    let abort = events.find("Deploying → Failed deployment").unwrap_or_else(|| panic!("aborted: {events}"));
+    assert!(events.contains("deploy ubuntu/noble amd64 version 1 to vda asked for"), "{events}");
+    assert!(release < abort, "newest first: {events}");
+    screenshot(&client, "machine-releasing").await;
     client.close().await.unwrap();
 }

@@ -315,7 +315,9 @@ fn machine_markup(
                     None => { dt { "Driver" } dd.muted { "none" } }
                 }
             }
-            @if user.is_admin {
+            @if m.power.as_ref().is_none_or(|p| p.driver == PowerDriver::Manual) {
+                p.hint { "No BMC: the region asks for nothing here; an event says when to press the machine's button." }
+            } @else if user.is_admin {
                 form.actions method="post" action=(action("power")) id="power-form" {
                     (csrf_input(csrf))
                     button type="submit" name="power" value="on" id="power-on" { "On" }
