@@ -208,7 +208,7 @@ async fn log_in(client: &Client, region: &Region) {
 }
 
 #[tokio::test]
-async fn a_machine_added_through_the_add_form_shows_on_machines_and_on_its_page() {
+async fn a_machine_added_through_the_add_form_is_listed_paged_filtered_shown_and_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let region = Region::start(&dir.path().join("region"));
     let api_key = region.create_admin("admin", ADMIN_PASSWORD);
@@ -281,6 +281,35 @@ async fn a_machine_added_through_the_add_form_shows_on_machines_and_on_its_page(
 
     client.goto(&format!("{}/", region.https_url())).await.unwrap();
     assert_eq!(text(&client, "#machine-counts span[data-state='broken']").await, "1 broken");
+
+    // 100 more: the list shows a page of 100 with a link to the next; the filter finds the
+    // broken one alone.
+    for i in 0..100 {
+        let body = serde_json::json!({"mac": format!("52:54:00:cc:00:{i:02x}"), "rack": "rack-a",
+            "power": {"driver": "manual"}});
+        api_post(&region, &api_key, paths::MACHINES.into(), body).await;
+    }
+    client.goto(&format!("{}/machines", region.https_url())).await.unwrap();
+    let rows = client.find_all(Locator::Css("#machines tbody tr")).await.unwrap();
+    assert_eq!(rows.len(), 100);
+    assert!(text(&client, "p.pager").await.starts_with("101 machines"));
+    client.find(Locator::Id("next")).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Id("previous")).await.unwrap();
+    assert_eq!(client.find_all(Locator::Css("#machines tbody tr")).await.unwrap().len(), 1);
+    client.find(Locator::Css("#state-filter option[value='broken']")).await.unwrap().click().await.unwrap();
+    client.find(Locator::Css("form.filter button")).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Css(&row)).await.unwrap();
+    assert_eq!(client.find_all(Locator::Css("#machines tbody tr")).await.unwrap().len(), 1);
+    assert!(client.current_url().await.unwrap().query().unwrap().contains("state=broken"));
+
+    // Deleted from its page (a second click confirms): gone from the list.
+    client.find(Locator::Css(&format!("{row} td.name a"))).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Css("details.confirm summary")).await.unwrap();
+    client.find(Locator::Css("details.confirm summary")).await.unwrap().click().await.unwrap();
+    client.find(Locator::Id("delete")).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Id("add-machine")).await.unwrap();
+    assert!(text(&client, "p.pager").await.starts_with("100 machines"));
+    assert!(client.find(Locator::Css(&row)).await.is_err());
     client.close().await.unwrap();
 }
 

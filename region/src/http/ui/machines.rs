@@ -675,6 +675,53 @@ mod tests {
         assert_eq!(progress_text(&progress(420, 1000)), "42 % · 420 B of 1000 B · 2.0 KiB/s");
     }
 
+    fn machine(state: MachineState) -> MachineView {
+        serde_json::from_value(serde_json::json!({
+            "id": "abcd1234", "hostname": "node-1", "mac": "52:54:00:aa:bb:01", "state": state,
+            "status_message": "", "rack_id": "r1", "rack_name": "rack1",
+            "power": {"driver": "redfish", "address": "https://10.0.0.5", "username": "root", "password_set": true,
+                      "system_id": null, "trust_self_signed": false},
+            "power_state": "on", "power_checked_at_ms": 1, "image": {"image": "ubuntu/noble", "arch": "amd64", "version": "3"},
+            "disk": "vda", "progress": progress(420, 1000), "queue_position": null, "inventory": null,
+            "updated_at_ms": 1, "state_changed_at_ms": 1,
+        }))
+        .unwrap()
+    }
+
+    fn session(is_admin: bool) -> SessionUser {
+        let user = crate::users::User {
+            id: "u1".into(),
+            username: "ann".into(),
+            email: String::new(),
+            password_hash: String::new(),
+            is_admin,
+        };
+        SessionUser { user, csrf: "token".into() }
+    }
+
+    #[test]
+    fn only_administrators_see_the_machine_pages_forms_and_each_carries_the_csrf_token() {
+        let m = machine(MachineState::Deploying);
+        let page = machine_markup(&m, &[], &[], &session(false), None).into_string();
+        assert!(!page.contains("<form"), "{page}");
+        assert!(page.contains("42 % · 420 B of 1000 B"), "the progress shows to everyone: {page}");
+        let page = machine_markup(&m, &[], &[], &session(true), None).into_string();
+        let forms = page.matches("<form").count();
+        assert!(forms >= 3, "power, abort, mark broken, delete: {page}");
+        assert_eq!(page.matches(r#"name="csrf" value="token""#).count(), forms, "{page}");
+        // Only what the lifecycle allows from Deploying.
+        assert!(page.contains(r#"id="abort""#) && !page.contains(r#"id="commission""#), "{page}");
+        assert!(!page.contains(r#"id="deploy""#) && !page.contains(r#"id="release""#), "{page}");
+    }
+
+    #[test]
+    fn an_allocated_machine_shows_its_place_in_the_deploy_queue() {
+        let mut m = machine(MachineState::Allocated);
+        m.queue_position = Some(2);
+        assert_eq!(state_text(&m), "Allocated (queue 2)");
+        assert_eq!(state_text(&machine(MachineState::FailedDeployment)), "Failed deployment");
+    }
+
     #[test]
     fn deploy_targets_parse_with_and_without_a_version() {
         assert_eq!(parse_target("ubuntu/noble amd64 "), Some(("ubuntu/noble".into(), "amd64".into(), None)));
