@@ -1,13 +1,16 @@
 // Machines list: keeps the rows' state, power, image and deploy progress current by polling the
-// session's JSON view of the same page (machines.json) and editing the rows in place. Without
-// this script the page shows the state at load. Served from the region (the CSP allows no
+// session's JSON view of the same page (machines.json) and editing the rows in place. A
+// machine's page: keeps its progress current from view.json, and reloads when its state changes.
+// Without this script the pages show the state at load. Served from the region (the CSP allows no
 // inline script).
 "use strict";
 (function () {
   const table = document.getElementById("machines");
-  if (!table) return;
-  const source = table.dataset.src;
-  const pollMs = Number(table.dataset.pollMs) || 2000;
+  const live = document.getElementById("machine-live");
+  const anchor = table || live;
+  if (!anchor) return;
+  const source = anchor.dataset.src;
+  const pollMs = Number(anchor.dataset.pollMs) || 2000;
 
   // The same words as the region's human_bytes and progress_text.
   function humanBytes(n) {
@@ -23,6 +26,10 @@
   function progressText(p) {
     return percent(p) + " % · " + humanBytes(p.bytes_done) + " of " + humanBytes(p.bytes_total) +
       " · " + humanBytes(p.rate_bytes_per_s) + "/s";
+  }
+  function progressDetail(p) {
+    return p.phase + " · " + humanBytes(p.bytes_fetched) + " fetched, " + humanBytes(p.bytes_written) +
+      " written, " + humanBytes(p.bytes_skipped) + " already there, " + p.chunks_refetched + " chunks fetched again";
   }
   function label(state) {
     const words = state.replace(/_/g, " ");
@@ -65,13 +72,40 @@
     }
   }
 
+  // A machine's page: the progress in place; a new state changes the actions, so load the page
+  // again (by GET: this page may be the answer to a form, which a reload would send again).
+  function updateMachine(m) {
+    if (m.state !== live.dataset.state) {
+      window.location.assign(live.dataset.page);
+      return false;
+    }
+    const cell = document.getElementById("machine-progress");
+    if (cell && m.progress) {
+      const bar = document.createElement("progress");
+      bar.max = 100;
+      bar.value = percent(m.progress);
+      const text = document.createElement("span");
+      text.className = "progress-text";
+      text.textContent = progressText(m.progress);
+      const detail = document.createElement("div");
+      detail.className = "muted progress-detail";
+      detail.textContent = progressDetail(m.progress);
+      cell.replaceChildren(bar, text, detail);
+    }
+    return true;
+  }
+
   async function poll() {
     try {
       const response = await fetch(source, { credentials: "same-origin", headers: { Accept: "application/json" } });
       const type = response.headers.get("Content-Type") || "";
       // A lapsed session answers with the login page: stop and leave the page as it is.
       if (!type.startsWith("application/json")) return;
-      if (response.ok) (await response.json()).machines.forEach(update);
+      if (response.ok) {
+        const body = await response.json();
+        if (table) body.machines.forEach(update);
+        else if (!updateMachine(body)) return;
+      }
     } catch (error) {
       // The region is restarting or the network dropped: try again at the next tick.
     }

@@ -1,8 +1,8 @@
 //! The web UI in a real browser (headless Chromium driven over WebDriver): log in, name the
 //! cluster, see the racks on Controllers, and register a new rack with the command the UI shows;
 //! add a machine through the Add form and find it on Machines and its own page; watch a deploy's
-//! progress bar move on the Machines page without a reload; deploy (a chosen version), abort,
-//! release with erase and check power from a machine's page.
+//! progress bar move on the Machines page and the machine's page without a reload; deploy (a
+//! chosen version), abort, release with erase and check power from a machine's page.
 
 use std::io::{BufRead, BufReader};
 use std::process::Command;
@@ -443,7 +443,7 @@ fn progress_figures(done: u64) -> DeployProgress {
 }
 
 #[tokio::test]
-async fn a_deploys_progress_bar_moves_on_the_machines_page_without_a_reload() {
+async fn a_deploys_progress_moves_on_the_machines_page_and_the_machine_page_without_a_reload() {
     let dir = tempfile::tempdir().unwrap();
     let mut site = Site::ready(dir.path()).await;
     site.deploy().await;
@@ -472,6 +472,25 @@ async fn a_deploys_progress_bar_moves_on_the_machines_page_without_a_reload() {
     let same_page = client.execute("return window.metalrackNoReload === true;", vec![]).await.unwrap();
     assert_eq!(same_page, serde_json::Value::Bool(true), "the page was reloaded");
     screenshot(&client, "machines-deploying").await;
+
+    // The machine's page follows the progress too, in place.
+    client.find(Locator::Css(&format!("{row} td.name a"))).await.unwrap().click().await.unwrap();
+    client.wait().for_element(Locator::Id("machine-progress")).await.unwrap();
+    assert_eq!(text(&client, "#machine-progress .progress-text").await, "70 % · 700 B of 1000 B · 100 B/s");
+    client.execute("window.metalrackNoReload = true;", vec![]).await.unwrap();
+    site.progress(900).await;
+    wait_for("the machine page's progress at 90 %", DEADLINE, || async {
+        let bar = client.find(Locator::Css("#machine-progress progress")).await.ok()?;
+        (bar.attr("value").await.ok()?? == "90").then_some(())
+    })
+    .await;
+    let detail = text(&client, "#machine-progress .progress-detail").await;
+    assert_eq!(detail, "writing · 900 B fetched, 900 B written, 0 B already there, 0 chunks fetched again");
+    let same_page = client.execute("return window.metalrackNoReload === true;", vec![]).await.unwrap();
+    assert_eq!(same_page, serde_json::Value::Bool(true), "the machine page was reloaded");
+    screenshot(&client, "machine-deploying").await;
+    client.back().await.unwrap();
+    client.wait().for_element(Locator::Id("machines")).await.unwrap();
 
     // The written image and the boot from disk: the row says Deployed and the bar goes.
     let done = DeployProgress { phase: DeployPhase::Done, bytes_done: 1000, ..progress_figures(1000) };
@@ -516,7 +535,7 @@ async fn a_deploys_progress_bar_moves_on_the_machines_page_without_a_reload() {
 }
 
 #[tokio::test]
-async fn a_machine_is_deployed_aborted_released_and_powered_from_its_page() {
+async fn a_machine_is_deployed_aborted_released_and_powered_from_its_page_which_follows_its_state() {
     let dir = tempfile::tempdir().unwrap();
     let mut site = Site::ready(dir.path()).await;
     let (_driver, webdriver) = start_chromedriver(dir.path());
@@ -563,7 +582,8 @@ async fn a_machine_is_deployed_aborted_released_and_powered_from_its_page() {
     client.find(Locator::Id("release")).await.unwrap().click().await.unwrap();
     client.wait().for_element(Locator::Id("machine-state")).await.unwrap();
     assert_eq!(text(&client, "#machine-state").await, "Releasing");
-    site.agent_token(AgentJob::Release { erase: metalrack_api::agent::EraseMode::Quick, disk: Some("vda".into()) })
+    site.token = site
+        .agent_token(AgentJob::Release { erase: metalrack_api::agent::EraseMode::Quick, disk: Some("vda".into()) })
         .await;
 
     // A machine with a BMC: its page's Check asks the rack to query its power.
@@ -594,5 +614,13 @@ async fn a_machine_is_deployed_aborted_released_and_powered_from_its_page() {
     assert!(events.contains("deploy ubuntu/noble amd64 version 1 to vda asked for"), "{events}");
     assert!(release < abort, "newest first: {events}");
     screenshot(&client, "machine-releasing").await;
+
+    // The released report: the page loads itself again and shows the machine Ready.
+    site.report(AgentReport::Released).await;
+    wait_for("the machine page showing Ready by itself", DEADLINE, || async {
+        let state = client.find(Locator::Id("machine-state")).await.ok()?.text().await.ok()?;
+        (state == "Ready").then_some(())
+    })
+    .await;
     client.close().await.unwrap();
 }

@@ -1,6 +1,6 @@
 //! The machines pages of the web UI: the list (paged, filtered by state, kept live by
-//! `static/machines.js` polling `machines.json`), a machine's page with its actions, and the Add
-//! form. Every change goes through `crate::machines`, which checks the caller and the lifecycle.
+//! `static/machines.js` polling `machines.json`), a machine's page with its actions (its progress
+//! kept live the same way from `view.json`), and the Add form. Every change goes through `crate::machines`, which checks the caller and the lifecycle.
 
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Redirect};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use maud::{html, Markup};
-use metalrack_api::agent::{DeployProgress, EraseMode};
+use metalrack_api::agent::{DeployPhase, DeployProgress, EraseMode};
 use metalrack_api::images::ImageView;
 use metalrack_api::machines::{
     BrokenRequest, DeployRequest, MachineCreate, MachinePage, MachineState, MachineView, PowerCommand, ReleaseRequest,
@@ -41,6 +41,7 @@ pub fn router() -> Router<AppState> {
         .route(&format!("{BASE_PATH}/machines.json"), get(machines_json))
         .route(&format!("{BASE_PATH}/machines/add"), get(add_page).post(add_machine))
         .route(&format!("{BASE_PATH}/machines/{{id}}"), get(machine_page))
+        .route(&format!("{BASE_PATH}/machines/{{id}}/view.json"), get(machine_json))
         .route(&format!("{BASE_PATH}/machines/{{id}}/{{action}}"), post(machine_action))
         .route(
             &format!("{BASE_PATH}/static/machines.js"),
@@ -89,6 +90,23 @@ pub fn progress_text(progress: &DeployProgress) -> String {
         human_bytes(progress.bytes_done),
         human_bytes(progress.bytes_total),
         human_bytes(progress.rate_bytes_per_s)
+    )
+}
+
+/// `writing · 1.0 MiB fetched, ...`; `static/machines.js` writes the same words.
+pub fn progress_detail(progress: &DeployProgress) -> String {
+    let phase = match progress.phase {
+        DeployPhase::Planning => "planning",
+        DeployPhase::Writing => "writing",
+        DeployPhase::Verifying => "verifying",
+        DeployPhase::Done => "done",
+    };
+    format!(
+        "{phase} · {} fetched, {} written, {} already there, {} chunks fetched again",
+        human_bytes(progress.bytes_fetched),
+        human_bytes(progress.bytes_written),
+        human_bytes(progress.bytes_skipped),
+        progress.chunks_refetched
     )
 }
 
@@ -154,6 +172,16 @@ async fn machines_json(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<MachinePage>, ApiError> {
     Ok(Json(page(&state, &query).await?))
+}
+
+/// `machines/{id}/view.json`: one machine for its page's script (the same data as
+/// `GET /api/v1/machines/{id}`).
+async fn machine_json(
+    State(state): State<AppState>,
+    _session: SessionUser,
+    Path(id): Path<String>,
+) -> Result<Json<MachineView>, ApiError> {
+    Ok(Json(crate::machines::get(&state.shared, &id).await?))
 }
 
 fn list_href(state: &str, offset: u64) -> String {
@@ -287,13 +315,13 @@ fn machine_markup(
                 dt { "Rack" } dd { (m.rack_name.as_deref().unwrap_or("none")) }
                 dt { "Image" } dd { @if m.image.is_some() { (image_text(m)) } @else { span.muted { "none" } } }
                 dt { "Disk" } dd { (m.disk.as_deref().unwrap_or("")) }
-                @if let Some(progress) = &m.progress {
-                    dt { "Progress" } dd.progress {
-                        progress max="100" value=(progress_percent(progress)) {}
-                        span.progress-text { (progress_text(progress)) }
-                        div.muted { (format!("{:?}", progress.phase).to_lowercase()) " · " (human_bytes(progress.bytes_fetched)) " fetched, "
-                            (human_bytes(progress.bytes_written)) " written, " (human_bytes(progress.bytes_skipped)) " already there, "
-                            (progress.chunks_refetched) " chunks fetched again" }
+                @if m.progress.is_some() || m.state == MachineState::Deploying {
+                    dt { "Progress" } dd.progress id="machine-progress" {
+                        @if let Some(progress) = &m.progress {
+                            progress max="100" value=(progress_percent(progress)) {}
+                            span.progress-text { (progress_text(progress)) }
+                            div.muted.progress-detail { (progress_detail(progress)) }
+                        }
                     }
                 }
             }
@@ -432,6 +460,11 @@ fn machine_markup(
             h2 { "Events" }
             (events_table(events))
         }
+        // The script follows the progress in place and loads the page again when the state
+        // changes (its actions change with it).
+        div id="machine-live" hidden data-poll-ms=(LIVE_POLL_MS) data-state=(m.state.as_str()) data-page=(machine_href(&m.id))
+            data-src=(format!("{BASE_PATH}/machines/{}/view.json", m.id)) {}
+        script src=(format!("{BASE_PATH}/static/machines.js")) {}
     }
 }
 
@@ -651,7 +684,6 @@ async fn add_machine(State(state): State<AppState>, session: SessionUser, Form(f
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metalrack_api::agent::DeployPhase;
 
     fn progress(done: u64, total: u64) -> DeployProgress {
         DeployProgress {
