@@ -144,8 +144,8 @@ fn machine_href(id: &str) -> String {
     format!("{BASE_PATH}/machines/{id}")
 }
 
-/// The machine error a form shows on its page (bad input, a refused transition); `None` for
-/// those the error page answers (no such machine, a failing store).
+/// Whether a form's error is shown on its own page (bad input, a refused transition) rather
+/// than on the error page (no such machine, not an administrator, a failing store).
 fn shown_on_page(error: &ApiError) -> bool {
     error.status == StatusCode::BAD_REQUEST || error.status == StatusCode::CONFLICT
 }
@@ -245,6 +245,8 @@ async fn machines_page(
 }
 
 /// How many machines are in each state (the dashboard's tile), states with none left out.
+/// One page of one row per state (11 small queries per dashboard load): the domain's list
+/// counts by state already, and the shared store is left untouched by the UI.
 pub async fn counts_by_state(state: &AppState) -> Result<Vec<(MachineState, u64)>, MachinesError> {
     let mut counts = Vec::new();
     for s in MachineState::ALL {
