@@ -1,5 +1,8 @@
 //! The web UI under `/MAAS/`: server-rendered HTML (maud escapes every value), no JavaScript
-//! build step. Login, first-login welcome, dashboard, controllers, events, account.
+//! build step. Login, first-login welcome, dashboard, controllers, images, events, account; the
+//! machines pages are in [`machines`].
+
+mod machines;
 
 use std::net::SocketAddr;
 
@@ -27,7 +30,7 @@ use crate::util::{ago, now_ms, rfc3339};
 const EVENTS_PAGE_ROWS: i64 = 200;
 const DASHBOARD_EVENT_ROWS: i64 = 8;
 
-const STYLE: &str = include_str!("../../static/style.css");
+const STYLE: &str = include_str!("../../../static/style.css");
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -50,6 +53,7 @@ pub fn router() -> Router<AppState> {
             &format!("{BASE_PATH}/static/style.css"),
             get(|| async { ([(header::CONTENT_TYPE, "text/css"), (header::CACHE_CONTROL, "max-age=300")], STYLE) }),
         )
+        .merge(machines::router())
         .route_layer(axum::middleware::from_fn(super::extract::check_csrf))
 }
 
@@ -98,6 +102,7 @@ async fn cluster_name(state: &AppState) -> Result<String, PageError> {
 enum Nav {
     Dashboard,
     Controllers,
+    Machines,
     Images,
     Events,
     Account,
@@ -124,6 +129,7 @@ fn layout(title: &str, cluster: &str, session: Option<&SessionUser>, nav: Nav, c
                         nav {
                             (link(Nav::Dashboard, "/", "Dashboard"))
                             (link(Nav::Controllers, "/controllers", "Controllers"))
+                            (link(Nav::Machines, "/machines", "Machines"))
                             (link(Nav::Images, "/images", "Images"))
                             (link(Nav::Events, "/events", "Events"))
                         }
@@ -296,6 +302,7 @@ async fn dashboard(State(state): State<AppState>, session: SessionUser) -> PageR
     let count = |s: RackState| racks.iter().filter(|r| r.state == s).count();
     let users = crate::users::count(&state.shared).await?;
     let events = state.shared.store.events(DASHBOARD_EVENT_ROWS).await?;
+    let machine_counts = machines::counts_by_state(&state).await?;
     let content = html! {
         h1 { "Dashboard" }
         div.tiles {
@@ -303,6 +310,12 @@ async fn dashboard(State(state): State<AppState>, session: SessionUser) -> PageR
                 span.big { (racks.len()) } span { "rack controllers" }
                 span.detail { (count(RackState::Online)) " online · " (count(RackState::Offline)) " offline"
                     @if count(RackState::NeedsReregistration) > 0 { " · " (count(RackState::NeedsReregistration)) " need re-registration" } }
+            }
+            a.tile href=(format!("{BASE_PATH}/machines")) id="machine-counts" {
+                span.big { (machine_counts.iter().map(|(_, n)| n).sum::<u64>()) } span { "machines" }
+                span.detail { @for (i, (s, n)) in machine_counts.iter().enumerate() {
+                    @if i > 0 { " · " } span data-state=(s.as_str()) { (n) " " (s.label().to_lowercase()) }
+                } }
             }
             div.tile { span.big { (users) } span { "users" } }
         }
