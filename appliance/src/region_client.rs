@@ -163,14 +163,18 @@ impl RegionClient {
         authorization: &str,
         after_revision: i64,
         requested: i64,
+        changes_seen: Option<u64>,
         wait: Duration,
     ) -> Result<RackCatalogue, RegionError> {
-        let url = format!(
+        let mut url = format!(
             "{}{API_PREFIX}{}?after={after_revision}&requested={requested}&wait_ms={}",
             self.base,
             paths::RACK_CATALOGUE,
             wait.as_millis()
         );
+        if let Some(changes) = changes_seen {
+            url.push_str(&format!("&changes={changes}"));
+        }
         // The region holds the poll up to `wait`: the deadline covers that and the call itself.
         let request = self
             .http

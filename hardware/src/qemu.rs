@@ -288,7 +288,9 @@ impl Machine {
             .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
             .arg("-device")
             .arg(match &rom {
-                Some(rom) => format!("{},netdev=net0,mac={},romfile={}", spec.nic.qemu_device(), spec.mac, rom.display()),
+                Some(rom) => {
+                    format!("{},netdev=net0,mac={},romfile={}", spec.nic.qemu_device(), spec.mac, rom.display())
+                }
                 None => format!("{},netdev=net0,mac={}", spec.nic.qemu_device(), spec.mac),
             });
         if spec.guest_reboot == GuestReboot::PowerOff {

@@ -154,7 +154,22 @@ impl RackClient {
     /// The catalogue long-poll: answers at once unless the region is at revision `after` with
     /// sync request counter `requested`, else when something changes or `wait` passes.
     pub async fn catalogue(&self, after: i64, requested: i64, wait: Duration) -> Result<RackCatalogue> {
-        let query = format!("?after={after}&requested={requested}&wait_ms={}", wait.as_millis());
+        self.catalogue_since(after, requested, None, wait).await
+    }
+
+    /// [`RackClient::catalogue`] naming the region's change count of the last answer, as rackd
+    /// does (`RackCatalogue::changes_seen`).
+    pub async fn catalogue_since(
+        &self,
+        after: i64,
+        requested: i64,
+        changes_seen: Option<u64>,
+        wait: Duration,
+    ) -> Result<RackCatalogue> {
+        let mut query = format!("?after={after}&requested={requested}&wait_ms={}", wait.as_millis());
+        if let Some(changes) = changes_seen {
+            query.push_str(&format!("&changes={changes}"));
+        }
         let response = self
             .http
             .get(format!("{}{}{query}", self.base, paths::RACK_CATALOGUE))

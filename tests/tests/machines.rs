@@ -436,3 +436,27 @@ async fn a_held_power_poll_answers_as_soon_as_a_request_is_queued_and_a_machine_
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(text.contains("no power driver"), "{text}");
 }
+
+/// A machine change made while the rack is between two catalogue polls (it read one answer and
+/// has not asked again yet) must end the rack's next poll at once: seen first in the QEMU deploy
+/// test, where the rack was told "local" for 30 s after a deploy began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_change_made_between_two_catalogue_polls_answers_the_next_poll_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::start(dir.path(), "").await;
+    let first = site.rack.catalogue_since(-1, -1, None, Duration::ZERO).await.unwrap();
+    // The change lands after the rack's answer was read and before its next poll.
+    let machine = site.add("52:54:00:aa:bb:0d").await;
+    let hold = Duration::from_secs(50);
+    let started = std::time::Instant::now();
+    let next =
+        site.rack.catalogue_since(first.revision, first.sync_requested, Some(first.changes_seen), hold).await.unwrap();
+    assert!(started.elapsed() < hold / 2, "the poll waited out its hold ({:?})", started.elapsed());
+    assert!(next.machines.iter().any(|m| m.mac == machine.mac), "the new machine is in the answer");
+    assert_ne!(next.changes_seen, first.changes_seen);
+    // Nothing changed since: the poll is held (here for a short hold).
+    let short = Duration::from_millis(1500);
+    let started = std::time::Instant::now();
+    site.rack.catalogue_since(next.revision, next.sync_requested, Some(next.changes_seen), short).await.unwrap();
+    assert!(started.elapsed() >= short - Duration::from_millis(100), "held while nothing changed");
+}

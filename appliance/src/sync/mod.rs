@@ -162,7 +162,14 @@ impl Controller {
         loop {
             let linked = self.link.current();
             let wait = if catalogue.is_none() { Duration::ZERO } else { recheck.min(LONG_POLL) };
-            let poll = linked.client.catalogue(&linked.authorization, policy.seen_revision(), seen_requested, wait);
+            let changes_seen = catalogue.as_ref().map(|c| c.changes_seen);
+            let poll = linked.client.catalogue(
+                &linked.authorization,
+                policy.seen_revision(),
+                seen_requested,
+                changes_seen,
+                wait,
+            );
             tokio::select! {
                 result = poll => match result {
                     Ok(new) => {
@@ -371,6 +378,7 @@ mod tests {
             files,
             machines: Vec::new(),
             deploy_env: None,
+            changes_seen: 0,
         }
     }
 

@@ -504,16 +504,23 @@ impl Catalogue {
         rack_id: &str,
         after: i64,
         requested: i64,
+        changes_seen: Option<u64>,
         wait: Duration,
     ) -> Result<RackCatalogue, CatalogueError> {
         let deadline = tokio::time::Instant::now() + wait.min(LONG_POLL_MAX);
         // Subscribe before reading, so a change between the read and the wait is not missed.
         let mut changes = self.shared.watch_changes();
+        let changes_now = *changes.borrow_and_update();
         let store = &self.shared.store;
         let revision = store.catalogue_revision().await.map_err(store_error("read the catalogue revision"))?;
         let rack =
             store.rack(rack_id).await.map_err(store_error("look up the rack"))?.ok_or(CatalogueError::RackGone)?;
-        let changed = revision != after || rack.sync_requested != requested;
+        // A change made after the rack's last answer was read (a machine deployed while the rack
+        // was between polls) moved the count: answer at once. Racks that send no count (older
+        // ones) wait as before.
+        let changed = revision != after
+            || rack.sync_requested != requested
+            || changes_seen.is_some_and(|seen| seen != changes_now);
         if !changed && !self.shared.is_closing() {
             tokio::select! {
                 result = changes.changed() => {
@@ -529,6 +536,8 @@ impl Catalogue {
     }
 
     async fn rack_catalogue_now(&self, rack_id: &str) -> Result<RackCatalogue, CatalogueError> {
+        // Read before the state it covers: a change after this read shows at the next poll.
+        let changes_seen = *self.shared.watch_changes().borrow();
         let store = &self.shared.store;
         let rack =
             store.rack(rack_id).await.map_err(store_error("look up the rack"))?.ok_or(CatalogueError::RackGone)?;
@@ -544,6 +553,7 @@ impl Catalogue {
                 .await
                 .map_err(|source| CatalogueError::Machines { source: Box::new(source) })?,
             deploy_env,
+            changes_seen,
         })
     }
 

@@ -97,6 +97,9 @@ struct CatalogueQuery {
     /// The sync request counter the rack has handled.
     #[serde(default)]
     requested: i64,
+    /// The region's change count of the rack's last answer (`RackCatalogue::changes_seen`).
+    #[serde(default)]
+    changes: Option<u64>,
     /// How long to hold the call open waiting for a change.
     #[serde(default)]
     wait_ms: u64,
@@ -107,14 +110,14 @@ fn minus_one() -> i64 {
 }
 
 /// The catalogue for a rack, held open (long-poll) until something changes or `wait_ms` passes.
-#[utoipa::path(get, path = paths::RACK_CATALOGUE, tag = "rack protocol", security(("rack" = [])), params(("after" = Option<i64>, Query), ("requested" = Option<i64>, Query), ("wait_ms" = Option<u64>, Query)), responses((status = 200, body = RackCatalogue)))]
+#[utoipa::path(get, path = paths::RACK_CATALOGUE, tag = "rack protocol", security(("rack" = [])), params(("after" = Option<i64>, Query), ("requested" = Option<i64>, Query), ("changes" = Option<u64>, Query), ("wait_ms" = Option<u64>, Query)), responses((status = 200, body = RackCatalogue)))]
 async fn rack_catalogue(
     State(state): State<AppState>,
     AuthedRack(rack): AuthedRack,
     Query(query): Query<CatalogueQuery>,
 ) -> Result<Json<RackCatalogue>, ApiError> {
     let wait = Duration::from_millis(query.wait_ms);
-    Ok(Json(state.catalogue.rack_catalogue(&rack.id, query.after, query.requested, wait).await?))
+    Ok(Json(state.catalogue.rack_catalogue(&rack.id, query.after, query.requested, query.changes, wait).await?))
 }
 
 #[derive(Debug, Deserialize)]
