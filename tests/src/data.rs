@@ -74,3 +74,18 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), random_bytes(len, 5));
     }
 }
+
+/// BLAKE3 of a file, hex, read in 1 MiB pieces (files of gigabytes too).
+pub fn file_blake3(path: &Path) -> String {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).unwrap();
+        if n == 0 {
+            return hasher.finalize().to_hex().to_string();
+        }
+        hasher.update(&buffer[..n]);
+    }
+}

@@ -18,6 +18,7 @@ pub mod bench;
 pub mod binaries;
 pub mod data;
 pub mod deploy_env;
+pub mod deploy_lab;
 pub mod disk_image;
 pub mod lab;
 pub mod loopback;
