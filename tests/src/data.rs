@@ -59,6 +59,21 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64, mut between: impl FnM
     Ok(())
 }
 
+/// BLAKE3 of a file, hex, read in 1 MiB pieces (files of gigabytes too).
+pub fn file_blake3(path: &Path) -> String {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).unwrap();
+        if n == 0 {
+            return hasher.finalize().to_hex().to_string();
+        }
+        hasher.update(&buffer[..n]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,20 +87,5 @@ mod tests {
         let len = WRITE_PIECE_BYTES + 13;
         write_random_file(&path, len as u64, 5, || Ok(())).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), random_bytes(len, 5));
-    }
-}
-
-/// BLAKE3 of a file, hex, read in 1 MiB pieces (files of gigabytes too).
-pub fn file_blake3(path: &Path) -> String {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut hasher = blake3::Hasher::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer).unwrap();
-        if n == 0 {
-            return hasher.finalize().to_hex().to_string();
-        }
-        hasher.update(&buffer[..n]);
     }
 }
