@@ -28,6 +28,7 @@ pub mod rack;
 pub mod rack_client;
 pub mod readme;
 pub mod region;
+pub mod reports;
 pub mod tftp;
 pub mod wait;
 

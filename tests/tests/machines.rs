@@ -8,13 +8,12 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use metalrack_api::agent::{
-    AgentJob, AgentReport, DeployPhase, DeployProgress, DiskInventory, Firmware, Inventory, MachineReport, NicInventory,
-};
+use metalrack_api::agent::{AgentJob, AgentReport, DeployPhase, MachineReport};
 use metalrack_api::machines::{BootAction, BootEvent, MachineState, MachineView};
 use metalrack_api::paths;
 use metalrack_api::power::{BootDevice, PowerAction, PowerRequest, PowerResult, PowerState};
 use metalrack_tests::rack_client::RackClient;
+use metalrack_tests::reports::{inventory, progress};
 use metalrack_tests::{wait_for, Region, DEADLINE, FAST_REGION_CONFIG};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -148,35 +147,6 @@ impl Site {
         assert_eq!(job, AgentJob::Commission);
         self.report(mac, id, &token, AgentReport::Inventory { inventory: inventory(mac) }).await;
         assert_eq!(self.machine(id).await.state, MachineState::Ready);
-    }
-}
-
-fn inventory(mac: &str) -> Inventory {
-    Inventory {
-        firmware: Firmware::Uefi,
-        cpus: 4,
-        cpu_model: "QEMU Virtual CPU".into(),
-        memory_bytes: 4 << 30,
-        disks: vec![DiskInventory {
-            name: "vda".into(),
-            size_bytes: 20 << 30,
-            model: "QEMU".into(),
-            serial: "s1".into(),
-        }],
-        nics: vec![NicInventory { name: "eth0".into(), mac: mac.into(), speed_mbps: Some(1000) }],
-    }
-}
-
-fn progress(phase: DeployPhase, done: u64) -> DeployProgress {
-    DeployProgress {
-        phase,
-        bytes_total: 1000,
-        bytes_done: done,
-        bytes_fetched: done,
-        bytes_written: done,
-        bytes_skipped: 0,
-        chunks_refetched: 0,
-        rate_bytes_per_s: 100,
     }
 }
 

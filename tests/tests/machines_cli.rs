@@ -12,14 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use metalrack_api::agent::{
-    AgentReport, DeployPhase, DeployProgress, DiskInventory, Firmware, Inventory, MachineReport, NicInventory,
-};
+use metalrack_api::agent::{AgentReport, DeployPhase, MachineReport};
 use metalrack_api::images::ImageView;
 use metalrack_api::machines::{BootAction, BootEvent, MachinePage, MachineState, MachineView};
 use metalrack_api::power::{PowerAction, PowerRequest, PowerResult, PowerState};
 use metalrack_api::EventView;
 use metalrack_tests::rack_client::RackClient;
+use metalrack_tests::reports::{inventory, progress};
 use metalrack_tests::{binary, wait_for, Region, DEADLINE, FAST_REGION_CONFIG};
 use reqwest::StatusCode;
 
@@ -188,35 +187,6 @@ async fn wait_state(site: &Site, id: &str, state: MachineState) {
         (site.region.api(&site.key).machine(id).await.unwrap().state == state).then_some(())
     })
     .await
-}
-
-fn inventory(mac: &str) -> Inventory {
-    Inventory {
-        firmware: Firmware::Uefi,
-        cpus: 4,
-        cpu_model: "QEMU Virtual CPU".into(),
-        memory_bytes: 4 << 30,
-        disks: vec![DiskInventory {
-            name: "vda".into(),
-            size_bytes: 20 << 30,
-            model: "QEMU".into(),
-            serial: "s1".into(),
-        }],
-        nics: vec![NicInventory { name: "eth0".into(), mac: mac.into(), speed_mbps: Some(1000) }],
-    }
-}
-
-fn progress(phase: DeployPhase, done: u64) -> DeployProgress {
-    DeployProgress {
-        phase,
-        bytes_total: 1000,
-        bytes_done: done,
-        bytes_fetched: done,
-        bytes_written: done,
-        bytes_skipped: 0,
-        chunks_refetched: 0,
-        rate_bytes_per_s: 100,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -417,7 +417,8 @@ impl Site {
     }
 
     async fn progress(&self, done: u64) {
-        self.report(AgentReport::Progress { progress: progress_figures(done) }).await;
+        self.report(AgentReport::Progress { progress: metalrack_tests::reports::progress(DeployPhase::Writing, done) })
+            .await;
     }
 }
 
@@ -426,20 +427,6 @@ async fn api_post(region: &Region, key: &str, path: String, body: serde_json::Va
     let response = region.api(key).request(reqwest::Method::POST, &path).json(&body).send().await.unwrap();
     assert!(response.status().is_success(), "{path}: {}", response.status());
     response.json().await.unwrap()
-}
-
-/// A deploy of 1000 B, `done` of them written, at 100 B/s.
-fn progress_figures(done: u64) -> DeployProgress {
-    DeployProgress {
-        phase: DeployPhase::Writing,
-        bytes_total: 1000,
-        bytes_done: done,
-        bytes_fetched: done,
-        bytes_written: done,
-        bytes_skipped: 0,
-        chunks_refetched: 0,
-        rate_bytes_per_s: 100,
-    }
 }
 
 #[tokio::test]
@@ -493,7 +480,11 @@ async fn a_deploys_progress_moves_on_the_machines_page_and_the_machine_page_with
     client.wait().for_element(Locator::Id("machines")).await.unwrap();
 
     // The written image and the boot from disk: the row says Deployed and the bar goes.
-    let done = DeployProgress { phase: DeployPhase::Done, bytes_done: 1000, ..progress_figures(1000) };
+    let done = DeployProgress {
+        phase: DeployPhase::Done,
+        bytes_done: 1000,
+        ..metalrack_tests::reports::progress(DeployPhase::Writing, 1000)
+    };
     site.report(AgentReport::Deployed { progress: done }).await;
     site.report(AgentReport::BootedLocal).await;
     wait_for("the row Deployed without a reload", DEADLINE, || async {
