@@ -93,7 +93,7 @@ async fn scenario(lab: &Lab, tap: &str, firmware: Firmware, nic: Nic, also_with_
     assert!(seen("boot.dhcp", "DHCP ack: 10.99.0.1"), "DHCP lease: {events:#?}");
     assert!(seen("boot.tftp", loader), "loader over TFTP: {events:#?}");
     assert!(seen("boot.dhcp", "/ipxe/52-54-00-aa-bb-01"), "iPXE sent to its script: {events:#?}");
-    assert!(seen("boot.script", "Image"), "script over HTTP: {events:#?}");
+    assert!(seen("boot.script", "image ubuntu/noble amd64 1"), "script over HTTP: {events:#?}");
     assert!(seen("boot.http", "/images/ubuntu/noble/amd64/1/kernel (1048576 bytes)"), "kernel: {events:#?}");
     assert!(seen("boot.http", "/images/ubuntu/noble/amd64/1/initrd (2097152 bytes)"), "initrd: {events:#?}");
     let metrics = client.get(format!("http://{gateway}:5248/metrics")).send().await.unwrap().text().await.unwrap();
