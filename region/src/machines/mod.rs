@@ -431,26 +431,9 @@ pub async fn add(shared: &Shared, actor: &User, create: MachineCreate) -> Result
     let rack_id = resolve_rack(&mut tx, create.rack.as_deref()).await?;
     let now = crate::util::now_ms();
     let row = MachineRow {
-        id: new_machine_id(),
-        mac: mac.clone(),
-        hostname,
-        boot: None,
-        state: MachineState::New,
-        status_message: String::new(),
         rack_id: Some(rack_id),
         power: Some(create.power),
-        power_state: PowerState::Unknown,
-        power_checked_at_ms: None,
-        image: None,
-        disk: None,
-        job: None,
-        job_token: None,
-        progress: None,
-        last_progress_at_ms: None,
-        inventory: None,
-        deploy_requested_at_ms: None,
-        state_changed_at_ms: now,
-        updated_at_ms: now,
+        ..MachineRow::new(new_machine_id(), mac.clone(), hostname, now)
     };
     if !store::insert_machine(&mut tx, &row).await.map_err(store_error("add the machine"))? {
         return Err(MachinesError::MacTaken { mac });
@@ -805,26 +788,8 @@ pub async fn put(shared: &Shared, actor: &User, mac: &str, update: MachineUpdate
         }
         None => {
             let row = MachineRow {
-                id: new_machine_id(),
-                mac: mac.clone(),
-                hostname: update.hostname,
                 boot: Some(update.boot),
-                state: MachineState::New,
-                status_message: String::new(),
-                rack_id: None,
-                power: None,
-                power_state: PowerState::Unknown,
-                power_checked_at_ms: None,
-                image: None,
-                disk: None,
-                job: None,
-                job_token: None,
-                progress: None,
-                last_progress_at_ms: None,
-                inventory: None,
-                deploy_requested_at_ms: None,
-                state_changed_at_ms: now,
-                updated_at_ms: now,
+                ..MachineRow::new(new_machine_id(), mac.clone(), update.hostname, now)
             };
             store::insert_machine(&mut tx, &row).await.map_err(store_error("store the machine"))?;
             row.id
@@ -983,26 +948,9 @@ async fn apply_report(
             }
             None => {
                 let row = MachineRow {
-                    id: new_machine_id(),
-                    hostname: hostname_from_mac(&mac),
-                    mac: mac.clone(),
-                    boot: None,
-                    state: MachineState::New,
-                    status_message: String::new(),
                     rack_id: Some(rack_id.to_owned()),
-                    power: None,
-                    power_state: PowerState::Unknown,
-                    power_checked_at_ms: None,
-                    image: None,
-                    disk: None,
-                    job: None,
-                    job_token: None,
-                    progress: None,
-                    last_progress_at_ms: None,
                     inventory: Some(inventory.clone()),
-                    deploy_requested_at_ms: None,
-                    state_changed_at_ms: now,
-                    updated_at_ms: now,
+                    ..MachineRow::new(new_machine_id(), mac.clone(), hostname_from_mac(&mac), now)
                 };
                 store::insert_machine(conn, &row).await?;
                 let message = format!("machine {} ({}) enlisted with MAC {mac}", row.hostname, row.id);
@@ -1388,26 +1336,11 @@ mod tests {
 
     fn row(state: MachineState) -> MachineRow {
         MachineRow {
-            id: "abcd1234".into(),
-            mac: "52:54:00:aa:bb:01".into(),
-            hostname: "node1".into(),
-            boot: None,
             state,
-            status_message: String::new(),
             rack_id: Some("r1".into()),
-            power: None,
-            power_state: PowerState::Unknown,
-            power_checked_at_ms: None,
-            image: None,
-            disk: None,
             job: Some(AgentJob::Commission),
             job_token: Some("t".repeat(32)),
-            progress: None,
-            last_progress_at_ms: None,
-            inventory: None,
-            deploy_requested_at_ms: None,
-            state_changed_at_ms: 0,
-            updated_at_ms: 0,
+            ..MachineRow::new("abcd1234".into(), "52:54:00:aa:bb:01".into(), "node1".into(), 0)
         }
     }
 

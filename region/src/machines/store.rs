@@ -40,6 +40,35 @@ pub struct MachineRow {
     pub updated_at_ms: i64,
 }
 
+impl MachineRow {
+    /// A machine just known (New): no rack, power, job, image or inventory yet; callers set
+    /// what they know.
+    pub fn new(id: String, mac: String, hostname: String, now_ms: i64) -> MachineRow {
+        MachineRow {
+            id,
+            mac,
+            hostname,
+            boot: None,
+            state: MachineState::New,
+            status_message: String::new(),
+            rack_id: None,
+            power: None,
+            power_state: PowerState::Unknown,
+            power_checked_at_ms: None,
+            image: None,
+            disk: None,
+            job: None,
+            job_token: None,
+            progress: None,
+            last_progress_at_ms: None,
+            inventory: None,
+            deploy_requested_at_ms: None,
+            state_changed_at_ms: now_ms,
+            updated_at_ms: now_ms,
+        }
+    }
+}
+
 const COLUMNS: &str = "mac, id, hostname, boot_json, state, status_message, rack_id, power_json, power_state, \
      power_checked_at_ms, image_json, disk, job_json, job_token, progress_json, last_progress_at_ms, inventory_json, \
      deploy_requested_at_ms, state_changed_at_ms, updated_at_ms";
@@ -630,12 +659,6 @@ mod tests {
         let mut conn = store.pool.acquire().await.unwrap();
         let now = now_ms();
         let machine = MachineRow {
-            id: "abcd1234".into(),
-            mac: "52:54:00:aa:bb:01".into(),
-            hostname: "node1".into(),
-            boot: None,
-            state: MachineState::New,
-            status_message: String::new(),
             rack_id: Some(rack_id.clone()),
             power: Some(PowerParameters::Ipmi {
                 address: "10.0.0.6".into(),
@@ -643,18 +666,7 @@ mod tests {
                 username: "u".into(),
                 password: "p".into(),
             }),
-            power_state: PowerState::Unknown,
-            power_checked_at_ms: None,
-            image: None,
-            disk: None,
-            job: None,
-            job_token: None,
-            progress: None,
-            last_progress_at_ms: None,
-            inventory: None,
-            deploy_requested_at_ms: None,
-            state_changed_at_ms: now,
-            updated_at_ms: now,
+            ..MachineRow::new("abcd1234".into(), "52:54:00:aa:bb:01".into(), "node1".into(), now)
         };
         assert!(insert_machine(&mut conn, &machine).await.unwrap());
         assert!(!insert_machine(&mut conn, &machine).await.unwrap(), "a MAC is stored once");
