@@ -256,13 +256,24 @@ impl RegionClient {
 
     /// What came of one power request.
     pub async fn power_result(&self, authorization: &str, result: &PowerResult) -> Result<(), RegionError> {
-        let url = format!("{}{API_PREFIX}{}", self.base, paths::RACK_POWER);
+        self.send_json(reqwest::Method::POST, paths::RACK_POWER, authorization, result).await
+    }
+
+    /// A rack call with a JSON body whose answer carries nothing the rack reads.
+    async fn send_json<Req: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        authorization: &str,
+        body: &Req,
+    ) -> Result<(), RegionError> {
+        let url = format!("{}{API_PREFIX}{path}", self.base);
         let request = self
             .http
-            .post(&url)
+            .request(method, &url)
             .timeout(self.request_timeout)
             .header(reqwest::header::AUTHORIZATION, authorization)
-            .json(result);
+            .json(body);
         self.send(request).await.map(drop)
     }
 
@@ -295,14 +306,7 @@ impl RegionClient {
 
     /// Tells the region what the current snapshot holds (asked for by a heartbeat's answer).
     pub async fn put_snapshot(&self, authorization: &str, snapshot: &RackSnapshot) -> Result<(), RegionError> {
-        let url = format!("{}{API_PREFIX}{}", self.base, paths::RACK_SNAPSHOT);
-        let request = self
-            .http
-            .put(&url)
-            .timeout(self.request_timeout)
-            .header(reqwest::header::AUTHORIZATION, authorization)
-            .json(snapshot);
-        self.send(request).await.map(drop)
+        self.send_json(reqwest::Method::PUT, paths::RACK_SNAPSHOT, authorization, snapshot).await
     }
 
     pub async fn heartbeat(
