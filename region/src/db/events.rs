@@ -36,20 +36,20 @@ impl Store {
             .fetch_all(&self.pool)
             .await
             .map_err(query_error("list events"))?;
-        rows.iter()
-            .map(|row| {
-                let get = query_error("read event");
-                (|| {
-                    Ok(EventView {
-                        id: row.try_get(0)?,
-                        at_ms: row.try_get(1)?,
-                        kind: row.try_get(2)?,
-                        actor: row.try_get(3)?,
-                        message: row.try_get(4)?,
-                    })
-                })()
-                .map_err(get)
-            })
-            .collect()
+        rows.iter().map(read_event).collect()
     }
+}
+
+/// An event from a row of `SELECT id, at_ms, kind, actor, message FROM events ...`.
+pub fn read_event(row: &sqlx::any::AnyRow) -> Result<EventView, StoreError> {
+    (|| {
+        Ok(EventView {
+            id: row.try_get(0)?,
+            at_ms: row.try_get(1)?,
+            kind: row.try_get(2)?,
+            actor: row.try_get(3)?,
+            message: row.try_get(4)?,
+        })
+    })()
+    .map_err(query_error("read event"))
 }

@@ -387,20 +387,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .map_err(query_error("list machine events"))?;
-        rows.iter()
-            .map(|row| {
-                (|| {
-                    Ok(EventView {
-                        id: row.try_get(0)?,
-                        at_ms: row.try_get(1)?,
-                        kind: row.try_get(2)?,
-                        actor: row.try_get(3)?,
-                        message: row.try_get(4)?,
-                    })
-                })()
-                .map_err(query_error("read machine event"))
-            })
-            .collect()
+        rows.iter().map(crate::db::events::read_event).collect()
     }
 
     pub async fn has_open_power_request(&self, machine_id: &str) -> Result<bool, StoreError> {
