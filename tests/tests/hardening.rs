@@ -674,3 +674,26 @@ async fn an_upload_is_refused_before_its_body_is_read_when_the_caller_has_no_key
         assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
     }
 }
+
+/// A client still sending a body the region refused (413 after 64 KiB) must read that answer,
+/// not a connection reset: the region drains the rest for a while before closing (a lingering
+/// close), since closing with unread data makes the kernel reset the connection. 32 MiB is more
+/// than loopback's socket buffers hold, so the client is still writing when the answer comes.
+#[tokio::test]
+async fn a_client_still_sending_a_refused_body_reads_the_413_instead_of_a_reset() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let body = format!("{{\"name\": \"{}\"}}", "a".repeat(32 * 1024 * 1024));
+    for round in 0..3 {
+        let response = client_from(loopback::source(round))
+            .post(format!("{}/api/v1{}", region.https_url(), paths::RACK_CHALLENGE))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: no answer but {e:?}"));
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE, "round {round}");
+    }
+}

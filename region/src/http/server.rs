@@ -14,7 +14,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
@@ -49,6 +53,17 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Pause after a failed `accept` (out of file descriptors, say) before trying again, so the
 /// loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// How long a closed connection may keep draining what its client still sends (see
+/// [`Lingering`]): long enough for a client to finish sending a refused upload on a LAN and read
+/// the answer, short enough that a slot is not held for a client that never stops. nginx's
+/// `lingering_time` is 30 s; our refused bodies are small (a few MiB at most before the client
+/// gives up).
+pub const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// A lingering connection that sends nothing for this long is closed at once (nginx's
+/// `lingering_timeout`, 5 s, made shorter: a client still sending a body sends without pauses).
+pub const LINGER_IDLE: Duration = Duration::from_secs(1);
 
 /// Open connections, in total and per source address.
 #[derive(Debug, Default)]
@@ -139,6 +154,7 @@ pub async fn serve(
         let (app, http, acceptor, watcher) = (app.clone(), http.clone(), acceptor.clone(), graceful.watcher());
         tokio::spawn(async move {
             let Some(transport) = first_byte_transport(&stream, peer).await else { return };
+            let stream = Lingering { stream: Some(stream), admitted: Some(admitted) };
             match transport {
                 Transport::Clear => serve_connection(stream, Transport::Clear, peer, app, &http, watcher).await,
                 Transport::Tls => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -147,7 +163,6 @@ pub async fn serve(
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 },
             }
-            drop(admitted);
         });
     }
     drop(listener);
@@ -198,5 +213,90 @@ async fn serve_connection<I>(
     let connection = watcher.watch(http.serve_connection(TokioIo::new(io), TowerToHyperService::new(service)));
     if let Err(e) = connection.await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// A connection that, once hyper is done with it, closes gracefully: it sends FIN, then reads and
+/// discards what the client still sends for at most [`LINGER_TIME`] before closing.
+///
+/// Why: a refused request (413, an early error) ends the connection with the rest of its body
+/// unread. Closing a socket with unread data makes the kernel send a reset, and a client still
+/// sending its body gets the reset instead of the answer (a `connection reset` where a `413`
+/// was due). Draining first lets it finish sending and read the answer, as nginx's lingering
+/// close does. The connection keeps its admission slot until it is really closed.
+struct Lingering {
+    stream: Option<TcpStream>,
+    admitted: Option<Admitted>,
+}
+
+impl Lingering {
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.stream.as_mut().expect("a lingering connection's stream until it is dropped"))
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.as_ref().is_some_and(TcpStream::is_write_vectored)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let (Some(stream), Ok(runtime)) = (self.stream.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let admitted = self.admitted.take();
+        runtime.spawn(async move {
+            linger(stream).await;
+            drop(admitted);
+        });
+    }
+}
+
+/// Sends FIN, then discards what arrives until the client closes, pauses [`LINGER_IDLE`], or
+/// [`LINGER_TIME`] is over.
+async fn linger(mut stream: TcpStream) {
+    // A client that closed already gets its FIN and the read below sees the end at once.
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut discard = vec![0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        match tokio::time::timeout(left.min(LINGER_IDLE), stream.read(&mut discard)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            _ => return,
+        }
     }
 }
