@@ -50,6 +50,7 @@ use utoipa::{Modify, OpenApi};
         super::machines::rack_events,
         super::machines::rack_power,
         super::machines::rack_power_result,
+        super::metrics::scrape,
         document,
     ),
     modifiers(&Security),
