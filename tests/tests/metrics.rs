@@ -237,6 +237,10 @@ async fn metrics_are_refused_over_clear_http_even_with_a_key() {
 /// A heartbeat with these figures and a snapshot built from catalogue revision 0 (the empty
 /// catalogue's, so the rack is current and its sync lag is 0).
 fn heartbeat(cpu_load: f64, memory_available_bytes: u64) -> HeartbeatRequest {
+    heartbeat_at_revision(cpu_load, memory_available_bytes, 0)
+}
+
+fn heartbeat_at_revision(cpu_load: f64, memory_available_bytes: u64, snapshot_revision: i64) -> HeartbeatRequest {
     HeartbeatRequest {
         health: RackHealth {
             version: "test".into(),
@@ -248,7 +252,7 @@ fn heartbeat(cpu_load: f64, memory_available_bytes: u64) -> HeartbeatRequest {
             memory_total_bytes: 8 << 30,
             memory_available_bytes,
         },
-        sync: Some(SyncReport { snapshot_revision: 0, ..SyncReport::default() }),
+        sync: Some(SyncReport { snapshot_revision, ..SyncReport::default() }),
     }
 }
 
@@ -286,6 +290,33 @@ async fn controllers_page_charts_each_racks_recent_cpu_memory_disk_and_sync_lag_
     let card = own.split("id=\"recent-health\"").nth(1).expect("the recent health card");
     assert!(card.contains("data-series=\"cpu\" data-samples=\"5\""), "{card}");
     assert!(card.contains("<figcaption>CPU 20 %</figcaption>"), "{card}");
+
+    // An image pushed: the catalogue moves on, and a rack still at revision 0 lags behind,
+    // counted from its first heartbeat that showed it behind, until it reports the new revision.
+    let image = dir.path().join("kernel");
+    std::fs::write(&image, b"pretend kernel ".repeat(1000)).unwrap();
+    region.push(&site.key, &image, "ubuntu/noble", "kernel", "1");
+    let revision = charted.catalogue(-1, -1, std::time::Duration::ZERO).await.unwrap().revision;
+    assert!(revision > 0);
+    let lag_caption = |page: &str| -> String {
+        let chart = page.split("data-series=\"sync-lag\"").nth(1).expect("a sync lag chart");
+        chart.split("<figcaption>").nth(1).unwrap().split("</figcaption>").next().unwrap().to_owned()
+    };
+    let behind_since = std::time::Instant::now();
+    let caption = wait_for("the rack's sync lag to grow past 1 s", DEADLINE, || async {
+        charted.heartbeat_with(&heartbeat_at_revision(0.2, 4 << 30, 0)).await.unwrap();
+        let caption = lag_caption(&site.page(&session, &format!("/controllers/{}", charted.rack_id)).await);
+        (caption != "Sync lag 0 s" && caption != "Sync lag 1 s").then_some(caption)
+    })
+    .await;
+    let shown_s: f64 = caption.trim_start_matches("Sync lag ").trim_end_matches(" s").parse().unwrap();
+    assert!(
+        shown_s <= behind_since.elapsed().as_secs_f64() + 1.0,
+        "lag counts from the first heartbeat behind: {caption}"
+    );
+    charted.heartbeat_with(&heartbeat_at_revision(0.2, 4 << 30, revision)).await.unwrap();
+    let own = site.page(&session, &format!("/controllers/{}", charted.rack_id)).await;
+    assert_eq!(lag_caption(&own), "Sync lag 0 s", "caught up");
 }
 
 /// The metric names a PromQL expression uses: identifiers starting `metalrack_`.

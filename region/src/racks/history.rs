@@ -69,7 +69,9 @@ impl HealthHistory {
         }
         let history = self.racks.entry(rack_id.to_owned()).or_default();
         let sync_lag_ms = sync.map(|report| {
-            if report.snapshot_revision >= catalogue_revision {
+            // Revision 0 is the catalogue before its first commit: a rack without a snapshot
+            // (revision -1) lacks nothing then.
+            if report.snapshot_revision >= catalogue_revision || catalogue_revision == 0 {
                 history.behind_since_ms = None;
                 0
             } else {
@@ -145,6 +147,9 @@ mod tests {
         assert_eq!(lag(&history), Some(0));
         history.record("r1", 21_000, &health(0), Some(&report(5)), 6);
         assert_eq!(lag(&history), Some(0), "a new change starts a new clock");
+        history.record("r2", 1_000, &health(0), Some(&report(-1)), 0);
+        history.record("r2", 6_000, &health(0), Some(&report(-1)), 0);
+        assert_eq!(history.samples("r2")[1].sync_lag_ms, Some(0), "an empty catalogue: nothing to lag behind");
     }
 
     #[test]

@@ -126,11 +126,12 @@ pub fn rack_charts(samples: &[HealthSample]) -> Markup {
 
 /// What the charts show, for the page.
 pub fn explanation(heartbeat_interval_ms: u64) -> Markup {
-    let minutes = (HEALTH_SAMPLES_MAX as u64 * heartbeat_interval_ms).div_ceil(60_000);
+    let span_s = (HEALTH_SAMPLES_MAX as u64 * heartbeat_interval_ms).div_ceil(1000);
+    let span = if span_s < 120 { format!("{span_s} s") } else { format!("{} min", span_s.div_ceil(60)) };
     html! {
         p.hint id="charts-explained" {
-            "Charts: each rack's last " (HEALTH_SAMPLES_MAX) " heartbeats (about " (minutes)
-            " minutes) since the region started. "
+            "Charts: each rack's last " (HEALTH_SAMPLES_MAX) " heartbeats (about " (span)
+            ") since the region started. "
             "CPU is the one-minute load per core; memory is the part not available to new work "
             "(MemTotal − MemAvailable); disk is the rack's data disk in use. "
             strong { "Sync lag" } " is how long the rack's image snapshot has been behind the catalogue: 0 while it "
