@@ -25,7 +25,7 @@ pub fn router() -> Router<AppState> {
 /// route, method and status with latency histograms, racks and machines by state, deploys in
 /// progress and waiting, heartbeats, boot events received, stored and dropped, long-polls held,
 /// database connections.
-#[utoipa::path(get, path = paths::METRICS, tag = "users", security(("api_key" = [])), responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text"), (status = 401, body = ErrorBody)))]
+#[utoipa::path(get, path = paths::METRICS, tag = "monitoring", security(("api_key" = [])), responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text"), (status = 401, body = ErrorBody)))]
 pub async fn scrape(State(state): State<AppState>, _user: ApiUser) -> Result<impl IntoResponse, ApiError> {
     let metrics = &state.shared.metrics;
     let _one_scrape_at_a_time = metrics.scrape.lock().await;

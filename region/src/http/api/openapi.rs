@@ -61,6 +61,7 @@ use utoipa::{Modify, OpenApi};
         (name = "users", description = "Accounts"),
         (name = "events", description = "The event log"),
         (name = "rack protocol", description = "Calls only racks make"),
+        (name = "monitoring", description = "Prometheus metrics"),
     )
 )]
 pub struct ApiDoc;
