@@ -1,4 +1,4 @@
-//! What the rack reports about itself: version, uptime, CPU load, disk space, addresses.
+//! What the rack reports about itself: version, uptime, CPU load, memory, disk space, addresses.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -26,7 +26,16 @@ pub fn collect(data_dir: &Path) -> RackHealth {
             (0, 0)
         }
     };
+    let (memory_total_bytes, memory_available_bytes) = match std::fs::read_to_string(MEMINFO) {
+        Ok(text) => parse_meminfo(&text),
+        Err(e) => {
+            tracing::debug!(error = %e, "reading {MEMINFO} failed");
+            (0, 0)
+        }
+    };
     RackHealth {
+        memory_total_bytes,
+        memory_available_bytes,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_s,
         cpu_load: load_1m / n_cpus,
@@ -34,6 +43,21 @@ pub fn collect(data_dir: &Path) -> RackHealth {
         disk_total_bytes,
         addresses: addresses(),
     }
+}
+
+/// Where the kernel reports memory.
+const MEMINFO: &str = "/proc/meminfo";
+
+/// `MemTotal` and `MemAvailable` of a /proc/meminfo text, in bytes (the file says kB, meaning
+/// KiB); a line that is missing or unreadable counts as 0.
+fn parse_meminfo(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|rest| rest.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("MemTotal"), field("MemAvailable"))
 }
 
 /// The rack's routable addresses as `IFACE ADDRESS`, skipping loopback and IPv6 link-local.
@@ -74,5 +98,15 @@ mod tests {
         assert!(health.disk_total_bytes > 0 && health.disk_free_bytes <= health.disk_total_bytes);
         assert!(health.cpu_load >= 0.0);
         assert!(health.addresses.iter().all(|a| !a.contains(" 127.")));
+        assert!(health.memory_total_bytes > 0);
+        assert!(health.memory_available_bytes > 0 && health.memory_available_bytes <= health.memory_total_bytes);
+    }
+
+    #[test]
+    fn meminfo_fields_are_read_in_bytes_and_missing_ones_are_zero() {
+        let text = "MemTotal:        8029184 kB\nMemFree:          123456 kB\nMemAvailable:    4014592 kB\n";
+        assert_eq!(parse_meminfo(text), (8_029_184 * 1024, 4_014_592 * 1024));
+        assert_eq!(parse_meminfo("MemTotal: 1024 kB\n"), (1024 * 1024, 0));
+        assert_eq!(parse_meminfo("MemTotal: lots\n"), (0, 0));
     }
 }

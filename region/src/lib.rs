@@ -3,7 +3,8 @@
 //! pieces fit.
 //!
 //! Modules in layers; each imports only from layers below it (checked by `tests/layers.rs`):
-//! 1. `util`, `config`, `tls`: clocks, tokens and hashes; `region.toml`; the TLS certificate.
+//! 1. `util`, `config`, `tls`, `metrics`: clocks, tokens and hashes; `region.toml`; the TLS
+//!    certificate; the Prometheus metrics.
 //! 2. `db`: the database (pool, migrations, transactions) and the tables every domain writes:
 //!    the event log and settings.
 //! 3. `state`: what every domain shares (`Shared`: the store, config, data dir, change feed).
@@ -15,6 +16,7 @@
 //! 6. `cli`: the command line.
 
 pub mod config;
+pub mod metrics;
 pub mod tls;
 pub mod util;
 

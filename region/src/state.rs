@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::RegionConfig;
 use crate::db::{Store, StoreError};
+use crate::metrics::{RegionMetrics, DROPPED_RECORD_FAILED};
 
 /// Name of the setting holding the cluster's name, and its value until someone sets it.
 pub const CLUSTER_NAME_SETTING: &str = "cluster_name";
@@ -40,6 +41,8 @@ pub struct Shared {
     failures: Arc<Mutex<FailureCounts>>,
     /// The address the region serves on, once bound (port 0 becomes a real port).
     bound: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+    /// Prometheus metrics: counted by the HTTP layer and the domains, served at `/metrics`.
+    pub metrics: Arc<RegionMetrics>,
 }
 
 impl Shared {
@@ -54,6 +57,7 @@ impl Shared {
             closing: Arc::default(),
             failures: Arc::default(),
             bound: Arc::default(),
+            metrics: Arc::default(),
         }
     }
 
@@ -128,6 +132,7 @@ impl Shared {
     /// own work already succeeded and must not be reported as failed because of the log.
     pub async fn record_event_or_log(&self, kind: &str, actor: &str, message: &str) {
         if let Err(e) = self.store.record_event(kind, actor, message).await {
+            self.metrics.count_dropped(DROPPED_RECORD_FAILED, 1);
             tracing::error!(error = %metalrack_image_tools::error_chain(&e), kind, "cannot record event");
         }
     }

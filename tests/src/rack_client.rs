@@ -92,13 +92,17 @@ impl RackClient {
 
     /// One heartbeat with empty health.
     pub async fn heartbeat(&self) -> Result<HeartbeatResponse> {
-        let request = HeartbeatRequest { health: Default::default(), sync: None };
+        self.heartbeat_with(&HeartbeatRequest { health: Default::default(), sync: None }).await
+    }
+
+    /// One heartbeat carrying `request` (health figures, a sync report).
+    pub async fn heartbeat_with(&self, request: &HeartbeatRequest) -> Result<HeartbeatResponse> {
         let response = self
             .http
             .post(format!("{}{}", self.base, paths::RACK_HEARTBEAT))
             .header("authorization", &self.authorization)
             .timeout(REQUEST_TIMEOUT)
-            .json(&request)
+            .json(request)
             .send()
             .await
             .context("heartbeat")?;

@@ -125,6 +125,18 @@ async fn log_in_see_controllers_and_register_a_rack_with_the_shown_command() {
     for name in ["rack-a", "rack-b"] {
         assert_eq!(text(&client, &format!("tr[data-rack='{name}'] .badge")).await, "online");
     }
+    // Each rack's recent health is drawn: the memory chart (rackd reads /proc/meminfo) is a
+    // line the browser lays out, under the page's CSP (no script, no inline style).
+    wait_for("rack-a's memory chart drawn", DEADLINE, || async {
+        client.refresh().await.unwrap();
+        let line =
+            client.find(Locator::Css("tr[data-rack='rack-a'] figure[data-series='memory'] polyline")).await.ok()?;
+        let (_, _, width, _) = line.rectangle().await.ok()?;
+        (width > 0.0).then_some(())
+    })
+    .await;
+    let caption = text(&client, "tr[data-rack='rack-a'] figure[data-series='memory'] figcaption").await;
+    assert!(caption.starts_with("Memory ") && caption.ends_with(" %"), "{caption}");
     screenshot(&client, "controllers").await;
 
     // "Add rack controller" shows the exact command, secret included.

@@ -261,6 +261,12 @@ pub struct RackHealth {
     pub disk_free_bytes: u64,
     pub disk_total_bytes: u64,
     pub addresses: Vec<String>,
+    /// `MemTotal` of /proc/meminfo; 0 from racks older than this field (or that cannot read it).
+    #[serde(default)]
+    pub memory_total_bytes: u64,
+    /// `MemAvailable` of /proc/meminfo: what could be used without swapping.
+    #[serde(default)]
+    pub memory_available_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

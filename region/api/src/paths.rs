@@ -44,6 +44,8 @@ pub const MACHINE_ABORT: &str = "/machines/{machine}/abort";
 pub const MACHINE_EVENTS: &str = "/machines/{machine}/events";
 /// The OpenAPI document of this API (JSON).
 pub const OPENAPI: &str = "/openapi.json";
+/// The region's Prometheus metrics (text format), for any API key.
+pub const METRICS: &str = "/metrics";
 
 /// `template` with its one `{...}` segment replaced by `value`.
 fn fill(template: &str, value: &str) -> String {

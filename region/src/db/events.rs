@@ -29,6 +29,16 @@ impl Store {
         tx.commit().await.map_err(query_error("commit record event"))
     }
 
+    /// Events deleted to keep the log bounded, since the database began: ids only grow and the
+    /// oldest go first, so it is the ids below the oldest kept (one index lookup).
+    pub async fn events_trimmed(&self) -> Result<i64, StoreError> {
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(id) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_error("find the oldest event"))?;
+        Ok(oldest.map_or(0, |id| id - 1))
+    }
+
     /// The newest `limit` events, newest first.
     pub async fn events(&self, limit: i64) -> Result<Vec<EventView>, StoreError> {
         let rows = sqlx::query("SELECT id, at_ms, kind, actor, message FROM events ORDER BY id DESC LIMIT $1")

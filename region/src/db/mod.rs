@@ -112,6 +112,11 @@ pub struct Store {
 }
 
 impl Store {
+    /// Connections of the pool: (open, idle).
+    pub fn pool_connections(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
+    }
+
     /// Opens (creating if needed) the SQLite database in `data_dir` and brings its schema up to date.
     pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir)

@@ -51,6 +51,18 @@ impl Default for InFlight {
     }
 }
 
+impl InFlight {
+    /// Handler slots free now.
+    pub fn handlers_free(&self) -> usize {
+        self.handlers.available_permits()
+    }
+
+    /// Long-poll slots free now.
+    pub fn long_polls_free(&self) -> usize {
+        self.long_polls.available_permits()
+    }
+}
+
 fn api_path(path: &str) -> String {
     format!("{BASE_PATH}{API_PREFIX}{path}")
 }

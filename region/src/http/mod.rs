@@ -6,6 +6,7 @@ pub mod api;
 pub mod error;
 pub mod extract;
 pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod transport;
 pub mod ui;
@@ -69,5 +70,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(transport::clear_http_policy))
         .layer(axum::middleware::from_fn(extract::security_headers))
         .layer(axum::middleware::from_fn(limits::close_if_body_unread))
+        // Outermost: a request refused by any layer above is counted too. Router::layer wraps
+        // each route after routing, so the matched template is known.
+        .layer(axum::middleware::from_fn_with_state(state.shared.metrics.clone(), metrics::count_request))
         .with_state(state)
 }

@@ -851,7 +851,14 @@ pub async fn record_boot_events(
     rack_name: &str,
     events: Vec<BootEvent>,
 ) -> Result<u64, MachinesError> {
-    check_boot_events(&events)?;
+    if let Err(refusal) = check_boot_events(&events) {
+        // The rack splits a refused batch down to the one bad event and drops it (its own
+        // metrics count that precisely); here every event of each refused batch is counted.
+        let n = events.len() as u64;
+        shared.metrics.count_dropped(crate::metrics::DROPPED_BOOT_BATCH_REFUSED, n);
+        return Err(refusal);
+    }
+    let n_received = events.len() as u64;
     // A machine chose some of this (a TFTP file name): no control characters reach the log.
     let events: Vec<BootEvent> = events
         .into_iter()
@@ -880,6 +887,8 @@ pub async fn record_boot_events(
         })
         .await
         .map_err(store_error("record boot events"))?;
+    shared.metrics.boot_events_received.inc_by(n_received);
+    shared.metrics.boot_events_stored.inc_by(stored);
     let outcome = std::mem::take(&mut *outcome.lock().expect("report outcome lock"));
     if outcome.racks_must_hear {
         shared.notify_change();

@@ -369,6 +369,19 @@ impl Store {
         rows.iter().map(read_row).collect()
     }
 
+    /// How many machines are in each state (states with none are absent): one grouped query,
+    /// cheap enough for every metrics scrape.
+    pub async fn machine_state_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT state, COUNT(*) FROM machines GROUP BY state")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("count machines by state"))?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(query_error("read machine counts"))
+    }
+
     pub async fn all_machines(&self) -> Result<Vec<MachineRow>, StoreError> {
         let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM machines"))
             .fetch_all(&self.pool)

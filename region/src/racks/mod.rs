@@ -3,6 +3,7 @@
 //! generation, heartbeats, the online/offline/stale rule, and each rack's sync policy and "sync
 //! now" requests.
 
+pub mod history;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -22,6 +23,7 @@ use crate::secret::{current_generation, SecretFileError};
 use crate::state::{FailureKind, Shared};
 use crate::util::{constant_time_eq, now_ms, random_hex, sha256_hex};
 
+pub use history::HealthSample;
 pub use store::RackRow;
 
 /// Registration challenges outstanding at once; a flood of challenge requests cannot grow memory
@@ -108,11 +110,19 @@ pub struct Racks {
     /// (rack id, generation) pairs already recorded as refused, so a stale rack's heartbeats
     /// add one event, not one every few seconds. At most one entry per rack and generation.
     stale_reported: Mutex<HashSet<(String, i64)>>,
+    /// Each rack's recent health from its heartbeats, for the controllers page's charts.
+    history: std::sync::Mutex<history::HealthHistory>,
 }
 
 impl Racks {
     pub fn new(shared: Shared, certificate_sha256: [u8; CERTIFICATE_SHA256_LEN_BYTES]) -> Racks {
-        Racks { shared, certificate_sha256, challenges: Mutex::default(), stale_reported: Mutex::default() }
+        Racks {
+            shared,
+            certificate_sha256,
+            challenges: Mutex::default(),
+            stale_reported: Mutex::default(),
+            history: std::sync::Mutex::default(),
+        }
     }
 
     /// The fingerprint a challenge carries, hex.
@@ -224,6 +234,16 @@ impl Racks {
             .record_heartbeat(&rack.id, &request.health, request.sync.as_ref(), peer)
             .await
             .map_err(store_error("record the heartbeat"))?;
+        self.shared.metrics.heartbeats.inc();
+        // One cheap read per heartbeat, for the sync lag (see `history`).
+        let revision = store.catalogue_revision().await.map_err(store_error("read the catalogue revision"))?;
+        self.history.lock().expect("health history lock").record(
+            &rack.id,
+            now_ms(),
+            &request.health,
+            request.sync.as_ref(),
+            revision,
+        );
         let reported = request.sync.as_ref().and_then(|s| s.snapshot_id.as_ref());
         let snapshot_wanted = reported.is_some_and(|id| rack.snapshot_id.as_ref() != Some(id));
         if was_offline {
@@ -285,6 +305,30 @@ impl Racks {
             .collect())
     }
 
+    /// A rack's recent health samples, oldest first (see [`history`]).
+    pub fn health_samples(&self, rack_id: &str) -> Vec<HealthSample> {
+        self.history.lock().expect("health history lock").samples(rack_id)
+    }
+
+    /// How many racks are in each state (every state, 0 included): one grouped query.
+    pub async fn state_counts(&self) -> Result<Vec<(RackState, i64)>, RacksError> {
+        let store = &self.shared.store;
+        let generation = current_generation(store).await.map_err(store_error("read the secret generation"))?;
+        let offline_after_ms = self.shared.config.rack_offline_after_ms;
+        let counts = store
+            .rack_state_counts(generation, now_ms(), offline_after_ms)
+            .await
+            .map_err(store_error("count racks"))?;
+        let all = [RackState::Online, RackState::Offline, RackState::NeedsReregistration];
+        Ok(all
+            .into_iter()
+            .map(|state| {
+                let word = state_word(state);
+                (state, counts.iter().find(|(w, _)| w == word).map_or(0, |(_, n)| *n))
+            })
+            .collect())
+    }
+
     pub async fn view(&self, id: &str) -> Result<RackView, RacksError> {
         self.views().await?.into_iter().find(|r| r.id == id).ok_or(RacksError::NoSuchRack)
     }
@@ -335,6 +379,15 @@ fn require_admin(user: &crate::users::User, action: &'static str) -> Result<(), 
     }
 }
 
+/// A state as the API spells it (`RackState`'s serde name), which the metrics use too.
+pub fn state_word(state: RackState) -> &'static str {
+    match state {
+        RackState::Online => "online",
+        RackState::Offline => "offline",
+        RackState::NeedsReregistration => "needs_reregistration",
+    }
+}
+
 /// The state rule without I/O: see [`Racks::rack_state`].
 pub fn rack_state(rack: &RackRow, generation: i64, now_ms: i64, offline_after_ms: u64) -> RackState {
     if rack.secret_generation != generation {
@@ -380,5 +433,12 @@ mod tests {
         assert_eq!(rack_state(&rack(1, Some(1_000)), 1, 31_000, 30_000), RackState::Offline);
         assert_eq!(rack_state(&rack(1, None), 1, 0, 30_000), RackState::Offline);
         assert_eq!(rack_state(&rack(1, Some(1_000)), 2, 5_000, 30_000), RackState::NeedsReregistration);
+    }
+
+    #[test]
+    fn state_words_are_the_api_names() {
+        for state in [RackState::Online, RackState::Offline, RackState::NeedsReregistration] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state_word(state));
+        }
     }
 }

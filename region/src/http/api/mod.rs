@@ -4,6 +4,7 @@
 
 mod catalogue;
 mod machines;
+mod metrics;
 pub mod openapi;
 mod racks;
 mod users;
@@ -19,6 +20,7 @@ pub fn router() -> Router<AppState> {
         .merge(users::router())
         .merge(catalogue::router())
         .merge(machines::router())
+        .merge(metrics::router())
         .route(metalrack_api::paths::OPENAPI, axum::routing::get(openapi::document))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
 }

@@ -50,6 +50,7 @@ use utoipa::{Modify, OpenApi};
         super::machines::rack_events,
         super::machines::rack_power,
         super::machines::rack_power_result,
+        super::metrics::scrape,
         document,
     ),
     modifiers(&Security),
@@ -60,6 +61,7 @@ use utoipa::{Modify, OpenApi};
         (name = "users", description = "Accounts"),
         (name = "events", description = "The event log"),
         (name = "rack protocol", description = "Calls only racks make"),
+        (name = "monitoring", description = "Prometheus metrics"),
     )
 )]
 pub struct ApiDoc;

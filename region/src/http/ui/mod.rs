@@ -2,6 +2,7 @@
 //! build step. Login, first-login welcome, dashboard, controllers, images, events, account; the
 //! machines pages are in [`machines`].
 
+mod charts;
 mod machines;
 
 use std::net::SocketAddr;
@@ -362,15 +363,16 @@ async fn controllers(State(state): State<AppState>, session: SessionUser) -> Pag
         }
         @if racks.is_empty() { p.muted { "No rack controllers are registered yet." } } @else {
             table.controllers id="controllers" {
-                thead { tr { th { "Name" } th { "State" } th { "Last seen" } th { "Version" } th { "Addresses" } th { "Uptime" } th { "CPU load" } th { "Disk free" } th { "Sync" } } }
-                tbody { @for rack in &racks { (controller_row(rack)) } }
+                thead { tr { th { "Name" } th { "State" } th { "Last seen" } th { "Version" } th { "Addresses" } th { "Uptime" } th { "CPU load" } th { "Disk free" } th { "Sync" } th { "Recent" } } }
+                tbody { @for rack in &racks { (controller_row(rack, &state.racks.health_samples(&rack.id))) } }
             }
+            (charts::explanation(state.shared.config.rack_heartbeat_interval_ms))
         }
     };
     Ok(layout("Controllers", &cluster, Some(&session), Nav::Controllers, content).into_response())
 }
 
-fn controller_row(rack: &RackView) -> Markup {
+fn controller_row(rack: &RackView, samples: &[crate::racks::HealthSample]) -> Markup {
     let now = now_ms();
     let state_class = match rack.state {
         RackState::Online => "online",
@@ -396,6 +398,7 @@ fn controller_row(rack: &RackView) -> Markup {
                 a href=(format!("{BASE_PATH}/controllers/{}", rack.id)) { (policy_label(&rack.sync_policy)) }
                 @if let Some(sync) = &rack.sync { div.muted { (sync_label(sync)) } }
             }
+            td.recent { (charts::rack_charts(samples)) }
         }
     }
 }
@@ -545,11 +548,11 @@ async fn controller_page(
 ) -> PageResult {
     let cluster = cluster_name(&state).await?;
     let rack = rack_by_id(&state, &id).await?;
-    Ok(layout(&rack.name, &cluster, Some(&session), Nav::Controllers, controller_markup(&rack, &session, None))
+    Ok(layout(&rack.name, &cluster, Some(&session), Nav::Controllers, controller_markup(&state, &rack, &session, None))
         .into_response())
 }
 
-fn controller_markup(rack: &RackView, session: &SessionUser, error: Option<&str>) -> Markup {
+fn controller_markup(state: &AppState, rack: &RackView, session: &SessionUser, error: Option<&str>) -> Markup {
     let SessionUser { user, csrf } = session;
     let policy = &rack.sync_policy;
     let is = |kind: SyncPolicyKind| policy.policy == kind;
@@ -559,6 +562,11 @@ fn controller_markup(rack: &RackView, session: &SessionUser, error: Option<&str>
             @if user.is_admin {
                 form method="post" action=(format!("{BASE_PATH}/controllers/{}/sync", rack.id)) { (csrf_input(csrf)) button.primary type="submit" id="sync-now" { "Sync now" } }
             }
+        }
+        section.card id="recent-health" {
+            h2 { "Recent health" }
+            (charts::rack_charts(&state.racks.health_samples(&rack.id)))
+            (charts::explanation(state.shared.config.rack_heartbeat_interval_ms))
         }
         section.card {
             h2 { "Image sync" }
@@ -640,7 +648,7 @@ async fn controller_policy(
                 &cluster,
                 Some(&session),
                 Nav::Controllers,
-                controller_markup(&rack, &session, Some(&error.body.error)),
+                controller_markup(&state, &rack, &session, Some(&error.body.error)),
             );
             return Ok((StatusCode::BAD_REQUEST, body).into_response());
         }
