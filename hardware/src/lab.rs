@@ -67,8 +67,8 @@ pub enum LabError {
     SpawnThread { namespace: String, source: std::io::Error },
     #[error("a thread cannot join network namespace {namespace}")]
     JoinNamespace { namespace: String, source: nix::Error },
-    #[error("cannot set {key} = {value} in network namespace {namespace}")]
-    Sysctl { namespace: String, key: String, value: String, source: CommandError },
+    #[error("cannot set {setting} in network namespace {namespace}")]
+    Sysctl { namespace: String, setting: String, source: CommandError },
 }
 
 /// Whether this process runs as root (effective uid 0), which the lab needs.
@@ -131,8 +131,11 @@ impl Namespace {
     /// Sets the sysctl `key` (e.g. `net.ipv4.ip_forward`) to `value` inside the namespace only
     /// (`net.*` keys are per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), LabError> {
-        run(self.command("sysctl").args(["-q", "-w", &format!("{key}={value}")])).map_err(|source| {
-            LabError::Sysctl { namespace: self.name.clone(), key: key.to_owned(), value: value.to_owned(), source }
+        let setting = format!("{key}={value}");
+        run(self.command("sysctl").args(["-q", "-w", &setting])).map_err(|source| LabError::Sysctl {
+            namespace: self.name.clone(),
+            setting,
+            source,
         })?;
         Ok(())
     }

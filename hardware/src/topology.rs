@@ -52,13 +52,13 @@ pub enum TopologyError {
     #[error("link {link}: {mbit} Mbit/s is outside {LINK_MBIT_MIN}..={LINK_MBIT_MAX}")]
     Rate { link: String, mbit: u32 },
     #[error("cannot create the region's network namespace")]
-    RegionNamespace { source: LabError },
+    RegionNamespace { source: Box<LabError> },
     #[error("cannot create the network namespace of rack {rack}")]
-    RackNamespace { rack: String, source: LabError },
+    RackNamespace { rack: String, source: Box<LabError> },
     #[error("cannot set up network namespace {namespace}")]
-    Sysctl { namespace: String, source: LabError },
+    Sysctl { namespace: String, source: Box<LabError> },
     #[error("cannot create the tap of rack {rack}'s fleet")]
-    Tap { rack: String, source: LabError },
+    Tap { rack: String, source: Box<LabError> },
     #[error("cannot create the uplink (veth {region_device} ↔ {UPLINK_DEVICE}) of rack {rack}")]
     CreateUplink { rack: String, region_device: String, source: CommandError },
     #[error("cannot give {device} the address {address} in network namespace {namespace}")]
@@ -211,7 +211,7 @@ impl Topology {
                 check_rate(&format!("{} provisioning", rack.name), mbit)?;
             }
         }
-        let region = Namespace::new().map_err(|source| TopologyError::RegionNamespace { source })?;
+        let region = Namespace::new().map_err(|source| TopologyError::RegionNamespace { source: Box::new(source) })?;
         isolate(&region)?;
         let mut topology = Topology { racks: Vec::with_capacity(n), region };
         for (index, links) in spec.racks.iter().enumerate() {
@@ -225,9 +225,10 @@ impl Topology {
         let rack = || links.name.clone();
         let i = u8::try_from(index).expect("RACKS_MAX fits a byte");
         let [p0, p1] = PROVISIONING_PREFIX;
-        let lab = Lab::new([p0, p1, i]).map_err(|source| TopologyError::RackNamespace { rack: rack(), source })?;
+        let lab = Lab::new([p0, p1, i])
+            .map_err(|source| TopologyError::RackNamespace { rack: rack(), source: Box::new(source) })?;
         isolate(lab.namespace())?;
-        let tap = lab.add_tap().map_err(|source| TopologyError::Tap { rack: rack(), source })?;
+        let tap = lab.add_tap().map_err(|source| TopologyError::Tap { rack: rack(), source: Box::new(source) })?;
 
         let [u0, u1] = UPLINK_PREFIX;
         let uplink = Uplink {
@@ -325,9 +326,10 @@ fn isolate(namespace: &Namespace) -> Result<(), TopologyError> {
         ("net.ipv6.conf.all.disable_ipv6", "1"),
         ("net.ipv6.conf.default.disable_ipv6", "1"),
     ] {
-        namespace
-            .sysctl(key, value)
-            .map_err(|source| TopologyError::Sysctl { namespace: namespace.name().to_owned(), source })?;
+        namespace.sysctl(key, value).map_err(|source| TopologyError::Sysctl {
+            namespace: namespace.name().to_owned(),
+            source: Box::new(source),
+        })?;
     }
     Ok(())
 }
