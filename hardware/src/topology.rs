@@ -60,17 +60,17 @@ pub enum TopologyError {
     #[error("cannot create the tap of rack {rack}'s fleet")]
     Tap { rack: String, source: Box<LabError> },
     #[error("cannot create the uplink (veth {region_device} ↔ {UPLINK_DEVICE}) of rack {rack}")]
-    CreateUplink { rack: String, region_device: String, source: CommandError },
+    CreateUplink { rack: String, region_device: String, source: Box<CommandError> },
     #[error("cannot give {device} the address {address} in network namespace {namespace}")]
-    Address { namespace: String, device: String, address: String, source: CommandError },
+    Address { namespace: String, device: String, address: String, source: Box<CommandError> },
     #[error("cannot bring up {device} in network namespace {namespace}")]
-    LinkUp { namespace: String, device: String, source: CommandError },
+    LinkUp { namespace: String, device: String, source: Box<CommandError> },
     #[error("cannot route rack {rack}'s default traffic to the region's end of its uplink")]
-    DefaultRoute { rack: String, source: CommandError },
+    DefaultRoute { rack: String, source: Box<CommandError> },
     #[error("cannot shape {device} to {mbit} Mbit/s in network namespace {namespace}")]
-    Shape { namespace: String, device: String, mbit: u32, source: CommandError },
+    Shape { namespace: String, device: String, mbit: u32, source: Box<CommandError> },
     #[error("cannot read the counters of {device} in network namespace {namespace}")]
-    ReadCounters { namespace: String, device: String, source: CommandError },
+    ReadCounters { namespace: String, device: String, source: Box<CommandError> },
     #[error("unexpected counters of {device} in network namespace {namespace}: {reason}")]
     ParseCounters { namespace: String, device: String, reason: String },
     #[error("no rack {rack} in this topology")]
@@ -247,7 +247,7 @@ impl Topology {
         .map_err(|source| TopologyError::CreateUplink {
             rack: rack(),
             region_device: uplink.region_device.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let ends = [
             (&self.region, uplink.region_device.as_str(), uplink.region_address),
@@ -260,20 +260,20 @@ impl Topology {
                     namespace: namespace.name().to_owned(),
                     device: device.to_owned(),
                     address,
-                    source,
+                    source: Box::new(source),
                 }
             })?;
             shape(namespace, device, uplink.rate_mbit)?;
             run(namespace.ip().args(["link", "set", device, "up"])).map_err(|source| TopologyError::LinkUp {
                 namespace: namespace.name().to_owned(),
                 device: device.to_owned(),
-                source,
+                source: Box::new(source),
             })?;
         }
         // The rack's way out is its uplink, as on a real site; with the region not forwarding,
         // that is also what proves no packet reaches another rack.
         run(lab.namespace().ip().args(["route", "add", "default", "via", &uplink.region_address.to_string()]))
-            .map_err(|source| TopologyError::DefaultRoute { rack: rack(), source })?;
+            .map_err(|source| TopologyError::DefaultRoute { rack: rack(), source: Box::new(source) })?;
         if let Some(mbit) = links.provisioning_mbit {
             shape(lab.namespace(), &tap, mbit)?;
         }
@@ -355,7 +355,7 @@ fn shape(namespace: &Namespace, device: &str, mbit: u32) -> Result<(), TopologyE
         namespace: namespace.name().to_owned(),
         device: device.to_owned(),
         mbit,
-        source,
+        source: Box::new(source),
     })?;
     Ok(())
 }
@@ -363,7 +363,11 @@ fn shape(namespace: &Namespace, device: &str, mbit: u32) -> Result<(), TopologyE
 /// `ip -j -s -n NS link show DEV`'s byte and packet counters.
 pub fn device_counters(namespace: &Namespace, device: &str) -> Result<DeviceCounters, TopologyError> {
     let output = run(namespace.ip().args(["-j", "-s", "link", "show", "dev", device])).map_err(|source| {
-        TopologyError::ReadCounters { namespace: namespace.name().to_owned(), device: device.to_owned(), source }
+        TopologyError::ReadCounters {
+            namespace: namespace.name().to_owned(),
+            device: device.to_owned(),
+            source: Box::new(source),
+        }
     })?;
     parse_counters(&output.stdout).map_err(|reason| TopologyError::ParseCounters {
         namespace: namespace.name().to_owned(),
