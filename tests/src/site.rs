@@ -79,6 +79,51 @@ pub struct MachineToAdd {
     pub bmc_password: String,
 }
 
+/// One simulated machine as its fleet shows it: what the runner adds to the region and reports.
+#[derive(Debug, Clone, Default)]
+pub struct FleetMachine {
+    pub mac: String,
+    pub hostname: String,
+    pub bmc_url: String,
+    /// Its simulated phase (DHCP, TFTP, HTTP, deploy, ...), as the fleet names it.
+    pub phase: String,
+    pub boots: u32,
+    pub bytes_tftp: u64,
+    pub bytes_http: u64,
+    /// Time spent in each phase so far.
+    pub phase_log: Vec<(String, Duration)>,
+}
+
+/// The simulated machines of one rack. THE PLUG-IN POINT for `hardware::fleet` (built on another
+/// branch): `Fleet` implements this by mapping `Fleet::machines()` (`FleetMachineStatus`) to
+/// [`FleetMachine`], and `start` is `network.lab().in_namespace(move || Fleet::start(FleetConfig
+/// { tap: network.tap().into(), machines, bmc, work_dir, mtu }))` with `machines` from
+/// `Scenario::machines(rack_index)`; see `start_fleet` in `src/bin/fleet.rs`.
+pub trait RackFleet: Send {
+    /// The rack's machines now.
+    fn machines(&self) -> Vec<FleetMachine>;
+}
+
+/// The BMC credentials every simulated machine of a site answers to (a lab secret).
+pub const BMC_USERNAME: &str = "root";
+pub const BMC_PASSWORD: &str = "fleet-bmc-password";
+
+/// What to add to the region for `fleet`'s machines on rack `rack`.
+pub fn machines_to_add(rack: &str, fleet: &dyn RackFleet) -> Vec<MachineToAdd> {
+    fleet
+        .machines()
+        .into_iter()
+        .map(|m| MachineToAdd {
+            hostname: m.hostname,
+            mac: m.mac,
+            rack: rack.to_owned(),
+            bmc_url: m.bmc_url,
+            bmc_username: BMC_USERNAME.into(),
+            bmc_password: BMC_PASSWORD.into(),
+        })
+        .collect()
+}
+
 /// A running site. Dropping it stops every daemon; the topology (namespaces) goes when the last
 /// holder of its `Arc` drops it, after the daemons.
 #[derive(Debug)]
@@ -179,12 +224,9 @@ impl Site {
         self.racks.iter().map(|r| Ok((r.name.clone(), self.topology.uplink_counters(&r.name)?))).collect()
     }
 
-    /// Makes the scenario's images in `DIR/images/` (generated, or copied from their path) and
-    /// measures them; blocking (a 1 GiB image takes seconds).
+    /// Makes the scenario's images: see [`make_images`].
     pub fn make_images(&self) -> Result<Vec<SiteImage>> {
-        let images_dir = self.dir.join("images");
-        std::fs::create_dir_all(&images_dir)?;
-        self.scenario.images.iter().map(|spec| make_image(spec, &images_dir)).collect()
+        make_images(&self.scenario, &self.dir)
     }
 
     /// Pushes `image` as version [`IMAGE_VERSION`] of a `root-disk` with `imgtool push`.
@@ -339,6 +381,14 @@ fn launch_region(topology: &Topology, scenario: &Scenario, dir: &Path, port: u16
         .with_context(|| format!("no port in the region's URL {}", region.url))?;
     region.url = format!("http://127.0.0.1:{port}/MAAS");
     Ok((region, port))
+}
+
+/// Makes `scenario`'s images in `DIR/images/` (generated, or copied from their path) and
+/// measures them; blocking (a 1 GiB image takes seconds).
+pub fn make_images(scenario: &Scenario, dir: &Path) -> Result<Vec<SiteImage>> {
+    let images_dir = dir.join("images");
+    std::fs::create_dir_all(&images_dir)?;
+    scenario.images.iter().map(|spec| make_image(spec, &images_dir)).collect()
 }
 
 fn make_image(spec: &metalrack_hardware::scenario::ImageSpec, dir: &Path) -> Result<SiteImage> {
