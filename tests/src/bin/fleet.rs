@@ -163,13 +163,19 @@ fn run_scenario(args: RunArgs) -> Result<ExitCode> {
     let topology = Site::build_topology(&scenario)?;
     let inside = topology.clone();
     let hold = args.hold;
-    let report = Site::block_on(&topology, move || async move {
-        tokio::select! {
-            result = run_site(inside, scenario, dir, ui, deploy_env, hold) => result,
+    Site::block_on(&topology, move || async move {
+        let (report, site, forwarder) = tokio::select! {
+            result = run_site(inside, scenario, dir, ui, deploy_env) => result?,
             _ = tokio::signal::ctrl_c() => bail!("interrupted; everything started was stopped and deleted"),
+        };
+        print!("{report}");
+        if hold {
+            eprintln!("holding the site up; Ctrl-C ends it");
+            tokio::signal::ctrl_c().await?;
         }
+        drop((forwarder, site));
+        Ok(())
     })??;
-    print!("{report}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -201,8 +207,7 @@ async fn run_site(
     dir: PathBuf,
     ui: Option<TcpListener>,
     deploy_env: Option<PathBuf>,
-    hold: bool,
-) -> Result<String> {
+) -> Result<(String, Site, Option<Forwarder>)> {
     let progress = MultiProgress::new();
     let n_racks = scenario.racks.len();
     let step = |message: String| {
@@ -219,13 +224,16 @@ async fn run_site(
         "region and {n_racks} racks Online after {:.1} s",
         started.elapsed().as_secs_f64()
     ));
-    let _forwarder = match ui {
+    let forwarder = match ui {
         Some(listener) => {
             let forwarder = Forwarder::start(listener, site.region.socket_address())?;
-            progress.println(format!(
-                "UI: https://{}/MAAS/ (user {ADMIN_USERNAME}, password {ADMIN_PASSWORD:?}; the certificate is the region's own)",
-                forwarder.local
-            ))?;
+            // On stderr even when it is not a terminal (the progress display is hidden then).
+            progress.suspend(|| {
+                eprintln!(
+                    "UI: https://{}/MAAS/ (user {ADMIN_USERNAME}, password {ADMIN_PASSWORD:?}; the certificate is the region's own)",
+                    forwarder.local
+                )
+            });
             Some(forwarder)
         }
         None => None,
@@ -289,11 +297,7 @@ async fn run_site(
     report += &format!("images: {} of distinct chunks (what one rack's sync must fetch)\n", HumanBytes(unique));
     report += &machines_note;
 
-    if hold {
-        progress.println("holding the site up; Ctrl-C ends it")?;
-        tokio::signal::ctrl_c().await?;
-    }
-    Ok(report)
+    Ok((report, site, forwarder))
 }
 
 /// Shows each rack's uplink bytes against what its sync must fetch, until every rack serves
