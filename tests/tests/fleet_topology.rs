@@ -42,6 +42,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The rack's HTTP boot server (it listens on every address of its namespace).
 const RACK_HTTP_PORT: u16 = 5248;
 
+/// When, and how many bytes each rack's end of its uplink had received by then.
+type Sample = (Instant, Vec<u64>);
+
 fn seed_with_random_image() -> Scenario {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hardware/scenarios/seed.toml");
     let mut scenario = Scenario::load(&path).unwrap();
@@ -80,7 +83,7 @@ async fn run(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
 
     // Sample every rack's end of its uplink while the image goes out.
     let before = site.uplink_counters().unwrap();
-    let samples: Arc<Mutex<Vec<(Instant, Vec<u64>)>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let (topology, samples, stop) = (topology.clone(), samples.clone(), stop.clone());
