@@ -33,8 +33,8 @@ const FRAMING_FACTOR: f64 = 1.08;
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
 /// Bytes a link may carry above its rate over a measured stretch: the token bucket (128 KiB at
-/// this rate) and one sample period's worth.
-const RATE_SLACK_BYTES: u64 = (128 << 10) + (UPLINK_MBIT as u64 * 1_000_000 / 8) * 50 / 1000;
+/// this rate) and 20 ms at the rate for the time between reading a counter and reading the clock.
+const RATE_SLACK_BYTES: u64 = (128 << 10) + (UPLINK_MBIT as u64 * 1_000_000 / 8) * 20 / 1000;
 
 /// A connection attempt that must fail gets this long; one that must succeed is local.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,8 +42,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The rack's HTTP boot server (it listens on every address of its namespace).
 const RACK_HTTP_PORT: u16 = 5248;
 
-/// When, and how many bytes each rack's end of its uplink had received by then.
-type Sample = (Instant, Vec<u64>);
+/// Per rack: how many bytes its end of its uplink had received, and when they were read.
+type Sample = Vec<(Instant, u64)>;
 
 fn seed_with_random_image() -> Scenario {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hardware/scenarios/seed.toml");
@@ -90,9 +90,14 @@ async fn run(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
         let names: Vec<String> = site.racks.iter().map(|r| r.name.clone()).collect();
         tokio::task::spawn_blocking(move || {
             while !stop.load(Ordering::SeqCst) {
-                let at = Instant::now();
-                let bytes = names.iter().map(|n| topology.uplink_counters(n).unwrap().down_bytes()).collect();
-                samples.lock().unwrap().push((at, bytes));
+                let sample = names
+                    .iter()
+                    .map(|n| {
+                        let bytes = topology.uplink_counters(n).unwrap().down_bytes();
+                        (Instant::now(), bytes)
+                    })
+                    .collect();
+                samples.lock().unwrap().push(sample);
                 std::thread::sleep(SAMPLE_EVERY);
             }
         })
@@ -123,9 +128,9 @@ async fn run(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
         let base = before.down_bytes();
         let mark_low = base + (1 << 20);
         let mark_high = after.down_bytes() - (1 << 20);
-        let first = samples.iter().find(|(_, bytes)| bytes[index] >= mark_low).expect("a sample past the first MiB");
-        let last = samples.iter().find(|(_, bytes)| bytes[index] >= mark_high).expect("a sample near the end");
-        let bytes = last.1[index] - first.1[index];
+        let first = samples.iter().map(|s| s[index]).find(|(_, bytes)| *bytes >= mark_low).expect("past the first MiB");
+        let last = samples.iter().map(|s| s[index]).find(|(_, bytes)| *bytes >= mark_high).expect("near the end");
+        let bytes = last.1 - first.1;
         let took = last.0 - first.0;
         let floor =
             Duration::from_secs_f64(bytes.saturating_sub(RATE_SLACK_BYTES) as f64 * 8.0 / (UPLINK_MBIT as f64 * 1e6));
