@@ -194,7 +194,8 @@ impl Site {
         Ok(SiteRack { name, region_url, rack })
     }
 
-    async fn wait_racks_online(&self) -> Result<()> {
+    /// Waits until every rack shows Online (after a start, or the region's return).
+    pub async fn wait_racks_online(&self) -> Result<()> {
         let api = self.api();
         let names: Vec<&str> = self.racks.iter().map(|r| r.name.as_str()).collect();
         try_wait_for("every rack Online", RACKS_ONLINE_DEADLINE, POLL, || async {

@@ -3,7 +3,8 @@
 //! Online over their uplinks; an image pushed once crosses each uplink once (the counters show
 //! its chunk bytes plus framing and a named allowance for heartbeats and polls, no more); the
 //! shaping holds (the bytes took at least bytes/rate on the link); and no rack reaches another
-//! rack's addresses, even where a rack's server listens. Also the runner's scenario files.
+//! rack's addresses, even where a rack's server listens; the region stops and returns and the
+//! racks find it again. Also the runner's scenario files.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -61,7 +62,8 @@ fn seed_with_random_image() -> Scenario {
 }
 
 #[test]
-fn three_racks_come_online_over_shaped_uplinks_each_syncs_an_image_once_at_the_uplinks_rate_and_none_reaches_another() {
+fn three_racks_over_shaped_uplinks_come_online_sync_an_image_once_at_the_uplinks_rate_reach_no_other_rack_and_find_the_region_after_its_restart(
+) {
     let scenario = seed_with_random_image();
     assert_eq!(scenario.racks.len(), 3);
     let dir = tempfile::tempdir().unwrap();
@@ -72,7 +74,7 @@ fn three_racks_come_online_over_shaped_uplinks_each_syncs_an_image_once_at_the_u
 }
 
 async fn run(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
-    let site = Site::start(topology.clone(), scenario, dir).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let mut site = Site::start(topology.clone(), scenario, dir).await.unwrap_or_else(|e| panic!("{e:#}"));
     let racks = site.api().racks().await.unwrap();
     assert_eq!(racks.len(), 3, "{racks:#?}");
     assert!(racks.iter().all(|r| r.state == RackState::Online), "{racks:#?}");
@@ -169,6 +171,15 @@ async fn run(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
         assert!(attempt.is_err(), "rack1 reached rack2 at {target}: {attempt:?}");
     }
     from_rack1.1.expect("rack1 reaches the region over its uplink");
+
+    // The region stops and comes back on the same port: the racks find it again over their
+    // uplinks, and it still knows the image they serve.
+    site.stop_region().unwrap();
+    site.start_region().unwrap();
+    site.wait_racks_online().await.unwrap_or_else(|e| panic!("{e:#}"));
+    for rack in &site.racks {
+        assert!(site.api().rack_serves_file(&rack.name, &image.blake3).await.unwrap(), "{}", rack.name);
+    }
 }
 
 #[test]

@@ -164,14 +164,19 @@ fn run_scenario(args: RunArgs) -> Result<ExitCode> {
     let inside = topology.clone();
     let hold = args.hold;
     Site::block_on(&topology, move || async move {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let (report, site, forwarder) = tokio::select! {
             result = run_site(inside, scenario, dir, ui, deploy_env) => result?,
             _ = tokio::signal::ctrl_c() => bail!("interrupted; everything started was stopped and deleted"),
+            _ = terminate.recv() => bail!("terminated; everything started was stopped and deleted"),
         };
         print!("{report}");
         if hold {
             eprintln!("holding the site up; Ctrl-C ends it");
-            tokio::signal::ctrl_c().await?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
         }
         drop((forwarder, site));
         Ok(())
