@@ -92,6 +92,9 @@ pub struct FleetMachine {
     pub bytes_http: u64,
     /// Time spent in each phase so far.
     pub phase_log: Vec<(String, Duration)>,
+    /// Its last deploy ended with the image on its disk, every chunk verified (the fleet's own
+    /// view: what the runner waits for while the region is stopped).
+    pub deployed: bool,
 }
 
 /// The simulated machines of one rack. THE PLUG-IN POINT for `hardware::fleet` (built on another

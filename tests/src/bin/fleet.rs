@@ -389,7 +389,7 @@ async fn run_deploys(
             let done = fleets
                 .iter()
                 .flat_map(|(_, f)| f.machines())
-                .filter(|m| hostnames.contains(&m.hostname) && m.phase.eq_ignore_ascii_case("deployed"))
+                .filter(|m| hostnames.contains(&m.hostname) && m.deployed)
                 .count();
             Ok((done == hostnames.len()).then_some(()))
         })
