@@ -4,7 +4,8 @@
 //! its chunk bytes plus framing and a named allowance for heartbeats and polls, no more); the
 //! shaping holds (the bytes took at least bytes/rate on the link); and no rack reaches another
 //! rack's addresses, even where a rack's server listens; the region stops and returns and the
-//! racks find it again. Also the runner's scenario files.
+//! racks find it again. Machines added through the site are powered by their own rack over
+//! Redfish. Also the runner's scenario files.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -195,4 +196,73 @@ fn the_shipped_scenarios_parse_and_describe_the_seeds_site() {
     assert_eq!((small.racks.len(), small.machine_count()), (1, 2));
     let error = Scenario::from_toml("name = \"x\"\n[links]\nuplink_mbit = 10\n", Path::new("bad.toml")).unwrap_err();
     assert!(error.to_string().contains("bad.toml"), "{error}");
+}
+
+/// Machines added through the site are powered by their own rack: each BMC listens on the
+/// loopback of its rack's namespace only (as a fleet's virtual BMCs do), so only that rack's
+/// Redfish driver can reach it. Commissioning powers every machine on through it.
+#[test]
+fn machines_added_through_the_site_are_powered_on_by_their_own_rack_over_redfish_when_commissioned() {
+    let mut scenario = seed_with_random_image();
+    scenario.racks.truncate(2);
+    let dir = tempfile::tempdir().unwrap();
+    let topology = Site::build_topology(&scenario).unwrap();
+    let inside = topology.clone();
+    let dir_path = dir.path().to_owned();
+    Site::block_on(&topology, move || async move { power_through_racks(inside, scenario, &dir_path).await }).unwrap();
+}
+
+async fn power_through_racks(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
+    use metalrack_api::machines::MachineState;
+    use metalrack_api::power::PowerState;
+    use metalrack_hardware::bmc::{BmcConfig, BmcServer, SimulatedMachine};
+    use metalrack_tests::site::{MachineToAdd, BMC_PASSWORD, BMC_USERNAME};
+
+    let site = Site::start(topology, scenario, dir).await.unwrap_or_else(|e| panic!("{e:#}"));
+    // The region commissions only with a deploy environment in its catalogue; these machines are
+    // power states that never boot, so its files are placeholders.
+    let env = dir.join("placeholder-env");
+    std::fs::create_dir_all(&env).unwrap();
+    std::fs::write(env.join("kernel"), metalrack_tests::random_bytes(4096, 1)).unwrap();
+    std::fs::write(env.join("initrd"), metalrack_tests::random_bytes(4096, 2)).unwrap();
+    site.push_deploy_env(&env).await.unwrap_or_else(|e| panic!("{e:#}"));
+
+    let mut machines = Vec::new();
+    let mut to_add = Vec::new();
+    let mut _bmcs = Vec::new();
+    for (index, rack) in site.racks.iter().enumerate() {
+        let network = site.rack_network(&rack.name).unwrap();
+        let listener = network.lab().in_namespace(|| std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+        let machine = SimulatedMachine::new();
+        let bmc = BmcServer::start(listener, BmcConfig::new(BMC_USERNAME, BMC_PASSWORD), machine.clone()).unwrap();
+        let planned = &site.scenario.machines(index)[0];
+        to_add.push(MachineToAdd {
+            hostname: planned.hostname.clone(),
+            mac: planned.mac.clone(),
+            rack: rack.name.clone(),
+            bmc_url: bmc.url(),
+            bmc_username: BMC_USERNAME.into(),
+            bmc_password: BMC_PASSWORD.into(),
+        });
+        machines.push(machine);
+        _bmcs.push(bmc);
+    }
+    // Both BMCs listen on 127.0.0.1, each in its own rack's namespace: a rack that ran the other
+    // rack's power request would reach its own loopback and find nothing there.
+    let ids: Vec<String> = site.add_machines(&to_add).await.unwrap().into_iter().map(|m| m.id).collect();
+    site.commission_all(&ids).await.unwrap();
+    let commissioning = site
+        .wait_all(&ids, MachineState::Commissioning, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(commissioning.len(), 2);
+    metalrack_tests::wait_for("every machine powered on through its BMC", Duration::from_secs(60), || async {
+        machines.iter().all(SimulatedMachine::on).then_some(())
+    })
+    .await;
+    metalrack_tests::wait_for("the region to record both machines On", Duration::from_secs(60), || async {
+        let listed = site.api().machines().await.ok()?;
+        listed.iter().filter(|m| ids.contains(&m.id) && m.power_state == PowerState::On).count().eq(&2).then_some(())
+    })
+    .await;
 }
