@@ -1,5 +1,5 @@
-//! Network namespaces as racks: a [`Lab`] is a private namespace with a bridge, taps for virtual
-//! machines, and ways to run processes and threads inside it.
+//! Network namespaces as racks: a [`Namespace`] is a private network namespace and ways to run
+//! processes and threads inside it; a [`Lab`] is one with a bridge and taps for virtual machines.
 //!
 //! Invariant: the lab changes nothing in the host's namespace. Every `ip` call names the lab's
 //! namespace (`ip -n`/`ip netns exec`), so the bridge, its address and the taps exist only there,
@@ -67,6 +67,8 @@ pub enum LabError {
     SpawnThread { namespace: String, source: std::io::Error },
     #[error("a thread cannot join network namespace {namespace}")]
     JoinNamespace { namespace: String, source: nix::Error },
+    #[error("cannot set {setting} in network namespace {namespace}")]
+    Sysctl { namespace: String, setting: String, source: CommandError },
 }
 
 /// Whether this process runs as root (effective uid 0), which the lab needs.
@@ -83,52 +85,33 @@ pub fn have_root() -> bool {
         .is_some_and(|effective| effective == "0")
 }
 
-/// One rack: a network namespace `mrlab-<6 hex>` with `lo` up and a bridge [`BRIDGE_NAME`] that
-/// carries the gateway address. Dropping it deletes the namespace, also when a test panics.
-pub struct Lab {
+/// A network namespace `mrlab-<6 hex>` with `lo` up and nothing else: what a [`Lab`] is built on,
+/// and on its own the region's side of a [`crate::topology::Topology`]. Dropping it deletes the
+/// namespace with every device in it, also when a test panics.
+pub struct Namespace {
     name: String,
-    gateway: Ipv4Addr,
-    /// Taps handed out so far; the next tap is `tap<n_taps>`.
-    n_taps: AtomicU32,
 }
 
-impl std::fmt::Debug for Lab {
+impl std::fmt::Debug for Namespace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lab").field("name", &self.name).field("gateway", &self.gateway).finish_non_exhaustive()
+        f.debug_struct("Namespace").field("name", &self.name).finish()
     }
 }
 
-impl Lab {
-    /// Creates the namespace and its bridge; `[10, 99, 0]` gives a bridge with `10.99.0.1/24`.
-    ///
-    /// The subnet exists only inside the namespace, so two labs may use the same one.
-    pub fn new(subnet_prefix: [u8; 3]) -> Result<Lab, LabError> {
+impl Namespace {
+    /// Creates the namespace and brings up its `lo`.
+    pub fn new() -> Result<Namespace, LabError> {
         if !have_root() {
             return Err(LabError::NotRoot);
         }
-        check_subnet(subnet_prefix)?;
-        let [a, b, c] = subnet_prefix;
-        let gateway = Ipv4Addr::new(a, b, c, 1);
         let name = format!("{NAMESPACE_PREFIX}{:06x}", rand::random::<u32>() & 0x00ff_ffff);
-
         run(Command::new("ip").args(["netns", "add", &name]))
             .map_err(|source| LabError::CreateNamespace { namespace: name.clone(), source })?;
-        // From here on, dropping `lab` deletes the namespace if a later step fails.
-        let lab = Lab { name, gateway, n_taps: AtomicU32::new(0) };
-        let namespace = || lab.name.clone();
-
-        run(lab.ip().args(["link", "set", "lo", "up"]))
-            .map_err(|source| LabError::LoopbackUp { namespace: namespace(), source })?;
-        // No STP and no forward delay: a port forwards the moment it comes up, so a machine's
-        // first DHCPDISCOVER is not dropped while the bridge is "learning".
-        run(lab.ip().args(["link", "add", BRIDGE_NAME, "type", "bridge", "stp_state", "0", "forward_delay", "0"]))
-            .map_err(|source| LabError::CreateBridge { namespace: namespace(), source })?;
-        let address = format!("{gateway}/{SUBNET_PREFIX_LEN}");
-        run(lab.ip().args(["addr", "add", &address, "dev", BRIDGE_NAME]))
-            .map_err(|source| LabError::AddressBridge { namespace: namespace(), address, source })?;
-        run(lab.ip().args(["link", "set", BRIDGE_NAME, "up"]))
-            .map_err(|source| LabError::BridgeUp { namespace: namespace(), source })?;
-        Ok(lab)
+        // From here on, dropping `namespace` deletes it if a later step fails.
+        let namespace = Namespace { name };
+        run(namespace.ip().args(["link", "set", "lo", "up"]))
+            .map_err(|source| LabError::LoopbackUp { namespace: namespace.name.clone(), source })?;
+        Ok(namespace)
     }
 
     /// The namespace's name, `mrlab-<6 hex>`.
@@ -136,56 +119,32 @@ impl Lab {
         &self.name
     }
 
-    /// The bridge that carries the gateway address and the taps: [`BRIDGE_NAME`].
-    pub fn bridge(&self) -> &str {
-        BRIDGE_NAME
-    }
-
-    /// The bridge's address, `<subnet_prefix>.1`: where the rack's servers listen.
-    pub fn gateway(&self) -> Ipv4Addr {
-        self.gateway
-    }
-
-    /// Creates `tapN` (mode tap) in the namespace, adds it to the bridge and brings it up; returns
-    /// its name, for [`crate::qemu::Machine::power_on`].
-    pub fn add_tap(&self) -> Result<String, LabError> {
-        let index = self
-            .n_taps
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < TAPS_PER_LAB_MAX).then_some(n + 1))
-            .map_err(|_| LabError::TooManyTaps { namespace: self.name.clone(), max: TAPS_PER_LAB_MAX })?;
-        assert!(index < TAPS_PER_LAB_MAX);
-        let tap = format!("tap{index}");
-        let error_context = || (self.name.clone(), tap.clone());
-
-        run(self.ip().args(["tuntap", "add", "dev", &tap, "mode", "tap"])).map_err(|source| {
-            let (namespace, tap) = error_context();
-            LabError::CreateTap { namespace, tap, source }
-        })?;
-        run(self.ip().args(["link", "set", &tap, "master", BRIDGE_NAME])).map_err(|source| {
-            let (namespace, tap) = error_context();
-            LabError::EnslaveTap { namespace, tap, source }
-        })?;
-        run(self.ip().args(["link", "set", &tap, "up"])).map_err(|source| {
-            let (namespace, tap) = error_context();
-            LabError::TapUp { namespace, tap, source }
-        })?;
-        Ok(tap)
-    }
-
     /// `ip netns exec NAME program`: a command that runs `program` inside the namespace (rackd,
     /// regiond, QEMU, tcpdump…). Add arguments and spawn it as usual; the caller owns the process
-    /// and must end it before the lab is dropped, or the namespace outlives its name.
+    /// and must end it before the namespace is dropped, or the namespace outlives its name.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name]).arg(program);
         command
     }
 
+    /// Sets the sysctl `key` (e.g. `net.ipv4.ip_forward`) to `value` inside the namespace only
+    /// (`net.*` keys are per namespace).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<(), LabError> {
+        let setting = format!("{key}={value}");
+        run(self.command("sysctl").args(["-q", "-w", &setting])).map_err(|source| LabError::Sysctl {
+            namespace: self.name.clone(),
+            setting,
+            source,
+        })?;
+        Ok(())
+    }
+
     /// Runs `f` on a fresh thread that has joined the namespace, and returns its result. Sockets
     /// `f` creates belong to the namespace for their whole life, also when returned and used from
-    /// other threads. A panic in `f` is resumed in the caller.
+    /// other threads; threads `f` starts are inside too. A panic in `f` is resumed in the caller.
     pub fn in_namespace<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, LabError> {
-        let path = self.namespace_path();
+        let path = PathBuf::from(NETNS_DIR).join(&self.name);
         let namespace_file = File::open(&path).map_err(|source| LabError::OpenNamespace { path, source })?;
         let thread = std::thread::Builder::new()
             .name(format!("{}-thread", self.name))
@@ -211,12 +170,15 @@ impl Lab {
         command
     }
 
-    fn namespace_path(&self) -> PathBuf {
-        PathBuf::from(NETNS_DIR).join(&self.name)
+    /// `tc -n NAME`: traffic control acting on the namespace rather than the host.
+    pub(crate) fn tc(&self) -> Command {
+        let mut command = Command::new("tc");
+        command.args(["-n", &self.name]);
+        command
     }
 }
 
-impl Drop for Lab {
+impl Drop for Namespace {
     fn drop(&mut self) {
         // A process still inside keeps the namespace alive, nameless, after `ip netns del`. The
         // lab did not start it, so it does not kill it: it says so, to make the leak visible.
@@ -233,6 +195,118 @@ impl Drop for Lab {
         if let Err(error) = run(Command::new("ip").args(["netns", "del", &self.name])) {
             eprintln!("metalrack-hardware: cannot delete network namespace {}: {error}", self.name);
         }
+    }
+}
+
+/// One rack: a [`Namespace`] with a bridge [`BRIDGE_NAME`] that carries the gateway address.
+/// Dropping it deletes the namespace, also when a test panics.
+pub struct Lab {
+    namespace: Namespace,
+    gateway: Ipv4Addr,
+    /// Taps handed out so far; the next tap is `tap<n_taps>`.
+    n_taps: AtomicU32,
+}
+
+impl std::fmt::Debug for Lab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lab")
+            .field("name", &self.namespace.name)
+            .field("gateway", &self.gateway)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lab {
+    /// Creates the namespace and its bridge; `[10, 99, 0]` gives a bridge with `10.99.0.1/24`.
+    ///
+    /// The subnet exists only inside the namespace, so two labs may use the same one.
+    pub fn new(subnet_prefix: [u8; 3]) -> Result<Lab, LabError> {
+        if !have_root() {
+            return Err(LabError::NotRoot);
+        }
+        check_subnet(subnet_prefix)?;
+        let [a, b, c] = subnet_prefix;
+        let gateway = Ipv4Addr::new(a, b, c, 1);
+        // From here on, dropping `lab` deletes the namespace if a later step fails.
+        let lab = Lab { namespace: Namespace::new()?, gateway, n_taps: AtomicU32::new(0) };
+        let namespace = || lab.namespace.name.clone();
+        // No STP and no forward delay: a port forwards the moment it comes up, so a machine's
+        // first DHCPDISCOVER is not dropped while the bridge is "learning".
+        run(lab.ip().args(["link", "add", BRIDGE_NAME, "type", "bridge", "stp_state", "0", "forward_delay", "0"]))
+            .map_err(|source| LabError::CreateBridge { namespace: namespace(), source })?;
+        let address = format!("{gateway}/{SUBNET_PREFIX_LEN}");
+        run(lab.ip().args(["addr", "add", &address, "dev", BRIDGE_NAME]))
+            .map_err(|source| LabError::AddressBridge { namespace: namespace(), address, source })?;
+        run(lab.ip().args(["link", "set", BRIDGE_NAME, "up"]))
+            .map_err(|source| LabError::BridgeUp { namespace: namespace(), source })?;
+        Ok(lab)
+    }
+
+    /// The namespace's name, `mrlab-<6 hex>`.
+    pub fn name(&self) -> &str {
+        &self.namespace.name
+    }
+
+    /// The namespace itself, for what takes any namespace (a lab or a bare one).
+    pub fn namespace(&self) -> &Namespace {
+        &self.namespace
+    }
+
+    /// The bridge that carries the gateway address and the taps: [`BRIDGE_NAME`].
+    pub fn bridge(&self) -> &str {
+        BRIDGE_NAME
+    }
+
+    /// The bridge's address, `<subnet_prefix>.1`: where the rack's servers listen.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+
+    /// Creates `tapN` (mode tap) in the namespace, adds it to the bridge and brings it up; returns
+    /// its name, for [`crate::qemu::Machine::power_on`].
+    pub fn add_tap(&self) -> Result<String, LabError> {
+        let index = self
+            .n_taps
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < TAPS_PER_LAB_MAX).then_some(n + 1))
+            .map_err(|_| LabError::TooManyTaps { namespace: self.name().to_owned(), max: TAPS_PER_LAB_MAX })?;
+        assert!(index < TAPS_PER_LAB_MAX);
+        let tap = format!("tap{index}");
+        let error_context = || (self.name().to_owned(), tap.clone());
+
+        run(self.ip().args(["tuntap", "add", "dev", &tap, "mode", "tap"])).map_err(|source| {
+            let (namespace, tap) = error_context();
+            LabError::CreateTap { namespace, tap, source }
+        })?;
+        run(self.ip().args(["link", "set", &tap, "master", BRIDGE_NAME])).map_err(|source| {
+            let (namespace, tap) = error_context();
+            LabError::EnslaveTap { namespace, tap, source }
+        })?;
+        run(self.ip().args(["link", "set", &tap, "up"])).map_err(|source| {
+            let (namespace, tap) = error_context();
+            LabError::TapUp { namespace, tap, source }
+        })?;
+        Ok(tap)
+    }
+
+    /// `ip netns exec NAME program`: see [`Namespace::command`].
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        self.namespace.command(program)
+    }
+
+    /// Runs `f` on a fresh thread inside the namespace: see [`Namespace::in_namespace`].
+    pub fn in_namespace<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, LabError> {
+        self.namespace.in_namespace(f)
+    }
+
+    /// `ip -n NAME`: `ip` acting on the namespace rather than the host.
+    pub(crate) fn ip(&self) -> Command {
+        self.namespace.ip()
+    }
+}
+
+impl AsRef<Namespace> for Lab {
+    fn as_ref(&self) -> &Namespace {
+        &self.namespace
     }
 }
 

@@ -1,6 +1,7 @@
 //! The virtual hardware lab for Metalrack's end-to-end tests: network namespaces as racks
-//! ([`lab`]), QEMU machines that network-boot with real iPXE firmware ([`qemu`]), and a virtual
-//! Redfish BMC that powers them ([`bmc`]).
+//! ([`lab`]), a whole site of them with shaped uplinks ([`topology`]) described by a scenario
+//! file ([`scenario`]), QEMU machines that network-boot with real iPXE firmware ([`qemu`]), and a
+//! virtual Redfish BMC that powers them ([`bmc`]).
 //!
 //! Everything needs root and lives inside network namespaces the lab creates and deletes; nothing
 //! touches the host's own network.
@@ -9,7 +10,9 @@ pub mod bmc;
 pub mod command;
 pub mod lab;
 pub mod qemu;
+pub mod scenario;
+pub mod topology;
 
 pub use command::CommandError;
-pub use lab::{have_root, Lab, LabError};
+pub use lab::{have_root, Lab, LabError, Namespace};
 pub use qemu::{BootFrom, BootOrder, Firmware, GuestReboot, Machine, MachineSpec, Nic, QemuError};

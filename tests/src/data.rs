@@ -1,5 +1,7 @@
 //! Test data: deterministic pseudo-random bytes, so files neither compress nor share chunks by
-//! accident, a failure reproduces, and every benchmark run measures the same content.
+//! accident, a failure reproduces, and every benchmark run measures the same content; and
+//! synthetic disk images with a real image's structure (free space, files found twice), for the
+//! fleet's scenarios.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -59,6 +61,73 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64, mut between: impl FnM
     Ok(())
 }
 
+/// Smallest and largest "file" of a synthetic image: a real root filesystem's files that matter
+/// for chunking are libraries and binaries of tens of KiB to a few MiB; pieces longer than the
+/// chunker's largest chunk (256 KiB) let a repeated file share whole chunks with its first copy.
+const SYNTHETIC_FILE_BYTES_MIN: u64 = 64 << 10;
+const SYNTHETIC_FILE_BYTES_MAX: u64 = 2 << 20;
+
+/// Files of a synthetic image that later pieces may repeat: their seeds and lengths (16 bytes
+/// each), not their bytes, which are generated again from the seed.
+const SYNTHETIC_FILES_REMEMBERED_MAX: usize = 4096;
+
+/// Writes a synthetic disk image of `len` bytes from `seed` to `path`: a sequence of pieces of
+/// 64 KiB to 2 MiB (4 KiB aligned, as a filesystem's blocks), each a run of zeros with
+/// probability `zero_percent`, a copy of an earlier piece with probability `duplicate_percent`,
+/// else fresh pseudo-random bytes (compressed data: what most of an image is). The same
+/// arguments give the same bytes. `between` is called before each piece (a runner's "was I
+/// interrupted?").
+pub fn write_synthetic_image(
+    path: &Path,
+    len: u64,
+    seed: u64,
+    zero_percent: u8,
+    duplicate_percent: u8,
+    mut between: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    let mut plan = Random::new(seed);
+    let mut out = BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    let mut buffer = vec![0u8; SYNTHETIC_FILE_BYTES_MAX as usize];
+    let mut files: Vec<(u64, u64)> = Vec::new();
+    let mut written = 0u64;
+    while written < len {
+        between()?;
+        let span = SYNTHETIC_FILE_BYTES_MAX - SYNTHETIC_FILE_BYTES_MIN;
+        let piece = ((SYNTHETIC_FILE_BYTES_MIN + plan.next_u64() % span) & !4095).min(len - written);
+        let draw = plan.next_u64() % 100;
+        let piece = if draw < u64::from(zero_percent) {
+            buffer[..piece as usize].fill(0);
+            piece
+        } else if draw < u64::from(zero_percent) + u64::from(duplicate_percent) && !files.is_empty() {
+            let (file_seed, file_len) = files[(plan.next_u64() % files.len() as u64) as usize];
+            let n = file_len.min(len - written);
+            Random::new(file_seed).fill(&mut buffer[..n as usize]);
+            n
+        } else {
+            let file_seed = plan.next_u64();
+            if files.len() < SYNTHETIC_FILES_REMEMBERED_MAX {
+                files.push((file_seed, piece));
+            }
+            Random::new(file_seed).fill(&mut buffer[..piece as usize]);
+            piece
+        };
+        out.write_all(&buffer[..piece as usize])?;
+        written += piece;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Bytes of `path`'s distinct chunks as the region cuts them: what a rack that has none of them
+/// must fetch to sync the file.
+pub fn unique_chunk_bytes(path: &Path) -> Result<u64> {
+    use metalrack_image_tools::chunker::{chunk_file, ChunkerConfig};
+    let manifest =
+        chunk_file(path, ChunkerConfig::default(), |_| {}).with_context(|| format!("chunking {}", path.display()))?;
+    let mut seen = std::collections::HashSet::new();
+    Ok(manifest.chunks.iter().filter(|c| seen.insert(c.hash)).map(|c| u64::from(c.len)).sum())
+}
+
 /// BLAKE3 of a file, hex, read in 1 MiB pieces (files of gigabytes too).
 pub fn file_blake3(path: &Path) -> String {
     use std::io::Read;
@@ -87,5 +156,21 @@ mod tests {
         let len = WRITE_PIECE_BYTES + 13;
         write_random_file(&path, len as u64, 5, || Ok(())).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), random_bytes(len, 5));
+    }
+
+    #[test]
+    fn a_synthetic_image_repeats_itself_as_asked_and_the_same_seed_gives_the_same_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 32u64 << 20;
+        let (a, b, plain) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("plain"));
+        write_synthetic_image(&a, len, 3, 10, 20, || Ok(())).unwrap();
+        write_synthetic_image(&b, len, 3, 10, 20, || Ok(())).unwrap();
+        write_synthetic_image(&plain, len, 3, 0, 0, || Ok(())).unwrap();
+        assert_eq!(std::fs::metadata(&a).unwrap().len(), len);
+        assert_eq!(file_blake3(&a), file_blake3(&b));
+        let unique = unique_chunk_bytes(&a).unwrap();
+        // About 30% repeats (zeros and copies); allow for the draw.
+        assert!(unique > len / 2 && unique < len * 90 / 100, "{unique} of {len} bytes are unique");
+        assert_eq!(unique_chunk_bytes(&plain).unwrap(), len, "no zeros and no copies: nothing repeats");
     }
 }

@@ -8,7 +8,8 @@
 //! stopped on drop, checked commands, peak memory),
 //! [`lab`] (async code in a namespace), [`proxy`] (a recorder and a man in the middle between rack
 //! and region), [`wait`], [`data`] (pseudo-random files), [`binaries`],
-//! [`readme`] (the operator guide's commands), [`tftp`] (a TFTP client), [`bench`] (what only
+//! [`readme`] (the operator guide's commands), [`site`] (a whole simulated site from a scenario
+//! file: region, racks, shaped uplinks), [`tftp`] (a TFTP client), [`bench`] (what only
 //! the benchmarks share). Tests use the short forms that panic with the reason
 //! (`Region::start`); the benchmarks the `Result` forms (`Region::launch`), so an error unwinds
 //! through their locals and stops everything they started.
@@ -29,6 +30,7 @@ pub mod rack_client;
 pub mod readme;
 pub mod region;
 pub mod reports;
+pub mod site;
 pub mod tftp;
 pub mod wait;
 

@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use metalrack_hardware::Lab;
+use metalrack_hardware::{Lab, Namespace};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
@@ -22,8 +22,8 @@ const EXIT_POLL: Duration = Duration::from_millis(10);
 /// Where and how a daemon is started.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Spawn<'a> {
-    /// Inside this lab's network namespace (its sockets and children stay there).
-    pub lab: Option<&'a Lab>,
+    /// Inside this network namespace (its sockets and children stay there).
+    pub lab: Option<&'a Namespace>,
     /// In a process group of its own, stopped as a group on drop (SIGTERM, then SIGKILL): a
     /// terminal's Ctrl-C then reaches only the program that started it, which stops it and its
     /// children (nginx's workers). Tests leave it off, so a Ctrl-C on `cargo test` stops all.
@@ -32,7 +32,11 @@ pub struct Spawn<'a> {
 
 impl<'a> Spawn<'a> {
     pub fn in_lab(lab: &'a Lab) -> Spawn<'a> {
-        Spawn { lab: Some(lab), own_group: true }
+        Spawn::in_namespace(lab.namespace())
+    }
+
+    pub fn in_namespace(namespace: &'a Namespace) -> Spawn<'a> {
+        Spawn { lab: Some(namespace), own_group: true }
     }
 }
 

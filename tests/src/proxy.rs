@@ -1,4 +1,6 @@
-//! TCP middlemen between a rack and its region, on 127.0.0.1 port 0, for the TLS tests:
+//! TCP middlemen: [`Forwarder`] carries an operator's browser from the host's namespace to a
+//! region inside a site's namespace (`fleet run --ui-listen`). Between a rack and its region, on
+//! 127.0.0.1 port 0, for the TLS tests:
 //! [`Recorder`] passes bytes through unchanged and keeps them, so a test can see what crossed
 //! the wire; [`Mitm`] is a man in the middle who knows everything but the secret: it rewrites the
 //! certificate fingerprint in the registration challenge to its own, terminates TLS with its own
@@ -93,6 +95,49 @@ async fn relay(
         }
     }
     let _ = to.shutdown().await;
+}
+
+/// Connections a [`Forwarder`] carries at once: a browser opens a handful per tab; more wait in
+/// the listener's backlog.
+pub const FORWARDED_CONNECTIONS_MAX: usize = 64;
+
+/// A plain TCP forwarder: whatever connects to its listener is joined to `upstream`, bytes
+/// unchanged (TLS passes through end to end). The listener may belong to another network
+/// namespace than the runtime it runs on: upstream connections are opened by the runtime's
+/// threads, so they start in the runtime's namespace (a site's region namespace).
+#[derive(Debug)]
+pub struct Forwarder {
+    /// Where it listens.
+    pub local: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    /// Starts forwarding; must be called inside a tokio runtime.
+    pub fn start(listener: std::net::TcpListener, upstream: SocketAddr) -> std::io::Result<Forwarder> {
+        listener.set_nonblocking(true)?;
+        let local = listener.local_addr()?;
+        let listener = TcpListener::from_std(listener)?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(FORWARDED_CONNECTIONS_MAX));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                let Ok((mut client, _)) = listener.accept().await else { continue };
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        Ok(Forwarder { local, task })
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// What the man in the middle does with the registration that reaches him over TLS.

@@ -1,0 +1,420 @@
+//! A simulated site (issue 13) from a scenario file: the topology in namespaces (the hardware
+//! crate's `topology`), regiond in the region's namespace reachable over every rack's uplink, one
+//! real `rackd` per rack serving PXE on its provisioning bridge, the scenario's images and the
+//! deploy environment in the catalogue and synced to every rack; and what the fleet part drives:
+//! machines added with Redfish power, commissioned, deployed, waited for, the region stopped and
+//! started again.
+//!
+//! Everything async here runs on a runtime inside the region's namespace ([`Site::block_on`]):
+//! its sockets are the region's, so the API is `https://127.0.0.1:PORT` there. Processes are
+//! started in the namespace they belong to by name (regiond in the region's, each rackd in its
+//! rack's), never by inheritance. The simulated machines (`hardware::fleet`, another branch) plug
+//! in at [`Site::rack_network`]: `Fleet::start` inside `lab()` on `tap()`; see `src/bin/fleet.rs`.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use metalrack_api::machines::{DeployRequest, MachineCreate, MachineState, MachineView};
+use metalrack_api::power::PowerParameters;
+use metalrack_api::{paths, RackState};
+use metalrack_hardware::scenario::{dhcp_range, ImageSource, Scenario};
+use metalrack_hardware::topology::{RackNetwork, Topology, UplinkCounters};
+
+use crate::api::Api;
+use crate::process::Spawn;
+use crate::rack::{Rack, FAST_RACK_CONFIG};
+use crate::region::Region;
+use crate::wait::try_wait_for;
+
+/// Version every scenario image is pushed as.
+pub const IMAGE_VERSION: &str = "1";
+
+/// The administrator the site creates; the password only opens the region's UI in the lab.
+pub const ADMIN_USERNAME: &str = "admin";
+pub const ADMIN_PASSWORD: &str = "fleet lab password";
+
+/// How long racks may take to show Online: a few heartbeats over the uplink.
+pub const RACKS_ONLINE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How often the site looks at the region while it waits.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Worker threads of the site's runtime: the API client, the UI forwarder and the pushes'
+/// waits; the region, racks and fleets are processes of their own.
+const RUNTIME_WORKER_THREADS: usize = 2;
+
+/// An image of the scenario, made on disk and ready to push.
+#[derive(Debug, Clone)]
+pub struct SiteImage {
+    pub name: String,
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// Bytes of its distinct chunks: what a rack that has none of them fetches over its uplink.
+    pub unique_chunk_bytes: u64,
+    /// BLAKE3 of the file, hex: how the region's Images view names it.
+    pub blake3: String,
+}
+
+/// One rack of the site: its `rackd` and the region's URL over its uplink.
+#[derive(Debug)]
+pub struct SiteRack {
+    pub name: String,
+    /// `http://<the region's end of this rack's uplink>:PORT/MAAS`: what the rack registered with.
+    pub region_url: String,
+    pub rack: Rack,
+}
+
+/// A machine to add: what a simulated machine's virtual BMC answers at.
+#[derive(Debug, Clone)]
+pub struct MachineToAdd {
+    pub hostname: String,
+    pub mac: String,
+    /// The rack whose provisioning network it boots from.
+    pub rack: String,
+    pub bmc_url: String,
+    pub bmc_username: String,
+    pub bmc_password: String,
+}
+
+/// One simulated machine as its fleet shows it: what the runner adds to the region and reports.
+#[derive(Debug, Clone, Default)]
+pub struct FleetMachine {
+    pub mac: String,
+    pub hostname: String,
+    pub bmc_url: String,
+    /// Its simulated phase (DHCP, TFTP, HTTP, deploy, ...), as the fleet names it.
+    pub phase: String,
+    pub boots: u32,
+    pub bytes_tftp: u64,
+    pub bytes_http: u64,
+    /// Time spent in each phase so far.
+    pub phase_log: Vec<(String, Duration)>,
+    /// Its last deploy ended with the image on its disk, every chunk verified (the fleet's own
+    /// view: what the runner waits for while the region is stopped).
+    pub deployed: bool,
+}
+
+/// The simulated machines of one rack. THE PLUG-IN POINT for `hardware::fleet` (built on another
+/// branch): `Fleet` implements this by mapping `Fleet::machines()` (`FleetMachineStatus`) to
+/// [`FleetMachine`], and `start` is `network.lab().in_namespace(move || Fleet::start(FleetConfig
+/// { tap: network.tap().into(), machines, bmc, work_dir, mtu }))` with `machines` from
+/// `Scenario::machines(rack_index)`; see `start_fleet` in `src/bin/fleet.rs`.
+pub trait RackFleet: Send {
+    /// The rack's machines now.
+    fn machines(&self) -> Vec<FleetMachine>;
+}
+
+/// The BMC credentials every simulated machine of a site answers to (a lab secret).
+pub const BMC_USERNAME: &str = "root";
+pub const BMC_PASSWORD: &str = "fleet-bmc-password";
+
+/// What to add to the region for `fleet`'s machines on rack `rack`.
+pub fn machines_to_add(rack: &str, fleet: &dyn RackFleet) -> Vec<MachineToAdd> {
+    fleet
+        .machines()
+        .into_iter()
+        .map(|m| MachineToAdd {
+            hostname: m.hostname,
+            mac: m.mac,
+            rack: rack.to_owned(),
+            bmc_url: m.bmc_url,
+            bmc_username: BMC_USERNAME.into(),
+            bmc_password: BMC_PASSWORD.into(),
+        })
+        .collect()
+}
+
+/// A running site. Dropping it stops every daemon; the topology (namespaces) goes when the last
+/// holder of its `Arc` drops it, after the daemons.
+#[derive(Debug)]
+pub struct Site {
+    pub scenario: Scenario,
+    pub dir: PathBuf,
+    pub region: Region,
+    pub api_key: String,
+    pub racks: Vec<SiteRack>,
+    region_port: u16,
+    topology: Arc<Topology>,
+}
+
+impl Site {
+    /// Builds the scenario's namespaces and links; call from any thread, then run the site's
+    /// async code with [`Site::block_on`].
+    pub fn build_topology(scenario: &Scenario) -> Result<Arc<Topology>> {
+        let topology = Topology::build(&scenario.topology_spec()).context("building the site's namespaces")?;
+        Ok(Arc::new(topology))
+    }
+
+    /// Runs `make()` to completion on a runtime inside the region's namespace.
+    pub fn block_on<T, F, Fut>(topology: &Topology, make: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        crate::lab::block_on_in_namespace(topology.region(), Some(RUNTIME_WORKER_THREADS), make)
+    }
+
+    /// Starts the region and every rack, and waits until all racks are Online. Images are not
+    /// pushed yet ([`Site::push_images`], [`Site::push_deploy_env`]). Call inside
+    /// [`Site::block_on`].
+    pub async fn start(topology: Arc<Topology>, scenario: Scenario, dir: &Path) -> Result<Site> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (region, region_port) = launch_region(&topology, &scenario, dir, 0)?;
+        let api_key = region.add_admin(ADMIN_USERNAME, ADMIN_PASSWORD)?;
+        let secret = region.shared_secret()?;
+        let mut site =
+            Site { scenario, dir: dir.to_owned(), region, api_key, racks: Vec::new(), region_port, topology };
+        for index in 0..site.topology.racks().len() {
+            let rack = site.start_rack(index, &secret)?;
+            site.racks.push(rack);
+        }
+        site.wait_racks_online().await?;
+        Ok(site)
+    }
+
+    fn start_rack(&self, index: usize, secret: &str) -> Result<SiteRack> {
+        let network = &self.topology.racks()[index];
+        let name = network.name().to_owned();
+        let region_url = format!("http://{}:{}/MAAS", network.uplink().region_address, self.region_port);
+        let mut rack = Rack::new(&self.dir, &name);
+        rack.register_checked(&region_url, secret, Some(network.lab()))
+            .with_context(|| format!("registering rack {name} at {region_url}"))?;
+        let lab = network.lab();
+        let gateway = lab.gateway();
+        let machines = self.scenario.racks[index].machine_count() as u32;
+        let (range_start, range_end) = dhcp_range(gateway, machines);
+        let config = format!(
+            "{FAST_RACK_CONFIG}[pxe]\ninterface = \"{}\"\naddress = \"{gateway}\"\n\
+             [pxe.dhcp]\nmode = \"managed\"\nrange_start = \"{range_start}\"\nrange_end = \"{range_end}\"\n\
+             router = \"{gateway}\"\n",
+            lab.bridge()
+        );
+        rack.launch(&config, Spawn::in_lab(lab)).with_context(|| format!("starting rackd {name}"))?;
+        Ok(SiteRack { name, region_url, rack })
+    }
+
+    /// Waits until every rack shows Online (after a start, or the region's return).
+    pub async fn wait_racks_online(&self) -> Result<()> {
+        let api = self.api();
+        let names: Vec<&str> = self.racks.iter().map(|r| r.name.as_str()).collect();
+        try_wait_for("every rack Online", RACKS_ONLINE_DEADLINE, POLL, || async {
+            let Ok(racks) = api.racks().await else { return Ok(None) };
+            let online = names.iter().all(|n| racks.iter().any(|r| r.name == *n && r.state == RackState::Online));
+            Ok(online.then_some(()))
+        })
+        .await
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The network of rack `name`: where its fleet starts (`lab().in_namespace`, on `tap()`).
+    pub fn rack_network(&self, name: &str) -> Result<&RackNetwork> {
+        Ok(self.topology.rack(name)?)
+    }
+
+    /// The region's API as the administrator (from inside the region's namespace).
+    pub fn api(&self) -> Api {
+        self.region.api(&self.api_key)
+    }
+
+    /// Every rack's uplink counters now, in the scenario's order.
+    pub fn uplink_counters(&self) -> Result<Vec<(String, UplinkCounters)>> {
+        self.racks.iter().map(|r| Ok((r.name.clone(), self.topology.uplink_counters(&r.name)?))).collect()
+    }
+
+    /// Makes the scenario's images: see [`make_images`].
+    pub fn make_images(&self) -> Result<Vec<SiteImage>> {
+        make_images(&self.scenario, &self.dir)
+    }
+
+    /// Pushes `image` as version [`IMAGE_VERSION`] of a `root-disk` with `imgtool push`.
+    pub async fn push_image(&self, image: &SiteImage) -> Result<()> {
+        self.push_file(&image.path, &image.name, "root-disk").await
+    }
+
+    /// Pushes the deploy environment (`kernel`, `initrd` of [`crate::deploy_env::deploy_env`]).
+    pub async fn push_deploy_env(&self, env: &Path) -> Result<()> {
+        for kind in ["kernel", "initrd"] {
+            self.push_file(&env.join(kind), "metalrack/deploy-env", kind).await?;
+        }
+        Ok(())
+    }
+
+    async fn push_file(&self, file: &Path, name: &str, kind: &str) -> Result<()> {
+        let command = self.region.push_command(&self.api_key, file, name, kind, IMAGE_VERSION)?;
+        // On a blocking thread of this runtime: inside the region's namespace, and the runtime
+        // keeps serving (the UI forwarder) meanwhile.
+        let output = tokio::task::spawn_blocking(move || crate::process::run(command, None)).await??;
+        let text = String::from_utf8_lossy(&output.stdout);
+        ensure!(text.contains("committed"), "imgtool push of {name} {kind} did not commit: {text}");
+        Ok(())
+    }
+
+    /// Asks every rack to sync now (instead of waiting for their policy).
+    pub async fn sync_all(&self) -> Result<()> {
+        let response = self.api().request(reqwest::Method::POST, paths::SYNC_ALL).send().await?;
+        ensure!(response.status().is_success(), "sync now: {}", response.status());
+        Ok(())
+    }
+
+    /// Waits until every rack serves the file whose BLAKE3 is `file_hash`; when each did, from
+    /// the call, in the racks' order.
+    pub async fn wait_synced(&self, file_hash: &str, deadline: Duration) -> Result<Vec<(String, Duration)>> {
+        let api = self.api();
+        let started = Instant::now();
+        let mut done: Vec<Option<Duration>> = vec![None; self.racks.len()];
+        loop {
+            for (rack, when) in self.racks.iter().zip(done.iter_mut()) {
+                if when.is_none() && api.rack_serves_file(&rack.name, file_hash).await.unwrap_or(false) {
+                    *when = Some(started.elapsed());
+                }
+            }
+            if done.iter().all(Option::is_some) {
+                return Ok(self.racks.iter().zip(done).map(|(r, d)| (r.name.clone(), d.unwrap_or_default())).collect());
+            }
+            if started.elapsed() > deadline {
+                let missing: Vec<&str> =
+                    self.racks.iter().zip(&done).filter(|(_, d)| d.is_none()).map(|(r, _)| r.name.as_str()).collect();
+                bail!("racks {missing:?} did not serve {file_hash} within {deadline:?}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Adds `machines` with Redfish power (self-signed BMC certificates trusted).
+    pub async fn add_machines(&self, machines: &[MachineToAdd]) -> Result<Vec<MachineView>> {
+        let api = self.api();
+        let mut added = Vec::with_capacity(machines.len());
+        for machine in machines {
+            let create = MachineCreate {
+                hostname: machine.hostname.clone(),
+                mac: machine.mac.clone(),
+                power: PowerParameters::Redfish {
+                    address: machine.bmc_url.clone(),
+                    username: machine.bmc_username.clone(),
+                    password: machine.bmc_password.clone(),
+                    system_id: None,
+                    trust_self_signed: true,
+                },
+                rack: Some(machine.rack.clone()),
+            };
+            let view = api.add_machine(&create).await.with_context(|| format!("adding {}", machine.hostname))?;
+            added.push(view);
+        }
+        Ok(added)
+    }
+
+    /// Asks every machine in `ids` to commission.
+    pub async fn commission_all(&self, ids: &[String]) -> Result<()> {
+        let api = self.api();
+        for id in ids {
+            api.machine_action(paths::MACHINE_COMMISSION, id, &serde_json::json!({})).await?;
+        }
+        Ok(())
+    }
+
+    /// Asks every machine in `ids` to deploy version [`IMAGE_VERSION`] of `image`, back to back.
+    pub async fn deploy_all(&self, ids: &[String], image: &str) -> Result<()> {
+        let api = self.api();
+        let request = DeployRequest {
+            image: image.to_owned(),
+            arch: "amd64".into(),
+            version: Some(IMAGE_VERSION.into()),
+            disk: None,
+        };
+        for id in ids {
+            api.machine_action(paths::MACHINE_DEPLOY, id, &request).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every machine in `ids` is in `state`; a machine in a failed state ends the
+    /// wait with an error naming it.
+    pub async fn wait_all(&self, ids: &[String], state: MachineState, deadline: Duration) -> Result<Vec<MachineView>> {
+        let api = self.api();
+        try_wait_for(&format!("{} machines {state:?}", ids.len()), deadline, POLL * 10, || async {
+            let Ok(machines) = api.machines().await else { return Ok(None) };
+            let ours: Vec<MachineView> = machines.into_iter().filter(|m| ids.contains(&m.id)).collect();
+            if let Some(failed) = ours.iter().find(|m| {
+                matches!(
+                    m.state,
+                    MachineState::FailedCommissioning | MachineState::FailedDeployment | MachineState::FailedReleasing
+                )
+            }) {
+                bail!("machine {} failed: {failed:#?}", failed.hostname);
+            }
+            Ok((ours.len() == ids.len() && ours.iter().all(|m| m.state == state)).then_some(ours))
+        })
+        .await
+    }
+
+    /// Stops the region (SIGTERM; it must exit cleanly). Racks and machines go on without it.
+    pub fn stop_region(&mut self) -> Result<()> {
+        self.region.daemon.terminate()
+    }
+
+    /// Starts the region again on the same port and data.
+    pub fn start_region(&mut self) -> Result<()> {
+        self.region.daemon.terminate()?;
+        let (region, _) = launch_region(&self.topology, &self.scenario, &self.dir, self.region_port)?;
+        self.region = region;
+        Ok(())
+    }
+}
+
+/// `regiond serve` in the region's namespace on every address, `port` (0: any); its URL is made
+/// `http://127.0.0.1:PORT/MAAS` (the namespace's own loopback, which its certificate names).
+fn launch_region(topology: &Topology, scenario: &Scenario, dir: &Path, port: u16) -> Result<(Region, u16)> {
+    let tls_names: Vec<String> =
+        topology.racks().iter().map(|r| format!("\"{}\"", r.uplink().region_address)).collect();
+    let config = format!("{}tls_names = [{}]\n", scenario.region.to_region_toml(), tls_names.join(", "));
+    let listen = format!("0.0.0.0:{port}");
+    let mut region =
+        Region::launch(&dir.join("region"), &config, &listen, &[], Spawn::in_namespace(topology.region()))?;
+    let port = region
+        .url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .with_context(|| format!("no port in the region's URL {}", region.url))?;
+    region.url = format!("http://127.0.0.1:{port}/MAAS");
+    Ok((region, port))
+}
+
+/// Makes `scenario`'s images in `DIR/images/` (generated, or copied from their path) and
+/// measures them; blocking (a 1 GiB image takes seconds).
+pub fn make_images(scenario: &Scenario, dir: &Path) -> Result<Vec<SiteImage>> {
+    let images_dir = dir.join("images");
+    std::fs::create_dir_all(&images_dir)?;
+    scenario.images.iter().map(|spec| make_image(spec, &images_dir)).collect()
+}
+
+fn make_image(spec: &metalrack_hardware::scenario::ImageSpec, dir: &Path) -> Result<SiteImage> {
+    let path = dir.join(format!("{}.img", spec.name.replace('/', "_")));
+    match spec.source() {
+        ImageSource::Synthetic(synthetic) => crate::data::write_synthetic_image(
+            &path,
+            synthetic.size_bytes,
+            synthetic.seed,
+            synthetic.zero_percent,
+            synthetic.duplicate_percent,
+            || Ok(()),
+        )?,
+        ImageSource::File(file) => {
+            std::fs::copy(file, &path).with_context(|| format!("copying {} for {}", file.display(), spec.name))?;
+        }
+    }
+    Ok(SiteImage {
+        name: spec.name.clone(),
+        bytes: std::fs::metadata(&path)?.len(),
+        unique_chunk_bytes: crate::data::unique_chunk_bytes(&path)?,
+        blake3: crate::data::file_blake3(&path),
+        path,
+    })
+}
