@@ -1,12 +1,14 @@
 //! The virtual hardware lab for Metalrack's end-to-end tests: network namespaces as racks
 //! ([`lab`]), QEMU machines that network-boot with real iPXE firmware ([`qemu`]), and a virtual
-//! Redfish BMC that powers them ([`bmc`]).
+//! Redfish BMC that powers them ([`bmc`]), and a simulated fleet of many PXE machines on smoltcp
+//! in one process ([`fleet`]).
 //!
 //! Everything needs root and lives inside network namespaces the lab creates and deletes; nothing
 //! touches the host's own network.
 
 pub mod bmc;
 pub mod command;
+pub mod fleet;
 pub mod lab;
 pub mod qemu;
 
