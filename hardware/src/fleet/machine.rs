@@ -256,15 +256,7 @@ pub fn run(shared: Arc<MachineShared>, switch: Arc<Switch>, mtu: usize) {
                     shared.set_phase(SimPhase::Off);
                 }
                 Ok(Outcome::StayOn) => {
-                    let mut power = shared.power();
-                    while !aborted() {
-                        power = shared
-                            .power_changed
-                            .wait_timeout(power, Duration::from_millis(500))
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
-                    }
-                    drop(power);
+                    wait_for_power_loss(&shared, generation);
                     shared.set_phase(SimPhase::Off);
                 }
                 Err(BootError::Aborted) => shared.set_phase(SimPhase::Off),
@@ -272,20 +264,21 @@ pub fn run(shared: Arc<MachineShared>, switch: Arc<Switch>, mtu: usize) {
                     let reason = metalrack_image_tools::error_chain(&error);
                     tracing::warn!(mac = %shared.spec.mac, %reason, "a simulated machine's boot failed");
                     shared.set_phase(SimPhase::Failed { reason });
-                    let mut power = shared.power();
-                    while !aborted() {
-                        power = shared
-                            .power_changed
-                            .wait_timeout(power, Duration::from_millis(500))
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
-                    }
-                    drop(power);
+                    wait_for_power_loss(&shared, generation);
                     shared.set_phase(SimPhase::Off);
                 }
             }
             break;
         }
+    }
+}
+
+/// Stays up (idle) until the power of `generation` goes or the fleet stops.
+fn wait_for_power_loss(shared: &MachineShared, generation: u64) {
+    let mut power = shared.power();
+    // The guard is what `aborted()` would lock: read the generation through it.
+    while !shared.stop.load(Ordering::Relaxed) && power.generation == generation {
+        power = shared.power_changed.wait(power).unwrap_or_else(PoisonError::into_inner);
     }
 }
 

@@ -354,6 +354,9 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for (shared, _) in &self.machines {
+            // Under the lock, so a machine between its check of the flag and its wait still
+            // gets the notification.
+            let _power = shared.power();
             shared.power_changed.notify_all();
             shared.port.wake();
         }
@@ -365,7 +368,8 @@ impl Drop for Fleet {
         // The BMCs' tasks end with their runtime.
         self.machines.clear();
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_timeout(Duration::from_secs(5));
+            // Not `shutdown_timeout`: a fleet may be dropped inside another runtime (a test's).
+            runtime.shutdown_background();
         }
     }
 }
