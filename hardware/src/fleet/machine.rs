@@ -220,7 +220,7 @@ pub fn run(shared: Arc<MachineShared>, switch: Arc<Switch>, mtu: usize) {
     loop {
         let (generation, boot) = {
             let mut power = shared.power();
-            while !shared.stop.load(Ordering::Relaxed) && !(power.on && power.generation != last_generation) {
+            while !(shared.stop.load(Ordering::Relaxed) || power.on && power.generation != last_generation) {
                 power = shared.power_changed.wait(power).unwrap_or_else(PoisonError::into_inner);
             }
             if shared.stop.load(Ordering::Relaxed) {

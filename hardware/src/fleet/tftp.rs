@@ -54,7 +54,7 @@ impl Packet<'_> {
                 }
                 let fields: Vec<&[u8]> =
                     if body.is_empty() { Vec::new() } else { body[..body.len() - 1].split(|b| *b == 0).collect() };
-                if fields.len() % 2 != 0 || fields.len() / 2 > OACK_OPTIONS_MAX {
+                if !fields.chunks_exact(2).remainder().is_empty() || fields.len() / 2 > OACK_OPTIONS_MAX {
                     return Err(WireError::Oack);
                 }
                 let text = |field: &[u8]| -> Result<String, WireError> {

@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use metalrack_api::agent::{parse_cmdline, AgentReport, AgentTask, DeployPhase, AGENT_REASON_BYTES_MAX};
+use metalrack_api::agent::{parse_cmdline, AgentReport, AgentTask, DeployPhase};
 use metalrack_api::machines::normalize_mac;
 use metalrack_image_tools::deploy::{self, Disk, ExecuteOptions};
 use metalrack_image_tools::manifest::Manifest;
-use metalrack_image_tools::Hash;
 
 use crate::rack::Rack;
 
@@ -245,6 +244,8 @@ fn wait_forever(reason: &str) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use metalrack_api::agent::AGENT_REASON_BYTES_MAX;
+
     use super::*;
 
     #[test]
