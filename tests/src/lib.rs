@@ -8,8 +8,9 @@
 //! stopped on drop, checked commands, peak memory),
 //! [`lab`] (async code in a namespace), [`proxy`] (a recorder and a man in the middle between rack
 //! and region), [`wait`], [`data`] (pseudo-random files), [`binaries`],
-//! [`readme`] (the operator guide's commands), [`site`] (a whole simulated site from a scenario
-//! file: region, racks, shaped uplinks), [`tftp`] (a TFTP client), [`bench`] (what only
+//! [`fleet_lab`] (a region, a rack and simulated machines), [`readme`] (the operator guide's
+//! commands), [`site`] (a whole simulated site from a scenario file: region, racks, shaped
+//! uplinks), [`tftp`] (a TFTP client), [`bench`] (what only
 //! the benchmarks share). Tests use the short forms that panic with the reason
 //! (`Region::start`); the benchmarks the `Result` forms (`Region::launch`), so an error unwinds
 //! through their locals and stops everything they started.
@@ -21,6 +22,7 @@ pub mod data;
 pub mod deploy_env;
 pub mod deploy_lab;
 pub mod disk_image;
+pub mod fleet_lab;
 pub mod lab;
 pub mod loopback;
 pub mod process;

@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use metalrack_api::agent::{parse_cmdline, AgentReport, AgentTask, DeployPhase, AGENT_REASON_BYTES_MAX};
+use metalrack_api::agent::{parse_cmdline, AgentReport, AgentTask, DeployPhase};
 use metalrack_api::machines::normalize_mac;
 use metalrack_image_tools::deploy::{self, Disk, ExecuteOptions};
 use metalrack_image_tools::manifest::Manifest;
-use metalrack_image_tools::Hash;
 
 use crate::rack::Rack;
 
@@ -94,7 +93,7 @@ fn run(args: Args) -> Result<()> {
             power(after)
         }
         Err(error) => {
-            let reason = trim_reason(&format!("{error:#}"));
+            let reason = deploy::failure_reason(&format!("{error:#}"));
             tracing::error!(%reason, "the task failed");
             if let Err(report_error) = rack.report(&AgentReport::Failed { reason }) {
                 tracing::error!(error = %format!("{report_error:#}"), "the failure report did not reach the rack");
@@ -157,14 +156,7 @@ fn do_task(rack: &Rack, task: &AgentTask, args: &Args) -> Result<PowerAfter> {
 fn manifest(rack: &Rack, path: &str, file_len: u64, file_hash: &str) -> Result<Manifest> {
     let bytes = rack.manifest(path)?;
     let manifest = Manifest::parse(&bytes).context("the rack's manifest is not valid")?;
-    let expected = Hash::from_hex(file_hash).context("the task's file hash is not valid")?;
-    if manifest.file_len != file_len || manifest.file_hash != expected {
-        bail!(
-            "the manifest describes a file of {} bytes with hash {}, the task one of {file_len} bytes with hash {expected}",
-            manifest.file_len,
-            manifest.file_hash
-        );
-    }
+    deploy::check_task_manifest(&manifest, file_len, file_hash)?;
     Ok(manifest)
 }
 
@@ -221,16 +213,6 @@ fn deploy_to(
     Ok(result)
 }
 
-/// The error chain, without control characters, within the contract's bound.
-fn trim_reason(text: &str) -> String {
-    let clean: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    let mut end = clean.len().min(AGENT_REASON_BYTES_MAX);
-    while !clean.is_char_boundary(end) {
-        end -= 1;
-    }
-    clean[..end].to_string()
-}
-
 /// Powers off or reboots, after flushing every filesystem. Only in the deploy environment (the
 /// agent is PID 1 or its child): on any other machine it would be a nasty surprise.
 fn power(after: PowerAfter) -> Result<()> {
@@ -262,11 +244,13 @@ fn wait_forever(reason: &str) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use metalrack_api::agent::AGENT_REASON_BYTES_MAX;
+
     use super::*;
 
     #[test]
     fn a_long_reason_is_trimmed_on_a_character_boundary_without_control_characters() {
-        let reason = trim_reason(&format!("a\nb{}", "é".repeat(AGENT_REASON_BYTES_MAX)));
+        let reason = deploy::failure_reason(&format!("a\nb{}", "é".repeat(AGENT_REASON_BYTES_MAX)));
         assert!(reason.len() <= AGENT_REASON_BYTES_MAX);
         assert!(reason.starts_with("a b"));
         AgentReport::Failed { reason }.validate().unwrap();

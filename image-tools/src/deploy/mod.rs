@@ -145,6 +145,44 @@ pub enum DeployError {
     ReadBackHash { file_len: u64, expected: Hash, actual: Hash },
 }
 
+/// Why a manifest fetched for a deploy task is not the task's file.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskManifestError {
+    #[error("the task's file hash {file_hash:?} is not a hash")]
+    TaskHash { file_hash: String, source: crate::HashParseError },
+    #[error(
+        "the manifest describes a file of {manifest_len} bytes with hash {manifest_hash}, the task one of {task_len} bytes with hash {task_hash}"
+    )]
+    Mismatch { manifest_len: u64, manifest_hash: Hash, task_len: u64, task_hash: Hash },
+}
+
+/// Checks that `manifest` describes the file a deploy task names (`file_len`, `file_hash` in
+/// hex): a deploy agent and the simulated fleet call this before writing anything.
+pub fn check_task_manifest(manifest: &Manifest, file_len: u64, file_hash: &str) -> Result<(), TaskManifestError> {
+    let task_hash = Hash::from_hex(file_hash)
+        .map_err(|source| TaskManifestError::TaskHash { file_hash: file_hash.chars().take(80).collect(), source })?;
+    if manifest.file_len != file_len || manifest.file_hash != task_hash {
+        return Err(TaskManifestError::Mismatch {
+            manifest_len: manifest.file_len,
+            manifest_hash: manifest.file_hash,
+            task_len: file_len,
+            task_hash,
+        });
+    }
+    Ok(())
+}
+
+/// A failure as an agent reports it (`AgentReport::Failed`): control characters blanked, cut
+/// on a character boundary to the wire contract's bound.
+pub fn failure_reason(text: &str) -> String {
+    let clean: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let mut end = clean.len().min(metalrack_api::agent::AGENT_REASON_BYTES_MAX);
+    while !clean.is_char_boundary(end) {
+        end -= 1;
+    }
+    clean[..end].to_string()
+}
+
 /// Plans, executes and finishes a deploy of `manifest`'s file onto `disk`: the disk then holds
 /// the file in its first `file_len` bytes, verified whole. Returns the final figures.
 pub fn deploy(
