@@ -8,8 +8,8 @@
 //! Everything async here runs on a runtime inside the region's namespace ([`Site::block_on`]):
 //! its sockets are the region's, so the API is `https://127.0.0.1:PORT` there. Processes are
 //! started in the namespace they belong to by name (regiond in the region's, each rackd in its
-//! rack's), never by inheritance. The simulated machines (`hardware::fleet`, another branch) plug
-//! in at [`Site::rack_network`]: `Fleet::start` inside `lab()` on `tap()`; see `src/bin/fleet.rs`.
+//! rack's), never by inheritance. The simulated machines (`hardware::fleet`) plug
+//! in through [`Site::start_fleet`]: `Fleet::start` inside the rack's namespace on its tap.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use metalrack_api::machines::{DeployRequest, MachineCreate, MachineState, MachineView};
 use metalrack_api::power::PowerParameters;
+use metalrack_api::agent::DeployPhase;
 use metalrack_api::{paths, RackState};
+use metalrack_hardware::bmc::{BmcConfig, BmcTransport};
+use metalrack_hardware::fleet::{Fleet, FleetConfig, FleetMachineSpec, SimPhase};
 use metalrack_hardware::scenario::{dhcp_range, ImageSource, Scenario};
 use metalrack_hardware::topology::{RackNetwork, Topology, UplinkCounters};
 
@@ -97,14 +100,38 @@ pub struct FleetMachine {
     pub deployed: bool,
 }
 
-/// The simulated machines of one rack. THE PLUG-IN POINT for `hardware::fleet` (built on another
-/// branch): `Fleet` implements this by mapping `Fleet::machines()` (`FleetMachineStatus`) to
-/// [`FleetMachine`], and `start` is `network.lab().in_namespace(move || Fleet::start(FleetConfig
-/// { tap: network.tap().into(), machines, bmc, work_dir, mtu }))` with `machines` from
-/// `Scenario::machines(rack_index)`; see `start_fleet` in `src/bin/fleet.rs`.
+/// The simulated machines of one rack, as the runner and the tests read them: `hardware::fleet`'s
+/// [`Fleet`], started by [`Site::start_fleet`].
 pub trait RackFleet: Send {
     /// The rack's machines now.
     fn machines(&self) -> Vec<FleetMachine>;
+}
+
+impl RackFleet for Fleet {
+    fn machines(&self) -> Vec<FleetMachine> {
+        Fleet::machines(self)
+            .into_iter()
+            .map(|m| FleetMachine {
+                deployed: m.deploy.is_some_and(|d| d.phase == DeployPhase::Done),
+                phase: phase_word(&m.phase),
+                phase_log: m.phase_log.iter().map(|(phase, at)| (phase_word(phase), *at)).collect(),
+                mac: m.mac,
+                hostname: m.hostname,
+                bmc_url: m.bmc_url,
+                boots: m.boots,
+                bytes_tftp: m.bytes_tftp,
+                bytes_http: m.bytes_http,
+            })
+            .collect()
+    }
+}
+
+/// A phase in a word for reports (a failure's reason is in the region's events).
+fn phase_word(phase: &SimPhase) -> String {
+    match phase {
+        SimPhase::Failed { .. } => "Failed".into(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// The BMC credentials every simulated machine of a site answers to (a lab secret).
@@ -211,6 +238,34 @@ impl Site {
 
     pub fn topology(&self) -> &Topology {
         &self.topology
+    }
+
+    /// Starts rack `index`'s simulated machines (`Scenario::machines`) on its tap, inside its
+    /// namespace, each behind its own HTTPS Redfish BMC with the site's BMC credentials.
+    pub fn start_fleet(&self, index: usize) -> Result<Fleet> {
+        let rack = self.scenario.racks.get(index).with_context(|| format!("no rack {index} in the scenario"))?;
+        let network = self.rack_network(&rack.name)?;
+        let machines = self
+            .scenario
+            .machines(index)
+            .into_iter()
+            .map(|m| FleetMachineSpec { mac: m.mac, firmware: m.firmware, disk_bytes: m.disk_bytes, hostname: m.hostname })
+            .collect();
+        let mut bmc = BmcConfig::new(BMC_USERNAME, BMC_PASSWORD);
+        bmc.transport = BmcTransport::Https { names: vec!["127.0.0.1".into()] };
+        let config = FleetConfig {
+            tap: network.tap().into(),
+            machines,
+            bmc,
+            work_dir: self.dir.join(format!("fleet-{}", rack.name)),
+            mtu: 0,
+        };
+        let fleet = network
+            .lab()
+            .in_namespace(move || Fleet::start(config))
+            .with_context(|| format!("entering {}'s namespace", rack.name))?
+            .with_context(|| format!("starting {}'s simulated machines", rack.name))?;
+        Ok(fleet)
     }
 
     /// The network of rack `name`: where its fleet starts (`lab().in_namespace`, on `tap()`).

@@ -5,9 +5,8 @@
 //! (the region stopped meanwhile if the scenario says so). Per rack: sync time, bytes on its
 //! uplink and its provisioning network; per machine: phases, bytes, times.
 //!
-//! The simulated machines come from `hardware::fleet` (another branch of issue 13); until it is
-//! merged, `start_fleet` below says so and the run ends after the sync. Plugging it in is that one
-//! function.
+//! The simulated machines are `hardware::fleet`'s: one fleet per rack, on the rack's tap, each
+//! machine behind its own virtual Redfish BMC that the rack powers it through.
 //!
 //! Run (root): `cargo build --workspace --bins && target/debug/fleet run hardware/scenarios/small.toml
 //! --ui-listen 127.0.0.1:5240`; `fleet check FILE` checks a scenario without root.
@@ -184,26 +183,9 @@ fn run_scenario(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The simulated machines of rack `index`. PLUG-IN POINT for `hardware::fleet` (issue 13's other
-/// half); once merged, this is:
-///
-/// ```ignore
-/// let network = &site.topology().racks()[index];
-/// let machines = site.scenario.machines(index).into_iter()
-///     .map(|m| FleetMachineSpec { mac: m.mac, firmware: m.firmware, disk_bytes: m.disk_bytes, hostname: m.hostname })
-///     .collect();
-/// let config = FleetConfig {
-///     tap: network.tap().to_owned(),
-///     machines,
-///     bmc: BmcConfig::new(BMC_USERNAME, BMC_PASSWORD),
-///     work_dir: site.dir.join(format!("fleet-{}", network.name())),
-///     mtu: 1500,
-/// };
-/// let fleet = network.lab().in_namespace(move || Fleet::start(config))??;
-/// Ok(Some(Box::new(fleet)))   // with `impl RackFleet for Fleet` mapping FleetMachineStatus
-/// ```
-fn start_fleet(_site: &Site, _index: usize) -> Result<Option<Box<dyn RackFleet>>> {
-    Ok(None)
+/// Rack `index`'s simulated machines, started on its tap inside its namespace.
+fn start_fleet(site: &Site, index: usize) -> Result<Option<Box<dyn RackFleet>>> {
+    Ok(Some(Box::new(site.start_fleet(index)?)))
 }
 
 async fn run_site(
@@ -271,8 +253,7 @@ async fn run_site(
         }
     }
     let machines_note = if fleets.is_empty() {
-        "machines: not simulated in this build (hardware::fleet is not merged yet); the run ends after the sync\n"
-            .to_owned()
+        "machines: none in this scenario\n".to_owned()
     } else {
         run_deploys(&mut site, &progress, &fleets).await?
     };
