@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use metalrack_api::agent::DeployPhase;
 use metalrack_api::machines::{DeployRequest, MachineCreate, MachineState, MachineView};
 use metalrack_api::power::PowerParameters;
-use metalrack_api::agent::DeployPhase;
 use metalrack_api::{paths, RackState};
 use metalrack_hardware::bmc::{BmcConfig, BmcTransport};
 use metalrack_hardware::fleet::{Fleet, FleetConfig, FleetMachineSpec, SimPhase};
@@ -249,7 +249,12 @@ impl Site {
             .scenario
             .machines(index)
             .into_iter()
-            .map(|m| FleetMachineSpec { mac: m.mac, firmware: m.firmware, disk_bytes: m.disk_bytes, hostname: m.hostname })
+            .map(|m| FleetMachineSpec {
+                mac: m.mac,
+                firmware: m.firmware,
+                disk_bytes: m.disk_bytes,
+                hostname: m.hostname,
+            })
             .collect();
         let mut bmc = BmcConfig::new(BMC_USERNAME, BMC_PASSWORD);
         bmc.transport = BmcTransport::Https { names: vec!["127.0.0.1".into()] };
@@ -290,19 +295,24 @@ impl Site {
 
     /// Pushes `image` as version [`IMAGE_VERSION`] of a `root-disk` with `imgtool push`.
     pub async fn push_image(&self, image: &SiteImage) -> Result<()> {
-        self.push_file(&image.path, &image.name, "root-disk").await
+        self.push_file(&image.path, &image.name, "root-disk", IMAGE_VERSION).await
+    }
+
+    /// Pushes `image` as version `version` of a `root-disk` (an update of an image pushed before).
+    pub async fn push_image_version(&self, image: &SiteImage, version: &str) -> Result<()> {
+        self.push_file(&image.path, &image.name, "root-disk", version).await
     }
 
     /// Pushes the deploy environment (`kernel`, `initrd` of [`crate::deploy_env::deploy_env`]).
     pub async fn push_deploy_env(&self, env: &Path) -> Result<()> {
         for kind in ["kernel", "initrd"] {
-            self.push_file(&env.join(kind), "metalrack/deploy-env", kind).await?;
+            self.push_file(&env.join(kind), "metalrack/deploy-env", kind, IMAGE_VERSION).await?;
         }
         Ok(())
     }
 
-    async fn push_file(&self, file: &Path, name: &str, kind: &str) -> Result<()> {
-        let command = self.region.push_command(&self.api_key, file, name, kind, IMAGE_VERSION)?;
+    async fn push_file(&self, file: &Path, name: &str, kind: &str, version: &str) -> Result<()> {
+        let command = self.region.push_command(&self.api_key, file, name, kind, version)?;
         // On a blocking thread of this runtime: inside the region's namespace, and the runtime
         // keeps serving (the UI forwarder) meanwhile.
         let output = tokio::task::spawn_blocking(move || crate::process::run(command, None)).await??;
@@ -376,13 +386,14 @@ impl Site {
 
     /// Asks every machine in `ids` to deploy version [`IMAGE_VERSION`] of `image`, back to back.
     pub async fn deploy_all(&self, ids: &[String], image: &str) -> Result<()> {
+        self.deploy_all_version(ids, image, IMAGE_VERSION).await
+    }
+
+    /// Asks every machine in `ids` to deploy version `version` of `image`.
+    pub async fn deploy_all_version(&self, ids: &[String], image: &str, version: &str) -> Result<()> {
         let api = self.api();
-        let request = DeployRequest {
-            image: image.to_owned(),
-            arch: "amd64".into(),
-            version: Some(IMAGE_VERSION.into()),
-            disk: None,
-        };
+        let request =
+            DeployRequest { image: image.to_owned(), arch: "amd64".into(), version: Some(version.into()), disk: None };
         for id in ids {
             api.machine_action(paths::MACHINE_DEPLOY, id, &request).await?;
         }
