@@ -221,7 +221,15 @@ impl LatencyReport {
         self.requests
             .iter()
             .filter(|r| r.errors > 0)
-            .map(|r| format!("{}: {} errors of {}, e.g. {}", r.name, r.errors, r.count, r.first_error.as_deref().unwrap_or("")))
+            .map(|r| {
+                format!(
+                    "{}: {} errors of {}, e.g. {}",
+                    r.name,
+                    r.errors,
+                    r.count,
+                    r.first_error.as_deref().unwrap_or("")
+                )
+            })
             .collect()
     }
 }

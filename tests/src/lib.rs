@@ -9,7 +9,8 @@
 //! [`lab`] (async code in a namespace), [`proxy`] (a recorder and a man in the middle between rack
 //! and region), [`wait`], [`data`] (pseudo-random files), [`binaries`],
 //! [`readme`] (the operator guide's commands), [`tftp`] (a TFTP client), [`bench`] (what only
-//! the benchmarks share). Tests use the short forms that panic with the reason
+//! the benchmarks share), [`latency`] (named requests timed at an interval: p50/p99/max),
+//! [`scale`] (a simulated site: many racks heartbeating and polling, machines, boots). Tests use the short forms that panic with the reason
 //! (`Region::start`); the benchmarks the `Result` forms (`Region::launch`), so an error unwinds
 //! through their locals and stops everything they started.
 
@@ -29,8 +30,8 @@ pub mod rack;
 pub mod rack_client;
 pub mod readme;
 pub mod region;
-pub mod scale;
 pub mod reports;
+pub mod scale;
 pub mod tftp;
 pub mod wait;
 

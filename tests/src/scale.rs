@@ -209,7 +209,12 @@ pub fn run_racks(racks: &[RackClient], shared_counters: &Arc<FleetCounters>) -> 
 
 /// Boots machines at `boots_per_s`, machine after machine round the fleet, each boot sent by
 /// its rack as one batch of [`EVENTS_PER_BOOT`] events. Ends when the task is aborted.
-pub fn run_boots(racks: &[RackClient], machines: usize, boots_per_s: f64, counters: &Arc<FleetCounters>) -> JoinSet<()> {
+pub fn run_boots(
+    racks: &[RackClient],
+    machines: usize,
+    boots_per_s: f64,
+    counters: &Arc<FleetCounters>,
+) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
     let (racks, counters) = (racks.to_vec(), counters.clone());
     let queue_id = 4242u64;

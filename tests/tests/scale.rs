@@ -58,8 +58,7 @@ async fn a_hundred_racks_and_a_thousand_machines_stay_online_paged_and_quick_to_
     let boots = run_boots(&racks, MACHINES, BOOTS_PER_S, &counters);
 
     let ui = ui_session(&region, "admin", "scale-password").await.unwrap();
-    let sampler =
-        admin_sampler(SAMPLE_INTERVAL_DEFAULT, &api, &ui, &region.https_url(), &machine_ids[0], DEEP_OFFSET);
+    let sampler = admin_sampler(SAMPLE_INTERVAL_DEFAULT, &api, &ui, &region.https_url(), &machine_ids[0], DEEP_OFFSET);
     let report = sampler.run_for(WINDOW).await;
     println!("{report}");
     println!("{}", counters.summary());

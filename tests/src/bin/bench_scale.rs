@@ -304,7 +304,10 @@ async fn run(options: &Options) -> Result<String> {
         max_offline.load(Ordering::Relaxed),
         offline_at_end.len()
     )?;
-    writeln!(out, "| process | CPU idle (% of a core) | CPU loaded (% of a core) | RSS after (MiB) | peak RSS (MiB) |")?;
+    writeln!(
+        out,
+        "| process | CPU idle (% of a core) | CPU loaded (% of a core) | RSS after (MiB) | peak RSS (MiB) |"
+    )?;
     writeln!(out, "|---|---:|---:|---:|---:|")?;
     writeln!(
         out,
