@@ -313,6 +313,28 @@ pub async fn flush_failure_summaries_once(shared: &Shared) {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_change_to_one_racks_machines_moves_only_that_racks_count_and_a_rackless_one_moves_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let shared = Shared::new(store, RegionConfig::default(), dir.path().to_owned());
+        let mut changes = shared.watch_changes();
+        let count = |rack: &str| shared.watch_changes().borrow().for_rack(rack);
+        let (a0, b0) = (count("a"), count("b"));
+        shared.notify_rack_change(&[Some("a")]);
+        assert!(changes.has_changed().unwrap(), "every change wakes the watchers");
+        changes.borrow_and_update();
+        assert_eq!((count("a"), count("b")), (a0 + 1, b0), "only rack a's count moved");
+        // A machine moved from a to b concerns both.
+        shared.notify_rack_change(&[Some("a"), Some("b")]);
+        assert_eq!((count("a"), count("b")), (a0 + 2, b0 + 1));
+        // A machine of no rack is served by every rack, one never seen before included.
+        shared.notify_rack_change(&[Some("a"), None]);
+        assert_eq!((count("a"), count("b"), count("c")), (a0 + 3, b0 + 2, 1));
+        shared.notify_change();
+        assert_eq!((count("a"), count("b"), count("c")), (a0 + 4, b0 + 3, 2));
+    }
+
     #[test]
     fn refusals_are_recorded_once_per_source_then_summarised() {
         let mut counts = FailureCounts::default();
