@@ -10,8 +10,9 @@
 //! and region), [`wait`], [`data`] (pseudo-random files), [`binaries`],
 //! [`fleet_lab`] (a region, a rack and simulated machines), [`readme`] (the operator guide's
 //! commands), [`site`] (a whole simulated site from a scenario file: region, racks, shaped
-//! uplinks), [`tftp`] (a TFTP client), [`bench`] (what only
-//! the benchmarks share). Tests use the short forms that panic with the reason
+//! uplinks), [`tftp`] (a TFTP client), [`bench`] (what only the benchmarks share), [`latency`]
+//! (named requests timed at an interval: p50/p99/max), [`scale`] (a simulated site of many racks
+//! heartbeating and polling, machines, boots). Tests use the short forms that panic with the reason
 //! (`Region::start`); the benchmarks the `Result` forms (`Region::launch`), so an error unwinds
 //! through their locals and stops everything they started.
 
@@ -24,6 +25,7 @@ pub mod deploy_lab;
 pub mod disk_image;
 pub mod fleet_lab;
 pub mod lab;
+pub mod latency;
 pub mod loopback;
 pub mod process;
 pub mod proxy;
@@ -32,6 +34,7 @@ pub mod rack_client;
 pub mod readme;
 pub mod region;
 pub mod reports;
+pub mod scale;
 pub mod site;
 pub mod tftp;
 pub mod wait;

@@ -430,3 +430,41 @@ async fn a_machine_change_made_between_two_catalogue_polls_answers_the_next_poll
     site.rack.catalogue_since(next.revision, next.sync_requested, Some(next.changes_seen), short).await.unwrap();
     assert!(started.elapsed() >= short - Duration::from_millis(100), "held while nothing changed");
 }
+
+/// A machine added to one rack answers that rack's held catalogue poll at once and leaves
+/// another rack's held: with 1,000 racks, waking every poll for every machine cost 1,000
+/// catalogue answers per machine added (`bench_scale`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_added_to_one_rack_answers_its_poll_and_leaves_another_racks_poll_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::start(dir.path(), "").await;
+    let other = RackClient::register(&site.region.url, &site.region.secret(), "rack2", LOCALHOST).await.unwrap();
+    let mine = site.rack.catalogue_since(-1, -1, None, Duration::ZERO).await.unwrap();
+    let theirs = other.catalogue_since(-1, -1, None, Duration::ZERO).await.unwrap();
+    let hold = Duration::from_secs(3);
+    let held_poll = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let answer =
+            other.catalogue_since(theirs.revision, theirs.sync_requested, Some(theirs.changes_seen), hold).await;
+        (started.elapsed(), answer.unwrap(), theirs.changes_seen)
+    });
+    let my_poll = {
+        let rack = site.rack.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let answer = rack.catalogue_since(mine.revision, mine.sync_requested, Some(mine.changes_seen), hold).await;
+            (started.elapsed(), answer.unwrap())
+        })
+    };
+    // Whether a poll arrives before or after the add, the answers are the same: rack1's count
+    // moved past what it saw (answered at once), rack2's did not (held).
+    let body = json!({"mac": "52:54:00:aa:bb:2a", "power": {"driver": "manual"}, "rack": "rack1"});
+    site.expect(Method::POST, paths::MACHINES, Some(body), StatusCode::CREATED).await;
+    let (took, answer) = my_poll.await.unwrap();
+    assert!(took < hold - Duration::from_millis(500), "rack1's poll waited out its hold ({took:?})");
+    assert!(answer.machines.iter().any(|m| m.mac == "52:54:00:aa:bb:2a"), "rack1 is told of its machine");
+    let (took, answer, seen) = held_poll.await.unwrap();
+    assert!(took >= hold - Duration::from_millis(100), "rack2's poll answered early ({took:?})");
+    assert_eq!(answer.changes_seen, seen, "nothing changed for rack2");
+    assert!(answer.machines.is_empty(), "rack2 serves none of rack1's machines");
+}

@@ -147,9 +147,10 @@ pub struct RackCatalogue {
     /// holds none (they then wait in a loop for an operator, as before).
     #[serde(default)]
     pub deploy_env: Option<crate::agent::DeployEnv>,
-    /// The region's count of changes to what racks are told (machines, boot decisions), as of
-    /// this answer: the rack sends it back (`changes=`) and the next poll answers at once if it
-    /// moved, so a change made while the rack was between two polls is not missed. It is not
+    /// The region's count of changes to what this rack is told (its machines, boot decisions,
+    /// and what every rack is told), as of this answer: the rack sends it back (`changes=`) and
+    /// the next poll answers at once if it moved, so a change made while the rack was between
+    /// two polls is not missed; a change to another rack's machines does not move it. It is not
     /// the catalogue `revision`, which would make every machine change look like new images.
     #[serde(default)]
     pub changes_seen: u64,

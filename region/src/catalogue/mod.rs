@@ -510,7 +510,7 @@ impl Catalogue {
         let deadline = tokio::time::Instant::now() + wait.min(LONG_POLL_MAX);
         // Subscribe before reading, so a change between the read and the wait is not missed.
         let mut changes = self.shared.watch_changes();
-        let changes_now = *changes.borrow_and_update();
+        let changes_now = changes.borrow_and_update().for_rack(rack_id);
         let store = &self.shared.store;
         let revision = store.catalogue_revision().await.map_err(store_error("read the catalogue revision"))?;
         let rack =
@@ -522,13 +522,20 @@ impl Catalogue {
             || rack.sync_requested != requested
             || changes_seen.is_some_and(|seen| seen != changes_now);
         if !changed && !self.shared.is_closing() {
-            tokio::select! {
-                result = changes.changed() => {
-                    if result.is_err() {
-                        return Err(CatalogueError::ShuttingDown);
+            loop {
+                tokio::select! {
+                    result = changes.changed() => {
+                        if result.is_err() {
+                            return Err(CatalogueError::ShuttingDown);
+                        }
+                        // Another rack's machines changed: this poll stays held, at no cost
+                        // beyond the wake.
+                        if changes.borrow_and_update().for_rack(rack_id) != changes_now || self.shared.is_closing() {
+                            break;
+                        }
                     }
+                    _ = tokio::time::sleep_until(deadline) => break,
                 }
-                _ = tokio::time::sleep_until(deadline) => {}
             }
         }
         // Any change ends the wait, a policy change alone too: the rack needs the new policy.
@@ -537,7 +544,7 @@ impl Catalogue {
 
     async fn rack_catalogue_now(&self, rack_id: &str) -> Result<RackCatalogue, CatalogueError> {
         // Read before the state it covers: a change after this read shows at the next poll.
-        let changes_seen = *self.shared.watch_changes().borrow();
+        let changes_seen = self.shared.watch_changes().borrow().for_rack(rack_id);
         let store = &self.shared.store;
         let rack =
             store.rack(rack_id).await.map_err(store_error("look up the rack"))?.ok_or(CatalogueError::RackGone)?;

@@ -102,6 +102,13 @@ pub(crate) fn migrator() -> Migrator {
             Cow::Borrowed(include_str!("../../migrations/sqlite/0006_machine_lifecycle.sql")),
             false,
         ),
+        Migration::new(
+            7,
+            Cow::Borrowed("machine list order"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../../migrations/sqlite/0007_machine_list_order.sql")),
+            false,
+        ),
     ];
     Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
 }

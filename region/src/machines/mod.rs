@@ -299,7 +299,7 @@ where
 /// Wakes whoever must hear of a committed change, and gives freed deploy slots away.
 async fn after_change(shared: &Shared, before: &MachineRow, after: &MachineRow, power_queued: bool) {
     if racks_must_hear(before, after) {
-        shared.notify_change();
+        shared.notify_rack_change(&[before.rack_id.as_deref(), after.rack_id.as_deref()]);
     }
     if power_queued {
         shared.notify_power();
@@ -318,14 +318,14 @@ async fn after_change(shared: &Shared, before: &MachineRow, after: &MachineRow, 
 
 /// The API's view of rows: rack names, queue positions, no passwords.
 async fn views(shared: &Shared, rows: Vec<MachineRow>) -> Result<Vec<MachineView>, MachinesError> {
-    let racks = shared.store.racks().await.map_err(store_error("list racks"))?;
+    let rack_names = shared.store.rack_names().await.map_err(store_error("list racks"))?;
     let mut conn =
         shared.store.pool.acquire().await.map_err(query_error("connect")).map_err(store_error("read the machines"))?;
     let mut views = Vec::with_capacity(rows.len());
     for row in rows {
         let queue_position =
             store::queue_position(&mut conn, &row).await.map_err(store_error("read the deploy queue"))?;
-        let rack_name = row.rack_id.as_ref().and_then(|id| racks.iter().find(|r| &r.id == id)).map(|r| r.name.clone());
+        let rack_name = row.rack_id.as_ref().and_then(|id| rack_names.get(id)).cloned();
         views.push(MachineView {
             id: row.id,
             hostname: row.hostname,
@@ -387,6 +387,11 @@ pub async fn list(
     Ok(MachinePage { machines: views(shared, rows).await?, total })
 }
 
+/// How many machines are in each state (states with none left out), in lifecycle order.
+pub async fn counts_by_state(shared: &Shared) -> Result<Vec<(MachineState, u64)>, MachinesError> {
+    shared.store.machine_counts_by_state().await.map_err(store_error("count machines by state"))
+}
+
 pub async fn events(shared: &Shared, key: &str) -> Result<Vec<EventView>, MachinesError> {
     let machine = get(shared, key).await?;
     shared
@@ -443,7 +448,7 @@ pub async fn add(shared: &Shared, actor: &User, create: MachineCreate) -> Result
         .await
         .map_err(store_error("record the addition"))?;
     tx.commit().await.map_err(store_step("add the machine"))?;
-    shared.notify_change();
+    shared.notify_rack_change(&[row.rack_id.as_deref()]);
     view(shared, row).await
 }
 
@@ -506,7 +511,7 @@ pub async fn delete(shared: &Shared, actor: &User, key: &str) -> Result<(), Mach
         .await
         .map_err(store_error("record the deletion"))?;
     tx.commit().await.map_err(query_error("commit")).map_err(store_error("delete the machine"))?;
-    shared.notify_change();
+    shared.notify_rack_change(&[row.rack_id.as_deref()]);
     if row.state == MachineState::Deploying {
         let _ = schedule_deploys(shared).await;
     }
@@ -1152,7 +1157,7 @@ pub async fn power_result(
     write_change(&mut tx, &before, &mut row, effects, &actor).await.map_err(store_error("store the power result"))?;
     tx.commit().await.map_err(step_error)?;
     if racks_must_hear(&before, &row) {
-        shared.notify_change();
+        shared.notify_rack_change(&[before.rack_id.as_deref(), row.rack_id.as_deref()]);
     }
     Ok(())
 }

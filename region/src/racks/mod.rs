@@ -349,7 +349,7 @@ impl Racks {
         let message =
             format!("sync policy of rack {rack_id} set to {}", serde_json::to_string(policy).unwrap_or_default());
         store.record_event("sync.policy", &actor.username, &message).await.map_err(store_error("record the policy"))?;
-        self.shared.notify_change();
+        self.shared.notify_rack_change(&[Some(rack_id)]);
         Ok(())
     }
 
@@ -366,7 +366,10 @@ impl Racks {
             .record_event("sync.requested", &actor.username, &format!("sync now requested for {whom}"))
             .await
             .map_err(store_error("record the sync request"))?;
-        self.shared.notify_change();
+        match rack_id {
+            Some(rack_id) => self.shared.notify_rack_change(&[Some(rack_id)]),
+            None => self.shared.notify_change(),
+        }
         Ok(())
     }
 }

@@ -88,6 +88,16 @@ impl Store {
         row.map(|row| rack_from_row(&row)).transpose()
     }
 
+    /// Every rack's name by id: what a machine list shows beside each machine, without reading
+    /// and parsing every rack's health, policy and sync report (1,000 racks' worth per page).
+    pub async fn rack_names(&self) -> Result<HashMap<String, String>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, name FROM racks")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("list rack names"))?;
+        Ok(rows.into_iter().collect())
+    }
+
     pub async fn racks(&self) -> Result<Vec<RackRow>, StoreError> {
         let rows = sqlx::query(&format!("{RACK_COLUMNS} ORDER BY name"))
             .fetch_all(&self.pool)

@@ -248,14 +248,7 @@ async fn machines_page(
 /// One page of one row per state (11 small queries per dashboard load): the domain's list
 /// counts by state already, and the shared store is left untouched by the UI.
 pub async fn counts_by_state(state: &AppState) -> Result<Vec<(MachineState, u64)>, MachinesError> {
-    let mut counts = Vec::new();
-    for s in MachineState::ALL {
-        let page = crate::machines::list(&state.shared, Some(s.as_str()), 0, Some(1)).await?;
-        if page.total > 0 {
-            counts.push((s, page.total));
-        }
-    }
-    Ok(counts)
+    crate::machines::counts_by_state(&state.shared).await
 }
 
 // ---- one machine ----

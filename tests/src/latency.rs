@@ -1,0 +1,359 @@
+//! A latency sampler: named requests sent one after another at a fixed interval from a task of
+//! their own, during a window or until stopped, reported as count, errors and p50/p99/max per
+//! request. Benchmarks compare a region's API idle and under load with it (`bench_scale`, the
+//! deploy storm).
+//!
+//! ```no_run
+//! # async fn example(api: metalrack_tests::api::Api) {
+//! use metalrack_tests::latency::{LatencySampler, SAMPLE_INTERVAL_DEFAULT};
+//! let sampler = LatencySampler::new(SAMPLE_INTERVAL_DEFAULT)
+//!     .probe("GET /machines", { let api = api.clone(); move || api.request(reqwest::Method::GET, "/machines") });
+//! let idle = sampler.clone().run_for(std::time::Duration::from_secs(10)).await;
+//! let running = sampler.start();
+//! // ... the load ...
+//! let loaded = running.stop().await;
+//! println!("{idle}\n{loaded}");
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::oneshot;
+
+/// A round of every probe every 100 ms: 10 samples a second per request, enough for a p99 over
+/// a window of a minute (600 samples) while adding little load (the probes go one at a time).
+pub const SAMPLE_INTERVAL_DEFAULT: Duration = Duration::from_millis(100);
+
+/// A probe's answer that takes longer counts as an error (and its time as this).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Samples kept per probe: a day at 10 a second would be 864,000; this bounds a sampler left
+/// running (8 bytes each, 8 MiB per probe). Past it, samples are counted but not kept.
+pub const SAMPLES_PER_PROBE_MAX: usize = 1 << 20;
+
+/// Builds one request of a probe, afresh for each sample.
+type MakeRequest = Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync>;
+
+/// Requests to sample and how often.
+#[derive(Clone)]
+pub struct LatencySampler {
+    interval: Duration,
+    probes: Vec<(String, MakeRequest)>,
+}
+
+impl fmt::Debug for LatencySampler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.probes.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("LatencySampler").field("interval", &self.interval).field("probes", &names).finish()
+    }
+}
+
+/// A sampler running on its own task; [`RunningSampler::stop`] ends it and reports.
+#[derive(Debug)]
+pub struct RunningSampler {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<LatencyReport>,
+}
+
+/// One probe's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestLatency {
+    pub name: String,
+    /// Samples sent (answered or not).
+    pub count: usize,
+    /// Samples that failed: no answer, a status other than 2xx, or over [`PROBE_TIMEOUT`].
+    pub errors: usize,
+    /// The first failure, to say why.
+    pub first_error: Option<String>,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+/// What a sampler measured, one entry per probe in the order they were added.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyReport {
+    pub window: Duration,
+    pub requests: Vec<RequestLatency>,
+}
+
+impl LatencySampler {
+    /// A sampler that sends every probe once each `interval` (a round's start to the next's;
+    /// a round that takes longer delays the next rather than bunching them).
+    pub fn new(interval: Duration) -> LatencySampler {
+        LatencySampler { interval, probes: Vec::new() }
+    }
+
+    /// Adds a probe: `make` builds its request (URL, authentication) each time it is sampled.
+    /// The latency is from sending to the whole body read.
+    pub fn probe(
+        mut self,
+        name: impl Into<String>,
+        make: impl Fn() -> reqwest::RequestBuilder + Send + Sync + 'static,
+    ) -> LatencySampler {
+        self.probes.push((name.into(), Arc::new(make)));
+        self
+    }
+
+    /// Samples until [`RunningSampler::stop`].
+    pub fn start(self) -> RunningSampler {
+        let (stop, stopped) = oneshot::channel();
+        RunningSampler { stop, task: tokio::spawn(self.sample(stopped)) }
+    }
+
+    /// Samples for `window` and reports.
+    pub async fn run_for(self, window: Duration) -> LatencyReport {
+        let running = self.start();
+        tokio::time::sleep(window).await;
+        running.stop().await
+    }
+
+    async fn sample(self, mut stopped: oneshot::Receiver<()>) -> LatencyReport {
+        let started = Instant::now();
+        let mut samples: Vec<Samples> = self.probes.iter().map(|_| Samples::default()).collect();
+        let mut ticks = tokio::time::interval(self.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        'rounds: loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                _ = ticks.tick() => {}
+            }
+            for ((_, make), samples) in self.probes.iter().zip(&mut samples) {
+                if stopped.try_recv().is_ok() {
+                    break 'rounds;
+                }
+                let sent = Instant::now();
+                let result = tokio::time::timeout(PROBE_TIMEOUT, send(make().timeout(PROBE_TIMEOUT))).await;
+                let took = sent.elapsed();
+                let result = result.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {PROBE_TIMEOUT:?}")));
+                samples.add(took, result.err());
+            }
+        }
+        let window = started.elapsed();
+        let requests = self.probes.iter().zip(samples).map(|((name, _), samples)| samples.summary(name)).collect();
+        LatencyReport { window, requests }
+    }
+}
+
+impl RunningSampler {
+    /// Ends the sampling (a request under way is finished first) and reports.
+    pub async fn stop(self) -> LatencyReport {
+        let _ = self.stop.send(());
+        self.task.await.expect("the sampler's task does not panic")
+    }
+}
+
+/// Sends `request` and reads its whole body; an error unless the status is 2xx.
+async fn send(request: reqwest::RequestBuilder) -> Result<()> {
+    let response = request.send().await.context("send")?;
+    let status = response.status();
+    let body = response.bytes().await.context("read the body")?;
+    anyhow::ensure!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]));
+    Ok(())
+}
+
+/// One probe's samples so far.
+#[derive(Debug, Default)]
+struct Samples {
+    count: usize,
+    errors: usize,
+    first_error: Option<String>,
+    latencies: Vec<Duration>,
+}
+
+impl Samples {
+    fn add(&mut self, took: Duration, error: Option<anyhow::Error>) {
+        self.count += 1;
+        if let Some(error) = error {
+            self.errors += 1;
+            self.first_error.get_or_insert_with(|| format!("{error:#}"));
+        }
+        // Failures count at the time they took: a refusal in 1 ms must not flatter the p99, and
+        // the error count says there were some.
+        if self.latencies.len() < SAMPLES_PER_PROBE_MAX {
+            self.latencies.push(took);
+        }
+    }
+
+    fn summary(mut self, name: &str) -> RequestLatency {
+        self.latencies.sort_unstable();
+        RequestLatency {
+            name: name.to_owned(),
+            count: self.count,
+            errors: self.errors,
+            first_error: self.first_error,
+            p50: percentile(&self.latencies, 50.0),
+            p99: percentile(&self.latencies, 99.0),
+            max: self.latencies.last().copied().unwrap_or_default(),
+        }
+    }
+}
+
+/// The `p`th percentile (0 < p ≤ 100) of `sorted` (ascending) by nearest rank: the smallest
+/// sample with at least p % of the samples at or below it, so always a measured value. Zero for
+/// no samples.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    assert!(p > 0.0 && p <= 100.0, "a percentile is in (0, 100], not {p}");
+    debug_assert!(sorted.windows(2).all(|w| w[0] <= w[1]), "samples are sorted");
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+impl LatencyReport {
+    /// The figures of probe `name`.
+    pub fn get(&self, name: &str) -> Option<&RequestLatency> {
+        self.requests.iter().find(|r| r.name == name)
+    }
+
+    /// The largest p99 of all probes.
+    pub fn worst_p99(&self) -> Duration {
+        self.requests.iter().map(|r| r.p99).max().unwrap_or_default()
+    }
+
+    /// Probes with errors, as `NAME: N errors, e.g. FIRST`.
+    pub fn failures(&self) -> Vec<String> {
+        self.requests
+            .iter()
+            .filter(|r| r.errors > 0)
+            .map(|r| {
+                format!(
+                    "{}: {} errors of {}, e.g. {}",
+                    r.name,
+                    r.errors,
+                    r.count,
+                    r.first_error.as_deref().unwrap_or("")
+                )
+            })
+            .collect()
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// A Markdown table: request, samples, errors, p50, p99, max (ms).
+impl fmt::Display for LatencyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "| request | samples | errors | p50 (ms) | p99 (ms) | max (ms) |")?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|")?;
+        for r in &self.requests {
+            writeln!(
+                f,
+                "| {} | {} | {} | {:.1} | {:.1} | {:.1} |",
+                r.name,
+                r.count,
+                r.errors,
+                ms(r.p50),
+                ms(r.p99),
+                ms(r.max)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn millis(values: &[u64]) -> Vec<Duration> {
+        values.iter().map(|&v| Duration::from_millis(v)).collect()
+    }
+
+    #[test]
+    fn percentile_is_the_nearest_rank() {
+        let samples = millis(&(1..=100).collect::<Vec<_>>());
+        assert_eq!(percentile(&samples, 50.0), Duration::from_millis(50));
+        assert_eq!(percentile(&samples, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&samples, 100.0), Duration::from_millis(100));
+        // 1,000 samples: p99 is the 990th, so the 10 slowest lie above it.
+        let samples = millis(&(1..=1000).collect::<Vec<_>>());
+        assert_eq!(percentile(&samples, 99.0), Duration::from_millis(990));
+    }
+
+    #[test]
+    fn percentile_of_few_samples_is_a_measured_one() {
+        assert_eq!(percentile(&[], 99.0), Duration::ZERO);
+        assert_eq!(percentile(&millis(&[7]), 50.0), Duration::from_millis(7));
+        assert_eq!(percentile(&millis(&[7]), 99.0), Duration::from_millis(7));
+        // Of ten, p99 is the slowest and p50 the fifth.
+        let samples = millis(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 500]);
+        assert_eq!(percentile(&samples, 99.0), Duration::from_millis(500));
+        assert_eq!(percentile(&samples, 50.0), Duration::from_millis(5));
+        assert_eq!(percentile(&samples, 10.0), Duration::from_millis(1));
+    }
+
+    #[test]
+    #[should_panic(expected = "a percentile is in (0, 100]")]
+    fn percentile_refuses_zero() {
+        percentile(&millis(&[1]), 0.0);
+    }
+
+    #[test]
+    fn failures_are_counted_at_their_time_and_named() {
+        let mut samples = Samples::default();
+        samples.add(Duration::from_millis(3), None);
+        samples.add(Duration::from_millis(900), Some(anyhow::anyhow!("503 Service Unavailable")));
+        samples.add(Duration::from_millis(5), None);
+        let summary = samples.summary("GET /x");
+        assert_eq!((summary.count, summary.errors), (3, 1));
+        assert_eq!(summary.first_error.as_deref(), Some("503 Service Unavailable"));
+        assert_eq!(summary.p50, Duration::from_millis(5));
+        assert_eq!(summary.max, Duration::from_millis(900));
+    }
+
+    #[tokio::test]
+    async fn a_sampler_samples_a_real_server_at_its_interval_and_counts_refusals() {
+        // A real HTTP server on port 0: `/ok` answers 200, anything else 404.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buffer = vec![0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut buffer).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        let ok = buffer[..n].starts_with(b"GET /ok ");
+                        let answer: &[u8] = if ok {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        } else {
+                            b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\nnope"
+                        };
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let http = reqwest::Client::new();
+        let (ok_client, missing_client) = (http.clone(), http);
+        let report = LatencySampler::new(Duration::from_millis(20))
+            .probe("ok", move || ok_client.get(format!("http://{address}/ok")))
+            .probe("missing", move || missing_client.get(format!("http://{address}/missing")))
+            .run_for(Duration::from_millis(500))
+            .await;
+        let ok = report.get("ok").unwrap();
+        // 25 rounds in 500 ms at best; a loaded machine may manage fewer.
+        assert!((5..=26).contains(&ok.count), "{report}");
+        assert_eq!(ok.errors, 0, "{report}");
+        assert!(ok.p50 <= ok.p99 && ok.p99 <= ok.max && ok.max > Duration::ZERO, "{report}");
+        let missing = report.get("missing").unwrap();
+        assert_eq!(missing.errors, missing.count, "every 404 is an error: {report}");
+        assert!(missing.first_error.as_deref().unwrap().starts_with("404"), "{report}");
+        assert_eq!(report.failures().len(), 1);
+        assert!(report.to_string().contains("| ok | "));
+    }
+}
