@@ -89,7 +89,10 @@ async fn run(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
 
     // 1. Commission all 45.
     site.commission_all(&ids).await.unwrap();
-    let ready = site.wait_all(&ids, MachineState::Ready, MACHINES_DEADLINE).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let ready = tokio::select! {
+        ready = site.wait_all(&ids, MachineState::Ready, MACHINES_DEADLINE) => ready.unwrap_or_else(|e| panic!("{e:#}")),
+        failure = first_failure(&fleets) => panic!("commissioning: {failure}"),
+    };
     for machine in &ready {
         let inventory = machine.inventory.as_ref().unwrap_or_else(|| panic!("{} has no inventory", machine.hostname));
         assert_eq!(inventory.disks.len(), 1, "{}: {inventory:?}", machine.hostname);
@@ -108,7 +111,10 @@ async fn run(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
     let sampler = ApiSampler::start(&site);
     let started = Instant::now();
     site.deploy_all(&ids, &v1.name).await.unwrap();
-    site.wait_all(&ids, MachineState::Deployed, MACHINES_DEADLINE).await.unwrap_or_else(|e| panic!("{e:#}"));
+    tokio::select! {
+        deployed = site.wait_all(&ids, MachineState::Deployed, MACHINES_DEADLINE) => deployed.unwrap_or_else(|e| panic!("{e:#}")),
+        failure = first_failure(&fleets) => panic!("deploying: {failure}"),
+    };
     let took = started.elapsed();
     let samples = sampler.stop().await;
     let uplinks_after = site.uplink_counters().unwrap();
@@ -211,6 +217,19 @@ fn make_update(v1: &SiteImage, dir: &Path) -> SiteImage {
         blake3: metalrack_tests::data::file_blake3(&path),
         unique_chunk_bytes: v1.unique_chunk_bytes,
         ..v1.clone()
+    }
+}
+
+/// Returns once a simulated machine shows a failure, which the region would see only as a
+/// machine that never reports again.
+async fn first_failure(fleets: &[(String, Fleet)]) -> String {
+    loop {
+        for (rack, fleet) in fleets {
+            if let Some(failed) = fleet.machines().into_iter().find(|m| matches!(m.phase, SimPhase::Failed { .. })) {
+                return format!("{rack}/{} failed: {:?}", failed.hostname, failed.phase);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -64,6 +64,11 @@ const IPXE_USER_CLASS: &[u8] = b"iPXE";
 pub enum BootError {
     #[error("the machine lost power")]
     Aborted,
+    /// A bug in the simulator (or a library it runs) on this machine's path: the machine shows
+    /// it as a failure with the panic's message, and its thread lives on for the next power-on,
+    /// instead of a machine that silently never boots again.
+    #[error("the simulator panicked: {message}")]
+    Panicked { message: String },
     #[error("DHCP ({stage})")]
     Dhcp { stage: &'static str, source: NetError },
     #[error("the DHCP answer ({stage}) names no boot file")]
@@ -239,7 +244,17 @@ pub fn run(shared: Arc<MachineShared>, switch: Arc<Switch>, mtu: usize) {
         let mut device = boot.once.unwrap_or(boot.first);
         loop {
             shared.status().boots += 1;
-            let outcome = boot_once(&shared, &switch, mtu, device, &aborted);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                boot_once(&shared, &switch, mtu, device, &aborted)
+            }))
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                Err(BootError::Panicked { message })
+            });
             match outcome {
                 Ok(Outcome::Reboot) => {
                     device = boot.first;

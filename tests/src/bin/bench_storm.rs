@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use metalrack_api::machines::MachineState;
+use metalrack_hardware::fleet::SimPhase;
 use metalrack_hardware::scenario::Scenario;
 use metalrack_tests::latency::LatencyReport;
 use metalrack_tests::scale::{admin_sampler, ui_session, ProcessUsage};
@@ -37,7 +38,10 @@ const DEADLINE: Duration = Duration::from_secs(3600);
 const RACK_HTTP_PORT: u16 = 5248;
 
 #[derive(Parser)]
-#[command(name = "bench_storm", about = "A deploy storm on one rack: simulated machines, the region's latency meanwhile")]
+#[command(
+    name = "bench_storm",
+    about = "A deploy storm on one rack: simulated machines, the region's latency meanwhile"
+)]
 struct Args {
     /// Machines on the rack, all deploying at once.
     #[arg(long, default_value_t = 100)]
@@ -147,7 +151,10 @@ async fn storm(
     let running = sampler().start();
     let started = Instant::now();
     site.deploy_all(&ids, &image.name).await?;
-    let deployed = site.wait_all(&ids, MachineState::Deployed, DEADLINE).await;
+    let deployed = tokio::select! {
+        deployed = site.wait_all(&ids, MachineState::Deployed, DEADLINE) => deployed,
+        failed = first_failure(&fleet) => Err(failed),
+    };
     let took = started.elapsed();
     let during = running.stop().await;
     let (rack_after, region_after, own_after) = (usage(rack_pid)?, usage(region_pid)?, ProcessUsage::own()?);
@@ -207,6 +214,16 @@ async fn storm(
     );
     report += &latency_table(&idle, &during);
     Ok(report)
+}
+
+/// Returns once a simulated machine shows a failure (the region would only see it stall).
+async fn first_failure(fleet: &metalrack_hardware::fleet::Fleet) -> anyhow::Error {
+    loop {
+        if let Some(failed) = fleet.machines().into_iter().find(|m| matches!(m.phase, SimPhase::Failed { .. })) {
+            return anyhow::anyhow!("{} failed: {:?}", failed.hostname, failed.phase);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// `taskset -a -p -c CPUS PID`: every thread of `pid` (and those it starts later) on `cpus`.

@@ -82,11 +82,16 @@ struct RunArgs {
     /// After the run, keep the site up until Ctrl-C (to look around in the UI).
     #[arg(long)]
     hold: bool,
-    /// Do not build and push the deploy environment (machines then cannot commission or deploy;
-    /// enough to measure the image sync).
+    /// Push this deploy environment (a directory with `kernel` and `initrd`, e.g. from
+    /// `scripts/build-deploy-env`) instead of a stand-in: simulated machines download and count it
+    /// but do not run it, so by default a stand-in of the real one's size is pushed.
     #[arg(long)]
-    no_deploy_env: bool,
+    deploy_env: Option<PathBuf>,
 }
+
+/// The stand-in deploy environment's sizes: the real one's order of magnitude.
+const STAND_IN_KERNEL_BYTES: usize = 8 << 20;
+const STAND_IN_INITRD_BYTES: usize = 16 << 20;
 
 fn main() -> ExitCode {
     match run() {
@@ -152,12 +157,17 @@ fn run_scenario(args: RunArgs) -> Result<ExitCode> {
         Some(address) => Some(TcpListener::bind(address).with_context(|| format!("--ui-listen {address}"))?),
         None => None,
     };
-    let deploy_env = if args.no_deploy_env {
-        None
-    } else {
-        eprintln!("fleet: building the deploy environment if needed (scripts/build-deploy-env)...");
-        Some(metalrack_tests::deploy_env::deploy_env().to_path_buf())
+    let deploy_env = match args.deploy_env {
+        Some(dir) => dir,
+        None => {
+            let dir = dir.join("stand-in-deploy-env");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("kernel"), metalrack_tests::random_bytes(STAND_IN_KERNEL_BYTES, 1))?;
+            std::fs::write(dir.join("initrd"), metalrack_tests::random_bytes(STAND_IN_INITRD_BYTES, 2))?;
+            dir
+        }
     };
+    let deploy_env = Some(deploy_env);
     print!("{}", describe(&scenario));
     let topology = Site::build_topology(&scenario)?;
     let inside = topology.clone();
