@@ -102,6 +102,23 @@ pub enum BootError {
 }
 
 impl BootError {
+    /// A failure of the firmware's part of the boot (DHCP, the loader, iPXE's script and files),
+    /// which firmware retries; the deploy environment's failures are reported and wait instead.
+    fn firmware_retries(&self) -> bool {
+        matches!(
+            self,
+            BootError::Dhcp { .. }
+                | BootError::NoBootFile { .. }
+                | BootError::Loader { .. }
+                | BootError::LoaderLoop { .. }
+                | BootError::FetchScript { .. }
+                | BootError::Script { .. }
+                | BootError::ScriptEnded
+                | BootError::ChainLoop
+                | BootError::BootUnfetched { .. }
+        )
+    }
+
     fn from_net(error: NetError, wrap: impl FnOnce(NetError) -> BootError) -> BootError {
         match error {
             NetError::Aborted => BootError::Aborted,
@@ -242,6 +259,7 @@ pub fn run(shared: Arc<MachineShared>, switch: Arc<Switch>, mtu: usize) {
         // The first boot of this power-on follows the BMC's order (a Once override included);
         // the guest's own reboots follow the persistent order.
         let mut device = boot.once.unwrap_or(boot.first);
+        let mut firmware_failures = 0;
         loop {
             shared.status().boots += 1;
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -275,6 +293,17 @@ pub fn run(shared: Arc<MachineShared>, switch: Arc<Switch>, mtu: usize) {
                     shared.set_phase(SimPhase::Off);
                 }
                 Err(BootError::Aborted) => shared.set_phase(SimPhase::Off),
+                Err(error) if error.firmware_retries() && firmware_failures + 1 < BOOT_ATTEMPTS_MAX => {
+                    firmware_failures += 1;
+                    let reason = metalrack_image_tools::error_chain(&error);
+                    tracing::info!(mac = %shared.spec.mac, %reason, "a simulated machine's network boot failed; retrying");
+                    std::thread::sleep(BOOT_RETRY_PAUSE);
+                    if aborted() {
+                        shared.set_phase(SimPhase::Off);
+                        break;
+                    }
+                    continue;
+                }
                 Err(error) => {
                     let reason = metalrack_image_tools::error_chain(&error);
                     tracing::warn!(mac = %shared.spec.mac, %reason, "a simulated machine's boot failed");
@@ -287,6 +316,13 @@ pub fn run(shared: Arc<MachineShared>, switch: Arc<Switch>, mtu: usize) {
         }
     }
 }
+
+/// Network boots a machine makes in a row before it shows the failure and waits for an operator,
+/// as PXE firmware retries: a rack booting a hundred machines at once may answer one too late.
+const BOOT_ATTEMPTS_MAX: u32 = 3;
+
+/// Pause before a retried network boot.
+const BOOT_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// Stays up (idle) until the power of `generation` goes or the fleet stops.
 fn wait_for_power_loss(shared: &MachineShared, generation: u64) {

@@ -33,7 +33,9 @@ const DHCP_PACKET_BYTES_MAX: usize = 1500;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A response that makes no progress for this long is given up (the rack is gone or stuck).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// TFTP: a reply must come within this, else the last packet is sent again ...
+/// TFTP: the first reply must come within this, else the last packet is sent again and the
+/// wait doubles (1, 2, 4, 8, 16 s, as PXE ROMs back off): a rack serving a hundred machines'
+/// loaders at once, or a fleet sharing a core with it, answers late, not never ...
 const TFTP_TIMEOUT: Duration = Duration::from_secs(1);
 /// ... at most this many times in a row (PXE ROMs give up after a handful too).
 const TFTP_RETRIES_MAX: u32 = 5;
@@ -360,7 +362,8 @@ impl Net {
                 retries = 0;
                 sent_at = Instant::now();
             }
-            if sent_at.elapsed() >= TFTP_TIMEOUT {
+            let timeout = TFTP_TIMEOUT * (1 << retries.min(TFTP_RETRIES_MAX));
+            if sent_at.elapsed() >= timeout {
                 retries += 1;
                 if retries > TFTP_RETRIES_MAX {
                     return Err(fail(format!("no answer after {TFTP_RETRIES_MAX} retransmissions (block {expected})")));
@@ -369,7 +372,7 @@ impl Net {
                 sent_at = Instant::now();
             }
             self.poll();
-            self.wait(TFTP_TIMEOUT.saturating_sub(sent_at.elapsed()));
+            self.wait((TFTP_TIMEOUT * (1 << retries.min(TFTP_RETRIES_MAX))).saturating_sub(sent_at.elapsed()));
         }
     }
 }

@@ -136,7 +136,10 @@ async fn storm(
     let to_add = machines_to_add(&rack.name, &fleet);
     let ids: Vec<String> = site.add_machines(&to_add).await?.into_iter().map(|m| m.id).collect();
     site.commission_all(&ids).await?;
-    site.wait_all(&ids, MachineState::Ready, DEADLINE).await?;
+    tokio::select! {
+        ready = site.wait_all(&ids, MachineState::Ready, DEADLINE) => { ready?; }
+        failed = first_failure(&fleet) => return Err(failed.context("commissioning")),
+    }
 
     let api = site.api();
     let ui = ui_session(&site.region, ADMIN_USERNAME, ADMIN_PASSWORD).await?;
