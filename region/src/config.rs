@@ -31,7 +31,8 @@ pub struct RegionConfig {
     /// How often racks send heartbeats. Default 5000 ms: a dead rack shows within seconds while
     /// 1000 racks cost the region 200 small requests per second.
     pub rack_heartbeat_interval_ms: u64,
-    /// A rack silent for this long shows offline. Default 30000 ms: six missed heartbeats, so a
+    /// A rack silent for this long shows offline (longer than the heartbeat interval plus
+    /// [`HEARTBEAT_FLUSH_INTERVAL`]). Default 30000 ms: six missed heartbeats, so a
     /// restart or a short network blip does not flap the UI.
     pub rack_offline_after_ms: u64,
     /// How long a UI session lasts. Default 14 days.
