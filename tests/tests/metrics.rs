@@ -461,6 +461,7 @@ async fn many_racks_heartbeats_are_written_in_one_transaction_a_second_and_racks
     let heartbeats = delta(&before, &after, "metalrack_region_heartbeats_total");
     let flushes = delta(&before, &after, "metalrack_region_heartbeat_flushes_total");
     let flushed = delta(&before, &after, "metalrack_region_heartbeats_flushed_total");
+    println!("{heartbeats} heartbeats, {flushes} flush transactions writing {flushed} rows in {elapsed_s:.1} s");
     assert_eq!(heartbeats, (BATCH_RACKS * BATCH_ROUNDS) as f64);
     // One transaction per flush interval (1 s) at most, and one per tick can be due at the start
     // and the end: not one per heartbeat.
