@@ -440,8 +440,12 @@ async fn many_racks_heartbeats_are_written_in_one_transaction_a_second_and_racks
     let before = site.scrape().await;
     assert_eq!(before.get("metalrack_region_racks{state=\"online\"}").copied(), Some(BATCH_RACKS as f64));
 
+    // Rounds at the config's heartbeat interval (200 ms), so the heartbeats span several flush
+    // intervals, as a site's do.
     let started = std::time::Instant::now();
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(200));
     for round in 1..=BATCH_ROUNDS {
+        pace.tick().await;
         futures_util::future::join_all(racks.iter().map(|rack| beat(rack, round))).await;
     }
     // Read through the buffer: every rack Online with its latest health, flushed or not.
