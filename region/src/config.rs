@@ -5,6 +5,15 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+/// How often the racks' buffered heartbeats are written, all in one transaction (see
+/// `db::heartbeats`). 1 s: 1,000 racks at one heartbeat per 5 s cost one commit a second
+/// instead of 200, while a crash loses at most a second of `last_seen_ms` (the racks' next
+/// heartbeats restore it). Not configurable: [`RegionConfig::check`] requires
+/// `rack_offline_after_ms` to exceed the heartbeat interval plus this, so the metrics' rack
+/// counts (read from the database, not through the buffer) never show a heartbeating rack
+/// offline.
+pub const HEARTBEAT_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegionConfig {
@@ -22,7 +31,8 @@ pub struct RegionConfig {
     /// How often racks send heartbeats. Default 5000 ms: a dead rack shows within seconds while
     /// 1000 racks cost the region 200 small requests per second.
     pub rack_heartbeat_interval_ms: u64,
-    /// A rack silent for this long shows offline. Default 30000 ms: six missed heartbeats, so a
+    /// A rack silent for this long shows offline (longer than the heartbeat interval plus
+    /// [`HEARTBEAT_FLUSH_INTERVAL`]). Default 30000 ms: six missed heartbeats, so a
     /// restart or a short network blip does not flap the UI.
     pub rack_offline_after_ms: u64,
     /// How long a UI session lasts. Default 14 days.
@@ -95,8 +105,12 @@ impl RegionConfig {
         if self.rack_heartbeat_interval_ms == 0 {
             return Err("rack_heartbeat_interval_ms must be above 0".into());
         }
-        if self.rack_offline_after_ms <= self.rack_heartbeat_interval_ms {
-            return Err("rack_offline_after_ms must be longer than rack_heartbeat_interval_ms".into());
+        let flush_ms = HEARTBEAT_FLUSH_INTERVAL.as_millis() as u64;
+        if self.rack_offline_after_ms <= self.rack_heartbeat_interval_ms.saturating_add(flush_ms) {
+            return Err(format!(
+                "rack_offline_after_ms must be longer than rack_heartbeat_interval_ms plus {flush_ms} ms (how often \
+                 heartbeats are written to the database)"
+            ));
         }
         if self.upload_batch_bytes_max < 1024 * 1024 {
             return Err("upload_batch_bytes_max must be at least 1 MiB (one chunk must fit)".into());
@@ -145,5 +159,18 @@ mod tests {
         let config =
             RegionConfig { rack_offline_after_ms: 1000, rack_heartbeat_interval_ms: 1000, ..Default::default() };
         assert!(config.check().is_err());
+    }
+
+    #[test]
+    fn offline_threshold_must_exceed_interval_plus_the_heartbeat_flush_interval() {
+        let flush_ms = HEARTBEAT_FLUSH_INTERVAL.as_millis() as u64;
+        let config = RegionConfig {
+            rack_heartbeat_interval_ms: 1000,
+            rack_offline_after_ms: 1000 + flush_ms,
+            ..Default::default()
+        };
+        assert!(config.check().unwrap_err().contains("plus"));
+        let config = RegionConfig { rack_offline_after_ms: 1001 + flush_ms, ..config };
+        config.check().unwrap();
     }
 }

@@ -68,6 +68,8 @@ pub struct RegionMetrics {
     pub deploys_in_progress: Gauge,
     pub deploys_waiting: Gauge,
     pub heartbeats: Counter,
+    pub heartbeat_flushes: Counter,
+    pub heartbeats_flushed: Counter,
     pub boot_events_received: Counter,
     pub boot_events_stored: Counter,
     pub events_dropped: Family<ReasonLabel, Counter>,
@@ -115,6 +117,19 @@ impl RegionMetrics {
         );
         let heartbeats = Counter::default();
         r.register("heartbeats", "Rack heartbeats recorded", heartbeats.clone());
+        let heartbeat_flushes = Counter::default();
+        r.register(
+            "heartbeat_flushes",
+            "Database transactions that wrote buffered rack heartbeats (one per flush interval with any pending; \
+             a rack's first heartbeat after being offline is written at once and not counted here)",
+            heartbeat_flushes.clone(),
+        );
+        let heartbeats_flushed = Counter::default();
+        r.register(
+            "heartbeats_flushed",
+            "Rack heartbeats written by those transactions (each rack's latest of the interval)",
+            heartbeats_flushed.clone(),
+        );
         let boot_events_received = Counter::default();
         r.register(
             "boot_events_received",
@@ -158,6 +173,8 @@ impl RegionMetrics {
             deploys_in_progress,
             deploys_waiting,
             heartbeats,
+            heartbeat_flushes,
+            heartbeats_flushed,
             boot_events_received,
             boot_events_stored,
             events_dropped,

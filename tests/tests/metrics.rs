@@ -420,3 +420,70 @@ async fn the_grafana_dashboard_queries_only_metrics_a_running_region_and_rack_ex
     .await;
     assert!(!row.contains("<figcaption>Memory –</figcaption>"), "rackd reports its memory: {row}");
 }
+
+/// Racks heartbeating in the batching test, and heartbeats each sends after its first.
+const BATCH_RACKS: usize = 20;
+const BATCH_ROUNDS: usize = 15;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_racks_heartbeats_are_written_in_one_transaction_a_second_and_racks_show_their_latest_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut site = Site::start(dir.path());
+    let racks = metalrack_tests::scale::register_racks(&site.region, BATCH_RACKS).await.unwrap();
+    let health = |round: usize| RackHealth { version: format!("round-{round}"), ..Default::default() };
+    let beat = |rack: &RackClient, round: usize| {
+        let (rack, request) = (rack.clone(), HeartbeatRequest { health: health(round), sync: None });
+        async move { rack.heartbeat_with(&request).await.unwrap() }
+    };
+    // First heartbeats: each rack comes online at once, written through (no flush needed).
+    futures_util::future::join_all(racks.iter().map(|rack| beat(rack, 0))).await;
+    let before = site.scrape().await;
+    assert_eq!(before.get("metalrack_region_racks{state=\"online\"}").copied(), Some(BATCH_RACKS as f64));
+
+    // Rounds at the config's heartbeat interval (200 ms), so the heartbeats span several flush
+    // intervals, as a site's do.
+    let started = std::time::Instant::now();
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(200));
+    for round in 1..=BATCH_ROUNDS {
+        pace.tick().await;
+        futures_util::future::join_all(racks.iter().map(|rack| beat(rack, round))).await;
+    }
+    // Read through the buffer: every rack Online with its latest health, flushed or not.
+    let views = site.region.racks(&site.key).await;
+    assert_eq!(views.len(), BATCH_RACKS);
+    for view in &views {
+        assert_eq!(view.state, RackState::Online, "{view:?}");
+        assert_eq!(view.health.as_ref().unwrap().version, format!("round-{BATCH_ROUNDS}"), "{view:?}");
+    }
+    // Wait for the flush that writes the last round, then count the transactions.
+    let after = wait_for("the last heartbeats flushed", DEADLINE, || async {
+        let after = site.scrape().await;
+        (delta(&before, &after, "metalrack_region_heartbeats_flushed_total") >= 1.0).then_some(after)
+    })
+    .await;
+    let elapsed_s = started.elapsed().as_secs_f64();
+    let heartbeats = delta(&before, &after, "metalrack_region_heartbeats_total");
+    let flushes = delta(&before, &after, "metalrack_region_heartbeat_flushes_total");
+    let flushed = delta(&before, &after, "metalrack_region_heartbeats_flushed_total");
+    println!("{heartbeats} heartbeats, {flushes} flush transactions writing {flushed} rows in {elapsed_s:.1} s");
+    assert_eq!(heartbeats, (BATCH_RACKS * BATCH_ROUNDS) as f64);
+    // One transaction per flush interval (1 s) at most, and one per tick can be due at the start
+    // and the end: not one per heartbeat.
+    assert!(flushes >= 1.0 && flushes <= elapsed_s.ceil() + 1.0, "{flushes} flushes in {elapsed_s:.1} s");
+    assert!(flushes * 10.0 < heartbeats, "{flushes} flushes for {heartbeats} heartbeats");
+    // Each flush writes each rack's latest once: never more rows than racks per flush.
+    assert!(
+        flushed <= flushes * BATCH_RACKS as f64 && flushed >= BATCH_RACKS as f64,
+        "{flushed} rows, {flushes} flushes"
+    );
+    assert_eq!(after.get("metalrack_region_racks{state=\"online\"}").copied(), Some(BATCH_RACKS as f64));
+
+    // One more round, then a restart at once: what the region stored (by its last periodic
+    // flush or the one at shutdown) is each rack's latest health.
+    futures_util::future::join_all(racks.iter().map(|rack| beat(rack, BATCH_ROUNDS + 1))).await;
+    site.region.restart();
+    for view in site.region.racks(&site.key).await {
+        assert_eq!(view.health.as_ref().unwrap().version, format!("round-{}", BATCH_ROUNDS + 1), "{view:?}");
+        assert!(view.last_seen_ms.is_some(), "{view:?}");
+    }
+}

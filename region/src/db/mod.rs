@@ -13,6 +13,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::AnyPool;
 
 pub mod events;
+pub mod heartbeats;
 pub mod settings;
 
 /// File name of the SQLite database inside the data dir.
@@ -116,6 +117,8 @@ pub(crate) fn migrator() -> Migrator {
 #[derive(Clone, Debug)]
 pub struct Store {
     pub(crate) pool: AnyPool,
+    /// Racks' heartbeats not yet written (see [`heartbeats`]); read through by `rack`/`racks`.
+    pub(crate) heartbeats: std::sync::Arc<std::sync::Mutex<heartbeats::HeartbeatBuffer>>,
 }
 
 impl Store {
@@ -146,7 +149,7 @@ impl Store {
             .await
             .map_err(|source| StoreError::Open { path: path.clone(), source })?;
         migrator().run(&pool).await.map_err(|source| StoreError::Migrate { source })?;
-        Ok(Store { pool })
+        Ok(Store { pool, heartbeats: Default::default() })
     }
 
     /// Starts a write transaction. SQLite needs `BEGIN IMMEDIATE`: a deferred transaction that

@@ -124,6 +124,7 @@ pub async fn serve(
     shared.set_bound_address(local);
     let summaries = tokio::spawn(crate::state::flush_failure_summaries(shared.clone()));
     let machine_timers = tokio::spawn(crate::machines::run_timers(shared.clone()));
+    let heartbeat_flushes = tokio::spawn(crate::racks::run_heartbeat_flushes(shared.clone()));
     let app = router(state);
     let connections = Arc::new(Connections::default());
     let graceful = GracefulShutdown::new();
@@ -173,6 +174,8 @@ pub async fn serve(
     }
     summaries.abort();
     machine_timers.abort();
+    heartbeat_flushes.abort();
+    crate::racks::flush_heartbeats_once(&shared).await;
     crate::state::flush_failure_summaries_once(&shared).await;
     Ok(())
 }

@@ -18,6 +18,7 @@ use metalrack_api::{
 };
 use tokio::sync::Mutex;
 
+use crate::config::HEARTBEAT_FLUSH_INTERVAL;
 use crate::db::StoreError;
 use crate::secret::{current_generation, SecretFileError};
 use crate::state::{FailureKind, Shared};
@@ -230,10 +231,15 @@ impl Racks {
         let store = &self.shared.store;
         let generation = current_generation(store).await.map_err(store_error("read the secret generation"))?;
         let was_offline = self.rack_state(rack, generation, now_ms()) != RackState::Online;
-        store
-            .record_heartbeat(&rack.id, &request.health, request.sync.as_ref(), peer)
-            .await
-            .map_err(store_error("record the heartbeat"))?;
+        // A rack coming online is written at once, so it shows online everywhere (the metrics'
+        // counts read the database); later heartbeats only move `last_seen_ms` forward and
+        // replace the health, so they wait for the next flush (see `run_heartbeat_flushes`).
+        let recorded = if was_offline {
+            store.write_heartbeat(&rack.id, &request.health, request.sync.as_ref(), peer).await
+        } else {
+            store.buffer_heartbeat(&rack.id, &request.health, request.sync.as_ref(), peer).await
+        };
+        recorded.map_err(store_error("record the heartbeat"))?;
         self.shared.metrics.heartbeats.inc();
         // One cheap read per heartbeat, for the sync lag (see `history`).
         let revision = store.catalogue_revision().await.map_err(store_error("read the catalogue revision"))?;
@@ -371,6 +377,34 @@ impl Racks {
             None => self.shared.notify_change(),
         }
         Ok(())
+    }
+}
+
+/// Writes the buffered heartbeats every [`HEARTBEAT_FLUSH_INTERVAL`], in one transaction each
+/// time, until aborted; the region runs it beside its other tasks and calls
+/// [`flush_heartbeats_once`] once more at shutdown.
+pub async fn run_heartbeat_flushes(shared: Shared) {
+    let mut interval = tokio::time::interval(HEARTBEAT_FLUSH_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        flush_heartbeats_once(&shared).await;
+    }
+}
+
+/// Writes the buffered heartbeats now. A failure is logged and the heartbeats stay buffered
+/// for the next flush.
+pub async fn flush_heartbeats_once(shared: &Shared) {
+    match shared.store.flush_heartbeats().await {
+        Ok(0) => {}
+        Ok(n) => {
+            shared.metrics.heartbeat_flushes.inc();
+            shared.metrics.heartbeats_flushed.inc_by(n as u64);
+        }
+        Err(e) => {
+            let pending = shared.store.heartbeats_pending();
+            tracing::warn!(error = %e, pending, "cannot write the racks' heartbeats; they stay buffered for the next try");
+        }
     }
 }
 

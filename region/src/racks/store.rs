@@ -8,6 +8,7 @@ use metalrack_api::RackHealth;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
+use crate::db::heartbeats::{PendingHeartbeat, Put};
 use crate::db::{query_error, Store, StoreError};
 use crate::util::{now_ms, random_hex};
 
@@ -76,6 +77,9 @@ impl Store {
             }
         };
         tx.commit().await.map_err(query_error("commit register rack"))?;
+        // Registering again resets `last_seen_ms`: a heartbeat of the old registration must not
+        // bring it back.
+        self.heartbeats.lock().expect("heartbeat buffer lock").forget(&result.0);
         Ok(result)
     }
 
@@ -85,7 +89,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(query_error("look up rack"))?;
-        row.map(|row| rack_from_row(&row)).transpose()
+        Ok(row.map(|row| rack_from_row(&row)).transpose()?.map(|rack| self.with_pending_heartbeat(rack)))
     }
 
     /// Every rack's name by id: what a machine list shows beside each machine, without reading
@@ -103,35 +107,82 @@ impl Store {
             .fetch_all(&self.pool)
             .await
             .map_err(query_error("list racks"))?;
-        rows.iter().map(rack_from_row).collect()
+        rows.iter().map(|row| Ok(self.with_pending_heartbeat(rack_from_row(row)?))).collect()
     }
 
-    pub async fn record_heartbeat(
+    /// Writes a heartbeat at once, in its own transaction: a rack's first heartbeat after being
+    /// offline (so it shows online everywhere at once), or one the full buffer cannot keep.
+    pub async fn write_heartbeat(
         &self,
         id: &str,
         health: &RackHealth,
         sync: Option<&SyncReport>,
         remote_address: &str,
     ) -> Result<(), StoreError> {
-        let health_json = serde_json::to_string(health).expect("RackHealth serializes");
-        let sync_json = sync.map(|s| serde_json::to_string(s).expect("SyncReport serializes"));
-        sqlx::query(
-            "UPDATE racks SET last_seen_ms = $1, health_json = $2, remote_address = $3, \
-             sync_report_json = COALESCE($4, sync_report_json) WHERE id = $5",
-        )
-        .bind(now_ms())
-        .bind(health_json)
-        .bind(remote_address)
-        .bind(sync_json)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(query_error("record heartbeat"))?;
+        let heartbeat = PendingHeartbeat::new(now_ms(), health.clone(), sync.cloned(), remote_address.to_owned());
+        update_heartbeat(&self.pool, id, &heartbeat).await?;
+        // An older pending one must not overwrite it at the next flush.
+        self.heartbeats.lock().expect("heartbeat buffer lock").forget(id);
         Ok(())
     }
 
+    /// Keeps a heartbeat for the next [`Store::flush_heartbeats`]; `rack` and `racks` see it at
+    /// once. Written through when the buffer is full (see [`crate::db::heartbeats::HEARTBEATS_PENDING_MAX`]).
+    pub async fn buffer_heartbeat(
+        &self,
+        id: &str,
+        health: &RackHealth,
+        sync: Option<&SyncReport>,
+        remote_address: &str,
+    ) -> Result<(), StoreError> {
+        let heartbeat = PendingHeartbeat::new(now_ms(), health.clone(), sync.cloned(), remote_address.to_owned());
+        let put = self.heartbeats.lock().expect("heartbeat buffer lock").put(id, heartbeat);
+        match put {
+            Put::Buffered => Ok(()),
+            Put::Full => self.write_heartbeat(id, health, sync, remote_address).await,
+        }
+    }
+
+    /// Writes every buffered heartbeat in one transaction. Returns how many it wrote (0: no
+    /// transaction was begun). On failure the heartbeats stay buffered for the next try (newer
+    /// ones replacing them meanwhile).
+    pub async fn flush_heartbeats(&self) -> Result<usize, StoreError> {
+        let batch = self.heartbeats.lock().expect("heartbeat buffer lock").to_write();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin_write().await.map_err(query_error("begin heartbeat flush"))?;
+        for (id, heartbeat) in &batch {
+            update_heartbeat(&mut *tx, id, heartbeat).await?;
+        }
+        tx.commit().await.map_err(query_error("commit heartbeat flush"))?;
+        self.heartbeats.lock().expect("heartbeat buffer lock").written(&batch);
+        Ok(batch.len())
+    }
+
+    /// Heartbeats buffered now.
+    pub fn heartbeats_pending(&self) -> usize {
+        self.heartbeats.lock().expect("heartbeat buffer lock").len()
+    }
+
+    /// The rack's row with its buffered heartbeat, if any, over the stored one.
+    fn with_pending_heartbeat(&self, mut rack: RackRow) -> RackRow {
+        if let Some(h) = self.heartbeats.lock().expect("heartbeat buffer lock").get(&rack.id) {
+            rack.last_seen_ms = Some(h.seen_ms);
+            rack.health = Some(h.health.clone());
+            rack.remote_address = Some(h.remote_address.clone());
+            if h.sync.is_some() {
+                rack.sync_report = h.sync.clone();
+            }
+        }
+        rack
+    }
+
     /// How many racks are in each state, by the rule of `racks::rack_state` in SQL: one grouped
-    /// query, cheap enough for every metrics scrape. States with no rack are absent.
+    /// query, cheap enough for every metrics scrape. States with no rack are absent. Reads the
+    /// stored rows only, so `last_seen_ms` may lag by one heartbeat flush interval: the config
+    /// check keeps `offline_after_ms` longer than the heartbeat interval plus that (a rack's
+    /// first heartbeat after being offline is written at once).
     pub async fn rack_state_counts(
         &self,
         generation: i64,
@@ -251,6 +302,32 @@ impl Store {
         }
         Ok(held)
     }
+}
+
+/// Stores one heartbeat in the rack's row (a sync report of `None` keeps the stored one). Never
+/// moves `last_seen_ms` back: a flush that retried an old batch after a newer heartbeat was
+/// written through leaves the newer one.
+async fn update_heartbeat<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    executor: E,
+    id: &str,
+    heartbeat: &PendingHeartbeat,
+) -> Result<(), StoreError> {
+    let health_json = serde_json::to_string(&heartbeat.health).expect("RackHealth serializes");
+    let sync_json = heartbeat.sync.as_ref().map(|s| serde_json::to_string(s).expect("SyncReport serializes"));
+    sqlx::query(
+        "UPDATE racks SET last_seen_ms = $1, health_json = $2, remote_address = $3, \
+         sync_report_json = COALESCE($4, sync_report_json) \
+         WHERE id = $5 AND (last_seen_ms IS NULL OR last_seen_ms <= $1)",
+    )
+    .bind(heartbeat.seen_ms)
+    .bind(health_json)
+    .bind(&heartbeat.remote_address)
+    .bind(sync_json)
+    .bind(id)
+    .execute(executor)
+    .await
+    .map_err(query_error("record heartbeat"))?;
+    Ok(())
 }
 
 fn policy_name(kind: SyncPolicyKind) -> &'static str {
