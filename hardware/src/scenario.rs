@@ -632,7 +632,10 @@ disk_bytes = 1073741824
             }
         }
         names.sort();
-        assert_eq!(names, ["seed.toml", "small.toml"]);
+        assert_eq!(names, ["seed.toml", "small.toml", "storm.toml"]);
+        let storm = Scenario::load(&dir.join("storm.toml")).unwrap();
+        assert_eq!((storm.racks.len(), storm.machine_count(), storm.machines_at_once()), (1, 100, 100));
+        assert!(storm.region.deploys_per_rack_max >= 100, "the storm's machines all deploy at once");
         let seed = Scenario::load(&dir.join("seed.toml")).unwrap();
         assert_eq!(seed.racks.len(), 3);
         assert!(seed.racks.iter().all(|r| r.machine_count() == 15));
