@@ -5,7 +5,7 @@
 use anyhow::{ensure, Context, Result};
 use metalrack_api::images::{ImageView, SyncPolicy, VersionSyncStatus};
 use metalrack_api::machines::{MachinePage, MachineView};
-use metalrack_api::{paths, EventView, RackView, API_PREFIX};
+use metalrack_api::{paths, EventView, RackPage, RackView, API_PREFIX, RACK_PAGE_MAX};
 use serde::Serialize;
 
 #[derive(Debug, Clone)]
@@ -46,8 +46,22 @@ impl Api {
         Ok(())
     }
 
+    /// Every rack, by name: the list's pages of [`RACK_PAGE_MAX`] one after the other.
     pub async fn racks(&self) -> Result<Vec<RackView>> {
-        self.get(paths::RACKS).await
+        let mut racks = Vec::new();
+        loop {
+            let page = self.racks_page(racks.len() as u64, RACK_PAGE_MAX).await?;
+            let last = page.racks.len() < RACK_PAGE_MAX as usize;
+            racks.extend(page.racks);
+            if last || racks.len() as u64 >= page.total {
+                return Ok(racks);
+            }
+        }
+    }
+
+    /// One page of the rack list (`GET /racks?offset=&limit=`).
+    pub async fn racks_page(&self, offset: u64, limit: u32) -> Result<RackPage> {
+        self.get(&format!("{}?offset={offset}&limit={limit}", paths::RACKS)).await
     }
 
     pub async fn rack(&self, name: &str) -> Result<RackView> {

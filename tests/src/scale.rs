@@ -272,12 +272,14 @@ pub async fn ui_session(region: &Region, username: &str, password: &str) -> Resu
 pub const MACHINES_FIRST_PAGE: &str = "API GET /machines (first page)";
 pub const MACHINES_DEEP_PAGE: &str = "API GET /machines (deep page)";
 pub const ONE_MACHINE: &str = "API GET /machines/{id}";
-pub const RACKS_LIST: &str = "API GET /racks";
+pub const RACKS_FIRST_PAGE: &str = "API GET /racks (first page of 100)";
+pub const RACKS_DEEP_PAGE: &str = "API GET /racks (deep page)";
 pub const UI_MACHINES: &str = "UI /machines";
 pub const UI_DASHBOARD: &str = "UI / (dashboard)";
 
 /// The admin requests an operator makes while the site runs: the API's machine list (first and
-/// a deep page at `deep_offset`), one machine, the racks; the UI's machines page and dashboard.
+/// a deep page at `deep_offset`), one machine, the rack list (first and a deep page at
+/// `rack_deep_offset`); the UI's machines page and dashboard.
 pub fn admin_sampler(
     interval: Duration,
     api: &Api,
@@ -285,6 +287,7 @@ pub fn admin_sampler(
     region_url: &str,
     machine_id: &str,
     deep_offset: u64,
+    rack_deep_offset: u64,
 ) -> LatencySampler {
     let get = |path: String| {
         let api = api.clone();
@@ -298,9 +301,17 @@ pub fn admin_sampler(
         .probe(MACHINES_FIRST_PAGE, get(paths::MACHINES.to_owned()))
         .probe(MACHINES_DEEP_PAGE, get(format!("{}?offset={deep_offset}", paths::MACHINES)))
         .probe(ONE_MACHINE, get(paths::machine(machine_id)))
-        .probe(RACKS_LIST, get(paths::RACKS.to_owned()))
+        .probe(RACKS_FIRST_PAGE, get(paths::RACKS.to_owned()))
+        .probe(RACKS_DEEP_PAGE, get(format!("{}?offset={rack_deep_offset}", paths::RACKS)))
         .probe(UI_MACHINES, page("/machines".to_owned()))
         .probe(UI_DASHBOARD, page("/".to_owned()))
+}
+
+/// The offset of a deep page of the rack list for `n_racks` racks: the last full page of 100
+/// (900 of 1,000), or halfway when there are too few racks for that to be deep.
+pub fn rack_deep_offset(n_racks: usize) -> u64 {
+    let n_racks = n_racks as u64;
+    n_racks.saturating_sub(u64::from(metalrack_api::RACK_PAGE_DEFAULT)).max(n_racks / 2)
 }
 
 /// Racks not Online, by name.

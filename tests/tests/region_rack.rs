@@ -545,3 +545,102 @@ async fn rackd_register_takes_the_secret_from_stdin_or_a_file_so_it_stays_out_of
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("wrong secret"), "{}", stderr(&output));
 }
+
+/// The data-rack names of a controllers page's rows, in order.
+fn controller_rows(page: &str) -> Vec<String> {
+    page.split(r#"<tr data-rack=""#).skip(1).map(|row| row.split('"').next().unwrap().to_owned()).collect()
+}
+
+/// 150 racks: `GET /racks` answers 100 a page by name with the total on every page, a deep page
+/// shows a rack's latest (still buffered) heartbeat, a limit over the maximum is a 400 that says
+/// why; the controllers page pages the same way with links; the dashboard counts every rack by
+/// state; the "add machine" form still offers every rack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rack_list_and_the_controllers_page_go_a_page_at_a_time_and_the_dashboard_counts_every_rack() {
+    use metalrack_api::{paths, ErrorBody, HeartbeatRequest, RackHealth, RackPage, RACK_PAGE_MAX};
+    use metalrack_tests::scale::{rack_name, register_racks, ui_session};
+    const RACKS: usize = 150;
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(&dir.path().join("region"));
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let api = region.api(&api_key);
+    let racks = register_racks(&region, RACKS).await.unwrap();
+    // A rack on the second page heartbeats twice: the first is written at once (it comes
+    // online), the second waits in the buffer, and the page must show it.
+    let deep = &racks[120];
+    deep.heartbeat().await.unwrap();
+    let latest = RackHealth { version: "latest-heartbeat".into(), ..RackHealth::default() };
+    deep.heartbeat_with(&HeartbeatRequest { health: latest, sync: None }).await.unwrap();
+    racks[0].heartbeat().await.unwrap();
+
+    // The API: the default page is the first 100 by name, the total on every page.
+    let response = api.request(reqwest::Method::GET, paths::RACKS).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let first: RackPage = response.json().await.unwrap();
+    assert_eq!(first.total, RACKS as u64);
+    let names: Vec<String> = first.racks.iter().map(|r| r.name.clone()).collect();
+    assert_eq!(names, (0..100).map(rack_name).collect::<Vec<_>>());
+    assert_eq!(first.racks[0].state, RackState::Online);
+    let second = api.racks_page(100, 100).await.unwrap();
+    assert_eq!(second.total, RACKS as u64);
+    assert_eq!(
+        second.racks.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+        (100..150).map(rack_name).collect::<Vec<_>>()
+    );
+    let shown = second.racks.iter().find(|r| r.name == rack_name(120)).unwrap();
+    assert_eq!(shown.state, RackState::Online);
+    assert_eq!(shown.health.as_ref().map(|h| h.version.as_str()), Some("latest-heartbeat"));
+    assert!(api.racks_page(RACKS as u64, 100).await.unwrap().racks.is_empty(), "past the end: an empty page");
+    // Small pages one after another hold every rack once, in order.
+    let mut paged = Vec::new();
+    while paged.len() < RACKS {
+        let page = api.racks_page(paged.len() as u64, 40).await.unwrap();
+        assert!(!page.racks.is_empty() && page.racks.len() <= 40);
+        paged.extend(page.racks.into_iter().map(|r| r.name));
+    }
+    assert_eq!(paged, (0..RACKS).map(rack_name).collect::<Vec<_>>());
+    assert_eq!(api.racks().await.unwrap().len(), RACKS, "the client pages through every rack");
+    for limit in [0, RACK_PAGE_MAX + 1] {
+        let path = format!("{}?limit={limit}", paths::RACKS);
+        let response = api.request(reqwest::Method::GET, &path).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        let body: ErrorBody = response.json().await.unwrap();
+        assert_eq!(body.error, format!("limit must be 1 to {RACK_PAGE_MAX}"));
+    }
+
+    // The UI: 100 controllers a page by name, counts and links.
+    let ui = ui_session(&region, "admin", "correct horse battery").await.unwrap();
+    let get = |path: &str| {
+        let (ui, url) = (ui.clone(), format!("{}{path}", region.https_url()));
+        async move {
+            let response = ui.get(&url).send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{url}");
+            response.text().await.unwrap()
+        }
+    };
+    let page = get("/controllers").await;
+    assert_eq!(controller_rows(&page), (0..100).map(rack_name).collect::<Vec<_>>());
+    assert!(page.contains("150 rack controllers · showing 1–100"), "{page}");
+    assert!(page.contains(r#"href="/MAAS/controllers?offset=100" id="next""#), "{page}");
+    assert!(!page.contains(r#"id="previous""#), "{page}");
+    let page = get("/controllers?offset=100").await;
+    assert_eq!(controller_rows(&page), (100..150).map(rack_name).collect::<Vec<_>>());
+    assert!(page.contains("150 rack controllers · showing 101–150"), "{page}");
+    assert!(page.contains(r#"href="/MAAS/controllers?offset=0" id="previous""#), "{page}");
+    assert!(!page.contains(r#"id="next""#), "{page}");
+    let row = page.split(&format!(r#"<tr data-rack="{}""#, rack_name(120))).nth(1).unwrap();
+    let row = row.split("</tr>").next().unwrap();
+    assert!(row.contains(r#"data-state="online""#) && row.contains("latest-heartbeat"), "{row}");
+
+    // The dashboard counts every rack, not a page of them.
+    let dashboard = get("/").await;
+    assert!(dashboard.contains(r#"<span class="big">150</span><span>rack controllers</span>"#), "{dashboard}");
+    assert!(dashboard.contains("2 online · 148 offline"), "{dashboard}");
+    assert!(!dashboard.contains("Add your first rack"), "{dashboard}");
+
+    // The "add machine" form offers every rack, by name.
+    let form = get("/machines/add").await;
+    let select = form.split(r#"<select name="rack" id="rack">"#).nth(1).unwrap().split("</select>").next().unwrap();
+    let offered: Vec<&str> = select.split("\">").skip(1).map(|option| option.split('<').next().unwrap()).collect();
+    assert_eq!(offered, (0..RACKS).map(rack_name).collect::<Vec<_>>());
+}

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use metalrack_tests::latency::SAMPLE_INTERVAL_DEFAULT;
 use metalrack_tests::scale::{
-    add_machines, admin_sampler, machine_list_paged, racks_not_online, register_racks, run_boots, run_racks,
-    ui_session, FleetCounters,
+    add_machines, admin_sampler, machine_list_paged, rack_deep_offset, racks_not_online, register_racks, run_boots,
+    run_racks, ui_session, FleetCounters,
 };
 use metalrack_tests::{wait_for, Region, DEADLINE};
 
@@ -58,7 +58,15 @@ async fn a_hundred_racks_and_a_thousand_machines_stay_online_paged_and_quick_to_
     let boots = run_boots(&racks, MACHINES, BOOTS_PER_S, &counters);
 
     let ui = ui_session(&region, "admin", "scale-password").await.unwrap();
-    let sampler = admin_sampler(SAMPLE_INTERVAL_DEFAULT, &api, &ui, &region.https_url(), &machine_ids[0], DEEP_OFFSET);
+    let sampler = admin_sampler(
+        SAMPLE_INTERVAL_DEFAULT,
+        &api,
+        &ui,
+        &region.https_url(),
+        &machine_ids[0],
+        DEEP_OFFSET,
+        rack_deep_offset(RACKS),
+    );
     let report = sampler.run_for(WINDOW).await;
     println!("{report}");
     println!("{}", counters.summary());

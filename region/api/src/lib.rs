@@ -307,6 +307,22 @@ pub struct RackView {
     pub snapshot_files: u64,
 }
 
+/// One page of the rack list (`GET /racks?offset=&limit=`), by name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RackPage {
+    pub racks: Vec<RackView>,
+    /// Racks registered, on every page.
+    pub total: u64,
+}
+
+/// Racks one list page holds by default: what the controllers page shows at once.
+pub const RACK_PAGE_DEFAULT: u32 = 100;
+
+/// Racks one list page holds at most: a site is sized for 1,000 racks, so a client may still
+/// take them all in one request (~1 KiB of JSON each, ~1 MiB), but never more than that.
+pub const RACK_PAGE_MAX: u32 = 1000;
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]

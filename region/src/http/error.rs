@@ -132,7 +132,8 @@ impl From<RacksError> for ApiError {
             | InvalidPolicy { .. }
             | SnapshotTooLarge { .. }
             | SnapshotHash { .. }
-            | ProofVersion { .. } => StatusCode::BAD_REQUEST,
+            | ProofVersion { .. }
+            | InvalidLimit => StatusCode::BAD_REQUEST,
             ChallengesFull | ChallengesFullForSource => StatusCode::SERVICE_UNAVAILABLE,
             WrongSecret | NotAdmin { .. } => StatusCode::FORBIDDEN,
             CredentialMissing => StatusCode::UNAUTHORIZED,

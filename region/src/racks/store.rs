@@ -12,6 +12,14 @@ use crate::db::heartbeats::{PendingHeartbeat, Put};
 use crate::db::{query_error, Store, StoreError};
 use crate::util::{now_ms, random_hex};
 
+/// What a rack's state is decided by, besides the clock and the secret generation in force
+/// (see `racks::state_of`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RackLiveness {
+    pub secret_generation: i64,
+    pub last_seen_ms: Option<i64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RackRow {
     pub id: String,
@@ -84,7 +92,7 @@ impl Store {
     }
 
     pub async fn rack(&self, id: &str) -> Result<Option<RackRow>, StoreError> {
-        let row = sqlx::query(&format!("{RACK_COLUMNS} WHERE id = $1"))
+        let row = sqlx::query(&format!("SELECT {RACK_COLUMNS} FROM racks WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await
@@ -102,8 +110,70 @@ impl Store {
         Ok(rows.into_iter().collect())
     }
 
+    /// Every rack's name by id, ordered by name: what the "add machine" form offers.
+    pub async fn rack_names_by_name(&self) -> Result<Vec<(String, String)>, StoreError> {
+        sqlx::query_as("SELECT id, name FROM racks ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("list rack names"))
+    }
+
+    /// One page of racks by name (unique, so the order is stable and `racks`' UNIQUE index
+    /// serves it without sorting), each with its buffered heartbeat over the stored one and the
+    /// files in its snapshot; and how many racks there are. Reads only the page's rows.
+    pub async fn rack_page(&self, offset: u64, limit: u32) -> Result<(Vec<(RackRow, u64)>, u64), StoreError> {
+        let rows = sqlx::query(&rack_page_query())
+            .bind(i64::from(limit))
+            .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("list a page of racks"))?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM racks")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_error("count racks"))?;
+        let racks = rows
+            .iter()
+            .map(|row| {
+                let files: i64 = row.try_get(16).map_err(query_error("read rack snapshot count"))?;
+                Ok((self.with_pending_heartbeat(rack_from_row(row)?), files.max(0) as u64))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok((racks, total.max(0) as u64))
+    }
+
+    /// What decides each rack's state (id, secret generation, last seen), the buffered
+    /// heartbeat's `last_seen_ms` over the stored one: for counting racks by state without
+    /// reading and parsing their health, policies and sync reports.
+    pub async fn rack_liveness(&self) -> Result<Vec<RackLiveness>, StoreError> {
+        let rows: Vec<(String, i64, Option<i64>)> =
+            sqlx::query_as("SELECT id, secret_generation, last_seen_ms FROM racks")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_error("list racks' last heartbeats"))?;
+        let buffer = self.heartbeats.lock().expect("heartbeat buffer lock");
+        Ok(rows
+            .into_iter()
+            .map(|(id, secret_generation, stored)| {
+                let last_seen_ms = buffer.get(&id).map(|h| h.seen_ms).or(stored);
+                RackLiveness { secret_generation, last_seen_ms }
+            })
+            .collect())
+    }
+
+    /// Files in one rack's snapshot.
+    pub async fn rack_snapshot_files_count(&self, rack_id: &str) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rack_snapshot_files WHERE rack_id = $1")
+            .bind(rack_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_error("count the rack's snapshot files"))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Every rack, by name, with its buffered heartbeat over the stored one.
     pub async fn racks(&self) -> Result<Vec<RackRow>, StoreError> {
-        let rows = sqlx::query(&format!("{RACK_COLUMNS} ORDER BY name"))
+        let rows = sqlx::query(&format!("SELECT {RACK_COLUMNS} FROM racks ORDER BY name"))
             .fetch_all(&self.pool)
             .await
             .map_err(query_error("list racks"))?;
@@ -267,22 +337,6 @@ impl Store {
         tx.commit().await.map_err(query_error("commit put rack snapshot"))
     }
 
-    /// Files in each rack's snapshot, by rack id.
-    pub async fn rack_snapshot_counts(&self) -> Result<HashMap<String, u64>, StoreError> {
-        let rows = sqlx::query("SELECT rack_id, COUNT(*) FROM rack_snapshot_files GROUP BY rack_id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_error("count rack snapshot files"))?;
-        rows.iter()
-            .map(|row| {
-                let read = query_error("read rack snapshot count");
-                let id: String = row.try_get(0).map_err(read)?;
-                let n: i64 = row.try_get(1).map_err(query_error("read rack snapshot count"))?;
-                Ok((id, n.max(0) as u64))
-            })
-            .collect()
-    }
-
     /// For each rack, which of the catalogue's files its snapshot holds (only those: a rack's
     /// snapshot may still hold files of deleted versions).
     pub async fn rack_catalogue_files(&self) -> Result<HashMap<String, HashSet<String>>, StoreError> {
@@ -338,9 +392,19 @@ fn policy_name(kind: SyncPolicyKind) -> &'static str {
     }
 }
 
-const RACK_COLUMNS: &str = "SELECT id, name, credential_hash, secret_generation, registered_at_ms, last_seen_ms, \
+/// [`Store::rack_page`]'s query: `$1` the limit, `$2` the offset.
+fn rack_page_query() -> String {
+    format!(
+        "SELECT {RACK_COLUMNS}, \
+         (SELECT COUNT(*) FROM rack_snapshot_files f WHERE f.rack_id = racks.id) AS snapshot_files \
+         FROM racks ORDER BY name LIMIT $1 OFFSET $2"
+    )
+}
+
+/// The columns [`rack_from_row`] reads, in its order.
+const RACK_COLUMNS: &str = "id, name, credential_hash, secret_generation, registered_at_ms, last_seen_ms, \
      health_json, remote_address, sync_policy, sync_delay_ms, sync_window_start, sync_window_end, \
-     sync_bandwidth_bytes_per_s, sync_requested, sync_report_json, snapshot_id FROM racks";
+     sync_bandwidth_bytes_per_s, sync_requested, sync_report_json, snapshot_id";
 
 fn json_column<T: serde::de::DeserializeOwned>(
     row: &AnyRow,
@@ -381,4 +445,76 @@ fn rack_from_row(row: &AnyRow) -> Result<RackRow, StoreError> {
         sync_report: json_column(row, 14, "rack sync report")?,
         snapshot_id: row.try_get(15).map_err(read)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(version: &str) -> RackHealth {
+        RackHealth { version: version.into(), ..RackHealth::default() }
+    }
+
+    /// A page holds only its racks, by name, with the total; a rack whose latest heartbeat is
+    /// still buffered shows it (last seen, health), as `rack` and `racks` do; each rack's
+    /// snapshot files are counted; the liveness rows read through the buffer too.
+    #[tokio::test]
+    async fn a_rack_page_is_its_racks_by_name_with_their_buffered_heartbeats_and_snapshot_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let mut ids = HashMap::new();
+        for name in ["rack-e", "rack-a", "rack-d", "rack-b", "rack-c"] {
+            ids.insert(name, store.register_rack(name, "hash", 1).await.unwrap().0);
+        }
+        store.write_heartbeat(&ids["rack-c"], &health("stored"), None, "10.0.0.3").await.unwrap();
+        store.buffer_heartbeat(&ids["rack-c"], &health("buffered"), None, "10.0.0.33").await.unwrap();
+        store.buffer_heartbeat(&ids["rack-e"], &health("buffered"), None, "10.0.0.5").await.unwrap();
+        let hash = "ab".repeat(32);
+        store.put_rack_snapshot(&ids["rack-d"], "snap1", &[hash.clone(), "cd".repeat(32)]).await.unwrap();
+        assert_eq!(store.heartbeats_pending(), 2);
+
+        let (page, total) = store.rack_page(2, 2).await.unwrap();
+        assert_eq!(total, 5);
+        let names: Vec<&str> = page.iter().map(|(r, _)| r.name.as_str()).collect();
+        assert_eq!(names, ["rack-c", "rack-d"]);
+        let (c, c_files) = &page[0];
+        assert_eq!(c.health.as_ref().map(|h| h.version.as_str()), Some("buffered"), "the buffered heartbeat wins");
+        assert_eq!(c.remote_address.as_deref(), Some("10.0.0.33"));
+        assert!(c.last_seen_ms.is_some());
+        assert_eq!((*c_files, page[1].1), (0, 2), "snapshot files counted per rack");
+        assert_eq!(page[1].0.last_seen_ms, None, "rack-d never heartbeated");
+
+        let (last, _) = store.rack_page(4, 100).await.unwrap();
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].0.health.as_ref().map(|h| h.version.as_str()), Some("buffered"), "rack-e: buffer only");
+        let (beyond, total) = store.rack_page(5, 100).await.unwrap();
+        assert!(beyond.is_empty());
+        assert_eq!(total, 5, "the total on a page past the end too");
+
+        let seen = store.rack_liveness().await.unwrap().iter().filter(|r| r.last_seen_ms.is_some()).count();
+        assert_eq!(seen, 2, "rack-c stored and buffered, rack-e buffered only");
+
+        let names = store.rack_names_by_name().await.unwrap();
+        let names: Vec<&str> = names.iter().map(|(_, name)| name.as_str()).collect();
+        assert_eq!(names, ["rack-a", "rack-b", "rack-c", "rack-d", "rack-e"]);
+    }
+
+    /// The page query walks `racks`' UNIQUE index on name: no sort of every rack per page, so
+    /// no index migration is needed for the rack list (unlike machines' 0007).
+    #[tokio::test]
+    async fn the_rack_page_query_reads_the_name_index_without_sorting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", rack_page_query()))
+            .bind(100_i64)
+            .bind(0_i64)
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get::<String, _>(3).unwrap())
+            .collect();
+        assert!(plan.iter().any(|step| step.contains("USING INDEX")), "{plan:?}");
+        assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "{plan:?}");
+    }
 }

@@ -31,8 +31,8 @@ use metalrack_tests::latency::{LatencyReport, SAMPLE_INTERVAL_DEFAULT};
 use metalrack_tests::process::Spawn;
 use metalrack_tests::region::ANY_PORT;
 use metalrack_tests::scale::{
-    add_machines, admin_sampler, machine_list_paged, machine_mac, racks_not_online, register_racks, run_boots,
-    run_racks, ui_session, FleetCounters, ProcessUsage,
+    add_machines, admin_sampler, machine_list_paged, machine_mac, rack_deep_offset, racks_not_online, register_racks,
+    run_boots, run_racks, ui_session, FleetCounters, ProcessUsage,
 };
 use metalrack_tests::Region;
 
@@ -183,7 +183,15 @@ async fn run(options: &Options) -> Result<String> {
     let adding = started.elapsed();
     eprintln!("bench_scale: {base_machines} machines added in {adding:.1?}");
     let deep_offset = (base_machines as u64 / 100 - 1) * 100;
-    let sampler = admin_sampler(SAMPLE_INTERVAL_DEFAULT, &api, &ui, &region.https_url(), &machine_ids[0], deep_offset);
+    let sampler = admin_sampler(
+        SAMPLE_INTERVAL_DEFAULT,
+        &api,
+        &ui,
+        &region.https_url(),
+        &machine_ids[0],
+        deep_offset,
+        rack_deep_offset(racks.len()),
+    );
 
     // 2. Idle: the data in, no rack traffic.
     let region_before = ProcessUsage::of(pid)?;

@@ -145,7 +145,7 @@ async fn storm(
     let ui = ui_session(&site.region, ADMIN_USERNAME, ADMIN_PASSWORD).await?;
     let region_url = site.region.https_url();
     let sampler =
-        || admin_sampler(SAMPLE_EVERY, &api, &ui, &region_url, &ids[0], (ids.len() as u64 / 2).saturating_sub(1));
+        || admin_sampler(SAMPLE_EVERY, &api, &ui, &region_url, &ids[0], (ids.len() as u64 / 2).saturating_sub(1), 0);
     let idle = sampler().run_for(Duration::from_secs(args.idle_s)).await;
 
     let uplink_before = site.uplink_counters()?.remove(0).1;

@@ -2,16 +2,17 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use metalrack_api::images::{RackSnapshot, SyncPolicy};
 use metalrack_api::paths;
 use metalrack_api::{
-    ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, RackView, RegisterRequest,
+    ChallengeRequest, ChallengeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, RackPage, RegisterRequest,
     RegisterResponse,
 };
+use serde::Deserialize;
 
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, ApiUser, AuthedRack};
@@ -74,10 +75,23 @@ async fn heartbeat(
     Ok(Json(state.racks.heartbeat(&rack, &request, &peer.ip().to_string()).await?))
 }
 
-/// The rack controllers, with their state, health and sync.
-#[utoipa::path(get, path = paths::RACKS, tag = "racks", security(("api_key" = [])), responses((status = 200, body = Vec<RackView>)))]
-async fn list_racks(State(state): State<AppState>, _user: ApiUser) -> Result<Json<Vec<RackView>>, ApiError> {
-    Ok(Json(state.racks.views().await?))
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+/// The rack controllers, a page at a time by name, with their state, health and sync.
+#[utoipa::path(get, path = paths::RACKS, tag = "racks", security(("api_key" = [])), params(("offset" = Option<u64>, Query), ("limit" = Option<u32>, Query, description = "at most 1000; default 100")), responses((status = 200, body = RackPage), (status = 400, body = ErrorBody)))]
+async fn list_racks(
+    State(state): State<AppState>,
+    _user: ApiUser,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<RackPage>, ApiError> {
+    Ok(Json(state.racks.page(query.offset, query.limit).await?))
 }
 
 /// "Sync now" for one rack.

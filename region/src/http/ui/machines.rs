@@ -14,7 +14,6 @@ use metalrack_api::machines::{
     BrokenRequest, DeployRequest, MachineCreate, MachinePage, MachineState, MachineView, PowerCommand, ReleaseRequest,
 };
 use metalrack_api::power::{PowerDriver, PowerParameters, PowerState};
-use metalrack_api::RackView;
 use serde::Deserialize;
 
 use super::{cluster_name, csrf_input, events_table, human_bytes, layout, Nav, PageError, PageResult};
@@ -613,12 +612,14 @@ async fn render_add(
     status: StatusCode,
 ) -> PageResult {
     let cluster = cluster_name(state).await?;
-    let racks = state.racks.views().await?;
+    // Ids and names only: the form needs no rack's health, policy or sync report.
+    let racks = state.shared.store.rack_names_by_name().await?;
     let content = add_markup(form, &racks, &session.csrf, error);
     Ok((status, layout("Add machine", &cluster, Some(session), Nav::Machines, content)).into_response())
 }
 
-fn add_markup(form: &AddForm, racks: &[RackView], csrf: &str, error: Option<&str>) -> Markup {
+/// `racks`: (id, name) of every rack, by name.
+fn add_markup(form: &AddForm, racks: &[(String, String)], csrf: &str, error: Option<&str>) -> Markup {
     html! {
         section.card.narrow {
             h1 { "Add machine" }
@@ -629,7 +630,7 @@ fn add_markup(form: &AddForm, racks: &[RackView], csrf: &str, error: Option<&str
                 label { "MAC address" input name="mac" id="mac" value=(form.mac) required placeholder="52:54:00:aa:bb:01"; }
                 label { "Rack"
                     select name="rack" id="rack" {
-                        @for rack in racks { option value=(rack.id) selected[form.rack == rack.id] { (rack.name) } }
+                        @for (id, name) in racks { option value=(id) selected[&form.rack == id] { (name) } }
                     }
                 }
                 @if racks.is_empty() { p.hint { "No rack controller is registered yet: add one first." } }

@@ -7,7 +7,7 @@ mod machines;
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Form, State};
+use axum::extract::{ConnectInfo, Form, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -299,8 +299,9 @@ async fn welcome(State(state): State<AppState>, session: SessionUser, Form(form)
 async fn dashboard(State(state): State<AppState>, session: SessionUser) -> PageResult {
     let user = &session.user;
     let cluster = cluster_name(&state).await?;
-    let racks = state.racks.views().await?;
-    let count = |s: RackState| racks.iter().filter(|r| r.state == s).count();
+    let rack_counts = state.racks.current_state_counts().await?;
+    let count = |s: RackState| rack_counts.iter().find(|(state, _)| *state == s).map_or(0, |(_, n)| *n);
+    let racks_total: u64 = rack_counts.iter().map(|(_, n)| n).sum();
     let users = crate::users::count(&state.shared).await?;
     let events = state.shared.store.events(DASHBOARD_EVENT_ROWS).await?;
     let machine_counts = machines::counts_by_state(&state).await?;
@@ -308,7 +309,7 @@ async fn dashboard(State(state): State<AppState>, session: SessionUser) -> PageR
         h1 { "Dashboard" }
         div.tiles {
             a.tile href=(format!("{BASE_PATH}/controllers")) {
-                span.big { (racks.len()) } span { "rack controllers" }
+                span.big { (racks_total) } span { "rack controllers" }
                 span.detail { (count(RackState::Online)) " online · " (count(RackState::Offline)) " offline"
                     @if count(RackState::NeedsReregistration) > 0 { " · " (count(RackState::NeedsReregistration)) " need re-registration" } }
             }
@@ -320,7 +321,7 @@ async fn dashboard(State(state): State<AppState>, session: SessionUser) -> PageR
             }
             div.tile { span.big { (users) } span { "users" } }
         }
-        @if racks.is_empty() {
+        @if racks_total == 0 {
             section.card {
                 h2 { "Add your first rack" }
                 p { "A rack controller serves PXE to the machines of its rack. Install " code { "rackd" } " on a box in the rack and register it with this region." }
@@ -352,19 +353,48 @@ fn events_table(events: &[metalrack_api::EventView]) -> Markup {
 
 // ---- controllers ----
 
-async fn controllers(State(state): State<AppState>, session: SessionUser) -> PageResult {
+/// Racks one controllers page shows (the API's default page): each row carries its charts, so
+/// the page's size and build time stay bounded however many racks register (1,000 at a large
+/// site).
+pub const CONTROLLERS_PAGE_ROWS: u32 = metalrack_api::RACK_PAGE_DEFAULT;
+
+#[derive(Deserialize, Default)]
+struct ControllersQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+fn controllers_href(offset: u64) -> String {
+    format!("{BASE_PATH}/controllers?offset={offset}")
+}
+
+async fn controllers(
+    State(state): State<AppState>,
+    session: SessionUser,
+    Query(query): Query<ControllersQuery>,
+) -> PageResult {
     let user = &session.user;
     let cluster = cluster_name(&state).await?;
-    let racks = state.racks.views().await?;
+    let page = state.racks.page(query.offset, Some(CONTROLLERS_PAGE_ROWS)).await?;
+    let (racks, total, offset) = (&page.racks, page.total, query.offset);
+    let rows = u64::from(CONTROLLERS_PAGE_ROWS);
     let content = html! {
         div.heading {
             h1 { "Controllers" }
             @if user.is_admin { a.button.primary href=(format!("{BASE_PATH}/controllers/add")) id="add-rack" { "Add rack controller" } }
         }
-        @if racks.is_empty() { p.muted { "No rack controllers are registered yet." } } @else {
-            table.controllers id="controllers" {
-                thead { tr { th { "Name" } th { "State" } th { "Last seen" } th { "Version" } th { "Addresses" } th { "Uptime" } th { "CPU load" } th { "Disk free" } th { "Sync" } th { "Recent" } } }
-                tbody { @for rack in &racks { (controller_row(rack, &state.racks.health_samples(&rack.id))) } }
+        @if total == 0 { p.muted { "No rack controllers are registered yet." } } @else {
+            @if !racks.is_empty() {
+                table.controllers id="controllers" {
+                    thead { tr { th { "Name" } th { "State" } th { "Last seen" } th { "Version" } th { "Addresses" } th { "Uptime" } th { "CPU load" } th { "Disk free" } th { "Sync" } th { "Recent" } } }
+                    tbody { @for rack in racks { (controller_row(rack, &state.racks.health_samples(&rack.id))) } }
+                }
+            }
+            p.pager {
+                (total) @if total == 1 { " rack controller" } @else { " rack controllers" }
+                @if total > rows && offset < total { " · showing " (offset + 1) "–" ((offset + rows).min(total)) }
+                @if offset > 0 { " · " a href=(controllers_href(offset.saturating_sub(rows))) id="previous" { "previous" } }
+                @if offset + rows < total { " · " a href=(controllers_href(offset + rows)) id="next" { "next" } }
             }
             (charts::explanation(state.shared.config.rack_heartbeat_interval_ms))
         }
