@@ -25,7 +25,7 @@ use metalrack_api::machines::MachineState;
 use metalrack_hardware::fleet::SimPhase;
 use metalrack_hardware::scenario::Scenario;
 use metalrack_tests::latency::LatencyReport;
-use metalrack_tests::scale::{admin_sampler, ui_session, ProcessUsage};
+use metalrack_tests::scale::{admin_sampler, rack_deep_offset, ui_session, ProcessUsage};
 use metalrack_tests::site::{machines_to_add, Site, ADMIN_PASSWORD, ADMIN_USERNAME};
 
 /// The API and UI are sampled this often, idle and during the storm.
@@ -144,8 +144,18 @@ async fn storm(
     let api = site.api();
     let ui = ui_session(&site.region, ADMIN_USERNAME, ADMIN_PASSWORD).await?;
     let region_url = site.region.https_url();
-    let sampler =
-        || admin_sampler(SAMPLE_EVERY, &api, &ui, &region_url, &ids[0], (ids.len() as u64 / 2).saturating_sub(1), 0);
+    let rack_deep_offset = rack_deep_offset(site.topology().racks().len());
+    let sampler = || {
+        admin_sampler(
+            SAMPLE_EVERY,
+            &api,
+            &ui,
+            &region_url,
+            &ids[0],
+            (ids.len() as u64 / 2).saturating_sub(1),
+            rack_deep_offset,
+        )
+    };
     let idle = sampler().run_for(Duration::from_secs(args.idle_s)).await;
 
     let uplink_before = site.uplink_counters()?.remove(0).1;
