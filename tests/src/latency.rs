@@ -259,9 +259,134 @@ impl fmt::Display for LatencyReport {
     }
 }
 
+/// The region's request-latency histogram as `/metrics` exports it
+/// (`metalrack_region_http_request_duration_seconds`): cumulative counts per bucket bound, by
+/// route template and method. It times a request inside the region (routing to response), so
+/// set beside a sampler's figures it tells the region's share of a slow answer from the
+/// client's and the network's. Two scrapes subtracted ([`RouteHistograms::since`]) give a
+/// window's requests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteHistograms {
+    /// (route, method) → (bucket upper bound in seconds, requests at or under it), ascending.
+    buckets: std::collections::BTreeMap<(String, String), Vec<(f64, u64)>>,
+}
+
+const DURATION_BUCKET: &str = "metalrack_region_http_request_duration_seconds_bucket{";
+
+impl RouteHistograms {
+    /// Reads the bucket lines of an OpenMetrics text; other lines are skipped.
+    pub fn parse(text: &str) -> RouteHistograms {
+        let mut histograms = RouteHistograms::default();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(DURATION_BUCKET) else { continue };
+            let Some((labels, value)) = rest.rsplit_once("} ") else { continue };
+            let Ok(count) = value.trim().parse::<f64>() else { continue };
+            let (mut le, mut route, mut method) = (None, None, None);
+            for label in labels.split("\",") {
+                let Some((name, value)) = label.split_once("=\"") else { continue };
+                let value = value.trim_end_matches('"');
+                match name {
+                    "le" => le = Some(if value == "+Inf" { f64::INFINITY } else { value.parse().unwrap_or(f64::NAN) }),
+                    "route" => route = Some(value.to_owned()),
+                    "method" => method = Some(value.to_owned()),
+                    _ => {}
+                }
+            }
+            if let (Some(le), Some(route), Some(method)) = (le, route, method) {
+                if !le.is_nan() {
+                    histograms.buckets.entry((route, method)).or_default().push((le, count as u64));
+                }
+            }
+        }
+        for buckets in histograms.buckets.values_mut() {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        histograms
+    }
+
+    /// The region's histograms now (`GET /metrics` with an API key).
+    pub async fn scrape(api: &crate::api::Api) -> Result<RouteHistograms> {
+        let response = api.request(reqwest::Method::GET, metalrack_api::paths::METRICS).send().await?;
+        let text = response.error_for_status().context("GET /metrics")?.text().await?;
+        Ok(RouteHistograms::parse(&text))
+    }
+
+    /// The requests counted since `before` (an earlier scrape of the same region).
+    pub fn since(&self, before: &RouteHistograms) -> RouteHistograms {
+        let mut buckets = self.buckets.clone();
+        for (key, now) in &mut buckets {
+            let Some(then) = before.buckets.get(key) else { continue };
+            for (bound, count) in now.iter_mut() {
+                let earlier = then.iter().find(|(b, _)| b == bound).map_or(0, |(_, c)| *c);
+                *count = count.saturating_sub(earlier);
+            }
+        }
+        RouteHistograms { buckets }
+    }
+
+    /// Requests of `route` and `method` counted.
+    pub fn count(&self, route: &str, method: &str) -> u64 {
+        self.get(route, method).and_then(|b| b.last()).map_or(0, |(_, c)| *c)
+    }
+
+    /// The smallest bucket bound that at least `q` (0 < q ≤ 1) of the requests of `route` and
+    /// `method` came in under: "p99 ≤ 10 ms", exact to the bucket (no interpolation). None
+    /// without requests.
+    pub fn quantile_bound(&self, route: &str, method: &str, q: f64) -> Option<Duration> {
+        let buckets = self.get(route, method)?;
+        let total = buckets.last()?.1;
+        if total == 0 {
+            return None;
+        }
+        let needed = (q * total as f64).ceil() as u64;
+        let (bound, _) = buckets.iter().find(|(_, count)| *count >= needed)?;
+        Some(if bound.is_finite() { Duration::from_secs_f64(*bound) } else { Duration::MAX })
+    }
+
+    /// Every (route, method) seen, in order.
+    pub fn routes(&self) -> Vec<(String, String)> {
+        self.buckets.keys().cloned().collect()
+    }
+
+    fn get(&self, route: &str, method: &str) -> Option<&Vec<(f64, u64)>> {
+        self.buckets.get(&(route.to_owned(), method.to_owned()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SCRAPE: &str = "# TYPE metalrack_region_http_request_duration_seconds histogram\n\
+metalrack_region_http_request_duration_seconds_bucket{le=\"0.005\",route=\"/MAAS/api/v1/machines\",method=\"GET\"} 90\n\
+metalrack_region_http_request_duration_seconds_bucket{le=\"0.01\",route=\"/MAAS/api/v1/machines\",method=\"GET\"} 98\n\
+metalrack_region_http_request_duration_seconds_bucket{le=\"0.025\",route=\"/MAAS/api/v1/machines\",method=\"GET\"} 100\n\
+metalrack_region_http_request_duration_seconds_bucket{le=\"+Inf\",route=\"/MAAS/api/v1/machines\",method=\"GET\"} 100\n\
+metalrack_region_http_request_duration_seconds_sum{route=\"/MAAS/api/v1/machines\",method=\"GET\"} 0.4\n\
+metalrack_region_http_requests_total{route=\"/MAAS/api/v1/machines\",method=\"GET\",status=\"200\"} 100\n";
+
+    #[test]
+    fn the_regions_histogram_gives_each_quantile_as_the_bucket_it_falls_in() {
+        let histograms = RouteHistograms::parse(SCRAPE);
+        let route = "/MAAS/api/v1/machines";
+        assert_eq!(histograms.count(route, "GET"), 100);
+        assert_eq!(histograms.quantile_bound(route, "GET", 0.5), Some(Duration::from_millis(5)));
+        assert_eq!(histograms.quantile_bound(route, "GET", 0.98), Some(Duration::from_millis(10)));
+        assert_eq!(histograms.quantile_bound(route, "GET", 0.99), Some(Duration::from_millis(25)));
+        assert_eq!(histograms.quantile_bound(route, "POST", 0.99), None);
+    }
+
+    #[test]
+    fn a_window_of_the_regions_histogram_counts_only_the_requests_since_the_first_scrape() {
+        let before = RouteHistograms::parse(SCRAPE);
+        let later = SCRAPE.replace("} 90", "} 190").replace("} 98", "} 198").replace("} 100\n", "} 300\n");
+        let window = RouteHistograms::parse(&later).since(&before);
+        let route = "/MAAS/api/v1/machines";
+        // 200 more: 100 under 5 ms, 100 between 10 and 25 ms.
+        assert_eq!(window.count(route, "GET"), 200);
+        assert_eq!(window.quantile_bound(route, "GET", 0.5), Some(Duration::from_millis(5)));
+        assert_eq!(window.quantile_bound(route, "GET", 0.51), Some(Duration::from_millis(25)));
+    }
 
     fn millis(values: &[u64]) -> Vec<Duration> {
         values.iter().map(|&v| Duration::from_millis(v)).collect()

@@ -17,10 +17,17 @@ use super::switch::{Port, PortDevice, Switch};
 use super::tftp;
 
 /// TCP receive buffer per connection: the window the rack may fill before waiting for an ACK.
-/// smoltcp has no SACK, so a larger window mostly costs memory; 1 MiB (window scaling on) keeps
-/// a range request of the deploy (4 MiB) moving at a few hundred MB/s on a local link. Two
-/// connections per machine (image ranges, reports): ~2 MiB per deploying machine.
-pub const TCP_RX_BUFFER_BYTES: usize = 1 << 20;
+/// At most 65,535 bytes, so that smoltcp uses no window scaling. With scaling (it was 1 MiB,
+/// shift 5) smoltcp 0.12 advertises its free space rounded down to the scale, so when a machine
+/// reads slower than the rack sends (a starved simulator) the window's right edge can move back
+/// a few bytes after the rack has already sent up to it; smoltcp accepts those bytes (it checks
+/// segments against its buffer, not its last window) and then panics computing the next window
+/// update ("attempt to subtract sequence numbers with underflow", `last_scaled_window`; the same
+/// trace as smoltcp issue #1048, and the code is unchanged in 0.13). The 10 GiB deploy storm hit
+/// it. Unscaled, the advertised edge never moves back. 64 KiB still moves a range request at
+/// hundreds of MB/s over the lab's sub-millisecond links, more than a simulated machine takes.
+pub const TCP_RX_BUFFER_BYTES: usize = u16::MAX as usize;
+const _: () = assert!(TCP_RX_BUFFER_BYTES <= u16::MAX as usize, "a larger buffer turns window scaling on");
 /// TCP send buffer: requests and JSON reports are small.
 pub const TCP_TX_BUFFER_BYTES: usize = 64 * 1024;
 /// UDP buffers (TFTP): one window of datagrams, each up to a jumbo frame.

@@ -9,7 +9,15 @@
 //!
 //! With `--pin`, the region runs alone on CPU 1 and everything else (the rack, this process with
 //! the fleet and the samplers) on CPU 0 (`taskset`), so the region has its own core as on the
-//! seed's site, where it is a box of its own.
+//! seed's site, where it is a box of its own. With `--fleet-sched-idle` as well, the simulated
+//! machines' threads run at `SCHED_IDLE` on CPU 0: they stand in for computers of their own, so
+//! they take only the time the rack and the sampler leave, and the sampler's own wake-ups do not
+//! wait behind a hundred machine threads (which would count as the region's latency).
+//!
+//! Beside the sampler's figures (measured at the client), the report has the region's own view
+//! of each route's latency over the same windows, from its `/metrics` histogram (the bucket that
+//! p50 and p99 fall in): a slow answer that the region timed fast was slow in the client or on the
+//! way, not in the region.
 //!
 //! Run (root): `cargo build --release -p metalrack-region -p metalrack-appliance -p
 //! metalrack-imgtool -p metalrack-tests --bins && target/release/bench_storm [--pin] [--machines
@@ -24,7 +32,7 @@ use clap::Parser;
 use metalrack_api::machines::MachineState;
 use metalrack_hardware::fleet::SimPhase;
 use metalrack_hardware::scenario::Scenario;
-use metalrack_tests::latency::LatencyReport;
+use metalrack_tests::latency::{LatencyReport, RouteHistograms};
 use metalrack_tests::scale::{admin_sampler, rack_deep_offset, ui_session, ProcessUsage};
 use metalrack_tests::site::{machines_to_add, Site, ADMIN_PASSWORD, ADMIN_USERNAME};
 
@@ -55,6 +63,9 @@ struct Args {
     /// The region alone on CPU 1, everything else on CPU 0.
     #[arg(long)]
     pin: bool,
+    /// The simulated machines' threads at `SCHED_IDLE` (see the module's doc).
+    #[arg(long)]
+    fleet_sched_idle: bool,
     /// Where the site lives (a temp dir under it).
     #[arg(long, default_value = "/tmp")]
     work_dir: std::path::PathBuf,
@@ -133,6 +144,9 @@ async fn storm(
     let curl_rate = curl(url.clone())?.max(curl(url)?);
 
     let fleet = site.start_fleet(0)?;
+    if args.fleet_sched_idle {
+        fleet_threads_sched_idle()?;
+    }
     let to_add = machines_to_add(&rack.name, &fleet);
     let ids: Vec<String> = site.add_machines(&to_add).await?.into_iter().map(|m| m.id).collect();
     site.commission_all(&ids).await?;
@@ -156,7 +170,9 @@ async fn storm(
             rack_deep_offset,
         )
     };
+    let histograms_at_start = RouteHistograms::scrape(&api).await?;
     let idle = sampler().run_for(Duration::from_secs(args.idle_s)).await;
+    let histograms_idle_end = RouteHistograms::scrape(&api).await?;
 
     let uplink_before = site.uplink_counters()?.remove(0).1;
     let usage = |pid: u32| ProcessUsage::of(pid);
@@ -170,6 +186,8 @@ async fn storm(
     };
     let took = started.elapsed();
     let during = running.stop().await;
+    let region_idle = histograms_idle_end.since(&histograms_at_start);
+    let region_storm = RouteHistograms::scrape(&api).await?.since(&histograms_idle_end);
     let (rack_after, region_after, own_after) = (usage(rack_pid)?, usage(region_pid)?, ProcessUsage::own()?);
     let uplink = site.uplink_counters()?.remove(0).1.since(&uplink_before);
     let deployed = deployed?;
@@ -206,7 +224,12 @@ async fn storm(
          | regiond RSS at the end / peak | {} / {} MiB |\n\
          | uplink during the storm, region → rack / rack → region | {} / {} bytes |\n\n",
         ids.len(),
-        if args.pin { " (regiond alone on CPU 1, the rest on CPU 0)" } else { "" },
+        match (args.pin, args.fleet_sched_idle) {
+            (true, true) => " (regiond alone on CPU 1, the rest on CPU 0, the machines at SCHED_IDLE)",
+            (true, false) => " (regiond alone on CPU 1, the rest on CPU 0)",
+            (false, true) => " (the machines at SCHED_IDLE)",
+            (false, false) => "",
+        },
         metalrack_tests::bench::load_average(),
         deployed.len(),
         ids.len(),
@@ -226,6 +249,8 @@ async fn storm(
         uplink.up_bytes(),
     );
     report += &latency_table(&idle, &during);
+    report += "\n";
+    report += &region_table(&region_idle, &region_storm);
     Ok(report)
 }
 
@@ -244,6 +269,60 @@ fn pin(pid: u32, cpus: &str) -> Result<()> {
     let status = Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()]).output()?;
     ensure!(status.status.success(), "taskset of {pid}: {}", String::from_utf8_lossy(&status.stderr));
     Ok(())
+}
+
+/// Every thread of this process named `fleet-…` (the simulated machines, their tap reader and
+/// BMCs) to `SCHED_IDLE` (`chrt --idle -p 0 TID`).
+fn fleet_threads_sched_idle() -> Result<()> {
+    let mut changed = 0;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let task = task?;
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("fleet-") {
+            continue;
+        }
+        let tid = task.file_name().to_string_lossy().to_string();
+        let status = Command::new("chrt").args(["--idle", "-p", "0", &tid]).output()?;
+        ensure!(status.status.success(), "chrt --idle of {tid}: {}", String::from_utf8_lossy(&status.stderr));
+        changed += 1;
+    }
+    ensure!(changed > 0, "no fleet thread found");
+    Ok(())
+}
+
+/// The region's own latency per route (its `/metrics` histogram), idle and during the storm:
+/// the routes the sampler asks for, then every other route the storm used.
+fn region_table(idle: &RouteHistograms, storm: &RouteHistograms) -> String {
+    const SAMPLED: [&str; 5] =
+        ["/MAAS/api/v1/machines", "/MAAS/api/v1/machines/{id}", "/MAAS/api/v1/racks", "/MAAS/machines", "/MAAS/"];
+    let bound = |h: &RouteHistograms, route: &str, method: &str, q: f64| match h.quantile_bound(route, method, q) {
+        Some(d) if d == Duration::MAX => "> 60 s".to_owned(),
+        Some(d) => format!("≤ {}", d.as_secs_f64() * 1000.0),
+        None => "-".to_owned(),
+    };
+    let mut table = String::from(
+        "The region's own timing (its request histogram; the bucket p50 and p99 fall in, ms):\n\n\
+         | route | method | idle requests | idle p50 / p99 | storm requests | storm p50 / p99 |\n\
+         |---|---|---:|---:|---:|---:|\n",
+    );
+    let mut routes: Vec<(String, String)> = SAMPLED.iter().map(|r| (r.to_string(), "GET".to_owned())).collect();
+    for key in storm.routes() {
+        if !routes.contains(&key) && storm.count(&key.0, &key.1) > 0 {
+            routes.push(key);
+        }
+    }
+    for (route, method) in routes {
+        table += &format!(
+            "| {route} | {method} | {} | {} / {} | {} | {} / {} |\n",
+            idle.count(&route, &method),
+            bound(idle, &route, &method, 0.5),
+            bound(idle, &route, &method, 0.99),
+            storm.count(&route, &method),
+            bound(storm, &route, &method, 0.5),
+            bound(storm, &route, &method, 0.99),
+        );
+    }
+    table
 }
 
 /// Idle and storm latency side by side, with the p99 ratio.
