@@ -294,7 +294,7 @@ fn fleet_threads_sched_idle() -> Result<()> {
 /// the routes the sampler asks for, then every other route the storm used.
 fn region_table(idle: &RouteHistograms, storm: &RouteHistograms) -> String {
     const SAMPLED: [&str; 5] =
-        ["/MAAS/api/v1/machines", "/MAAS/api/v1/machines/{id}", "/MAAS/api/v1/racks", "/MAAS/machines", "/MAAS/"];
+        ["/MAAS/api/v1/machines", "/MAAS/api/v1/machines/{machine}", "/MAAS/api/v1/racks", "/MAAS/machines", "/MAAS/"];
     let bound = |h: &RouteHistograms, route: &str, method: &str, q: f64| match h.quantile_bound(route, method, q) {
         Some(d) if d == Duration::MAX => "> 60 s".to_owned(),
         Some(d) => format!("≤ {}", d.as_secs_f64() * 1000.0),
