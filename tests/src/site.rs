@@ -167,12 +167,35 @@ pub struct Site {
     topology: Arc<Topology>,
 }
 
+/// Writes a stand-in deploy environment into `dir` (pseudo-random `kernel` and `initrd` of the
+/// given sizes) and returns `dir`: simulated machines fetch and count the deploy environment
+/// but do not run it, so only its size matters.
+pub fn write_stand_in_deploy_env(dir: &Path, kernel_bytes: usize, initrd_bytes: usize) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("kernel"), crate::random_bytes(kernel_bytes, 1))?;
+    std::fs::write(dir.join("initrd"), crate::random_bytes(initrd_bytes, 2))?;
+    Ok(dir.to_owned())
+}
+
 impl Site {
     /// Builds the scenario's namespaces and links; call from any thread, then run the site's
     /// async code with [`Site::block_on`].
     pub fn build_topology(scenario: &Scenario) -> Result<Arc<Topology>> {
         let topology = Topology::build(&scenario.topology_spec()).context("building the site's namespaces")?;
         Ok(Arc::new(topology))
+    }
+
+    /// Builds the scenario's topology and runs `body(topology, scenario)` to completion inside
+    /// the region's namespace: how every site-level test, bench and the runner start.
+    pub fn run<T, F, Fut>(scenario: Scenario, body: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Topology>, Scenario) -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        let topology = Site::build_topology(&scenario)?;
+        let inside = topology.clone();
+        Site::block_on(&topology, move || body(inside, scenario))
     }
 
     /// Runs `make()` to completion on a runtime inside the region's namespace.

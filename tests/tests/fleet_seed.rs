@@ -22,7 +22,7 @@ use metalrack_api::paths;
 use metalrack_hardware::fleet::{Fleet, FleetMachineStatus, SimPhase};
 use metalrack_hardware::scenario::Scenario;
 use metalrack_hardware::topology::Topology;
-use metalrack_tests::site::{machines_to_add, Site, SiteImage};
+use metalrack_tests::site::{machines_to_add, write_stand_in_deploy_env, Site, SiteImage};
 
 const IMAGE_BYTES: u64 = 16 << 20;
 
@@ -54,20 +54,15 @@ fn the_seeds_45_machines_on_three_racks_deploy_at_once_from_their_own_racks_also
     let scenario = seed_scenario();
     assert_eq!((scenario.racks.len(), scenario.machine_count(), scenario.machines_at_once()), (3, 45, 45));
     let dir = tempfile::tempdir().unwrap();
-    let topology = Site::build_topology(&scenario).unwrap();
-    let inside = topology.clone();
     let dir_path = dir.path().to_owned();
-    Site::block_on(&topology, move || async move { run(inside, scenario, &dir_path).await }).unwrap();
+    Site::run(scenario, move |topology, scenario| async move { run(topology, scenario, &dir_path).await }).unwrap();
 }
 
 async fn run(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
     let mut site = Site::start(topology.clone(), scenario, dir).await.unwrap_or_else(|e| panic!("{e:#}"));
     // The simulated machines fetch and count the deploy environment but do not run it: a
     // stand-in of the real one's order of size.
-    let env = dir.join("deploy-env");
-    std::fs::create_dir_all(&env).unwrap();
-    std::fs::write(env.join("kernel"), metalrack_tests::random_bytes(1 << 20, 1)).unwrap();
-    std::fs::write(env.join("initrd"), metalrack_tests::random_bytes(3 << 20, 2)).unwrap();
+    let env = write_stand_in_deploy_env(&dir.join("deploy-env"), 1 << 20, 3 << 20).unwrap();
     site.push_deploy_env(&env).await.unwrap_or_else(|e| panic!("{e:#}"));
     let images = site.make_images().unwrap();
     let v1 = images[0].clone();

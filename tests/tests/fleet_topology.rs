@@ -68,10 +68,8 @@ fn three_racks_over_shaped_uplinks_come_online_sync_an_image_once_at_the_uplinks
     let scenario = seed_with_random_image();
     assert_eq!(scenario.racks.len(), 3);
     let dir = tempfile::tempdir().unwrap();
-    let topology = Site::build_topology(&scenario).unwrap();
-    let inside = topology.clone();
     let dir_path = dir.path().to_owned();
-    Site::block_on(&topology, move || async move { run(inside, scenario, &dir_path).await }).unwrap();
+    Site::run(scenario, move |topology, scenario| async move { run(topology, scenario, &dir_path).await }).unwrap();
 }
 
 async fn run(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
@@ -206,10 +204,12 @@ fn machines_added_through_the_site_are_powered_on_by_their_own_rack_over_redfish
     let mut scenario = seed_with_random_image();
     scenario.racks.truncate(2);
     let dir = tempfile::tempdir().unwrap();
-    let topology = Site::build_topology(&scenario).unwrap();
-    let inside = topology.clone();
     let dir_path = dir.path().to_owned();
-    Site::block_on(&topology, move || async move { power_through_racks(inside, scenario, &dir_path).await }).unwrap();
+    Site::run(
+        scenario,
+        move |topology, scenario| async move { power_through_racks(topology, scenario, &dir_path).await },
+    )
+    .unwrap();
 }
 
 async fn power_through_racks(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {

@@ -34,7 +34,7 @@ use metalrack_hardware::fleet::SimPhase;
 use metalrack_hardware::scenario::Scenario;
 use metalrack_tests::latency::{LatencyReport, RouteHistograms};
 use metalrack_tests::scale::{admin_sampler, rack_deep_offset, ui_session, ProcessUsage};
-use metalrack_tests::site::{machines_to_add, Site, ADMIN_PASSWORD, ADMIN_USERNAME};
+use metalrack_tests::site::{machines_to_add, write_stand_in_deploy_env, Site, ADMIN_PASSWORD, ADMIN_USERNAME};
 
 /// The API and UI are sampled this often, idle and during the storm.
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
@@ -94,9 +94,8 @@ fn run(args: Args) -> Result<String> {
     scenario.region.deploys_per_rack_max = args.machines;
     scenario.images[0].synthetic.as_mut().context("the storm's image is synthetic")?.size_bytes = args.size_mib << 20;
     let dir = tempfile::Builder::new().prefix("bench_storm").tempdir_in(&args.work_dir)?;
-    let topology = Site::build_topology(&scenario)?;
     let dir_path = dir.path().to_owned();
-    Site::block_on(&topology.clone(), move || async move { storm(topology, scenario, &dir_path, args).await })?
+    Site::run(scenario, move |topology, scenario| async move { storm(topology, scenario, &dir_path, args).await })?
 }
 
 async fn storm(
@@ -107,10 +106,7 @@ async fn storm(
 ) -> Result<String> {
     let load_at_start = metalrack_tests::bench::load_average();
     let site = Site::start(topology, scenario, dir).await?;
-    let env = dir.join("deploy-env");
-    std::fs::create_dir_all(&env)?;
-    std::fs::write(env.join("kernel"), metalrack_tests::random_bytes(1 << 20, 1))?;
-    std::fs::write(env.join("initrd"), metalrack_tests::random_bytes(3 << 20, 2))?;
+    let env = write_stand_in_deploy_env(&dir.join("deploy-env"), 1 << 20, 3 << 20)?;
     site.push_deploy_env(&env).await?;
     let image = site.make_images()?.remove(0);
     site.push_image(&image).await?;

@@ -25,7 +25,9 @@ use metalrack_api::machines::MachineState;
 use metalrack_hardware::scenario::Scenario;
 use metalrack_hardware::topology::{Topology, UplinkCounters};
 use metalrack_tests::proxy::Forwarder;
-use metalrack_tests::site::{machines_to_add, RackFleet, Site, SiteImage, ADMIN_PASSWORD, ADMIN_USERNAME};
+use metalrack_tests::site::{
+    machines_to_add, write_stand_in_deploy_env, RackFleet, Site, SiteImage, ADMIN_PASSWORD, ADMIN_USERNAME,
+};
 
 /// How often the progress display reads the links' counters and the region.
 const REFRESH: Duration = Duration::from_millis(250);
@@ -160,19 +162,13 @@ fn run_scenario(args: RunArgs) -> Result<ExitCode> {
     let deploy_env = match args.deploy_env {
         Some(dir) => dir,
         None => {
-            let dir = dir.join("stand-in-deploy-env");
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("kernel"), metalrack_tests::random_bytes(STAND_IN_KERNEL_BYTES, 1))?;
-            std::fs::write(dir.join("initrd"), metalrack_tests::random_bytes(STAND_IN_INITRD_BYTES, 2))?;
-            dir
+            write_stand_in_deploy_env(&dir.join("stand-in-deploy-env"), STAND_IN_KERNEL_BYTES, STAND_IN_INITRD_BYTES)?
         }
     };
     let deploy_env = Some(deploy_env);
     print!("{}", describe(&scenario));
-    let topology = Site::build_topology(&scenario)?;
-    let inside = topology.clone();
     let hold = args.hold;
-    Site::block_on(&topology, move || async move {
+    Site::run(scenario, move |inside, scenario| async move {
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let (report, site, forwarder) = tokio::select! {
             result = run_site(inside, scenario, dir, ui, deploy_env) => result?,
