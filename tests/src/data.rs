@@ -63,7 +63,7 @@ pub fn compressible_bytes(len: usize, seed: u64) -> Vec<u8> {
         let r = random.next_u64();
         bytes.extend_from_slice(WORDS[(r % 8) as usize]);
         // One random byte in three words: compressible, not a repeating pattern.
-        if r % 3 == 0 {
+        if r.is_multiple_of(3) {
             bytes.push((r >> 32) as u8);
         }
     }
