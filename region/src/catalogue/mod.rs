@@ -601,7 +601,8 @@ impl Catalogue {
 
     /// Chunks for a rack: `body` lists wants (a chunk hash and up to four chunks the rack has
     /// where that chunk goes, see `metalrack_image_tools::delta`); the stream carries one frame
-    /// per want, in order, with the chunk raw or as a zstd delta against those bases. At most
+    /// per want, in order, with the chunk raw, as a zstd delta against those bases, or as its
+    /// compressed copy (see `chunk_payload`). At most
     /// [`SERVE_QUEUE_FRAMES`] frames wait for a slow rack.
     pub fn rack_chunks(
         self: &Arc<Self>,
