@@ -6,6 +6,11 @@
 //! complete and was hash-checked when written (it only appears there by an atomic link of a
 //! fully written, synced temp file), and `get` checks it again, so on-disk damage is reported
 //! rather than served. Temp files live in `ROOT/tmp` and are never listed as chunks.
+//!
+//! A chunk may have a compressed copy beside it, `<64 hex>.zst` (a plain zstd frame, see
+//! `delta::compress_chunk`), written the same atomic way. It is not a chunk (`hashes` skips it)
+//! and is removed with its chunk; it is served as is, and its reader (the rack) checks what it
+//! decodes to against the chunk's hash.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -16,6 +21,9 @@ use crate::Hash;
 
 /// Where writes in progress live, inside the root so the final link stays on one filesystem.
 const TMP_DIR: &str = "tmp";
+
+/// Suffix of a chunk's compressed copy.
+const COMPRESSED_SUFFIX: &str = ".zst";
 
 /// Distinguishes temp files of concurrent puts within one process (the pid covers processes).
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -72,6 +80,13 @@ impl ChunkStore {
         self.root.join(&hex[0..2]).join(&hex[2..4]).join(hex)
     }
 
+    /// Where the compressed copy of the chunk `hash` is (or would be) stored.
+    pub fn compressed_path(&self, hash: &Hash) -> PathBuf {
+        let mut path = self.path(hash).into_os_string();
+        path.push(COMPRESSED_SUFFIX);
+        PathBuf::from(path)
+    }
+
     /// Whether the chunk is stored. Does not read it: `get` checks the content.
     pub fn contains(&self, hash: &Hash) -> bool {
         fs::metadata(self.path(hash)).is_ok_and(|metadata| metadata.is_file())
@@ -93,6 +108,31 @@ impl ChunkStore {
         if self.contains(hash) {
             return Ok(false);
         }
+        self.write_new(hash, &path, data)
+    }
+
+    /// Stores `compressed` as the compressed copy of the chunk `hash`, which must be stored,
+    /// returning whether it was newly stored. The caller made it from the chunk (it is not
+    /// checked here: the rack checks what it decodes to).
+    pub fn put_compressed(&self, hash: &Hash, compressed: &[u8]) -> Result<bool, StoreError> {
+        if !self.contains(hash) {
+            return Err(StoreError::Missing { hash: *hash });
+        }
+        self.write_new(hash, &self.compressed_path(hash), compressed)
+    }
+
+    /// The compressed copy of the chunk `hash`, if it has one.
+    pub fn get_compressed(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.compressed_path(hash);
+        match fs::read(&path) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io { what: "read a compressed chunk", path, source }),
+        }
+    }
+
+    /// Writes `data` to `path` through a temp file and a link, unless `path` exists.
+    fn write_new(&self, hash: &Hash, path: &Path, data: &[u8]) -> Result<bool, StoreError> {
         let parent = path.parent().expect("chunk paths have a parent");
         fs::create_dir_all(parent).map_err(|source| StoreError::Io {
             what: "create a chunk directory",
@@ -106,10 +146,10 @@ impl ChunkStore {
             .write_all(data)
             .and_then(|()| if durable { tmp.file.sync_data() } else { Ok(()) })
             .map_err(|source| StoreError::Io { what: "write a chunk", path: tmp.path.clone(), source })?;
-        match fs::hard_link(&tmp.path, &path) {
+        match fs::hard_link(&tmp.path, path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
-            Err(source) => Err(StoreError::Io { what: "link a chunk into place", path, source }),
+            Err(source) => Err(StoreError::Io { what: "link a chunk into place", path: path.to_owned(), source }),
         }
         // `tmp` is removed on drop, whatever happened.
     }
@@ -129,20 +169,10 @@ impl ChunkStore {
         Ok(data)
     }
 
-    /// Removes the chunk `hash`, returning the bytes freed (0 if it was not stored).
+    /// Removes the chunk `hash` and its compressed copy, returning the bytes freed (0 if it was
+    /// not stored). The copy goes first: a copy without its chunk would never be removed.
     pub fn remove(&self, hash: &Hash) -> Result<u64, StoreError> {
-        let path = self.path(hash);
-        let len = match fs::metadata(&path) {
-            Ok(metadata) => metadata.len(),
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
-            Err(source) => return Err(StoreError::Io { what: "look up a chunk", path, source }),
-        };
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(len),
-            // Removed concurrently: not ours to count.
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
-            Err(source) => Err(StoreError::Io { what: "remove a chunk", path, source }),
-        }
+        Ok(remove_file_counted(&self.compressed_path(hash))? + remove_file_counted(&self.path(hash))?)
     }
 
     /// Every stored chunk, sorted. Skips `tmp` and any name that is not a chunk in its right
@@ -185,6 +215,22 @@ fn fan_out_name(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_str()?;
     let is_fan_out = name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     (is_fan_out && path.is_dir()).then(|| name.to_owned())
+}
+
+/// Removes the file at `path`, returning its length (0 if it was not there).
+fn remove_file_counted(path: &Path) -> Result<u64, StoreError> {
+    let path = path.to_owned();
+    let len = match fs::metadata(&path) {
+        Ok(metadata) => metadata.len(),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(StoreError::Io { what: "look up a chunk", path, source }),
+    };
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(len),
+        // Removed concurrently: not ours to count.
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+        Err(source) => Err(StoreError::Io { what: "remove a chunk", path, source }),
+    }
 }
 
 /// A uniquely named file in the temp directory, removed when dropped (after a successful
@@ -334,6 +380,24 @@ mod tests {
         assert_eq!(newly_stored.iter().filter(|&&new| new).count(), 1, "{newly_stored:?}");
         assert_eq!(store.get(&hash).unwrap(), data);
         assert_eq!(fs::read_dir(store.root.join(TMP_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_compressed_copy_lives_beside_its_chunk_and_goes_with_it() {
+        let (_dir, store) = temp_store();
+        let data = vec![7u8; 10_000];
+        let hash = Hash::of(&data);
+        assert!(matches!(store.put_compressed(&hash, b"zst"), Err(StoreError::Missing { .. })));
+        store.put(&hash, &data).unwrap();
+        assert_eq!(store.get_compressed(&hash).unwrap(), None);
+        assert!(store.put_compressed(&hash, b"zst").unwrap());
+        assert!(!store.put_compressed(&hash, b"zst").unwrap());
+        assert_eq!(store.get_compressed(&hash).unwrap().as_deref(), Some(&b"zst"[..]));
+        // Not a chunk of its own.
+        assert_eq!(store.hashes().unwrap(), vec![hash]);
+        assert_eq!(store.remove(&hash).unwrap(), data.len() as u64 + 3);
+        assert!(!store.compressed_path(&hash).exists());
+        assert_eq!(store.get_compressed(&hash).unwrap(), None);
     }
 
     #[test]

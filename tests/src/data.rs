@@ -43,6 +43,34 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     bytes
 }
 
+/// `len` bytes of text-like content from `seed`: words of an image's files (paths, code, zeros)
+/// in a pseudo-random order, so it compresses as a real image's files do (`zstd -3` to about a
+/// third) yet no two chunks are alike.
+pub fn compressible_bytes(len: usize, seed: u64) -> Vec<u8> {
+    const WORDS: [&[u8]; 8] = [
+        b"/usr/lib/x86_64-linux-gnu/",
+        b"libc.so.6 ",
+        b"kernel ",
+        b"\0\0\0\0\0\0\0\0",
+        b"config=y\n",
+        b"mov %rax, ",
+        b"0x7f45 ",
+        b"GLIBC_2.34 ",
+    ];
+    let mut random = Random::new(seed);
+    let mut bytes = Vec::with_capacity(len + 32);
+    while bytes.len() < len {
+        let r = random.next_u64();
+        bytes.extend_from_slice(WORDS[(r % 8) as usize]);
+        // One random byte in three words: compressible, not a repeating pattern.
+        if r.is_multiple_of(3) {
+            bytes.push((r >> 32) as u8);
+        }
+    }
+    bytes.truncate(len);
+    bytes
+}
+
 /// Writes `len` pseudo-random bytes from `seed` to `path`, calling `between` before each 4 MiB
 /// (a benchmark's "was I interrupted?"), so writing gigabytes stops early when asked.
 pub fn write_random_file(path: &Path, len: u64, seed: u64, mut between: impl FnMut() -> Result<()>) -> Result<()> {

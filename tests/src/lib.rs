@@ -40,7 +40,7 @@ pub mod tftp;
 pub mod wait;
 
 pub use binaries::binary;
-pub use data::random_bytes;
+pub use data::{compressible_bytes, random_bytes};
 pub use process::{assert_success, stderr, Daemon};
 pub use rack::{Rack, FAST_RACK_CONFIG};
 pub use region::{regiond, Region, FAST_REGION_CONFIG};

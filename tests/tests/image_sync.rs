@@ -9,7 +9,7 @@ use metalrack_api::{RackState, RackView};
 use metalrack_image_tools::chunker::{chunk_file, ChunkerConfig};
 use metalrack_image_tools::diff::diff;
 use metalrack_image_tools::Hash;
-use metalrack_tests::{random_bytes, stderr, wait_for, Rack, Region, DEADLINE, FAST_REGION_CONFIG};
+use metalrack_tests::{compressible_bytes, random_bytes, stderr, wait_for, Rack, Region, DEADLINE, FAST_REGION_CONFIG};
 use reqwest::StatusCode;
 
 /// Region settings: fast heartbeats, and a chunk-batch limit (1 MiB) far below the test files,
@@ -171,6 +171,62 @@ async fn damaged_chunks_in_transit_are_detected_and_refetched() {
     push_ok(&region, &api_key, &image, "custom/damaged", "1");
     let view = wait_synced(&region, &api_key, "r1", &file_hash(&image)).await;
     assert_eq!(view.sync.unwrap().last_sync.unwrap().chunks_refetched, 3);
+    assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/damaged", "1")), file_hash(&image));
+}
+
+#[tokio::test]
+async fn a_compressible_image_crosses_the_network_compressed_and_random_data_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start_with_config(&dir.path().join("region"), &region_config());
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let racks = start_racks(&region, &api_key, dir.path(), &["r1"], &auto(0)).await;
+
+    // A pushed image whose chunks compress: the first sync moves the compressed copies.
+    let text = dir.path().join("text.img");
+    let bytes = compressible_bytes(6 << 20, 11);
+    let zstd_len = zstd::bulk::compress(&bytes, 3).unwrap().len() as u64;
+    std::fs::write(&text, &bytes).unwrap();
+    push_ok(&region, &api_key, &text, "custom/text", "1");
+    let view = wait_synced(&region, &api_key, "r1", &file_hash(&text)).await;
+    let last = view.sync.unwrap().last_sync.unwrap();
+    assert_eq!(last.bytes_fetched, 6 << 20, "{last:?}");
+    assert!(
+        last.bytes_received * 2 < last.bytes_fetched && last.bytes_received as f64 <= zstd_len as f64 * 1.1,
+        "{} bytes received for {} bytes of chunks (zstd -3 of the file: {zstd_len})",
+        last.bytes_received,
+        last.bytes_fetched
+    );
+    assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/text", "1")), file_hash(&text), "the rack's copy verifies");
+
+    // Random data moves raw: the chunks, a frame header and tag each, and the manifest.
+    let random = dir.path().join("random.img");
+    std::fs::write(&random, random_bytes(3 << 20, 12)).unwrap();
+    push_ok(&region, &api_key, &random, "custom/random", "1");
+    let view = wait_synced(&region, &api_key, "r1", &file_hash(&random)).await;
+    let last = view.sync.unwrap().last_sync.unwrap();
+    assert_eq!(last.bytes_fetched, 3 << 20, "{last:?}");
+    let overhead = last.bytes_received - last.bytes_fetched;
+    assert!(overhead < 8 << 10, "{} bytes received for {} of chunks", last.bytes_received, last.bytes_fetched);
+    assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/random", "1")), file_hash(&random));
+}
+
+#[tokio::test]
+async fn damaged_compressed_chunks_in_transit_are_detected_and_refetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start_with_env(
+        &dir.path().join("region"),
+        &region_config(),
+        &[("METALRACK_FAULT_CORRUPT_CHUNKS", "3")],
+    );
+    let api_key = region.create_admin("admin", "correct horse battery");
+    let racks = start_racks(&region, &api_key, dir.path(), &["r1"], &auto(0)).await;
+    let image = dir.path().join("img");
+    std::fs::write(&image, compressible_bytes(3 << 20, 13)).unwrap();
+    push_ok(&region, &api_key, &image, "custom/damaged", "1");
+    let view = wait_synced(&region, &api_key, "r1", &file_hash(&image)).await;
+    let last = view.sync.unwrap().last_sync.unwrap();
+    assert_eq!(last.chunks_refetched, 3);
+    assert!(last.bytes_received * 2 < last.bytes_fetched, "the chunks came compressed: {last:?}");
     assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/damaged", "1")), file_hash(&image));
 }
 

@@ -1,6 +1,7 @@
 //! Fetching from the region: manifests (whole or as a delta against one the rack has) and chunk
 //! batches — the request of wants, the stream of frames, each payload decoded (raw or a delta
-//! against local bases) and checked against its hash before it is handed on. What arrives
+//! against local bases; a chunk's compressed copy is such a delta that uses none of them) and
+//! checked against its hash before it is handed on. The chunk is stored raw. What arrives
 //! damaged is reported, never written. The engine decides what to fetch and where it goes.
 
 use std::collections::HashMap;

@@ -1,10 +1,10 @@
 //! Fuzzes the chunk-delta request parser and payload decoder: any bytes parse or fail with an
 //! error, parsed wants re-emit to the bytes they came from, and a payload never decodes to
-//! anything but the asked length.
+//! anything but the asked length; nor does a chunk's compressed copy.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use metalrack_image_tools::delta::{decode_payload, Want};
+use metalrack_image_tools::delta::{decode_payload, decompress_chunk, Want};
 
 fuzz_target!(|input: &[u8]| {
     if let Ok(wants) = Want::parse_all(input, 64) {
@@ -17,6 +17,9 @@ fuzz_target!(|input: &[u8]| {
     let Some((&split, rest)) = input.split_first() else { return };
     let (prefix, payload) = rest.split_at(usize::from(split).min(rest.len()));
     if let Ok(data) = decode_payload(payload.to_vec(), prefix, 512) {
+        assert_eq!(data.len(), 512);
+    }
+    if let Ok(data) = decompress_chunk(payload, 512) {
         assert_eq!(data.len(), 512);
     }
 });

@@ -362,7 +362,10 @@ impl Catalogue {
                     return Err(CatalogueError::ChunkNotInManifest { hash });
                 }
                 let chunks = self.chunks.clone();
-                match tokio::task::spawn_blocking(move || chunks.put(&hash, &data)).await.map_err(task_error)? {
+                match tokio::task::spawn_blocking(move || store_chunk(&chunks, &hash, &data))
+                    .await
+                    .map_err(task_error)?
+                {
                     Ok(true) => stored += 1,
                     Ok(false) => already_present += 1,
                     Err(ChunkStoreError::HashMismatch { expected, actual }) => {
@@ -598,7 +601,8 @@ impl Catalogue {
 
     /// Chunks for a rack: `body` lists wants (a chunk hash and up to four chunks the rack has
     /// where that chunk goes, see `metalrack_image_tools::delta`); the stream carries one frame
-    /// per want, in order, with the chunk raw or as a zstd delta against those bases. At most
+    /// per want, in order, with the chunk raw, as a zstd delta against those bases, or as its
+    /// compressed copy (see `chunk_payload`). At most
     /// [`SERVE_QUEUE_FRAMES`] frames wait for a slow rack.
     pub fn rack_chunks(
         self: &Arc<Self>,
@@ -630,6 +634,20 @@ impl Catalogue {
     }
 }
 
+/// Stores a pushed chunk (checking its hash) and, when it is new and compresses well, its
+/// compressed copy: compression is decided once here, so serving a chunk to any number of racks
+/// costs no compression (and an incompressible chunk nothing but this one try).
+fn store_chunk(chunks: &ChunkStore, hash: &Hash, data: &[u8]) -> Result<bool, ChunkStoreError> {
+    let newly_stored = chunks.put(hash, data)?;
+    if newly_stored {
+        // A chunk zstd cannot handle (it always can) just goes raw.
+        if let Ok(Some(compressed)) = delta::compress_chunk(data) {
+            chunks.put_compressed(hash, &compressed)?;
+        }
+    }
+    Ok(newly_stored)
+}
+
 /// Every chunk of a version present and intact, made durable, and together hashing to the
 /// manifest's file hash. A chunk torn by a crash before it was flushed is removed so the next
 /// push sends it again.
@@ -641,7 +659,23 @@ fn check_version_chunks(chunks: &ChunkStore, manifest: &Manifest) -> Result<(), 
     let mut hasher = blake3::Hasher::new();
     for chunk in &manifest.chunks {
         match chunks.get(&chunk.hash) {
-            Ok(data) => hasher.update(&data),
+            Ok(data) => {
+                // A compressed copy torn by a crash (the store is volatile until the sync
+                // below) would reach every rack damaged, again and again: one that does not
+                // decode to the chunk goes, and the chunk is served raw.
+                let compressed =
+                    chunks.get_compressed(&chunk.hash).map_err(|source| CatalogueError::CheckChunks { source })?;
+                if let Some(compressed) = compressed {
+                    if delta::decompress_chunk(&compressed, data.len()).ok().as_deref() != Some(&data[..]) {
+                        let path = chunks.compressed_path(&chunk.hash);
+                        tracing::warn!(chunk = %chunk.hash, "compressed copy damaged; removed, the chunk goes raw");
+                        std::fs::remove_file(&path).map_err(|source| CatalogueError::CheckChunks {
+                            source: ChunkStoreError::Io { what: "remove a damaged compressed chunk", path, source },
+                        })?;
+                    }
+                }
+                hasher.update(&data)
+            }
             Err(ChunkStoreError::HashMismatch { .. }) => {
                 chunks.remove(&chunk.hash).map_err(|source| CatalogueError::CheckChunks { source })?;
                 return Err(CatalogueError::ChunkDamagedOnDisk { hash: chunk.hash });
@@ -737,12 +771,23 @@ fn version_sync_view(rack: &RackRow, held: &HashSet<String>, files: &[FileView])
 }
 
 impl Catalogue {
-    /// The frame answering one want: the chunk as a delta against the want's bases when the
-    /// region has them all and that is smaller, raw otherwise. `prefix` is scratch space.
+    /// The frame answering one want: the chunk's compressed copy (a plain zstd frame, sent
+    /// as a delta that needs no base) or a delta against the want's bases when the region has
+    /// them all, whichever is smaller, and the chunk raw when neither is smaller than it.
+    /// `prefix` is scratch space.
     fn chunk_payload(&self, want: &delta::Want, prefix: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
         use std::io::Read;
+        let compressed = self.chunks.get_compressed(&want.hash).map_err(std::io::Error::other)?;
+        if let (Some(compressed), true) = (&compressed, want.bases.is_empty()) {
+            // A first sync of a chunk that compresses: no delta to try, the copy is the answer.
+            let mut frame = Vec::with_capacity(frame::HEADER_LEN + 1 + compressed.len());
+            frame.resize(frame::HEADER_LEN, 0);
+            frame.push(delta::PayloadTag::Delta as u8);
+            frame.extend_from_slice(compressed);
+            return self.finish_frame(want, frame);
+        }
         // The frame is built in place: header, raw tag, then the chunk read straight after them,
-        // so a raw chunk (every chunk of a first sync) costs no copy beyond the read.
+        // so a raw chunk (every incompressible chunk of a first sync) costs no copy beyond the read.
         let data_start = frame::HEADER_LEN + 1;
         let mut frame = vec![0u8; data_start];
         frame[frame::HEADER_LEN] = delta::PayloadTag::Raw as u8;
@@ -761,11 +806,22 @@ impl Catalogue {
             }
             prefix.extend_from_slice(&base_data);
         }
-        if let Some(delta) = delta::encode_delta(&frame[data_start..], prefix).map_err(std::io::Error::other)? {
+        let delta = delta::encode_delta(&frame[data_start..], prefix).map_err(std::io::Error::other)?;
+        // The compressed copy decodes against the bases too (it never refers to them).
+        let smaller = match (delta, compressed) {
+            (Some(delta), Some(compressed)) => Some(if compressed.len() < delta.len() { compressed } else { delta }),
+            (delta, compressed) => delta.or(compressed),
+        };
+        if let Some(encoded) = smaller {
             frame.truncate(frame::HEADER_LEN);
             frame.push(delta::PayloadTag::Delta as u8);
-            frame.extend_from_slice(&delta);
+            frame.extend_from_slice(&encoded);
         }
+        self.finish_frame(want, frame)
+    }
+
+    /// Fills in the header of `frame` (header space, then the payload) answering `want`.
+    fn finish_frame(&self, want: &delta::Want, mut frame: Vec<u8>) -> std::io::Result<Vec<u8>> {
         if self.take_corruption() {
             // Damage the last byte: inside the chunk for raw payloads, inside the zstd frame for
             // deltas; either way the rack's hash check must catch it.
@@ -837,5 +893,103 @@ mod tests {
             let data = upload.version.parse::<u32>().unwrap().to_le_bytes();
             assert!(set.contains(&Hash::of(&data)));
         }
+    }
+
+    /// Text-like bytes (words in a pseudo-random order): compress well, never repeat whole.
+    fn text(seed: u64, len: usize) -> Vec<u8> {
+        let words: [&[u8]; 5] = [b"lib ", b"kernel ", b"0000 ", b"/etc/", b"\n"];
+        let mut state = seed | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            out.extend_from_slice(words[(state % 5) as usize]);
+        }
+        out.truncate(len);
+        out
+    }
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    /// The payload (tag and body) of `chunk_payload`'s frame.
+    fn payload_of(catalogue: &Catalogue, want: &delta::Want) -> Vec<u8> {
+        let frame = catalogue.chunk_payload(want, &mut Vec::new()).unwrap();
+        frame[frame::HEADER_LEN..].to_vec()
+    }
+
+    #[tokio::test]
+    async fn chunks_that_compress_are_served_compressed_and_others_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalogue = catalogue(dir.path()).await;
+        let chunks = &catalogue.chunks;
+        let (compressible, random) = (text(1, 60_000), noise(2, 60_000));
+        let (text_hash, random_hash) = (Hash::of(&compressible), Hash::of(&random));
+        assert!(store_chunk(chunks, &text_hash, &compressible).unwrap());
+        assert!(store_chunk(chunks, &random_hash, &random).unwrap());
+        assert!(chunks.get_compressed(&random_hash).unwrap().is_none(), "incompressible: no copy");
+
+        // First sync: the compressed copy, decoding with no bases.
+        let first = payload_of(&catalogue, &delta::Want { hash: text_hash, bases: vec![] });
+        assert_eq!(first[0], delta::PayloadTag::Delta as u8);
+        assert!(first.len() < compressible.len() / 2, "{} bytes", first.len());
+        assert_eq!(delta::decode_payload(first, &[], compressible.len()).unwrap().to_vec(), compressible);
+        let raw = payload_of(&catalogue, &delta::Want { hash: random_hash, bases: vec![] });
+        assert_eq!(raw, [&[delta::PayloadTag::Raw as u8][..], &random].concat());
+
+        // A base that shares nothing: no delta pays, the compressed copy goes.
+        let with_base = payload_of(&catalogue, &delta::Want { hash: text_hash, bases: vec![random_hash] });
+        assert_eq!(with_base[0], delta::PayloadTag::Delta as u8);
+        assert_eq!(delta::decode_payload(with_base, &random, compressible.len()).unwrap().to_vec(), compressible);
+        // A base almost equal: the delta is smaller than the compressed copy, and it goes.
+        // (Half noise, so the copy cannot be tiny; a one-byte edit.)
+        let half = [text(4, 30_000), noise(5, 30_000)].concat();
+        let half_hash = Hash::of(&half);
+        store_chunk(chunks, &half_hash, &half).unwrap();
+        let mut edited = half.clone();
+        edited[45_000] ^= 1;
+        let edited_hash = Hash::of(&edited);
+        store_chunk(chunks, &edited_hash, &edited).unwrap();
+        let copy_len = chunks.get_compressed(&edited_hash).unwrap().unwrap().len();
+        let delta_payload = payload_of(&catalogue, &delta::Want { hash: edited_hash, bases: vec![half_hash] });
+        assert!(delta_payload.len() < copy_len / 4, "{} vs {copy_len}", delta_payload.len());
+        assert_eq!(delta::decode_payload(delta_payload, &half, edited.len()).unwrap().to_vec(), edited);
+
+        // A chunk stored before compressed copies existed is served raw, as before.
+        std::fs::remove_file(chunks.compressed_path(&text_hash)).unwrap();
+        let old = payload_of(&catalogue, &delta::Want { hash: text_hash, bases: vec![] });
+        assert_eq!(old, [&[delta::PayloadTag::Raw as u8][..], &compressible].concat());
+    }
+
+    #[test]
+    fn a_damaged_compressed_copy_is_removed_when_a_version_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = ChunkStore::open_volatile(dir.path()).unwrap();
+        let data = text(3, 50_000);
+        let hash = Hash::of(&data);
+        store_chunk(&chunks, &hash, &data).unwrap();
+        let path = chunks.compressed_path(&hash);
+        let mut copy = std::fs::read(&path).unwrap();
+        let middle = copy.len() / 2;
+        copy[middle] ^= 0x55;
+        std::fs::write(&path, copy).unwrap();
+        let manifest = Manifest {
+            file_len: data.len() as u64,
+            file_hash: Hash::of(&data),
+            chunks: vec![ChunkRef { hash, len: data.len() as u32 }],
+        };
+        check_version_chunks(&chunks, &manifest).unwrap();
+        assert!(!path.exists(), "the damaged copy is gone");
+        assert_eq!(chunks.get(&hash).unwrap(), data, "the chunk stays");
     }
 }

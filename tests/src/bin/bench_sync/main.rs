@@ -9,7 +9,11 @@
 //!    of the rack's sync (policy auto, delay 0) against `rsync --no-whole-file` pulling from an
 //!    rsync daemon on loopback into a copy of the previous version.
 //! 3. First sync: the rack's throughput (file bytes / its sync duration) against `curl` fetching
-//!    the same file from nginx (`sendfile on`) on loopback.
+//!    the same file from nginx (`sendfile on`) on loopback, and its bytes on the wire against
+//!    `zstd -3` of the whole file (chunks that compress travel compressed).
+//!
+//! `--input FILE` measures a given file (a real image, which compresses) instead of the
+//! pseudo-random one; `--first-sync-only` skips 1. and 2.
 //!
 //! It builds nothing: `cargo build --release --workspace --bins && target/release/bench_sync
 //! [--size-mib 2048] [--work-dir DIR] [--runs 3]`; `regiond`, `rackd` and `imgtool` are taken
@@ -104,8 +108,10 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "\
-usage: bench_sync [--size-mib N] [--work-dir DIR] [--runs N]
+usage: bench_sync [--size-mib N] [--input FILE] [--first-sync-only] [--work-dir DIR] [--runs N]
   --size-mib N   size of the test image in MiB (default 2048)
+  --input FILE   measure a copy of FILE instead of a pseudo-random image (--size-mib ignored)
+  --first-sync-only  skip 1. (chunk + hash) and 2. (delta syncs)
   --work-dir DIR where the temp work dir goes (default /tmp); needs about 9x the image size free
   --runs N       repetitions of each timed measurement; medians are reported (default 3)
 Build first: cargo build --release --workspace --bins";
@@ -113,6 +119,8 @@ Build first: cargo build --release --workspace --bins";
 #[derive(Debug)]
 struct Options {
     size_mib: u64,
+    input: Option<PathBuf>,
+    first_sync_only: bool,
     work_dir: PathBuf,
     runs: usize,
 }
@@ -120,11 +128,14 @@ struct Options {
 impl Options {
     /// `None` when only `--help` was asked for.
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>> {
-        let mut options = Options { size_mib: 2048, work_dir: PathBuf::from("/tmp"), runs: 3 };
+        let mut options =
+            Options { size_mib: 2048, input: None, first_sync_only: false, work_dir: PathBuf::from("/tmp"), runs: 3 };
         while let Some(arg) = args.next() {
             let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
             match arg.as_str() {
                 "--size-mib" => options.size_mib = value()?.parse().context("--size-mib")?,
+                "--input" => options.input = Some(PathBuf::from(value()?)),
+                "--first-sync-only" => options.first_sync_only = true,
                 "--work-dir" => options.work_dir = PathBuf::from(value()?),
                 "--runs" => options.runs = value()?.parse().context("--runs")?,
                 "-h" | "--help" => {
@@ -134,8 +145,12 @@ impl Options {
                 other => bail!("unknown argument {other:?}"),
             }
         }
+        if let Some(input) = &options.input {
+            let len = std::fs::metadata(input).with_context(|| format!("--input {}", input.display()))?.len();
+            options.size_mib = len.div_ceil(MIB);
+        }
         // Below 16 MiB a file is a few hundred chunks and the figures say nothing.
-        ensure!(options.size_mib >= 16, "--size-mib must be at least 16");
+        ensure!(options.size_mib >= 16, "the image must be at least 16 MiB");
         ensure!(options.runs >= 1, "--runs must be at least 1");
         Ok(Some(options))
     }
@@ -173,14 +188,28 @@ async fn run(options: &Options) -> Result<String> {
     let machine = machine_summary(w, http_kind);
     let mut report = Report { size, runs, http_kind, machine, ..Report::default() };
 
-    note("writing v1 (pseudo-random, incompressible)");
     let v1 = w.join("v1.raw");
-    write_random_file(&v1, size, 1, || Ok(()))?;
+    let size = match &options.input {
+        Some(input) => {
+            note(&format!("copying {} as v1", input.display()));
+            std::fs::copy(input, &v1).with_context(|| format!("copying {}", input.display()))?
+        }
+        None => {
+            note("writing v1 (pseudo-random, incompressible)");
+            write_random_file(&v1, size, 1, || Ok(()))?;
+            size
+        }
+    };
+    report.size = size;
     let v1_hash = b3sum(&v1, None).await?.0;
+    note("zstd -3 of v1 (the yardstick for bytes on the wire)");
+    report.zstd3_bytes = zstd3_len(&v1)?;
 
     // 1. Chunk + hash throughput.
-    note("1. imgtool chunk vs b3sum");
-    report.chunking = measure_chunking(&binaries, &v1, &v1_hash, &w.join("v1.manifest"), runs).await?;
+    if !options.first_sync_only {
+        note("1. imgtool chunk vs b3sum");
+        report.chunking = measure_chunking(&binaries, &v1, &v1_hash, &w.join("v1.manifest"), runs).await?;
+    }
 
     // The region and one admin; the HTTP server serving v1 to curl.
     let region = Region::launch(&w.join("region"), REGION_CONFIG, ANY_PORT, &[], Spawn::default())?;
@@ -239,7 +268,8 @@ async fn run(options: &Options) -> Result<String> {
         },
     ];
     let rsyncd = RsyncDaemon::start(w, &scenarios)?;
-    for scenario in &scenarios {
+    let scenarios = if options.first_sync_only { &scenarios[..0] } else { &scenarios[..] };
+    for scenario in scenarios {
         note(&format!("2{}. delta sync vs rsync: {}", scenario.key, scenario.title));
         let v2 = rsyncd.source_file(scenario.key);
         match scenario.make {
@@ -273,6 +303,24 @@ async fn run(options: &Options) -> Result<String> {
     let table = report.to_markdown();
     work.close().context("removing the work dir")?;
     Ok(table)
+}
+
+/// Bytes of `file` compressed as `zstd -3 FILE` does (one frame, level 3, one thread).
+fn zstd3_len(file: &std::path::Path) -> Result<u64> {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    zstd::stream::copy_encode(input, &mut count, 3).context("zstd -3")?;
+    Ok(count.0)
 }
 
 fn note(message: &str) {

@@ -28,6 +28,8 @@ pub struct Report {
     pub chunking: ChunkingSamples,
     pub push_v1_secs: f64,
     pub first_sync: Vec<SyncSample>,
+    /// `zstd -3` of the whole v1.
+    pub zstd3_bytes: u64,
     pub curl_null: Vec<Duration>,
     pub curl_file: Vec<Duration>,
     pub deltas: Vec<DeltaSamples>,
@@ -62,11 +64,15 @@ impl Report {
     fn write_markdown(&self, out: &mut String) -> std::fmt::Result {
         let size = self.size;
         let c = &self.chunking;
-        let (t_chunk, t_b3, t_b3_1) = (
-            median(c.imgtool.iter().map(|d| secs(*d))),
-            median(c.b3sum.iter().map(|d| secs(*d))),
-            median(c.b3sum_one_thread.iter().map(|d| secs(*d))),
-        );
+        let (t_chunk, t_b3, t_b3_1) = if c.imgtool.is_empty() {
+            (0.0, 0.0, 0.0) // not measured (--first-sync-only)
+        } else {
+            (
+                median(c.imgtool.iter().map(|d| secs(*d))),
+                median(c.b3sum.iter().map(|d| secs(*d))),
+                median(c.b3sum_one_thread.iter().map(|d| secs(*d))),
+            )
+        };
         let server = match self.http_kind {
             HttpKind::Nginx => "nginx (sendfile on)",
             HttpKind::PythonHttpServer => "python3 -m http.server (nginx unavailable)",
@@ -76,16 +82,18 @@ impl Report {
         writeln!(out, "Ratios are Metalrack / reference: for bytes and times below 1 is better, for throughput above 1 is better.\n")?;
         writeln!(out, "| # | Measurement | Metalrack | Reference | Ratio |")?;
         writeln!(out, "|---|---|---|---|---|")?;
-        writeln!(
+        if !c.imgtool.is_empty() {
+            writeln!(
             out,
             "| 1 | chunk + hash, warm cache | `imgtool chunk`: {t_chunk:.2} s, {:.0} MiB/s ({} chunks) | `b3sum`: {t_b3:.2} s, {:.0} MiB/s | {:.2}× throughput |",
             rate(size, t_chunk), c.n_chunks, rate(size, t_b3), t_b3 / t_chunk
         )?;
-        writeln!(
+            writeln!(
             out,
             "| 1 | same, b3sum on one thread | | `b3sum --num-threads 1`: {t_b3_1:.2} s, {:.0} MiB/s | {:.2}× throughput |",
             rate(size, t_b3_1), t_b3_1 / t_chunk
         )?;
+        }
         for (delta, key) in self.deltas.iter().zip(["2a", "2b"]) {
             let fetched = median(delta.rack.iter().map(|s| s.sync.figures.bytes_fetched));
             let protocol = median(delta.rack.iter().map(|s| s.protocol_bytes));
@@ -126,24 +134,32 @@ impl Report {
             "| 3 | first sync, curl writing a file | | `curl -o FILE` (same disk, no fsync): {t_file:.2} s, {:.0} MiB/s | {:.3}× throughput |",
             rate(size, t_file), t_file / duration
         )?;
+        let wire = median(self.first_sync.iter().map(|s| s.figures.bytes_received + s.figures.bytes_sent));
+        writeln!(
+            out,
+            "| 3 | first sync, bytes on the wire | received + sent {} ({wire} B: manifest, chunk frames, requests) for {} | `zstd -3` of the file: {} ({} B) | **{:.3}×** |",
+            mib(wire), mib(size), mib(self.zstd3_bytes), self.zstd3_bytes, wire as f64 / self.zstd3_bytes as f64
+        )?;
 
         writeln!(out, "\n### Samples\n")?;
         let list = |values: &[f64]| values.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(", ");
         let secs_of = |ds: &[Duration]| ds.iter().map(|d| secs(*d)).collect::<Vec<_>>();
-        writeln!(
-            out,
-            "- imgtool chunk s: {}; b3sum s: {}; b3sum 1 thread s: {}",
-            list(&secs_of(&c.imgtool)),
-            list(&secs_of(&c.b3sum)),
-            list(&secs_of(&c.b3sum_one_thread))
-        )?;
+        if !c.imgtool.is_empty() {
+            writeln!(
+                out,
+                "- imgtool chunk s: {}; b3sum s: {}; b3sum 1 thread s: {}",
+                list(&secs_of(&c.imgtool)),
+                list(&secs_of(&c.b3sum)),
+                list(&secs_of(&c.b3sum_one_thread))
+            )?;
+        }
         writeln!(out, "- push of v1 (chunk + upload of every chunk): {:.2} s", self.push_v1_secs)?;
         for s in &self.first_sync {
             let f = &s.figures;
             writeln!(
                 out,
-                "- first sync: duration_ms {}, {} chunks, {} B fetched; rackd start → snapshot on disk {:.2} s, → region API {:.2} s",
-                f.duration_ms, f.chunks_fetched, f.bytes_fetched, secs(s.wall_from_start), secs(s.wall_to_api)
+                "- first sync: duration_ms {}, {} chunks, {} B fetched, {} B received; rackd start → snapshot on disk {:.2} s, → region API {:.2} s",
+                f.duration_ms, f.chunks_fetched, f.bytes_fetched, f.bytes_received, secs(s.wall_from_start), secs(s.wall_to_api)
             )?;
         }
         writeln!(
