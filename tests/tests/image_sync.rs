@@ -158,6 +158,13 @@ async fn two_racks_sync_identical_snapshots_and_a_delta_moves_only_new_chunks() 
 
 #[tokio::test]
 async fn damaged_chunks_in_transit_are_detected_and_refetched() {
+    let last = sync_with_three_chunks_damaged_in_transit(random_bytes(3 << 20, 7)).await;
+    assert_eq!(last.chunks_refetched, 3);
+}
+
+/// A region that damages the first three chunks it sends, one rack, an image of `bytes` pushed:
+/// returns the rack's sync once its copy holds the image (checked by hash).
+async fn sync_with_three_chunks_damaged_in_transit(bytes: Vec<u8>) -> metalrack_api::images::SyncFigures {
     let dir = tempfile::tempdir().unwrap();
     let region = Region::start_with_env(
         &dir.path().join("region"),
@@ -167,11 +174,11 @@ async fn damaged_chunks_in_transit_are_detected_and_refetched() {
     let api_key = region.create_admin("admin", "correct horse battery");
     let racks = start_racks(&region, &api_key, dir.path(), &["r1"], &auto(0)).await;
     let image = dir.path().join("img");
-    std::fs::write(&image, random_bytes(3 << 20, 7)).unwrap();
+    std::fs::write(&image, bytes).unwrap();
     push_ok(&region, &api_key, &image, "custom/damaged", "1");
     let view = wait_synced(&region, &api_key, "r1", &file_hash(&image)).await;
-    assert_eq!(view.sync.unwrap().last_sync.unwrap().chunks_refetched, 3);
     assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/damaged", "1")), file_hash(&image));
+    view.sync.unwrap().last_sync.unwrap()
 }
 
 #[tokio::test]
@@ -212,22 +219,9 @@ async fn a_compressible_image_crosses_the_network_compressed_and_random_data_raw
 
 #[tokio::test]
 async fn damaged_compressed_chunks_in_transit_are_detected_and_refetched() {
-    let dir = tempfile::tempdir().unwrap();
-    let region = Region::start_with_env(
-        &dir.path().join("region"),
-        &region_config(),
-        &[("METALRACK_FAULT_CORRUPT_CHUNKS", "3")],
-    );
-    let api_key = region.create_admin("admin", "correct horse battery");
-    let racks = start_racks(&region, &api_key, dir.path(), &["r1"], &auto(0)).await;
-    let image = dir.path().join("img");
-    std::fs::write(&image, compressible_bytes(3 << 20, 13)).unwrap();
-    push_ok(&region, &api_key, &image, "custom/damaged", "1");
-    let view = wait_synced(&region, &api_key, "r1", &file_hash(&image)).await;
-    let last = view.sync.unwrap().last_sync.unwrap();
+    let last = sync_with_three_chunks_damaged_in_transit(compressible_bytes(3 << 20, 13)).await;
     assert_eq!(last.chunks_refetched, 3);
     assert!(last.bytes_received * 2 < last.bytes_fetched, "the chunks came compressed: {last:?}");
-    assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/damaged", "1")), file_hash(&image));
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
