@@ -12,7 +12,12 @@
 //! seed's site, where it is a box of its own. With `--fleet-sched-idle` as well, the simulated
 //! machines' threads run at `SCHED_IDLE` on CPU 0: they stand in for computers of their own, so
 //! they take only the time the rack and the sampler leave, and the sampler's own wake-ups do not
-//! wait behind a hundred machine threads (which would count as the region's latency).
+//! wait behind a hundred machine threads (which would count as the region's latency). With
+//! `--client-realtime`, this process's other threads (the latency samplers and the site's
+//! client) run at `SCHED_FIFO` priority 1: they stand in for an administrator's browser on a
+//! computer of its own, so a sample is not delayed by the rack's busy threads and softirqs on
+//! CPU 0 between its wake-up and its send, or between the answer and its reading. They are light
+//! (a request every 200 ms per route), so they cannot starve the rack.
 //!
 //! Beside the sampler's figures (measured at the client), the report has the region's own view
 //! of each route's latency over the same windows, from its `/metrics` histogram (the bucket that
@@ -66,6 +71,10 @@ struct Args {
     /// The simulated machines' threads at `SCHED_IDLE` (see the module's doc).
     #[arg(long)]
     fleet_sched_idle: bool,
+    /// This process's other threads (the samplers, the site's client) at `SCHED_FIFO` 1 (see the
+    /// module's doc).
+    #[arg(long)]
+    client_realtime: bool,
     /// Where the site lives (a temp dir under it).
     #[arg(long, default_value = "/tmp")]
     work_dir: std::path::PathBuf,
@@ -142,6 +151,9 @@ async fn storm(
     let fleet = site.start_fleet(0)?;
     if args.fleet_sched_idle {
         fleet_threads_sched_idle()?;
+    }
+    if args.client_realtime {
+        client_threads_realtime()?;
     }
     let to_add = machines_to_add(&rack.name, &fleet);
     let ids: Vec<String> = site.add_machines(&to_add).await?.into_iter().map(|m| m.id).collect();
@@ -220,12 +232,7 @@ async fn storm(
          | regiond RSS at the end / peak | {} / {} MiB |\n\
          | uplink during the storm, region → rack / rack → region | {} / {} bytes |\n\n",
         ids.len(),
-        match (args.pin, args.fleet_sched_idle) {
-            (true, true) => " (regiond alone on CPU 1, the rest on CPU 0, the machines at SCHED_IDLE)",
-            (true, false) => " (regiond alone on CPU 1, the rest on CPU 0)",
-            (false, true) => " (the machines at SCHED_IDLE)",
-            (false, false) => "",
-        },
+        setup(&args),
         metalrack_tests::bench::load_average(),
         deployed.len(),
         ids.len(),
@@ -267,23 +274,56 @@ fn pin(pid: u32, cpus: &str) -> Result<()> {
     Ok(())
 }
 
+/// How the run was placed, for the report's title.
+fn setup(args: &Args) -> String {
+    let mut parts = Vec::new();
+    if args.pin {
+        parts.push("regiond alone on CPU 1, the rest on CPU 0");
+    }
+    if args.fleet_sched_idle {
+        parts.push("the machines at SCHED_IDLE");
+    }
+    if args.client_realtime {
+        parts.push("the samplers at SCHED_FIFO");
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
 /// Every thread of this process named `fleet-…` (the simulated machines, their tap reader and
 /// BMCs) to `SCHED_IDLE` (`chrt --idle -p 0 TID`).
 fn fleet_threads_sched_idle() -> Result<()> {
+    let changed = set_own_threads(|comm| comm.starts_with("fleet-"), &["--idle", "-p", "0"])?;
+    ensure!(changed > 0, "no fleet thread found");
+    Ok(())
+}
+
+/// Every other thread of this process (the runtime's, which run the samplers and the site's
+/// client) to `SCHED_FIFO` 1 (`chrt -f -p 1 TID`); threads they start later inherit it.
+fn client_threads_realtime() -> Result<()> {
+    let changed = set_own_threads(|comm| !comm.starts_with("fleet-"), &["-f", "-p", "1"])?;
+    ensure!(changed > 0, "no client thread found");
+    Ok(())
+}
+
+/// `chrt POLICY TID` for each thread of this process whose name `select`s; how many.
+fn set_own_threads(select: impl Fn(&str) -> bool, policy: &[&str]) -> Result<usize> {
     let mut changed = 0;
     for task in std::fs::read_dir("/proc/self/task")? {
         let task = task?;
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("fleet-") {
+        if !select(comm.trim_end()) {
             continue;
         }
         let tid = task.file_name().to_string_lossy().to_string();
-        let status = Command::new("chrt").args(["--idle", "-p", "0", &tid]).output()?;
-        ensure!(status.status.success(), "chrt --idle of {tid}: {}", String::from_utf8_lossy(&status.stderr));
+        let status = Command::new("chrt").args(policy).arg(&tid).output()?;
+        ensure!(status.status.success(), "chrt {policy:?} of {tid}: {}", String::from_utf8_lossy(&status.stderr));
         changed += 1;
     }
-    ensure!(changed > 0, "no fleet thread found");
-    Ok(())
+    Ok(changed)
 }
 
 /// The region's own latency per route (its `/metrics` histogram), idle and during the storm:
