@@ -131,6 +131,8 @@ usage: bench_sync [--size-mib N] [--input FILE] [--first-sync-only] [--work-dir 
                  (default /var/tmp/metalrack-debian-images)
   --peers LIST   --debian's peers, comma-separated (default casync,rsync,zsync)
   --summary FILE --debian writes its figures as JSON there
+  --peer-timeout-s N  --debian stops a casync or zsync run after N s and reports it
+                 unfinished (default 300)
 Build first: cargo build --release --workspace --bins";
 
 #[derive(Debug)]
@@ -158,6 +160,7 @@ impl Options {
         let mut cache_dir = PathBuf::from(DEFAULT_IMAGE_CACHE);
         let mut peers = realimg::Peer::ALL.to_vec();
         let mut summary = None;
+        let mut peer_timeout = Duration::from_secs(300);
         while let Some(arg) = args.next() {
             let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
             match arg.as_str() {
@@ -170,6 +173,7 @@ impl Options {
                 "--image-cache" => cache_dir = PathBuf::from(value()?),
                 "--peers" => peers = realimg::Peer::parse_list(&value()?)?,
                 "--summary" => summary = Some(PathBuf::from(value()?)),
+                "--peer-timeout-s" => peer_timeout = Duration::from_secs(value()?.parse().context("--peer-timeout-s")?),
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     return Ok(None);
@@ -185,6 +189,7 @@ impl Options {
                 peers,
                 work_dir: options.work_dir.clone(),
                 runs: options.runs,
+                peer_timeout,
                 summary,
             });
             return Ok(Some(options));

@@ -32,7 +32,7 @@ use serde::Serialize;
 use crate::peers::{HttpServer, RsyncDaemon, Served};
 use crate::report::{median, mib};
 use crate::sync::{delta_sync, drop_version, push, start_rack, wait_synced};
-use crate::tools::{b3sum, check_tools, machine_summary, run_tool, settle};
+use crate::tools::{b3sum, check_tools, machine_summary, run_tool, run_tool_in, settle};
 use crate::{note, zstd3_len, IMAGE, REGION_CONFIG};
 
 /// Everything `--debian` takes.
@@ -44,6 +44,10 @@ pub struct RealImageOptions {
     pub peers: Vec<Peer>,
     pub work_dir: PathBuf,
     pub runs: usize,
+    /// A casync or zsync run still going after this is stopped and reported as unfinished (zsync
+    /// can take very long on images with many identical blocks); that peer is not run again in
+    /// that scenario.
+    pub peer_timeout: Duration,
     /// Where to write the figures as JSON (the test in tests/tests/real_images.rs reads it).
     pub summary: Option<PathBuf>,
 }
@@ -89,6 +93,8 @@ pub struct Sample {
     pub body_bytes: u64,
     pub requests: u64,
     pub secs: f64,
+    /// False when the peer was stopped at `--peer-timeout-s`: its bytes are what it had moved.
+    pub finished: bool,
 }
 
 /// One update scenario's samples, in the order they were taken.
@@ -226,11 +232,16 @@ pub async fn run(options: &RealImageOptions) -> Result<String> {
     let first = wait_synced(&api, &rack, &rack.snapshot_file(IMAGE, "1", "root-disk"), &v1_hash, size).await?;
     summary.first_sync_metalrack_bytes = first.figures.bytes_received + first.figures.bytes_sent;
     summary.first_sync_metalrack_secs = first.wall_from_start.as_secs_f64();
+    note(&format!(
+        "  Metalrack first sync: {} B, {:.2} s",
+        summary.first_sync_metalrack_bytes, summary.first_sync_metalrack_secs
+    ));
     if options.peers.contains(&Peer::Casync) {
         casync_make(&store, &www.join("casync/v1.caibx"), v1).await?;
         let out = w.join("casync-first.img");
         let http = http.as_mut().context("nginx runs for casync")?;
-        let sample = casync_extract(http, &out, None, "v1", &v1_hash).await?;
+        let sample = casync_extract(http, &out, None, "v1", &v1_hash, options.peer_timeout).await?;
+        note(&format!("  casync first extract: {sample:?}"));
         summary.first_sync_casync = Some(sample);
     }
 
@@ -244,6 +255,10 @@ pub async fn run(options: &RealImageOptions) -> Result<String> {
             let n = order.len();
             order.rotate_left(run % n);
             for who in order {
+                let gave_up = |peer: Peer| scenario.peers.get(&peer).is_some_and(|s| s.iter().any(|s| !s.finished));
+                if who.is_some_and(gave_up) {
+                    continue;
+                }
                 let sample = match who {
                     None => {
                         note(&format!("{key} run {}: Metalrack", run + 1));
@@ -266,12 +281,15 @@ pub async fn run(options: &RealImageOptions) -> Result<String> {
                             ),
                         ));
                         drop_version(&api, &rack, &version, &v1_hash, size).await?;
-                        scenario.metalrack.push(Sample {
+                        let sample = Sample {
                             wire_bytes: sample.protocol_bytes,
                             body_bytes: sample.protocol_bytes,
                             requests: 0,
                             secs: sample.sync.wall_from_start.as_secs_f64(),
-                        });
+                            finished: true,
+                        };
+                        note(&format!("  Metalrack: {sample:?}; {}", details.last().map_or("", |d| d.1.as_str())));
+                        scenario.metalrack.push(sample);
                         continue;
                     }
                     Some(Peer::Rsync) => {
@@ -280,21 +298,29 @@ pub async fn run(options: &RealImageOptions) -> Result<String> {
                         let bytes = s.bytes_sent + s.bytes_received;
                         (
                             Peer::Rsync,
-                            Sample { wire_bytes: bytes, body_bytes: bytes, requests: 1, secs: s.wall.as_secs_f64() },
+                            Sample {
+                                wire_bytes: bytes,
+                                body_bytes: bytes,
+                                requests: 1,
+                                secs: s.wall.as_secs_f64(),
+                                finished: true,
+                            },
                         )
                     }
                     Some(Peer::Casync) => {
                         note(&format!("{key} run {}: casync", run + 1));
                         let out = w.join("casync-out.img");
                         let http = http.as_mut().context("nginx runs for casync")?;
-                        (Peer::Casync, casync_extract(http, &out, Some(v1), key, v2_hash).await?)
+                        (Peer::Casync, casync_extract(http, &out, Some(v1), key, v2_hash, options.peer_timeout).await?)
                     }
                     Some(Peer::Zsync) => {
                         note(&format!("{key} run {}: zsync", run + 1));
                         let http = http.as_mut().context("nginx runs for zsync")?;
-                        (Peer::Zsync, zsync(http, w, v1, key, v2_hash).await?)
+                        (Peer::Zsync, zsync(http, w, v1, key, v2_hash, options.peer_timeout).await?)
                     }
                 };
+                // Each sample as it comes, so that an interrupted run still leaves its figures.
+                note(&format!("  {}: {:?}", sample.0.name(), sample.1));
                 scenario.peers.entry(sample.0).or_default().push(sample.1);
             }
         }
@@ -338,6 +364,7 @@ async fn casync_extract(
     seed: Option<&Path>,
     key: &str,
     hash: &str,
+    deadline: Duration,
 ) -> Result<Sample> {
     let _ = std::fs::remove_file(out);
     let mut args: Vec<OsString> = vec!["extract".into(), format!("--store={}", http.url("casync/store.castr")).into()];
@@ -348,14 +375,26 @@ async fn casync_extract(
     args.push(out.into());
     http.served()?;
     settle().await?;
-    let (_, wall) = run_tool(Path::new("casync"), &args).await?;
+    let Ok(result) = tokio::time::timeout(deadline, run_tool(Path::new("casync"), &args)).await else {
+        // Dropping the run killed casync.
+        let _ = std::fs::remove_file(out);
+        return Ok(http_sample(http.served()?, deadline, false));
+    };
+    let (_, wall) = result?;
     let served = http.served()?;
     check_and_remove(out, hash, "casync").await?;
-    Ok(http_sample(served, wall))
+    Ok(http_sample(served, wall, true))
 }
 
 /// `zsync -i v1 -o OUT http://…/KEY.zsync`, timed; checks the result's hash and removes it.
-async fn zsync(http: &mut HttpServer, work: &Path, v1: &Path, key: &str, hash: &str) -> Result<Sample> {
+async fn zsync(
+    http: &mut HttpServer,
+    work: &Path,
+    v1: &Path,
+    key: &str,
+    hash: &str,
+    deadline: Duration,
+) -> Result<Sample> {
     let out = work.join("zsync-out.img");
     let _ = std::fs::remove_file(&out);
     let args: Vec<OsString> = vec![
@@ -368,20 +407,27 @@ async fn zsync(http: &mut HttpServer, work: &Path, v1: &Path, key: &str, hash: &
     ];
     http.served()?;
     settle().await?;
-    let (_, wall) = run_tool(Path::new("zsync"), &args).await?;
+    // zsync builds the file in an `rcksum-XXXXXX` temp file in its current dir: the work dir.
+    let run = run_tool_in(Some(work), Path::new("zsync"), &args);
+    let Ok(result) = tokio::time::timeout(deadline, run).await else {
+        // Dropping the run killed zsync; its temp file is left in the work dir, removed at the end.
+        return Ok(http_sample(http.served()?, deadline, false));
+    };
+    let (_, wall) = result?;
     let served = http.served()?;
     check_and_remove(&out, hash, "zsync").await?;
     // zsync keeps the output's previous contents as OUT.zs-old when OUT existed; it did not.
     let _ = std::fs::remove_file(work.join("zsync-out.img.zs-old"));
-    Ok(http_sample(served, wall))
+    Ok(http_sample(served, wall, true))
 }
 
-fn http_sample(served: Served, wall: Duration) -> Sample {
+fn http_sample(served: Served, wall: Duration, finished: bool) -> Sample {
     Sample {
         wire_bytes: served.wire_bytes(),
         body_bytes: served.body_bytes_sent,
         requests: served.requests,
         secs: wall.as_secs_f64(),
+        finished,
     }
 }
 
@@ -452,6 +498,18 @@ fn to_markdown(summary: &Summary, images: &DebianImages, machine: &str, runs: us
             mib(mb)
         );
         for (peer, samples) in &scenario.peers {
+            if let Some(cut) = samples.iter().find(|s| !s.finished) {
+                let _ = writeln!(
+                    out,
+                    "| {} | did not finish: {} ({} B) moved when stopped | > {:.0} s (stopped) | n/a | **< {:.2}×** |",
+                    peer.name(),
+                    mib(cut.wire_bytes),
+                    cut.wire_bytes,
+                    cut.secs,
+                    mt / cut.secs
+                );
+                continue;
+            }
             let pb = median(samples.iter().map(|s| s.wire_bytes));
             let pt = median(samples.iter().map(|s| s.secs));
             let _ = writeln!(
@@ -463,7 +521,11 @@ fn to_markdown(summary: &Summary, images: &DebianImages, machine: &str, runs: us
                 mt / pt
             );
         }
-        let fewer = scenario.peers.values().all(|s| mb < median(s.iter().map(|s| s.wire_bytes)));
+        // A peer stopped unfinished counts as slower; its bytes are not comparable (not met).
+        let fewer = scenario
+            .peers
+            .values()
+            .all(|s| s.iter().all(|s| s.finished) && mb < median(s.iter().map(|s| s.wire_bytes)));
         let not_slower = scenario.peers.values().all(|s| mt <= median(s.iter().map(|s| s.secs)));
         let verdict = |met: bool| if met { "met" } else { "**not met**" };
         let _ = writeln!(
