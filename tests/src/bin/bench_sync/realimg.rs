@@ -530,7 +530,7 @@ fn to_markdown(summary: &Summary, images: &DebianImages, machine: &str, runs: us
         let verdict = |met: bool| if met { "met" } else { "**not met**" };
         let _ = writeln!(
             out,
-            "\nGoal: fewer bytes than every peer: {}; not slower than any: {}. Metalrack's median run: {}.\n",
+            "\nGoal: fewer bytes than every peer: {}; not slower than any: {}. Metalrack's run with the median bytes: {}.\n",
             verdict(fewer),
             verdict(not_slower),
             scenario.metalrack_detail
