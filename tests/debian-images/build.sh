@@ -4,7 +4,9 @@
 # v2 = v1's recipe followed by a "monthly update": a few packages installed, a few purged,
 # configuration edited, a user added. Both trees come from mmdebstrap with a fixed
 # SOURCE_DATE_EPOCH, and both images from `mke2fs -d` with a fixed UUID, hash seed and time, so
-# the same recipe on the same mirror state gives the same bytes.
+# the same recipe on the same mirror state gives the same file contents and layout; not the same
+# bytes: `mke2fs -d` copies each file's atime and ctime from the tree, which the build does not
+# pin, so two builds differ in inode tables (about 550 blocks of a 256 MiB image).
 #
 # usage: build.sh full|small OUT_DIR
 #   full:  minbase + cloud kernel + a few services, 2 GiB images (a few minutes)
