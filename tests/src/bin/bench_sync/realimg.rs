@@ -123,8 +123,8 @@ pub struct Summary {
 }
 
 pub async fn run(options: &RealImageOptions) -> Result<String> {
-    let binaries = metalrack_tests::binaries::Binaries::locate()?;
-    drop(binaries); // checked here so a missing build fails before minutes of image building
+    // Checked first, so that a missing build fails before minutes of image building.
+    metalrack_tests::binaries::Binaries::locate()?;
     let http_kind = check_tools()?;
     let needs_http = options.peers.iter().any(|p| matches!(p, Peer::Casync | Peer::Zsync));
     ensure!(
