@@ -10,7 +10,8 @@
 //! and region), [`wait`], [`data`] (pseudo-random files), [`binaries`],
 //! [`fleet_lab`] (a region, a rack and simulated machines), [`readme`] (the operator guide's
 //! commands), [`site`] (a whole simulated site from a scenario file: region, racks, shaped
-//! uplinks), [`tftp`] (a TFTP client), [`bench`] (what only the benchmarks share), [`latency`]
+//! uplinks), [`tftp`] (a TFTP client), [`bench`] (what only the benchmarks share), [`debian_image`] (real Debian images, two
+//! versions, built by mmdebstrap and cached by recipe), [`latency`]
 //! (named requests timed at an interval: p50/p99/max), [`scale`] (a simulated site of many racks
 //! heartbeating and polling, machines, boots). Tests use the short forms that panic with the reason
 //! (`Region::start`); the benchmarks the `Result` forms (`Region::launch`), so an error unwinds
@@ -20,6 +21,7 @@ pub mod api;
 pub mod bench;
 pub mod binaries;
 pub mod data;
+pub mod debian_image;
 pub mod deploy_env;
 pub mod deploy_lab;
 pub mod disk_image;

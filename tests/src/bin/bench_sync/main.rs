@@ -12,6 +12,9 @@
 //!    the same file from nginx (`sendfile on`) on loopback, and its bytes on the wire against
 //!    `zstd -3` of the whole file (chunks that compress travel compressed).
 //!
+//! `--debian full|small` measures instead the update of a real Debian image against casync,
+//! rsync and zsync ([`realimg`]).
+//!
 //! `--input FILE` measures a given file (a real image, which compresses) instead of the
 //! pseudo-random one; `--first-sync-only` skips 1. and 2.
 //!
@@ -33,6 +36,7 @@
 mod chunking;
 mod edits;
 mod peers;
+mod realimg;
 mod report;
 mod sync;
 mod tools;
@@ -42,24 +46,31 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use metalrack_api::images::SyncPhase;
 use metalrack_tests::bench::{free_bytes, load_average};
 use metalrack_tests::binaries::Binaries;
 use metalrack_tests::data::write_random_file;
+use metalrack_tests::debian_image::Profile;
 use metalrack_tests::process::Spawn;
 use metalrack_tests::region::{Region, ANY_PORT};
-use metalrack_tests::wait::try_wait_for;
 
 use chunking::measure_chunking;
 use edits::{insert_bytes, insert_offset, scatter_blocks, Edit, Scenario};
 use peers::{HttpServer, RsyncDaemon};
 use report::{DeltaSamples, Report};
-use sync::{delta_sync, push, start_rack, wait_synced};
+use sync::{delta_sync, drop_version, push, start_rack, wait_synced};
 use tools::{b3sum, check_tools, machine_summary, settle};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
+
+/// Where `--debian` keeps the images it built: outside /tmp, as they take minutes to build.
+const DEFAULT_IMAGE_CACHE: &str = "/var/tmp/metalrack-debian-images";
+
+/// `--debian`'s bound on one casync or zsync run: 4x the slowest seen on the 2 GiB images
+/// (casync, 71 s under load), so only a peer stuck in a pathological case (zsync on the small
+/// images' zero blocks ran past 11 minutes) is cut, and the run still ends in reasonable time.
+const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The image every scenario pushes; versions differ per scenario and run.
 const IMAGE: &str = "bench/raw";
@@ -90,7 +101,12 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
     let result = runtime.block_on(async {
         tokio::select! {
-            result = run(&options) => result,
+            result = async {
+                match &options.debian {
+                    Some(debian) => realimg::run(debian).await,
+                    None => run(&options).await,
+                }
+            } => result,
             // Dropping `run` drops its daemons and temp dir: Ctrl-C leaves nothing behind.
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         }
@@ -114,6 +130,14 @@ usage: bench_sync [--size-mib N] [--input FILE] [--first-sync-only] [--work-dir 
   --first-sync-only  skip 1. (chunk + hash) and 2. (delta syncs)
   --work-dir DIR where the temp work dir goes (default /tmp); needs about 9x the image size free
   --runs N       repetitions of each timed measurement; medians are reported (default 3)
+  --debian full|small  instead: real Debian images (built by mmdebstrap, cached), the update
+                 v1 -> v2 against casync, rsync --no-whole-file and zsync, and v1's first sync
+  --image-cache DIR  where --debian keeps its images, one dir per recipe key
+                 (default /var/tmp/metalrack-debian-images)
+  --peers LIST   --debian's peers, comma-separated (default casync,rsync,zsync)
+  --summary FILE --debian writes its figures as JSON there
+  --peer-timeout-s N  --debian stops a casync or zsync run after N s and reports it
+                 unfinished (default 300)
 Build first: cargo build --release --workspace --bins";
 
 #[derive(Debug)]
@@ -123,13 +147,25 @@ struct Options {
     first_sync_only: bool,
     work_dir: PathBuf,
     runs: usize,
+    debian: Option<realimg::RealImageOptions>,
 }
 
 impl Options {
     /// `None` when only `--help` was asked for.
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>> {
-        let mut options =
-            Options { size_mib: 2048, input: None, first_sync_only: false, work_dir: PathBuf::from("/tmp"), runs: 3 };
+        let mut options = Options {
+            size_mib: 2048,
+            input: None,
+            first_sync_only: false,
+            work_dir: PathBuf::from("/tmp"),
+            runs: 3,
+            debian: None,
+        };
+        let mut profile = None;
+        let mut cache_dir = PathBuf::from(DEFAULT_IMAGE_CACHE);
+        let mut peers = realimg::Peer::ALL.to_vec();
+        let mut summary = None;
+        let mut peer_timeout = DEFAULT_PEER_TIMEOUT;
         while let Some(arg) = args.next() {
             let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
             match arg.as_str() {
@@ -138,12 +174,30 @@ impl Options {
                 "--first-sync-only" => options.first_sync_only = true,
                 "--work-dir" => options.work_dir = PathBuf::from(value()?),
                 "--runs" => options.runs = value()?.parse().context("--runs")?,
+                "--debian" => profile = Some(Profile::parse(&value()?)?),
+                "--image-cache" => cache_dir = PathBuf::from(value()?),
+                "--peers" => peers = realimg::Peer::parse_list(&value()?)?,
+                "--summary" => summary = Some(PathBuf::from(value()?)),
+                "--peer-timeout-s" => peer_timeout = Duration::from_secs(value()?.parse().context("--peer-timeout-s")?),
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     return Ok(None);
                 }
                 other => bail!("unknown argument {other:?}"),
             }
+        }
+        if let Some(profile) = profile {
+            ensure!(options.runs >= 1, "--runs must be at least 1");
+            options.debian = Some(realimg::RealImageOptions {
+                profile,
+                cache_dir,
+                peers,
+                work_dir: options.work_dir.clone(),
+                runs: options.runs,
+                peer_timeout,
+                summary,
+            });
+            return Ok(Some(options));
         }
         if let Some(input) = &options.input {
             let len = std::fs::metadata(input).with_context(|| format!("--input {}", input.display()))?.len();
@@ -267,7 +321,7 @@ async fn run(options: &Options) -> Result<String> {
             make: Edit::Insert,
         },
     ];
-    let rsyncd = RsyncDaemon::start(w, &scenarios)?;
+    let rsyncd = RsyncDaemon::start(w, &scenarios.iter().map(|s| s.key).collect::<Vec<_>>())?;
     let scenarios = if options.first_sync_only { &scenarios[..0] } else { &scenarios[..] };
     for scenario in scenarios {
         note(&format!("2{}. delta sync vs rsync: {}", scenario.key, scenario.title));
@@ -284,14 +338,7 @@ async fn run(options: &Options) -> Result<String> {
             samples.rack.push(delta_sync(&region, &api, &rack, &v2, &v2_hash, &version).await?);
             // Back to "the rack has v1 only" for the next run: the region drops the version and
             // its chunks, the rack drops the file.
-            api.delete_version(IMAGE, &version).await?;
-            try_wait_for("the rack to drop the deleted version", deadline_for(size), POLL, || async {
-                let view = api.rack(&rack.name).await?;
-                let sync = view.sync.unwrap_or_default();
-                let only_v1 = view.snapshot_files == 1 && api.rack_serves_file(&rack.name, &v1_hash).await?;
-                Ok((sync.phase == SyncPhase::Idle && only_v1).then_some(()))
-            })
-            .await?;
+            drop_version(&api, &rack, &version, &v1_hash, size).await?;
         }
         std::fs::remove_file(&v2)?;
         report.deltas.push(samples);

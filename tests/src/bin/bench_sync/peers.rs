@@ -7,38 +7,81 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use metalrack_tests::process::{Daemon, Spawn};
 
-use crate::edits::Scenario;
 use crate::tools::{b3sum, free_port, run_tool, settle, wait_listening, HttpKind};
 use crate::POLL;
 
 pub struct HttpServer {
     port: u16,
+    /// nginx's access log (`$bytes_sent $body_bytes_sent $request_length` per request), when
+    /// asked for; [`HttpServer::served`] reads what was added since its last call.
+    access_log: Option<PathBuf>,
+    access_log_read: u64,
     _daemon: Daemon,
+}
+
+/// What an HTTP server answered, from its access log: bytes on the wire at the HTTP level.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Served {
+    pub requests: u64,
+    /// Response bytes with their headers (`$bytes_sent`).
+    pub bytes_sent: u64,
+    /// Response bodies only (`$body_bytes_sent`).
+    pub body_bytes_sent: u64,
+    /// Request bytes with their headers (`$request_length`).
+    pub request_bytes: u64,
+}
+
+impl Served {
+    /// Both directions, headers included: what crossed the connection above TCP.
+    pub fn wire_bytes(&self) -> u64 {
+        self.bytes_sent + self.request_bytes
+    }
 }
 
 impl HttpServer {
     /// Serves `file` as `/image.raw` from a private docroot on a free loopback port.
     pub async fn start(kind: HttpKind, work: &Path, file: &Path) -> Result<HttpServer> {
         let root = work.join("www");
-        let dir = work.join("http");
         std::fs::create_dir_all(&root)?;
-        std::fs::create_dir_all(&dir)?;
         // A hard link: the same bytes (and page-cache pages) as the rack syncs, no extra disk.
         std::fs::hard_link(file, root.join("image.raw"))?;
+        HttpServer::spawn(kind, &work.join("http"), &root, false).await
+    }
+
+    /// nginx serving the dir `root` (static files, Range requests as nginx answers them), logging
+    /// each request's bytes so that [`HttpServer::served`] can count a client's bytes on the wire.
+    /// `dir` holds its config and logs.
+    pub async fn start_logged(dir: &Path, root: &Path) -> Result<HttpServer> {
+        HttpServer::spawn(HttpKind::Nginx, dir, root, true).await
+    }
+
+    async fn spawn(kind: HttpKind, dir: &Path, root: &Path, log_bytes: bool) -> Result<HttpServer> {
+        std::fs::create_dir_all(dir)?;
         let port = free_port()?;
+        let access_log = log_bytes.then(|| dir.join("access.log"));
         let command = match kind {
             HttpKind::Nginx => {
                 let conf = dir.join("nginx.conf");
                 let d = dir.display();
+                // The log line is written when the request ends (no `buffer=`), so it is in the
+                // file once the client has exited.
+                let access = match &access_log {
+                    Some(log) => format!(
+                        "log_format bytes '$bytes_sent $body_bytes_sent $request_length $status';\n  \
+                         access_log {} bytes;",
+                        log.display()
+                    ),
+                    None => "access_log off;".to_owned(),
+                };
                 // One process (no master) so that killing it stops everything; temp paths and
                 // logs inside the work dir so nothing outside it is touched.
                 let text = format!(
                     "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
                      error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
-                     http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
+                     http {{\n  {access}\n  sendfile on;\n  tcp_nopush on;\n\
                      default_type application/octet-stream;\n\
                      client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                      fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
@@ -47,24 +90,54 @@ impl HttpServer {
                 );
                 std::fs::write(&conf, text)?;
                 let mut command = std::process::Command::new("nginx");
-                command.arg("-p").arg(&dir).arg("-c").arg(&conf).arg("-e").arg(dir.join("error.log"));
+                command.arg("-p").arg(dir).arg("-c").arg(&conf).arg("-e").arg(dir.join("error.log"));
                 command
             }
             HttpKind::PythonHttpServer => {
+                ensure!(!log_bytes, "counting bytes on the wire needs nginx: apt-get install nginx-light");
                 let mut command = std::process::Command::new("python3");
                 command.args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"]);
-                command.arg(&root);
+                command.arg(root);
                 command
             }
         };
         let mut daemon = Daemon::spawn("http server", command, &dir.join("server.log"), false, Spawn::default())?;
         wait_listening(&mut daemon, port).await?;
-        Ok(HttpServer { port, _daemon: daemon })
+        Ok(HttpServer { port, access_log, access_log_read: 0, _daemon: daemon })
+    }
+
+    /// `http://127.0.0.1:PORT/{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/{path}", self.port)
+    }
+
+    /// What was served since the last call (needs [`HttpServer::start_logged`]). Every request
+    /// must have succeeded: a 4xx/5xx means a peer was misconfigured, not a figure.
+    pub fn served(&mut self) -> Result<Served> {
+        let log = self.access_log.as_ref().context("this server does not log bytes")?;
+        let text = std::fs::read(log).with_context(|| format!("reading {}", log.display()))?;
+        let new = &text[self.access_log_read as usize..];
+        self.access_log_read = text.len() as u64;
+        let mut served = Served::default();
+        for line in String::from_utf8_lossy(new).lines() {
+            let fields: Vec<u64> = line
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("access log line {line:?}"))?;
+            let [bytes_sent, body, request, status] = fields[..] else { bail!("access log line {line:?}") };
+            ensure!(status < 400, "nginx answered {status} (access log line {line:?})");
+            served.requests += 1;
+            served.bytes_sent += bytes_sent;
+            served.body_bytes_sent += body;
+            served.request_bytes += request;
+        }
+        Ok(served)
     }
 
     /// `curl -o OUT` (or `-o /dev/null`) of the file; checks the size, returns the wall time.
     pub async fn curl(&self, out: Option<&Path>, size: u64) -> Result<Duration> {
-        let url = format!("http://127.0.0.1:{}/image.raw", self.port);
+        let url = self.url("image.raw");
         let out = out.map_or_else(|| PathBuf::from("/dev/null"), Path::to_owned);
         let args: [OsString; 7] = [
             "-sS".into(),
@@ -99,16 +172,17 @@ pub struct RsyncDaemon {
 }
 
 impl RsyncDaemon {
-    pub fn start(work: &Path, scenarios: &[Scenario]) -> Result<RsyncDaemon> {
+    /// One module per key in `keys` (`src-KEY/image.raw`, written by the caller).
+    pub fn start(work: &Path, keys: &[&str]) -> Result<RsyncDaemon> {
         let dir = work.join("rsyncd");
         std::fs::create_dir_all(&dir)?;
         // Running as root, the daemon would drop to `nobody`, who cannot read the 0700 temp
         // dir: stay root. No chroot: the module paths are plain dirs of ours.
         let mut conf = format!("use chroot = no\nuid = root\ngid = root\nlog file = {}/rsyncd.log\n", dir.display());
-        for scenario in scenarios {
-            let module = dir.join(format!("src-{}", scenario.key));
+        for key in keys {
+            let module = dir.join(format!("src-{key}"));
             std::fs::create_dir_all(&module)?;
-            write!(conf, "[{}]\npath = {}\nread only = yes\n", scenario.key, module.display())?;
+            write!(conf, "[{key}]\npath = {}\nread only = yes\n", module.display())?;
         }
         let conf_path = dir.join("rsyncd.conf");
         std::fs::write(&conf_path, conf)?;

@@ -107,3 +107,16 @@ pub async fn delta_sync(
     let protocol_bytes = sync.figures.bytes_received + sync.figures.bytes_sent;
     Ok(RackDeltaSample { sync, protocol_bytes, push: push_time })
 }
+
+/// Back to "the rack has v1 only": the region drops `version` and its chunks, and this waits
+/// for the rack to drop the file and be idle again.
+pub async fn drop_version(api: &Api, rack: &Rack, version: &str, v1_hash: &str, size: u64) -> Result<()> {
+    api.delete_version(IMAGE, version).await?;
+    try_wait_for("the rack to drop the deleted version", deadline_for(size), POLL, || async {
+        let view = api.rack(&rack.name).await?;
+        let sync = view.sync.unwrap_or_default();
+        let only_v1 = view.snapshot_files == 1 && api.rack_serves_file(&rack.name, v1_hash).await?;
+        Ok((sync.phase == SyncPhase::Idle && only_v1).then_some(()))
+    })
+    .await
+}

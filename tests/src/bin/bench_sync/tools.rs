@@ -109,8 +109,21 @@ pub async fn wait_listening(daemon: &mut Daemon, port: u16) -> Result<()> {
 
 /// Runs a short-lived tool to completion; it is killed if the run is abandoned (Ctrl-C).
 pub async fn run_tool(program: &Path, args: &[OsString]) -> Result<(std::process::Output, Duration)> {
+    run_tool_in(None, program, args).await
+}
+
+/// [`run_tool`] in the directory `cwd` (for tools that put temp files in their current dir).
+pub async fn run_tool_in(
+    cwd: Option<&Path>,
+    program: &Path,
+    args: &[OsString],
+) -> Result<(std::process::Output, Duration)> {
     let started = Instant::now();
-    let output = tokio::process::Command::new(program).args(args).stdin(Stdio::null()).kill_on_drop(true).output();
+    let mut command = tokio::process::Command::new(program);
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    let output = command.args(args).stdin(Stdio::null()).kill_on_drop(true).output();
     let output = tokio::time::timeout(TOOL_DEADLINE, output)
         .await
         .with_context(|| format!("{} did not finish within {TOOL_DEADLINE:?}", program.display()))?
