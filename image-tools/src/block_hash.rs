@@ -22,7 +22,7 @@ use crate::Hash;
 /// for one read per block to be cheap, small enough that a block fills soon after its chunks
 /// arrive. Memory: 32 bytes per block (32 KiB per GiB) plus one block buffer per hashing call.
 pub const BLOCK_LEN: u64 = 1 << 20;
-const _: () = assert!(BLOCK_LEN.is_power_of_two() && BLOCK_LEN % blake3::CHUNK_LEN as u64 == 0);
+const _: () = assert!(BLOCK_LEN.is_power_of_two() && BLOCK_LEN.is_multiple_of(blake3::CHUNK_LEN as u64));
 
 /// The hash of one file of known length, built from its blocks.
 #[derive(Debug, Clone)]
