@@ -92,20 +92,23 @@ pub fn encode_frame(hash: &Hash, data: &[u8], out: &mut Vec<u8>) {
 
 /// Splits a byte stream that arrives in arbitrary pieces into frames.
 ///
-/// Memory: the unread bytes of complete frames plus at most one partial frame of at most
-/// `HEADER_LEN + max_len` bytes (and whatever the last `push` brought past that). Once a
-/// header announces more than `max_len`, the decoder drops that frame's bytes and everything
-/// after, ignores further input, and returns the error after any complete frames before it.
+/// Each frame's data is copied once, from the pushed piece straight into the `Vec` that
+/// [`FrameDecoder::next_frame`] hands out (sized by the header when it arrives), so a receiver
+/// pays no second copy per chunk and no moving of leftover bytes between pieces.
+///
+/// Memory: the unread complete frames plus one partial frame, whose data buffer of at most
+/// `max_len` bytes is allocated when its header arrives. Once a header announces more than
+/// `max_len`, the decoder drops that frame and everything after, ignores further input, and
+/// returns the error after any complete frames before it.
 #[derive(Debug)]
 pub struct FrameDecoder {
     max_len: u32,
-    /// Received bytes; `buffer[read..]` is not yet returned.
-    buffer: Vec<u8>,
-    /// Start of the first frame `next_frame` has not returned.
-    read: usize,
-    /// Start of the first frame whose header `push` has not seen complete with its data:
-    /// every frame before it is whole and within `max_len`.
-    scanned: usize,
+    /// Bytes of the next frame's header, until all [`HEADER_LEN`] have arrived.
+    header: Vec<u8>,
+    /// The frame being filled: its hash, the data so far, and its announced length.
+    partial: Option<(Hash, Vec<u8>, usize)>,
+    /// Complete frames not yet returned.
+    complete: std::collections::VecDeque<(Hash, Vec<u8>)>,
     /// Set once an oversized header arrives; sticky, since the stream cannot be resynchronised.
     failed: Option<FrameError>,
 }
@@ -113,66 +116,76 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that accepts frames of up to `max_len` data bytes.
     pub fn new(max_len: u32) -> Self {
-        FrameDecoder { max_len, buffer: Vec::new(), read: 0, scanned: 0, failed: None }
+        FrameDecoder {
+            max_len,
+            header: Vec::with_capacity(HEADER_LEN),
+            partial: None,
+            complete: std::collections::VecDeque::new(),
+            failed: None,
+        }
     }
 
     /// Adds the next piece of the stream.
-    pub fn push(&mut self, bytes: &[u8]) {
-        if self.failed.is_some() {
-            return;
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.failed.is_none() {
+            match &mut self.partial {
+                Some((_, data, data_len)) => {
+                    let n = (*data_len - data.len()).min(bytes.len());
+                    data.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                }
+                None => {
+                    let n = (HEADER_LEN - self.header.len()).min(bytes.len());
+                    self.header.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    if self.header.len() < HEADER_LEN {
+                        return;
+                    }
+                    let header = FrameHeader::new_unchecked(&self.header[..]);
+                    let data_len = header.data_len();
+                    if data_len > self.max_len {
+                        // Refused on its header alone, before any of its data is kept.
+                        self.failed = Some(FrameError::TooLarge { len: data_len, max: self.max_len });
+                        self.header = Vec::new();
+                        return;
+                    }
+                    let data_len = data_len as usize;
+                    self.partial = Some((header.hash(), Vec::with_capacity(data_len), data_len));
+                    self.header.clear();
+                }
+            }
+            // A frame of no data is complete as soon as its header is.
+            self.complete_partial();
         }
-        // Reclaim returned frames before growing, so the buffer holds only unread bytes; the
-        // copy is of unread bytes only, at most one partial frame when the caller keeps up.
-        if self.read > 0 {
-            self.buffer.drain(..self.read);
-            self.scanned -= self.read;
-            self.read = 0;
-        }
-        self.buffer.extend_from_slice(bytes);
-        self.scan();
     }
 
-    /// Walks the headers that became complete, so an oversized one is refused now rather
-    /// than after its data has piled up.
-    fn scan(&mut self) {
-        while let Ok(header) = FrameHeader::new_checked(&self.buffer[self.scanned..]) {
-            let data_len = header.data_len();
-            if data_len > self.max_len {
-                self.failed = Some(FrameError::TooLarge { len: data_len, max: self.max_len });
-                self.buffer.truncate(self.scanned);
-                self.buffer.shrink_to_fit();
-                return;
+    /// Moves the partial frame to the complete ones once its data is all there.
+    fn complete_partial(&mut self) {
+        if let Some((_, data, data_len)) = &self.partial {
+            if data.len() == *data_len {
+                let (hash, data, _) = self.partial.take().expect("checked above");
+                self.complete.push_back((hash, data));
             }
-            let frame_end = self.scanned + HEADER_LEN + data_len as usize;
-            if frame_end > self.buffer.len() {
-                return;
-            }
-            self.scanned = frame_end;
         }
+    }
+
+    /// Bytes held for frames not yet returned (headers included), for the truncation error.
+    fn buffered(&self) -> usize {
+        let complete: usize = self.complete.iter().map(|(_, data)| HEADER_LEN + data.len()).sum();
+        let partial = self.partial.as_ref().map_or(0, |(_, data, _)| HEADER_LEN + data.len());
+        complete + partial + self.header.len()
     }
 
     /// The next complete frame, `Ok(None)` if more input is needed, or the error that stopped
     /// the stream once the frames before it have been returned.
     pub fn next_frame(&mut self) -> Result<Option<(Hash, Vec<u8>)>, FrameError> {
-        if self.read == self.scanned {
-            return match &self.failed {
+        match self.complete.pop_front() {
+            Some(frame) => Ok(Some(frame)),
+            None => match &self.failed {
                 Some(error) => Err(error.clone()),
                 None => Ok(None),
-            };
+            },
         }
-        // `scan` proved the frame at `read` is whole.
-        let header = FrameHeader::new_unchecked(&self.buffer[self.read..]);
-        let hash = header.hash();
-        let data_start = self.read + HEADER_LEN;
-        let data_end = data_start + header.data_len() as usize;
-        let data = self.buffer[data_start..data_end].to_vec();
-        self.read = data_end;
-        if self.read == self.buffer.len() {
-            self.buffer.clear();
-            self.read = 0;
-            self.scanned = 0;
-        }
-        Ok(Some((hash, data)))
     }
 
     /// Call at the end of the stream: an error if it stopped on an oversized frame or in the
@@ -181,7 +194,7 @@ impl FrameDecoder {
         if let Some(error) = &self.failed {
             return Err(error.clone());
         }
-        let buffered = self.buffer.len() - self.read;
+        let buffered = self.buffered();
         if buffered > 0 {
             return Err(FrameError::Truncated { buffered });
         }
@@ -310,7 +323,7 @@ mod tests {
         assert_eq!(decoder.next_frame(), Err(FrameError::TooLarge { len: 3, max: 2 }));
         // Its data (and anything after) is not kept.
         decoder.push(&[0u8; 4096]);
-        assert_eq!(decoder.buffer.len(), 0);
+        assert_eq!(decoder.buffered(), 0);
         assert_eq!(decoder.next_frame(), Err(FrameError::TooLarge { len: 3, max: 2 }));
         assert_eq!(decoder.finish(), Err(FrameError::TooLarge { len: 3, max: 2 }));
     }
@@ -323,7 +336,7 @@ mod tests {
         let mut decoder = FrameDecoder::new(4);
         // Pushed before any draining: the oversized header is still caught on arrival.
         decoder.push(&bytes);
-        assert_eq!(decoder.buffer.len(), HEADER_LEN + 2);
+        assert_eq!(decoder.buffered(), HEADER_LEN + 2);
         assert_eq!(decoder.next_frame(), Ok(Some((Hash([1; 32]), b"ok".to_vec()))));
         assert_eq!(decoder.next_frame(), Err(FrameError::TooLarge { len: 8, max: 4 }));
     }
@@ -345,7 +358,7 @@ mod tests {
         let mut largest = 0;
         for piece in bytes.chunks(333) {
             decoder.push(piece);
-            largest = largest.max(decoder.buffer.len());
+            largest = largest.max(decoder.buffered());
             while decoder.next_frame().unwrap().is_some() {}
         }
         decoder.finish().unwrap();

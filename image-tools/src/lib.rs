@@ -8,6 +8,7 @@
 //! version only moves the chunks the old one lacks ([`diff`]). [`verify`] checks a file against
 //! its manifest without ever holding the file in memory.
 
+pub mod block_hash;
 pub mod chunker;
 mod cut;
 pub mod delta;

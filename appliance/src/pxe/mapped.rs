@@ -1,4 +1,5 @@
-//! The one place the rack maps files into memory (the only `unsafe` in the appliance).
+//! The one place the rack maps files into memory (one of the two `unsafe` blocks in the appliance;
+//! the other is `sync::partial::start_writeback`, a system call without pointers).
 
 use std::fs::File;
 

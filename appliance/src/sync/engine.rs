@@ -106,6 +106,7 @@ impl ChunkSink for Placement {
             }
             for build in &builds {
                 build.flush_progress()?;
+                build.hash_ready_blocks()?;
             }
             Ok(())
         })

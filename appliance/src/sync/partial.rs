@@ -3,6 +3,11 @@
 //! read back and hashed before it is trusted, so neither file needs a flush until the whole file
 //! is verified, and a crash at any point (a torn log entry, a torn chunk) costs at most the
 //! chunks not yet verified, which are fetched again.
+//!
+//! The whole-file check happens while the file fills: as soon as every byte of a 1 MiB block
+//! is written (fetched, copied or kept from a previous run), the block is read back from the
+//! file and hashed (`metalrack_image_tools::block_hash`), so `finish` only merges the blocks'
+//! values into the file's BLAKE3 hash instead of reading and hashing the whole file again.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -11,7 +16,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use metalrack_image_tools::block_hash::{self, BlockCoverage, BlockHasher, BLOCK_LEN};
 use metalrack_image_tools::manifest::Manifest;
+use metalrack_image_tools::verify::VerifyError;
 use metalrack_image_tools::Hash;
 
 use crate::snapshot::SnapshotStore;
@@ -24,7 +31,7 @@ pub enum PartialError {
     #[error("cannot {what} {path}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("file {file_hash} does not verify after assembly")]
-    Verify { file_hash: String, source: metalrack_image_tools::verify::VerifyError },
+    Verify { file_hash: String, source: VerifyError },
 }
 
 fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PartialError {
@@ -59,6 +66,48 @@ pub struct PartialFile {
     pub missing: Vec<(usize, u64)>,
     /// Bytes copied from local files.
     pub reused: u64,
+    /// The whole-file hash as the blocks fill.
+    hashing: Mutex<FileHashing>,
+}
+
+/// Which chunks are in the file and which blocks of it are hashed.
+#[derive(Debug)]
+struct FileHashing {
+    /// Offset of each chunk in the file (from the manifest, never from the caller: a chunk
+    /// written at a wrong place leaves its own block incomplete or wrong, which the hash finds).
+    offsets: Vec<u64>,
+    written: Vec<bool>,
+    coverage: BlockCoverage,
+    hasher: BlockHasher,
+    /// Blocks complete but not yet read back and hashed.
+    ready: Vec<usize>,
+}
+
+impl FileHashing {
+    fn new(manifest: &Manifest, offsets: Vec<u64>) -> FileHashing {
+        let mut ready = Vec::new();
+        if manifest.file_len == 0 {
+            ready.push(0); // an empty file's one block has no bytes to wait for
+        }
+        FileHashing {
+            written: vec![false; offsets.len()],
+            offsets,
+            coverage: BlockCoverage::new(manifest.file_len),
+            hasher: BlockHasher::new(manifest.file_len),
+            ready,
+        }
+    }
+
+    /// Notes chunk `index` (of `len` bytes) as in the file; its blocks that this completes
+    /// become ready to hash. A chunk noted again is ignored.
+    fn chunk_written(&mut self, index: usize, len: u32) {
+        if std::mem::replace(&mut self.written[index], true) {
+            return;
+        }
+        let start = self.offsets[index];
+        let ready = &mut self.ready;
+        self.coverage.written(start..start + u64::from(len), |block| ready.push(block));
+    }
 }
 
 impl PartialFile {
@@ -82,6 +131,7 @@ impl PartialFile {
         file.set_len(manifest.file_len).map_err(io_error("size", &partial))?;
         let offsets: Vec<u64> = manifest.chunk_offsets().map(|(offset, _)| offset).collect();
         let done = verified_chunks(&file, &manifest, &offsets, &std::fs::read(&progress_path).unwrap_or_default());
+        let mut hashing = FileHashing::new(&manifest, offsets.clone());
         let mut log: Vec<u8> =
             done.iter().enumerate().filter(|(_, d)| **d).flat_map(|(i, _)| (i as u32).to_le_bytes()).collect();
         let mut open_sources: HashMap<Arc<PathBuf>, File> = HashMap::new();
@@ -104,10 +154,12 @@ impl PartialFile {
             let (out_offset, len) = (offsets[i], u64::from(chunk.len));
             if done[i] {
                 flush(&mut run)?;
+                hashing.chunk_written(i, chunk.len);
                 continue;
             }
             match local.get(&chunk.hash) {
                 Some(src) => {
+                    hashing.chunk_written(i, chunk.len);
                     let extends = matches!(&run, Some((f, s, o, l))
                         if Arc::ptr_eq(f, &src.file) && s + l == src.offset && o + l == out_offset);
                     if extends {
@@ -141,13 +193,51 @@ impl PartialFile {
             manifest,
             missing,
             reused,
+            hashing: Mutex::new(hashing),
         })
     }
 
-    /// Writes a verified chunk at its place and notes it for the progress log.
+    /// Writes a verified chunk at its place and notes it for the progress log and the hash.
     pub fn write_chunk(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), PartialError> {
         self.file.write_all_at(data, offset).map_err(io_error("write", &self.partial))?;
         self.progress.lock().expect("lock").extend_from_slice(&index.to_le_bytes());
+        // The manifest's length and offset, not the caller's: bytes written elsewhere or short
+        // leave their block's hash wrong, which `finish` refuses.
+        let len = self.manifest.chunks[index as usize].len;
+        self.hashing.lock().expect("lock").chunk_written(index as usize, len);
+        Ok(())
+    }
+
+    /// Reads back and hashes the blocks whose bytes are all written. Called after each piece of
+    /// writes, so the whole-file hash grows with the file; concurrent callers take disjoint
+    /// blocks (each is hashed once), and hash outside the lock.
+    pub fn hash_ready_blocks(&self) -> Result<(), PartialError> {
+        let ready = std::mem::take(&mut self.hashing.lock().expect("lock").ready);
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let file_len = self.manifest.file_len;
+        let mut buffer = Vec::with_capacity(BLOCK_LEN as usize);
+        let mut values = Vec::with_capacity(ready.len());
+        for block in ready {
+            let start = block as u64 * BLOCK_LEN;
+            let len = (file_len - start).min(BLOCK_LEN) as usize;
+            buffer.resize(len, 0);
+            self.file.read_exact_at(&mut buffer, start).map_err(io_error("read back", &self.partial))?;
+            values.push((block, block_hash::hash_block(file_len, block, &buffer)));
+        }
+        let mut hashing = self.hashing.lock().expect("lock");
+        for &(block, value) in &values {
+            hashing.hasher.insert(block, value);
+        }
+        drop(hashing);
+        // Checked blocks go to the disk now, while the rest arrives, so the flush in `finish`
+        // finds little left to write (a file the size of the page cache's dirty limit would
+        // otherwise be written back all at once, at the end).
+        for (block, _) in values {
+            let start = block as u64 * BLOCK_LEN;
+            start_writeback(&self.file, start, (file_len - start).min(BLOCK_LEN));
+        }
         Ok(())
     }
 
@@ -161,18 +251,67 @@ impl PartialFile {
         Ok(())
     }
 
-    /// Flushes the file, verifies it whole against its manifest, and renames it into place.
+    /// Flushes the file, checks its whole-file hash (from its blocks, read back from the file
+    /// as they filled) and length against its manifest, and renames it into place.
+    ///
+    /// The chunks were each checked on arrival (or on resume); this checks what the file holds:
+    /// a chunk written at a wrong place, a copied chunk whose source rotted, a byte never
+    /// written, all change the file's hash. A hash that matches means the file is the one the
+    /// catalogue names (by that hash), which is what is published.
     pub fn finish(self) -> Result<(), PartialError> {
-        self.file.sync_all().map_err(io_error("sync", &self.partial))?;
-        if let Err(source) = metalrack_image_tools::verify::verify_file(&self.partial, &self.manifest, |_| {}) {
+        if let Err(source) = self.check() {
             // Start this file over: what is on disk is not what was verified on arrival.
             let _ = std::fs::remove_file(&self.progress_path);
             let _ = std::fs::remove_file(&self.partial);
             return Err(PartialError::Verify { file_hash: self.file_hash, source });
         }
+        // The bytes just checked are the ones this flush writes: nothing else writes the file.
+        self.file.sync_all().map_err(io_error("sync", &self.partial))?;
         std::fs::rename(&self.partial, &self.target).map_err(io_error("rename", &self.partial))?;
         let _ = std::fs::remove_file(&self.progress_path);
         Ok(())
+    }
+}
+
+impl PartialFile {
+    /// The file's length and whole-file hash against the manifest.
+    fn check(&self) -> Result<(), VerifyError> {
+        let read_error = |source| VerifyError::Read { path: self.partial.clone(), source };
+        let actual_len = self.file.metadata().map_err(read_error)?.len();
+        if actual_len != self.manifest.file_len {
+            return Err(VerifyError::Length { expected: self.manifest.file_len, actual: actual_len });
+        }
+        self.hash_ready_blocks().map_err(|e| match e {
+            PartialError::Io { source, .. } => read_error(source),
+            PartialError::Verify { source, .. } => source,
+        })?;
+        let hashing = self.hashing.lock().expect("lock");
+        if (0..hashing.hasher.n_blocks()).any(|b| !hashing.hasher.has_block(b)) {
+            // Some chunk was never written: the engine's bookkeeping is wrong.
+            let index = hashing.written.iter().position(|w| !w).unwrap_or_default();
+            let offset = hashing.offsets.get(index).copied().unwrap_or_default();
+            return Err(VerifyError::Chunk { index, offset });
+        }
+        let actual = hashing.hasher.finalize().expect("every block is hashed");
+        if actual != self.manifest.file_hash {
+            return Err(VerifyError::FileHash { expected: self.manifest.file_hash, actual });
+        }
+        Ok(())
+    }
+}
+
+/// Starts writing `len` bytes at `offset` of `file` back to the disk without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Only a head start: durability comes from the
+/// `fsync` in `finish`, so a failure here is logged and otherwise ignored.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+    // SAFETY: a system call on a file descriptor this `File` owns and keeps open for the call;
+    // it takes no pointers, so it cannot touch this process's memory.
+    #[allow(unsafe_code)]
+    let result = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+    if result != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "sync_file_range failed; the final fsync does it all");
     }
 }
 
@@ -327,6 +466,69 @@ mod tests {
         write(&partial, &data, 3);
         partial.finish().unwrap();
         assert_eq!(std::fs::read(store.file_path(&hash)).unwrap(), data);
+    }
+
+    /// Chunks of 48 KiB in a file of a bit over 3 MiB: four hash blocks, chunks across their
+    /// boundaries, a short last block.
+    fn multi_block_content() -> (Vec<u8>, Manifest) {
+        const LEN: usize = 48 * 1024;
+        let data: Vec<u8> = (0..3 * BLOCK_LEN as usize + 5000).map(|i| (i / LEN * 131 + i % 253) as u8).collect();
+        let chunks = data.chunks(LEN).map(|c| ChunkRef { hash: Hash::of(c), len: c.len() as u32 }).collect();
+        let manifest = Manifest { file_len: data.len() as u64, file_hash: Hash::of(&data), chunks };
+        (data, manifest)
+    }
+
+    #[test]
+    fn a_file_written_out_of_order_across_blocks_verifies_as_it_fills() {
+        let (_dir, store, _, _, _) = fixture();
+        let (data, manifest) = multi_block_content();
+        let hash = manifest.file_hash.to_hex();
+        let offsets: Vec<(usize, u64, u32)> =
+            manifest.chunk_offsets().enumerate().map(|(i, (offset, c))| (i, offset, c.len)).collect();
+        let partial = PartialFile::open(&store, &hash, manifest, &HashMap::new()).unwrap();
+        // Odd chunks, then even ones backwards, hashing ready blocks after each, as batches that
+        // finish out of order do.
+        let order = offsets.iter().skip(1).step_by(2).chain(offsets.iter().step_by(2).rev());
+        for &(index, offset, len) in order {
+            let bytes = &data[offset as usize..offset as usize + len as usize];
+            partial.write_chunk(index as u32, offset, bytes).unwrap();
+            partial.hash_ready_blocks().unwrap();
+        }
+        partial.finish().unwrap();
+        assert_eq!(std::fs::read(store.file_path(&hash)).unwrap(), data);
+    }
+
+    #[test]
+    fn a_chunk_written_at_a_wrong_place_is_refused() {
+        let (_dir, store, data, manifest, hash) = fixture();
+        let partial = PartialFile::open(&store, &hash, manifest, &HashMap::new()).unwrap();
+        for index in [0, 1, 3] {
+            write(&partial, &data, index);
+        }
+        // Chunk 2's bytes, reported as chunk 2, but written over chunk 1.
+        partial.write_chunk(2, CHUNK as u64, &data[2 * CHUNK..3 * CHUNK]).unwrap();
+        let err = partial.finish().unwrap_err();
+        assert!(matches!(err, PartialError::Verify { .. }), "{err}");
+        assert!(!store.partial_path(&hash).exists() && !store.file_path(&hash).exists());
+    }
+
+    #[test]
+    fn a_copied_chunk_whose_local_source_rotted_is_refused() {
+        let (dir, store, data, manifest, hash) = fixture();
+        // The local file claims chunk 1, but one of its bytes changed on disk since.
+        let local_path = Arc::new(dir.path().join("old"));
+        let mut rotted = data[CHUNK..2 * CHUNK].to_vec();
+        rotted[100] ^= 0x40;
+        std::fs::write(local_path.as_path(), &rotted).unwrap();
+        let local = HashMap::from([(manifest.chunks[1].hash, ChunkSource { file: local_path, offset: 0 })]);
+        let partial = PartialFile::open(&store, &hash, manifest, &local).unwrap();
+        assert_eq!(missing_indices(&partial), vec![0, 2, 3]);
+        for index in [0, 2, 3] {
+            write(&partial, &data, index);
+        }
+        let err = partial.finish().unwrap_err();
+        assert!(matches!(err, PartialError::Verify { .. }), "{err}");
+        assert!(!store.file_path(&hash).exists());
     }
 
     #[test]
