@@ -57,6 +57,18 @@ pub const UPLOAD_SETS_CACHED_MAX: usize = store::UPLOADS_PENDING_MAX as usize;
 /// memory to ~4 chunks per rack download however slow the rack reads.
 const SERVE_QUEUE_FRAMES: usize = 4;
 
+/// Received chunk bytes handed to one blocking store task: ~16 average chunks, so the cost of
+/// a task (a thread hand-off) is spread over many chunks, while the network side goes on
+/// decoding the next group.
+const STORE_GROUP_BYTES: usize = 1024 * 1024;
+
+/// Store tasks of one chunk batch running at once. Two overlap hashing, decompressing and
+/// writing with receiving on a two-core region; with several batches in flight (imgtool sends
+/// [`UPLOAD_CONNECTIONS`](metalrack_api::limits) at once) the blocking pool caps the total. Memory per
+/// batch: this many groups plus the one being filled, each [`STORE_GROUP_BYTES`] plus at most
+/// one chunk (`CHUNK_LEN_MAX`).
+const STORE_GROUPS_IN_FLIGHT: usize = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogueError {
     #[error("only administrators may change the catalogue")]
@@ -91,6 +103,8 @@ pub enum CatalogueError {
     ChunkNotInManifest { hash: Hash },
     #[error("chunk {expected} was damaged in transit (its content hashes to {actual}); send it again")]
     ChunkDamagedInTransit { expected: Hash, actual: Hash },
+    #[error("chunk {hash}'s payload does not decode to its {len} bytes; send it again")]
+    ChunkPayloadInvalid { hash: Hash, len: u32, source: DeltaError },
     #[error("cannot store chunk {hash}")]
     StoreChunk { hash: Hash, source: ChunkStoreError },
     #[error("{n_missing} chunks are still missing; push again to send them")]
@@ -179,8 +193,9 @@ pub struct Catalogue {
     manifests_dir: PathBuf,
     /// Chunk sets of active uploads, so each batch does not re-read the manifest: a cache of at
     /// most [`UPLOAD_SETS_CACHED_MAX`] entries (an entry dropped is read again from its
-    /// manifest); an upload's entry goes when it commits or conflicts.
-    upload_sets: Mutex<HashMap<String, Arc<HashSet<Hash>>>>,
+    /// manifest, and forgets which compressed copies it wrote); an upload's entry goes when it
+    /// commits or conflicts.
+    upload_sets: Mutex<HashMap<String, Arc<UploadChunks>>>,
     /// Serializes garbage collection against itself.
     gc: Mutex<()>,
     /// Test fault hook: corrupt this many chunk frames served to racks (env
@@ -297,6 +312,7 @@ impl Catalogue {
             missing,
             missing_bytes,
             batch_bytes_max: self.shared.config.upload_batch_bytes_max,
+            chunk_payloads: true,
         })
     }
 
@@ -309,12 +325,15 @@ impl Catalogue {
             .ok_or_else(|| CatalogueError::NoSuchUpload { upload_id: upload_id.to_owned() })
     }
 
-    async fn upload_set(&self, upload: &UploadRow) -> Result<Arc<HashSet<Hash>>, CatalogueError> {
+    async fn upload_set(&self, upload: &UploadRow) -> Result<Arc<UploadChunks>, CatalogueError> {
         if let Some(set) = self.upload_sets.lock().await.get(&upload.id) {
             return Ok(set.clone());
         }
         let manifest = self.load_manifest(&upload.manifest_id).await?;
-        let set: Arc<HashSet<Hash>> = Arc::new(manifest.chunks.iter().map(|c| c.hash).collect());
+        let set = Arc::new(UploadChunks {
+            lens: manifest.chunks.iter().map(|c| (c.hash, c.len)).collect(),
+            copies_written: std::sync::Mutex::default(),
+        });
         let mut sets = self.upload_sets.lock().await;
         if sets.len() >= UPLOAD_SETS_CACHED_MAX {
             // Uploads abandoned without a commit would otherwise stay here for good; evicting
@@ -328,11 +347,16 @@ impl Catalogue {
     }
 
     /// Step 2: chunks, as a stream of frames. Each is checked against the manifest and its hash
-    /// before it is stored; the body is never held whole in memory.
+    /// before it is stored; the body is never held whole in memory. With `payloads` each frame
+    /// carries a payload (the chunk raw, or compressed by the client: decoded here and checked
+    /// like a raw chunk, and then kept as the chunk's compressed copy); without it, the chunk.
+    /// Frames are stored in groups by blocking tasks while the next ones arrive
+    /// ([`STORE_GROUP_BYTES`], [`STORE_GROUPS_IN_FLIGHT`]).
     pub async fn upload_chunks<S, E>(
         &self,
         actor: &User,
         upload_id: &str,
+        payloads: bool,
         mut body: S,
     ) -> Result<ChunksStored, CatalogueError>
     where
@@ -343,40 +367,52 @@ impl Catalogue {
         let upload = self.upload_row(upload_id).await?;
         let wanted = self.upload_set(&upload).await?;
         let limit = self.shared.config.upload_batch_bytes_max;
-        let mut decoder = FrameDecoder::new(CHUNK_LEN_MAX);
-        let (mut received, mut stored, mut already_present) = (0u64, 0u64, 0u64);
-        loop {
+        let mut decoder = FrameDecoder::new(CHUNK_LEN_MAX + u32::from(payloads));
+        let mut received = 0u64;
+        let mut totals = ChunksStored { stored: 0, already_present: 0 };
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut group = StoreGroup::default();
+        let mut body_done = false;
+        while !body_done {
             let next =
                 tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next()).await.map_err(|_| CatalogueError::BodyIdle)?;
-            let Some(piece) = next else { break };
-            let piece = piece.map_err(|e| CatalogueError::UploadInterrupted { reason: e.to_string() })?;
-            received += piece.len() as u64;
-            if received > limit {
-                return Err(CatalogueError::BatchTooLarge { limit });
+            match next {
+                Some(piece) => {
+                    let piece = piece.map_err(|e| CatalogueError::UploadInterrupted { reason: e.to_string() })?;
+                    received += piece.len() as u64;
+                    if received > limit {
+                        return Err(CatalogueError::BatchTooLarge { limit });
+                    }
+                    decoder.push(&piece);
+                }
+                None => body_done = true,
             }
-            decoder.push(&piece);
             while let Some((hash, data)) =
                 decoder.next_frame().map_err(|source| CatalogueError::MalformedFrame { source })?
             {
-                if !wanted.contains(&hash) {
+                let Some(&len) = wanted.lens.get(&hash) else {
                     return Err(CatalogueError::ChunkNotInManifest { hash });
-                }
-                let chunks = self.chunks.clone();
-                match tokio::task::spawn_blocking(move || store_chunk(&chunks, &hash, &data))
-                    .await
-                    .map_err(task_error)?
-                {
-                    Ok(true) => stored += 1,
-                    Ok(false) => already_present += 1,
-                    Err(ChunkStoreError::HashMismatch { expected, actual }) => {
-                        return Err(CatalogueError::ChunkDamagedInTransit { expected, actual })
+                };
+                group.bytes += data.len();
+                group.frames.push((hash, len, data));
+                if group.bytes >= STORE_GROUP_BYTES {
+                    while tasks.len() >= STORE_GROUPS_IN_FLIGHT {
+                        add_stored(&mut totals, tasks.join_next().await)?;
                     }
-                    Err(source) => return Err(CatalogueError::StoreChunk { hash, source }),
+                    let (chunks, wanted, group) = (self.chunks.clone(), wanted.clone(), std::mem::take(&mut group));
+                    tasks.spawn_blocking(move || store_group(&chunks, &wanted, payloads, group));
                 }
             }
         }
+        if !group.frames.is_empty() {
+            let (chunks, wanted) = (self.chunks.clone(), wanted.clone());
+            tasks.spawn_blocking(move || store_group(&chunks, &wanted, payloads, group));
+        }
+        while !tasks.is_empty() {
+            add_stored(&mut totals, tasks.join_next().await)?;
+        }
         decoder.finish().map_err(|source| CatalogueError::BatchTruncated { source })?;
-        Ok(ChunksStored { stored, already_present })
+        Ok(totals)
     }
 
     /// Step 3: every chunk present and the whole file hashing right, the version joins the
@@ -387,7 +423,15 @@ impl Catalogue {
         let manifest = self.load_manifest(&upload.manifest_id).await?;
         let chunks = self.chunks.clone();
         let checked = manifest.clone();
-        tokio::task::spawn_blocking(move || check_version_chunks(&chunks, &checked)).await.map_err(task_error)??;
+        // Copies this upload wrote were checked as they arrived; an evicted set (a long or
+        // abandoned upload) has forgotten them, and then every copy is checked.
+        let copies_checked = match self.upload_sets.lock().await.get(&upload.id) {
+            Some(set) => set.copies_written.lock().map(|copies| copies.clone()).unwrap_or_default(),
+            None => HashSet::new(),
+        };
+        tokio::task::spawn_blocking(move || check_version_chunks(&chunks, &checked, &copies_checked))
+            .await
+            .map_err(task_error)??;
         let file_hash = manifest.file_hash.to_hex();
         let outcome = self
             .shared
@@ -634,13 +678,107 @@ impl Catalogue {
     }
 }
 
-/// Stores a pushed chunk (checking its hash) and, when it is new and compresses well, its
-/// compressed copy: compression is decided once here, so serving a chunk to any number of racks
-/// costs no compression (and an incompressible chunk nothing but this one try).
+/// What an upload may send: each chunk of its manifest with its length, and which compressed
+/// copies it wrote in this process (checked as they were written, so its commit need not
+/// decode them again).
+#[derive(Debug)]
+struct UploadChunks {
+    lens: HashMap<Hash, u32>,
+    copies_written: std::sync::Mutex<HashSet<Hash>>,
+}
+
+/// Frames received and not yet stored: (hash, length in the manifest, frame data).
+#[derive(Debug, Default)]
+struct StoreGroup {
+    frames: Vec<(Hash, u32, Vec<u8>)>,
+    bytes: usize,
+}
+
+fn add_stored(
+    totals: &mut ChunksStored,
+    joined: Option<Result<Result<ChunksStored, CatalogueError>, tokio::task::JoinError>>,
+) -> Result<(), CatalogueError> {
+    if let Some(joined) = joined {
+        let stored = joined.map_err(task_error)??;
+        totals.stored += stored.stored;
+        totals.already_present += stored.already_present;
+    }
+    Ok(())
+}
+
+/// Checks and stores one group of received frames (see `Catalogue::upload_chunks`).
+fn store_group(
+    chunks: &ChunkStore,
+    upload: &UploadChunks,
+    payloads: bool,
+    group: StoreGroup,
+) -> Result<ChunksStored, CatalogueError> {
+    let mut totals = ChunksStored { stored: 0, already_present: 0 };
+    for (hash, len, data) in group.frames {
+        let newly_stored = if payloads {
+            let invalid = |source| CatalogueError::ChunkPayloadInvalid { hash, len, source };
+            let (&tag, body) = data.split_first().ok_or(invalid(DeltaError::EmptyPayload))?;
+            if tag == delta::PayloadTag::Raw as u8 {
+                // The client found it not worth compressing: it stays raw, no second try here.
+                store_checked(chunks, &hash, body)?
+            } else if tag == delta::PayloadTag::Delta as u8 {
+                // Never trusted: decoded (to at most the manifest's length), hashed like any
+                // chunk, and the copy kept only if it decoded to exactly the chunk.
+                let chunk = delta::decompress_chunk(body, len as usize).map_err(invalid)?;
+                let newly_stored = store_checked(chunks, &hash, &chunk)?;
+                if newly_stored && body.len() <= delta::compressed_len_max(chunk.len()) {
+                    put_copy(chunks, upload, &hash, body)?;
+                }
+                newly_stored
+            } else {
+                return Err(invalid(DeltaError::UnknownTag { tag }));
+            }
+        } else {
+            let newly_stored = store_checked(chunks, &hash, &data)?;
+            // An older client's raw chunk: the region decides whether it is worth a copy. A chunk
+            // zstd cannot handle (it always can) just goes raw.
+            if newly_stored {
+                if let Ok(Some(compressed)) = delta::compress_chunk(&data) {
+                    put_copy(chunks, upload, &hash, &compressed)?;
+                }
+            }
+            newly_stored
+        };
+        if newly_stored {
+            totals.stored += 1;
+        } else {
+            totals.already_present += 1;
+        }
+    }
+    Ok(totals)
+}
+
+/// Stores a received chunk after checking its hash.
+fn store_checked(chunks: &ChunkStore, hash: &Hash, data: &[u8]) -> Result<bool, CatalogueError> {
+    chunks.put(hash, data).map_err(|source| match source {
+        ChunkStoreError::HashMismatch { expected, actual } => {
+            CatalogueError::ChunkDamagedInTransit { expected, actual }
+        }
+        source => CatalogueError::StoreChunk { hash: *hash, source },
+    })
+}
+
+/// Keeps a compressed copy known to decode to its chunk, and remembers that this upload wrote it.
+fn put_copy(chunks: &ChunkStore, upload: &UploadChunks, hash: &Hash, compressed: &[u8]) -> Result<(), CatalogueError> {
+    chunks.put_compressed(hash, compressed).map_err(|source| CatalogueError::StoreChunk { hash: *hash, source })?;
+    if let Ok(mut copies) = upload.copies_written.lock() {
+        copies.insert(*hash);
+    }
+    Ok(())
+}
+
+/// Stores a chunk and, when it is new and compresses well, its compressed copy (the region's
+/// own decision, as for raw uploads): compression is decided once, so serving a chunk to any
+/// number of racks costs no compression.
+#[cfg(test)]
 fn store_chunk(chunks: &ChunkStore, hash: &Hash, data: &[u8]) -> Result<bool, ChunkStoreError> {
     let newly_stored = chunks.put(hash, data)?;
     if newly_stored {
-        // A chunk zstd cannot handle (it always can) just goes raw.
         if let Ok(Some(compressed)) = delta::compress_chunk(data) {
             chunks.put_compressed(hash, &compressed)?;
         }
@@ -649,46 +787,61 @@ fn store_chunk(chunks: &ChunkStore, hash: &Hash, data: &[u8]) -> Result<bool, Ch
 }
 
 /// Every chunk of a version present and intact, made durable, and together hashing to the
-/// manifest's file hash. A chunk torn by a crash before it was flushed is removed so the next
-/// push sends it again.
-fn check_version_chunks(chunks: &ChunkStore, manifest: &Manifest) -> Result<(), CatalogueError> {
+/// manifest's file hash; every compressed copy not in `copies_checked` decoding to its chunk.
+///
+/// Each chunk is read once, into the file hash: when that matches, every chunk is what its
+/// hash names (a damaged one would change the file hash), so chunks are hashed one by one only
+/// when it does not, to find and remove the damaged ones (torn by a crash before they were
+/// flushed) so the next push sends them again.
+fn check_version_chunks(
+    chunks: &ChunkStore,
+    manifest: &Manifest,
+    copies_checked: &HashSet<Hash>,
+) -> Result<(), CatalogueError> {
     let n_missing = manifest.chunks.iter().filter(|c| !chunks.contains(&c.hash)).count();
     if n_missing > 0 {
         return Err(CatalogueError::ChunksMissing { n_missing });
     }
+    let check_error = |source| CatalogueError::CheckChunks { source };
     let mut hasher = blake3::Hasher::new();
+    let mut copies_seen = HashSet::new();
     for chunk in &manifest.chunks {
-        match chunks.get(&chunk.hash) {
-            Ok(data) => {
-                // A compressed copy torn by a crash (the store is volatile until the sync
-                // below) would reach every rack damaged, again and again: one that does not
-                // decode to the chunk goes, and the chunk is served raw.
-                let compressed =
-                    chunks.get_compressed(&chunk.hash).map_err(|source| CatalogueError::CheckChunks { source })?;
-                if let Some(compressed) = compressed {
-                    if delta::decompress_chunk(&compressed, data.len()).ok().as_deref() != Some(&data[..]) {
-                        let path = chunks.compressed_path(&chunk.hash);
-                        tracing::warn!(chunk = %chunk.hash, "compressed copy damaged; removed, the chunk goes raw");
-                        std::fs::remove_file(&path).map_err(|source| CatalogueError::CheckChunks {
-                            source: ChunkStoreError::Io { what: "remove a damaged compressed chunk", path, source },
-                        })?;
-                    }
-                }
-                hasher.update(&data)
+        let path = chunks.path(&chunk.hash);
+        let data = std::fs::read(&path)
+            .map_err(|source| check_error(ChunkStoreError::Io { what: "read a chunk", path, source }))?;
+        hasher.update(&data);
+        if copies_checked.contains(&chunk.hash) || !copies_seen.insert(chunk.hash) {
+            continue;
+        }
+        // A compressed copy torn by a crash (the store is volatile until the sync below) would
+        // reach every rack damaged, again and again: one that does not decode to the chunk
+        // goes, and the chunk is served raw.
+        if let Some(compressed) = chunks.get_compressed(&chunk.hash).map_err(check_error)? {
+            if delta::decompress_chunk(&compressed, data.len()).ok().as_deref() != Some(&data[..]) {
+                let path = chunks.compressed_path(&chunk.hash);
+                tracing::warn!(chunk = %chunk.hash, "compressed copy damaged; removed, the chunk goes raw");
+                std::fs::remove_file(&path).map_err(|source| {
+                    check_error(ChunkStoreError::Io { what: "remove a damaged compressed chunk", path, source })
+                })?;
             }
-            Err(ChunkStoreError::HashMismatch { .. }) => {
-                chunks.remove(&chunk.hash).map_err(|source| CatalogueError::CheckChunks { source })?;
-                return Err(CatalogueError::ChunkDamagedOnDisk { hash: chunk.hash });
-            }
-            Err(source) => return Err(CatalogueError::CheckChunks { source }),
-        };
+        }
     }
-    // Make every chunk of the version durable before the catalogue points at it.
-    chunks.sync().map_err(|source| CatalogueError::CheckChunks { source })?;
     let actual = Hash(*hasher.finalize().as_bytes());
     if actual != manifest.file_hash {
+        for chunk in &manifest.chunks {
+            match chunks.get(&chunk.hash) {
+                Ok(_) => {}
+                Err(ChunkStoreError::HashMismatch { .. }) => {
+                    chunks.remove(&chunk.hash).map_err(check_error)?;
+                    return Err(CatalogueError::ChunkDamagedOnDisk { hash: chunk.hash });
+                }
+                Err(source) => return Err(check_error(source)),
+            }
+        }
         return Err(CatalogueError::FileHashMismatch { actual, expected: manifest.file_hash });
     }
+    // Make every chunk of the version durable before the catalogue points at it.
+    chunks.sync().map_err(check_error)?;
     Ok(())
 }
 
@@ -988,7 +1141,7 @@ mod tests {
             file_hash: Hash::of(&data),
             chunks: vec![ChunkRef { hash, len: data.len() as u32 }],
         };
-        check_version_chunks(&chunks, &manifest).unwrap();
+        check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap();
         assert!(!path.exists(), "the damaged copy is gone");
         assert_eq!(chunks.get(&hash).unwrap(), data, "the chunk stays");
     }
