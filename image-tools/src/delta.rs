@@ -238,14 +238,24 @@ pub fn looks_incompressible(data: &[u8]) -> Result<bool, DeltaError> {
 
 /// `data` as one plain zstd frame at `level`, or None when that takes more than `room` bytes.
 fn compress_at(data: &[u8], level: i32, room: usize) -> Result<Option<Vec<u8>>, DeltaError> {
-    let mut cctx = zstd::zstd_safe::CCtx::create();
-    let step = zstd_error("set up the compressor");
-    cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level)).map_err(step)?;
-    cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false)).map_err(zstd_error("set flags"))?;
-    cctx.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true)).map_err(zstd_error("set flags"))?;
-    // Exactly the room it may take: zstd fails (not worth it) rather than growing the buffer.
-    let mut compressed = Vec::with_capacity(room);
-    Ok(cctx.compress2(&mut compressed, data).is_ok().then_some(compressed))
+    thread_local! {
+        /// One compressor per thread, reused: creating one allocates and clears its tables
+        /// (about as long as compressing a whole 64 KiB chunk of random data), and a pusher
+        /// compresses tens of thousands of chunks.
+        static CCTX: std::cell::RefCell<zstd::zstd_safe::CCtx<'static>> =
+            std::cell::RefCell::new(zstd::zstd_safe::CCtx::create());
+    }
+    CCTX.with_borrow_mut(|cctx| {
+        // A reused context keeps its parameters: reset them, then set every one this needs.
+        cctx.reset(zstd::zstd_safe::ResetDirective::Parameters).map_err(zstd_error("reset the compressor"))?;
+        let step = zstd_error("set up the compressor");
+        cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level)).map_err(step)?;
+        cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false)).map_err(zstd_error("set flags"))?;
+        cctx.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true)).map_err(zstd_error("set flags"))?;
+        // Exactly the room it may take: zstd fails (not worth it) rather than growing the buffer.
+        let mut compressed = Vec::with_capacity(room);
+        Ok(cctx.compress2(&mut compressed, data).is_ok().then_some(compressed))
+    })
 }
 
 /// Appends the payload for `data` to `out`: a delta against `prefix` when that is smaller

@@ -252,3 +252,29 @@ pub fn push(args: &PushArgs<'_>) -> anyhow::Result<PushSummary> {
         elapsed: started.elapsed(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_stay_within_the_limit_and_cover_every_missing_chunk_once() {
+        let lens = [100u32, 5_000, 70_000, 3, 65_536, 200_000, 1, 9_999];
+        let offsets: Vec<(u64, u32, Hash)> = lens.iter().map(|&len| (0, len, Hash([0; 32]))).collect();
+        let missing: Vec<u32> = vec![0, 1, 2, 4, 5, 6, 7];
+        let limit = 100_000;
+        let batches = plan_batches(&missing, &offsets, limit).unwrap();
+        let covered: Vec<u32> = batches.iter().flat_map(|b| missing[b.clone()].iter().copied()).collect();
+        assert_eq!(covered, missing);
+        for batch in &batches {
+            let bytes: u64 = missing[batch.clone()]
+                .iter()
+                .map(|&i| (frame::HEADER_LEN + 1) as u64 + u64::from(lens[i as usize]))
+                .sum();
+            // Only a chunk larger than the limit goes alone over it.
+            assert!(bytes <= limit || batch.len() == 1, "{batch:?}: {bytes}");
+        }
+        assert!(plan_batches(&[8], &offsets, limit).is_err(), "an index out of range is refused");
+        assert!(plan_batches(&[], &offsets, limit).unwrap().is_empty());
+    }
+}

@@ -1124,6 +1124,170 @@ mod tests {
         assert_eq!(old, [&[delta::PayloadTag::Raw as u8][..], &compressible].concat());
     }
 
+    fn admin() -> User {
+        User {
+            id: "admin".into(),
+            username: "admin".into(),
+            email: "admin@example.com".into(),
+            password_hash: String::new(),
+            is_admin: true,
+        }
+    }
+
+    /// Starts an upload of the file made of `pieces` (one chunk each); returns its id.
+    async fn start(catalogue: &Catalogue, pieces: &[Vec<u8>], version: &str) -> String {
+        let manifest = Manifest {
+            file_len: pieces.iter().map(|p| p.len() as u64).sum(),
+            file_hash: Hash::of(&pieces.concat()),
+            chunks: pieces.iter().map(|p| ChunkRef { hash: Hash::of(p), len: p.len() as u32 }).collect(),
+        };
+        let target = UploadTarget {
+            name: "test/image".into(),
+            arch: "amd64".into(),
+            kind: "root-disk".into(),
+            version: version.into(),
+        };
+        let response = catalogue.start_upload(&admin(), &target, manifest.to_bytes().into()).await.unwrap();
+        assert!(response.chunk_payloads);
+        response.upload_id
+    }
+
+    /// A frame whose data is `tag` then `body`, under `hash`.
+    fn payload_frame(hash: &Hash, tag: delta::PayloadTag, body: &[u8], out: &mut Vec<u8>) {
+        frame::encode_frame(hash, &[&[tag as u8][..], body].concat(), out);
+    }
+
+    async fn send(
+        catalogue: &Catalogue,
+        upload_id: &str,
+        payloads: bool,
+        body: Vec<u8>,
+    ) -> Result<ChunksStored, CatalogueError> {
+        // In pieces of odd sizes, as the network delivers them.
+        let pieces: Vec<Result<Bytes, std::io::Error>> =
+            body.chunks(7_919).map(|piece| Ok(Bytes::copy_from_slice(piece))).collect();
+        catalogue.upload_chunks(&admin(), upload_id, payloads, futures_util::stream::iter(pieces)).await
+    }
+
+    #[tokio::test]
+    async fn a_compressed_payload_that_decodes_to_other_bytes_is_refused_and_nothing_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalogue = catalogue(dir.path()).await;
+        let (wanted, other) = (text(10, 60_000), text(11, 60_000));
+        let upload_id = start(&catalogue, &[wanted.clone()], "1").await;
+        // A valid zstd frame of the right length, of the wrong bytes.
+        let lie = delta::compress_chunk(&other).unwrap().unwrap();
+        let mut body = Vec::new();
+        payload_frame(&Hash::of(&wanted), delta::PayloadTag::Delta, &lie, &mut body);
+        let error = send(&catalogue, &upload_id, true, body).await.unwrap_err();
+        assert!(matches!(error, CatalogueError::ChunkDamagedInTransit { .. }), "{error:?}");
+        // A frame that is not zstd at all, and one claiming more bytes than the manifest says.
+        let mut body = Vec::new();
+        payload_frame(&Hash::of(&wanted), delta::PayloadTag::Delta, b"not zstd", &mut body);
+        let error = send(&catalogue, &upload_id, true, body).await.unwrap_err();
+        assert!(matches!(error, CatalogueError::ChunkPayloadInvalid { .. }), "{error:?}");
+        let longer = delta::compress_chunk(&[wanted.clone(), wanted.clone()].concat()).unwrap().unwrap();
+        let mut body = Vec::new();
+        payload_frame(&Hash::of(&wanted), delta::PayloadTag::Delta, &longer, &mut body);
+        let error = send(&catalogue, &upload_id, true, body).await.unwrap_err();
+        assert!(matches!(error, CatalogueError::ChunkPayloadInvalid { .. }), "{error:?}");
+        assert!(catalogue.chunks.hashes().unwrap().is_empty(), "nothing stored");
+        assert!(!catalogue.chunks.compressed_path(&Hash::of(&wanted)).exists());
+
+        // The honest payload is taken, and kept as the chunk's compressed copy.
+        let honest = delta::compress_chunk(&wanted).unwrap().unwrap();
+        let mut body = Vec::new();
+        payload_frame(&Hash::of(&wanted), delta::PayloadTag::Delta, &honest, &mut body);
+        let stored = send(&catalogue, &upload_id, true, body).await.unwrap();
+        assert_eq!((stored.stored, stored.already_present), (1, 0));
+        assert_eq!(catalogue.chunks.get(&Hash::of(&wanted)).unwrap(), wanted);
+        assert_eq!(catalogue.chunks.get_compressed(&Hash::of(&wanted)).unwrap().unwrap(), honest);
+        catalogue.commit_upload(&admin(), &upload_id).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn raw_frames_of_older_clients_are_stored_and_compressed_by_the_region() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalogue = catalogue(dir.path()).await;
+        let pieces = [text(12, 70_000), noise(13, 70_000)];
+        let upload_id = start(&catalogue, &pieces, "1").await;
+        let mut body = Vec::new();
+        for piece in &pieces {
+            frame::encode_frame(&Hash::of(piece), piece, &mut body);
+        }
+        let stored = send(&catalogue, &upload_id, false, body).await.unwrap();
+        assert_eq!((stored.stored, stored.already_present), (2, 0));
+        assert!(catalogue.chunks.get_compressed(&Hash::of(&pieces[0])).unwrap().is_some(), "text gets a copy");
+        assert!(catalogue.chunks.get_compressed(&Hash::of(&pieces[1])).unwrap().is_none(), "noise does not");
+        // A raw frame that lies about its hash: refused.
+        let upload_id = start(&catalogue, &[text(14, 1000)], "2").await;
+        let mut body = Vec::new();
+        frame::encode_frame(&Hash::of(&text(14, 1000)), &text(15, 1000), &mut body);
+        let error = send(&catalogue, &upload_id, false, body).await.unwrap_err();
+        assert!(matches!(error, CatalogueError::ChunkDamagedInTransit { .. }), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_batches_store_every_chunk_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalogue = Arc::new(catalogue(dir.path()).await);
+        // More than a store group per batch, so groups run side by side too.
+        let pieces: Vec<Vec<u8>> =
+            (0..64).map(|i| if i % 2 == 0 { text(100 + i, 50_000) } else { noise(100 + i, 50_000) }).collect();
+        let upload_id = start(&catalogue, &pieces, "1").await;
+        let mut body = Vec::new();
+        for piece in &pieces {
+            let tag = delta::PayloadTag::Raw;
+            match delta::compress_chunk(piece).unwrap() {
+                Some(compressed) => payload_frame(&Hash::of(piece), delta::PayloadTag::Delta, &compressed, &mut body),
+                None => payload_frame(&Hash::of(piece), tag, piece, &mut body),
+            }
+        }
+        // Four batches in flight carrying the same chunks: each is stored once, by one of them.
+        let sends: Vec<_> = (0..4)
+            .map(|_| {
+                let (catalogue, upload_id, body) = (catalogue.clone(), upload_id.clone(), body.clone());
+                tokio::spawn(async move { send(&catalogue, &upload_id, true, body).await.unwrap() })
+            })
+            .collect();
+        let mut stored = 0;
+        for sent in sends {
+            let sent = sent.await.unwrap();
+            assert_eq!(sent.stored + sent.already_present, 64);
+            stored += sent.stored;
+        }
+        assert_eq!(stored, 64);
+        let mut hashes: Vec<Hash> = pieces.iter().map(|p| Hash::of(p)).collect();
+        hashes.sort_unstable();
+        assert_eq!(catalogue.chunks.hashes().unwrap(), hashes);
+        let copies = pieces.iter().filter(|p| catalogue.chunks.compressed_path(&Hash::of(p)).exists()).count();
+        assert_eq!(copies, 32, "every text chunk has its copy, no noise chunk");
+        assert!(std::fs::read_dir(dir.path().join("chunks/tmp")).unwrap().next().is_none(), "no temp files left");
+        catalogue.commit_upload(&admin(), &upload_id).await.unwrap();
+    }
+
+    #[test]
+    fn a_torn_chunk_is_found_and_removed_when_the_file_hash_does_not_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = ChunkStore::open_volatile(dir.path()).unwrap();
+        let pieces = [text(20, 5_000), noise(21, 5_000)];
+        for piece in &pieces {
+            chunks.put(&Hash::of(piece), piece).unwrap();
+        }
+        let manifest = Manifest {
+            file_len: 10_000,
+            file_hash: Hash::of(&pieces.concat()),
+            chunks: pieces.iter().map(|p| ChunkRef { hash: Hash::of(p), len: p.len() as u32 }).collect(),
+        };
+        check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap();
+        // Torn by a crash before the flush: same name, other bytes of the same length.
+        std::fs::write(chunks.path(&Hash::of(&pieces[1])), noise(22, 5_000)).unwrap();
+        let error = check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap_err();
+        assert!(matches!(error, CatalogueError::ChunkDamagedOnDisk { hash } if hash == Hash::of(&pieces[1])));
+        assert!(!chunks.contains(&Hash::of(&pieces[1])), "removed, so the next push sends it");
+        assert!(chunks.contains(&Hash::of(&pieces[0])));
+    }
+
     #[test]
     fn a_damaged_compressed_copy_is_removed_when_a_version_is_checked() {
         let dir = tempfile::tempdir().unwrap();
