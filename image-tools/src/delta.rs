@@ -247,7 +247,8 @@ fn compress_at(data: &[u8], level: i32, room: usize) -> Result<Option<Vec<u8>>, 
     }
     CCTX.with_borrow_mut(|cctx| {
         // A reused context keeps its parameters: reset them, then set every one this needs.
-        cctx.reset(zstd::zstd_safe::ResetDirective::SessionAndParameters).map_err(zstd_error("reset the compressor"))?;
+        cctx.reset(zstd::zstd_safe::ResetDirective::SessionAndParameters)
+            .map_err(zstd_error("reset the compressor"))?;
         let step = zstd_error("set up the compressor");
         cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level)).map_err(step)?;
         cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false)).map_err(zstd_error("set flags"))?;
