@@ -1174,7 +1174,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let catalogue = catalogue(dir.path()).await;
         let (wanted, other) = (text(10, 60_000), text(20, 60_000));
-        let upload_id = start(&catalogue, &[wanted.clone()], "1").await;
+        let upload_id = start(&catalogue, std::slice::from_ref(&wanted), "1").await;
         // A valid zstd frame of the right length, of the wrong bytes.
         let lie = delta::compress_chunk(&other).unwrap().unwrap();
         let mut body = Vec::new();
