@@ -196,9 +196,8 @@ pub fn encode_delta(data: &[u8], prefix: &[u8]) -> Result<Option<Vec<u8>>, Delta
 /// checksum: the chunk hash checks it) at [`COMPRESS_LEVEL`], or None when [`TRY_LEVEL`] does
 /// not bring it to at most [`COMPRESSED_WORTH`] of `data`. Sent as a [`PayloadTag::Delta`] payload, it decodes against any bases.
 pub fn compress_chunk(data: &[u8]) -> Result<Option<Vec<u8>>, DeltaError> {
-    let (numerator, denominator) = COMPRESSED_WORTH;
-    let worth = data.len() / denominator * numerator + data.len() % denominator * numerator / denominator;
-    if worth == 0 {
+    let worth = compressed_len_max(data.len());
+    if worth == 0 || looks_incompressible(data)? {
         return Ok(None);
     }
     let Some(tried) = compress_at(data, TRY_LEVEL, worth)? else { return Ok(None) };
@@ -208,16 +207,56 @@ pub fn compress_chunk(data: &[u8]) -> Result<Option<Vec<u8>>, DeltaError> {
     }
 }
 
+/// The largest compressed copy worth keeping for a chunk of `chunk_len` bytes
+/// ([`COMPRESSED_WORTH`] of it, rounded down; 0 for an empty chunk).
+pub fn compressed_len_max(chunk_len: usize) -> usize {
+    let (numerator, denominator) = COMPRESSED_WORTH;
+    chunk_len / denominator * numerator + chunk_len % denominator * numerator / denominator
+}
+
+/// Bytes of each sample [`looks_incompressible`] takes, and how many: 4 × 2 KiB of a 64 KiB
+/// chunk is 1/8 of it, so random data costs an eighth of a zstd try (zstd level 1 on the
+/// samples, ~0.1 ms per MiB of chunk); chunks shorter than all samples together are tried whole.
+const SAMPLE_LEN: usize = 2 * 1024;
+const SAMPLES: usize = 4;
+
+/// Whether evenly spread samples of `data` do not compress at all (zstd level 1 cannot take
+/// 1/32 off them): random or already-compressed bytes, which a whole-chunk try would only
+/// confirm. Deliberately strict: a chunk whose samples compress even a little is tried whole.
+pub fn looks_incompressible(data: &[u8]) -> Result<bool, DeltaError> {
+    if data.len() < 2 * SAMPLES * SAMPLE_LEN {
+        return Ok(false);
+    }
+    let stride = (data.len() - SAMPLE_LEN) / (SAMPLES - 1);
+    let mut samples = Vec::with_capacity(SAMPLES * SAMPLE_LEN);
+    for index in 0..SAMPLES {
+        samples.extend_from_slice(&data[index * stride..index * stride + SAMPLE_LEN]);
+    }
+    let room = samples.len() - samples.len() / 32;
+    Ok(compress_at(&samples, 1, room)?.is_none())
+}
+
 /// `data` as one plain zstd frame at `level`, or None when that takes more than `room` bytes.
 fn compress_at(data: &[u8], level: i32, room: usize) -> Result<Option<Vec<u8>>, DeltaError> {
-    let mut cctx = zstd::zstd_safe::CCtx::create();
-    let step = zstd_error("set up the compressor");
-    cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level)).map_err(step)?;
-    cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false)).map_err(zstd_error("set flags"))?;
-    cctx.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true)).map_err(zstd_error("set flags"))?;
-    // Exactly the room it may take: zstd fails (not worth it) rather than growing the buffer.
-    let mut compressed = Vec::with_capacity(room);
-    Ok(cctx.compress2(&mut compressed, data).is_ok().then_some(compressed))
+    thread_local! {
+        /// One compressor per thread, reused: creating one allocates and clears its tables
+        /// (about as long as compressing a whole 64 KiB chunk of random data), and a pusher
+        /// compresses tens of thousands of chunks.
+        static CCTX: std::cell::RefCell<zstd::zstd_safe::CCtx<'static>> =
+            std::cell::RefCell::new(zstd::zstd_safe::CCtx::create());
+    }
+    CCTX.with_borrow_mut(|cctx| {
+        // A reused context keeps its parameters: reset them, then set every one this needs.
+        cctx.reset(zstd::zstd_safe::ResetDirective::SessionAndParameters)
+            .map_err(zstd_error("reset the compressor"))?;
+        let step = zstd_error("set up the compressor");
+        cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level)).map_err(step)?;
+        cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false)).map_err(zstd_error("set flags"))?;
+        cctx.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true)).map_err(zstd_error("set flags"))?;
+        // Exactly the room it may take: zstd fails (not worth it) rather than growing the buffer.
+        let mut compressed = Vec::with_capacity(room);
+        Ok(cctx.compress2(&mut compressed, data).is_ok().then_some(compressed))
+    })
 }
 
 /// Appends the payload for `data` to `out`: a delta against `prefix` when that is smaller
@@ -416,6 +455,20 @@ mod tests {
         let some_zeros = [vec![0u8; 12_000], noise(25, 48_000)].concat();
         let compressed = compress_chunk(&some_zeros).unwrap().expect("worth it");
         assert!(compressed.len() * COMPRESSED_WORTH.1 <= some_zeros.len() * COMPRESSED_WORTH.0);
+    }
+
+    #[test]
+    fn only_samples_of_random_data_are_tried() {
+        assert!(looks_incompressible(&noise(26, 64 * 1024)).unwrap());
+        assert!(!looks_incompressible(&text(27, 64 * 1024)).unwrap());
+        // Short chunks are tried whole, whatever they hold.
+        assert!(!looks_incompressible(&noise(28, 4 * 1024)).unwrap());
+        // Zeros at the start only: the first sample sees them, the chunk is tried.
+        let some_zeros = [vec![0u8; 12_000], noise(29, 48_000)].concat();
+        assert!(!looks_incompressible(&some_zeros).unwrap());
+        assert_eq!(compressed_len_max(8), 7);
+        assert_eq!(compressed_len_max(64 * 1024), 56 * 1024);
+        assert_eq!(compressed_len_max(0), 0);
     }
 
     #[test]

@@ -234,7 +234,17 @@ pub struct UploadResponse {
     pub missing_bytes: u64,
     /// Largest body the region accepts for one chunk batch.
     pub batch_bytes_max: u64,
+    /// Whether the region takes chunk batches whose frames carry payloads (a tag byte, then the
+    /// chunk raw or as a plain zstd frame, see `metalrack_image_tools::delta`) when the batch is
+    /// posted with [`UPLOAD_PAYLOADS_QUERY`]. Regions that predate it leave it out (false):
+    /// clients then send raw frames, which every region takes.
+    #[serde(default)]
+    pub chunk_payloads: bool,
 }
+
+/// Query string marking a chunk batch whose frames carry payloads (see
+/// [`UploadResponse::chunk_payloads`]); without it every frame is the chunk itself.
+pub const UPLOAD_PAYLOADS_QUERY: &str = "payloads=true";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -57,6 +57,18 @@ pub const UPLOAD_SETS_CACHED_MAX: usize = store::UPLOADS_PENDING_MAX as usize;
 /// memory to ~4 chunks per rack download however slow the rack reads.
 const SERVE_QUEUE_FRAMES: usize = 4;
 
+/// Received chunk bytes handed to one blocking store task: ~16 average chunks, so the cost of
+/// a task (a thread hand-off) is spread over many chunks, while the network side goes on
+/// decoding the next group.
+const STORE_GROUP_BYTES: usize = 1024 * 1024;
+
+/// Store tasks of one chunk batch running at once. Two overlap hashing, decompressing and
+/// writing with receiving on a two-core region; with several batches in flight (imgtool sends
+/// [`UPLOAD_CONNECTIONS`](metalrack_api::limits) at once) the blocking pool caps the total. Memory per
+/// batch: this many groups plus the one being filled, each [`STORE_GROUP_BYTES`] plus at most
+/// one chunk (`CHUNK_LEN_MAX`).
+const STORE_GROUPS_IN_FLIGHT: usize = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogueError {
     #[error("only administrators may change the catalogue")]
@@ -91,6 +103,8 @@ pub enum CatalogueError {
     ChunkNotInManifest { hash: Hash },
     #[error("chunk {expected} was damaged in transit (its content hashes to {actual}); send it again")]
     ChunkDamagedInTransit { expected: Hash, actual: Hash },
+    #[error("chunk {hash}'s payload does not decode to its {len} bytes; send it again")]
+    ChunkPayloadInvalid { hash: Hash, len: u32, source: DeltaError },
     #[error("cannot store chunk {hash}")]
     StoreChunk { hash: Hash, source: ChunkStoreError },
     #[error("{n_missing} chunks are still missing; push again to send them")]
@@ -179,8 +193,9 @@ pub struct Catalogue {
     manifests_dir: PathBuf,
     /// Chunk sets of active uploads, so each batch does not re-read the manifest: a cache of at
     /// most [`UPLOAD_SETS_CACHED_MAX`] entries (an entry dropped is read again from its
-    /// manifest); an upload's entry goes when it commits or conflicts.
-    upload_sets: Mutex<HashMap<String, Arc<HashSet<Hash>>>>,
+    /// manifest, and forgets which compressed copies it wrote); an upload's entry goes when it
+    /// commits or conflicts.
+    upload_sets: Mutex<HashMap<String, Arc<UploadChunks>>>,
     /// Serializes garbage collection against itself.
     gc: Mutex<()>,
     /// Test fault hook: corrupt this many chunk frames served to racks (env
@@ -297,6 +312,7 @@ impl Catalogue {
             missing,
             missing_bytes,
             batch_bytes_max: self.shared.config.upload_batch_bytes_max,
+            chunk_payloads: true,
         })
     }
 
@@ -309,12 +325,15 @@ impl Catalogue {
             .ok_or_else(|| CatalogueError::NoSuchUpload { upload_id: upload_id.to_owned() })
     }
 
-    async fn upload_set(&self, upload: &UploadRow) -> Result<Arc<HashSet<Hash>>, CatalogueError> {
+    async fn upload_set(&self, upload: &UploadRow) -> Result<Arc<UploadChunks>, CatalogueError> {
         if let Some(set) = self.upload_sets.lock().await.get(&upload.id) {
             return Ok(set.clone());
         }
         let manifest = self.load_manifest(&upload.manifest_id).await?;
-        let set: Arc<HashSet<Hash>> = Arc::new(manifest.chunks.iter().map(|c| c.hash).collect());
+        let set = Arc::new(UploadChunks {
+            lens: manifest.chunks.iter().map(|c| (c.hash, c.len)).collect(),
+            copies_written: std::sync::Mutex::default(),
+        });
         let mut sets = self.upload_sets.lock().await;
         if sets.len() >= UPLOAD_SETS_CACHED_MAX {
             // Uploads abandoned without a commit would otherwise stay here for good; evicting
@@ -328,11 +347,16 @@ impl Catalogue {
     }
 
     /// Step 2: chunks, as a stream of frames. Each is checked against the manifest and its hash
-    /// before it is stored; the body is never held whole in memory.
+    /// before it is stored; the body is never held whole in memory. With `payloads` each frame
+    /// carries a payload (the chunk raw, or compressed by the client: decoded here and checked
+    /// like a raw chunk, and then kept as the chunk's compressed copy); without it, the chunk.
+    /// Frames are stored in groups by blocking tasks while the next ones arrive
+    /// ([`STORE_GROUP_BYTES`], [`STORE_GROUPS_IN_FLIGHT`]).
     pub async fn upload_chunks<S, E>(
         &self,
         actor: &User,
         upload_id: &str,
+        payloads: bool,
         mut body: S,
     ) -> Result<ChunksStored, CatalogueError>
     where
@@ -343,40 +367,52 @@ impl Catalogue {
         let upload = self.upload_row(upload_id).await?;
         let wanted = self.upload_set(&upload).await?;
         let limit = self.shared.config.upload_batch_bytes_max;
-        let mut decoder = FrameDecoder::new(CHUNK_LEN_MAX);
-        let (mut received, mut stored, mut already_present) = (0u64, 0u64, 0u64);
-        loop {
+        let mut decoder = FrameDecoder::new(CHUNK_LEN_MAX + u32::from(payloads));
+        let mut received = 0u64;
+        let mut totals = ChunksStored { stored: 0, already_present: 0 };
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut group = StoreGroup::default();
+        let mut body_done = false;
+        while !body_done {
             let next =
                 tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next()).await.map_err(|_| CatalogueError::BodyIdle)?;
-            let Some(piece) = next else { break };
-            let piece = piece.map_err(|e| CatalogueError::UploadInterrupted { reason: e.to_string() })?;
-            received += piece.len() as u64;
-            if received > limit {
-                return Err(CatalogueError::BatchTooLarge { limit });
+            match next {
+                Some(piece) => {
+                    let piece = piece.map_err(|e| CatalogueError::UploadInterrupted { reason: e.to_string() })?;
+                    received += piece.len() as u64;
+                    if received > limit {
+                        return Err(CatalogueError::BatchTooLarge { limit });
+                    }
+                    decoder.push(&piece);
+                }
+                None => body_done = true,
             }
-            decoder.push(&piece);
             while let Some((hash, data)) =
                 decoder.next_frame().map_err(|source| CatalogueError::MalformedFrame { source })?
             {
-                if !wanted.contains(&hash) {
+                let Some(&len) = wanted.lens.get(&hash) else {
                     return Err(CatalogueError::ChunkNotInManifest { hash });
-                }
-                let chunks = self.chunks.clone();
-                match tokio::task::spawn_blocking(move || store_chunk(&chunks, &hash, &data))
-                    .await
-                    .map_err(task_error)?
-                {
-                    Ok(true) => stored += 1,
-                    Ok(false) => already_present += 1,
-                    Err(ChunkStoreError::HashMismatch { expected, actual }) => {
-                        return Err(CatalogueError::ChunkDamagedInTransit { expected, actual })
+                };
+                group.bytes += data.len();
+                group.frames.push((hash, len, data));
+                if group.bytes >= STORE_GROUP_BYTES {
+                    while tasks.len() >= STORE_GROUPS_IN_FLIGHT {
+                        add_stored(&mut totals, tasks.join_next().await)?;
                     }
-                    Err(source) => return Err(CatalogueError::StoreChunk { hash, source }),
+                    let (chunks, wanted, group) = (self.chunks.clone(), wanted.clone(), std::mem::take(&mut group));
+                    tasks.spawn_blocking(move || store_group(&chunks, &wanted, payloads, group));
                 }
             }
         }
+        if !group.frames.is_empty() {
+            let (chunks, wanted) = (self.chunks.clone(), wanted.clone());
+            tasks.spawn_blocking(move || store_group(&chunks, &wanted, payloads, group));
+        }
+        while !tasks.is_empty() {
+            add_stored(&mut totals, tasks.join_next().await)?;
+        }
         decoder.finish().map_err(|source| CatalogueError::BatchTruncated { source })?;
-        Ok(ChunksStored { stored, already_present })
+        Ok(totals)
     }
 
     /// Step 3: every chunk present and the whole file hashing right, the version joins the
@@ -387,7 +423,15 @@ impl Catalogue {
         let manifest = self.load_manifest(&upload.manifest_id).await?;
         let chunks = self.chunks.clone();
         let checked = manifest.clone();
-        tokio::task::spawn_blocking(move || check_version_chunks(&chunks, &checked)).await.map_err(task_error)??;
+        // Copies this upload wrote were checked as they arrived; an evicted set (a long or
+        // abandoned upload) has forgotten them, and then every copy is checked.
+        let copies_checked = match self.upload_sets.lock().await.get(&upload.id) {
+            Some(set) => set.copies_written.lock().map(|copies| copies.clone()).unwrap_or_default(),
+            None => HashSet::new(),
+        };
+        tokio::task::spawn_blocking(move || check_version_chunks(&chunks, &checked, &copies_checked))
+            .await
+            .map_err(task_error)??;
         let file_hash = manifest.file_hash.to_hex();
         let outcome = self
             .shared
@@ -634,13 +678,107 @@ impl Catalogue {
     }
 }
 
-/// Stores a pushed chunk (checking its hash) and, when it is new and compresses well, its
-/// compressed copy: compression is decided once here, so serving a chunk to any number of racks
-/// costs no compression (and an incompressible chunk nothing but this one try).
+/// What an upload may send: each chunk of its manifest with its length, and which compressed
+/// copies it wrote in this process (checked as they were written, so its commit need not
+/// decode them again).
+#[derive(Debug)]
+struct UploadChunks {
+    lens: HashMap<Hash, u32>,
+    copies_written: std::sync::Mutex<HashSet<Hash>>,
+}
+
+/// Frames received and not yet stored: (hash, length in the manifest, frame data).
+#[derive(Debug, Default)]
+struct StoreGroup {
+    frames: Vec<(Hash, u32, Vec<u8>)>,
+    bytes: usize,
+}
+
+fn add_stored(
+    totals: &mut ChunksStored,
+    joined: Option<Result<Result<ChunksStored, CatalogueError>, tokio::task::JoinError>>,
+) -> Result<(), CatalogueError> {
+    if let Some(joined) = joined {
+        let stored = joined.map_err(task_error)??;
+        totals.stored += stored.stored;
+        totals.already_present += stored.already_present;
+    }
+    Ok(())
+}
+
+/// Checks and stores one group of received frames (see `Catalogue::upload_chunks`).
+fn store_group(
+    chunks: &ChunkStore,
+    upload: &UploadChunks,
+    payloads: bool,
+    group: StoreGroup,
+) -> Result<ChunksStored, CatalogueError> {
+    let mut totals = ChunksStored { stored: 0, already_present: 0 };
+    for (hash, len, data) in group.frames {
+        let newly_stored = if payloads {
+            let invalid = |source| CatalogueError::ChunkPayloadInvalid { hash, len, source };
+            let (&tag, body) = data.split_first().ok_or(invalid(DeltaError::EmptyPayload))?;
+            if tag == delta::PayloadTag::Raw as u8 {
+                // The client found it not worth compressing: it stays raw, no second try here.
+                store_checked(chunks, &hash, body)?
+            } else if tag == delta::PayloadTag::Delta as u8 {
+                // Never trusted: decoded (to at most the manifest's length), hashed like any
+                // chunk, and the copy kept only if it decoded to exactly the chunk.
+                let chunk = delta::decompress_chunk(body, len as usize).map_err(invalid)?;
+                let newly_stored = store_checked(chunks, &hash, &chunk)?;
+                if newly_stored && body.len() <= delta::compressed_len_max(chunk.len()) {
+                    put_copy(chunks, upload, &hash, body)?;
+                }
+                newly_stored
+            } else {
+                return Err(invalid(DeltaError::UnknownTag { tag }));
+            }
+        } else {
+            let newly_stored = store_checked(chunks, &hash, &data)?;
+            // An older client's raw chunk: the region decides whether it is worth a copy. A chunk
+            // zstd cannot handle (it always can) just goes raw.
+            if newly_stored {
+                if let Ok(Some(compressed)) = delta::compress_chunk(&data) {
+                    put_copy(chunks, upload, &hash, &compressed)?;
+                }
+            }
+            newly_stored
+        };
+        if newly_stored {
+            totals.stored += 1;
+        } else {
+            totals.already_present += 1;
+        }
+    }
+    Ok(totals)
+}
+
+/// Stores a received chunk after checking its hash.
+fn store_checked(chunks: &ChunkStore, hash: &Hash, data: &[u8]) -> Result<bool, CatalogueError> {
+    chunks.put(hash, data).map_err(|source| match source {
+        ChunkStoreError::HashMismatch { expected, actual } => {
+            CatalogueError::ChunkDamagedInTransit { expected, actual }
+        }
+        source => CatalogueError::StoreChunk { hash: *hash, source },
+    })
+}
+
+/// Keeps a compressed copy known to decode to its chunk, and remembers that this upload wrote it.
+fn put_copy(chunks: &ChunkStore, upload: &UploadChunks, hash: &Hash, compressed: &[u8]) -> Result<(), CatalogueError> {
+    chunks.put_compressed(hash, compressed).map_err(|source| CatalogueError::StoreChunk { hash: *hash, source })?;
+    if let Ok(mut copies) = upload.copies_written.lock() {
+        copies.insert(*hash);
+    }
+    Ok(())
+}
+
+/// Stores a chunk and, when it is new and compresses well, its compressed copy (the region's
+/// own decision, as for raw uploads): compression is decided once, so serving a chunk to any
+/// number of racks costs no compression.
+#[cfg(test)]
 fn store_chunk(chunks: &ChunkStore, hash: &Hash, data: &[u8]) -> Result<bool, ChunkStoreError> {
     let newly_stored = chunks.put(hash, data)?;
     if newly_stored {
-        // A chunk zstd cannot handle (it always can) just goes raw.
         if let Ok(Some(compressed)) = delta::compress_chunk(data) {
             chunks.put_compressed(hash, &compressed)?;
         }
@@ -649,46 +787,61 @@ fn store_chunk(chunks: &ChunkStore, hash: &Hash, data: &[u8]) -> Result<bool, Ch
 }
 
 /// Every chunk of a version present and intact, made durable, and together hashing to the
-/// manifest's file hash. A chunk torn by a crash before it was flushed is removed so the next
-/// push sends it again.
-fn check_version_chunks(chunks: &ChunkStore, manifest: &Manifest) -> Result<(), CatalogueError> {
+/// manifest's file hash; every compressed copy not in `copies_checked` decoding to its chunk.
+///
+/// Each chunk is read once, into the file hash: when that matches, every chunk is what its
+/// hash names (a damaged one would change the file hash), so chunks are hashed one by one only
+/// when it does not, to find and remove the damaged ones (torn by a crash before they were
+/// flushed) so the next push sends them again.
+fn check_version_chunks(
+    chunks: &ChunkStore,
+    manifest: &Manifest,
+    copies_checked: &HashSet<Hash>,
+) -> Result<(), CatalogueError> {
     let n_missing = manifest.chunks.iter().filter(|c| !chunks.contains(&c.hash)).count();
     if n_missing > 0 {
         return Err(CatalogueError::ChunksMissing { n_missing });
     }
+    let check_error = |source| CatalogueError::CheckChunks { source };
     let mut hasher = blake3::Hasher::new();
+    let mut copies_seen = HashSet::new();
     for chunk in &manifest.chunks {
-        match chunks.get(&chunk.hash) {
-            Ok(data) => {
-                // A compressed copy torn by a crash (the store is volatile until the sync
-                // below) would reach every rack damaged, again and again: one that does not
-                // decode to the chunk goes, and the chunk is served raw.
-                let compressed =
-                    chunks.get_compressed(&chunk.hash).map_err(|source| CatalogueError::CheckChunks { source })?;
-                if let Some(compressed) = compressed {
-                    if delta::decompress_chunk(&compressed, data.len()).ok().as_deref() != Some(&data[..]) {
-                        let path = chunks.compressed_path(&chunk.hash);
-                        tracing::warn!(chunk = %chunk.hash, "compressed copy damaged; removed, the chunk goes raw");
-                        std::fs::remove_file(&path).map_err(|source| CatalogueError::CheckChunks {
-                            source: ChunkStoreError::Io { what: "remove a damaged compressed chunk", path, source },
-                        })?;
-                    }
-                }
-                hasher.update(&data)
+        let path = chunks.path(&chunk.hash);
+        let data = std::fs::read(&path)
+            .map_err(|source| check_error(ChunkStoreError::Io { what: "read a chunk", path, source }))?;
+        hasher.update(&data);
+        if copies_checked.contains(&chunk.hash) || !copies_seen.insert(chunk.hash) {
+            continue;
+        }
+        // A compressed copy torn by a crash (the store is volatile until the sync below) would
+        // reach every rack damaged, again and again: one that does not decode to the chunk
+        // goes, and the chunk is served raw.
+        if let Some(compressed) = chunks.get_compressed(&chunk.hash).map_err(check_error)? {
+            if delta::decompress_chunk(&compressed, data.len()).ok().as_deref() != Some(&data[..]) {
+                let path = chunks.compressed_path(&chunk.hash);
+                tracing::warn!(chunk = %chunk.hash, "compressed copy damaged; removed, the chunk goes raw");
+                std::fs::remove_file(&path).map_err(|source| {
+                    check_error(ChunkStoreError::Io { what: "remove a damaged compressed chunk", path, source })
+                })?;
             }
-            Err(ChunkStoreError::HashMismatch { .. }) => {
-                chunks.remove(&chunk.hash).map_err(|source| CatalogueError::CheckChunks { source })?;
-                return Err(CatalogueError::ChunkDamagedOnDisk { hash: chunk.hash });
-            }
-            Err(source) => return Err(CatalogueError::CheckChunks { source }),
-        };
+        }
     }
-    // Make every chunk of the version durable before the catalogue points at it.
-    chunks.sync().map_err(|source| CatalogueError::CheckChunks { source })?;
     let actual = Hash(*hasher.finalize().as_bytes());
     if actual != manifest.file_hash {
+        for chunk in &manifest.chunks {
+            match chunks.get(&chunk.hash) {
+                Ok(_) => {}
+                Err(ChunkStoreError::HashMismatch { .. }) => {
+                    chunks.remove(&chunk.hash).map_err(check_error)?;
+                    return Err(CatalogueError::ChunkDamagedOnDisk { hash: chunk.hash });
+                }
+                Err(source) => return Err(check_error(source)),
+            }
+        }
         return Err(CatalogueError::FileHashMismatch { actual, expected: manifest.file_hash });
     }
+    // Make every chunk of the version durable before the catalogue points at it.
+    chunks.sync().map_err(check_error)?;
     Ok(())
 }
 
@@ -884,14 +1037,14 @@ mod tests {
         let uploads: Vec<_> = (0..UPLOAD_SETS_CACHED_MAX as u32 * 2).map(|n| upload_of(&catalogue, n)).collect();
         for upload in &uploads {
             let set = catalogue.upload_set(upload).await.unwrap();
-            assert_eq!(set.len(), 1);
+            assert_eq!(set.lens.len(), 1);
             assert!(catalogue.upload_sets.lock().await.len() <= UPLOAD_SETS_CACHED_MAX);
         }
         // Every upload, evicted or not, still gets its set.
         for upload in &uploads {
             let set = catalogue.upload_set(upload).await.unwrap();
             let data = upload.version.parse::<u32>().unwrap().to_le_bytes();
-            assert!(set.contains(&Hash::of(&data)));
+            assert!(set.lens.contains_key(&Hash::of(&data)));
         }
     }
 
@@ -971,6 +1124,170 @@ mod tests {
         assert_eq!(old, [&[delta::PayloadTag::Raw as u8][..], &compressible].concat());
     }
 
+    fn admin() -> User {
+        User {
+            id: "admin".into(),
+            username: "admin".into(),
+            email: "admin@example.com".into(),
+            password_hash: String::new(),
+            is_admin: true,
+        }
+    }
+
+    /// Starts an upload of the file made of `pieces` (one chunk each); returns its id.
+    async fn start(catalogue: &Catalogue, pieces: &[Vec<u8>], version: &str) -> String {
+        let manifest = Manifest {
+            file_len: pieces.iter().map(|p| p.len() as u64).sum(),
+            file_hash: Hash::of(&pieces.concat()),
+            chunks: pieces.iter().map(|p| ChunkRef { hash: Hash::of(p), len: p.len() as u32 }).collect(),
+        };
+        let target = UploadTarget {
+            name: "test/image".into(),
+            arch: "amd64".into(),
+            kind: "root-disk".into(),
+            version: version.into(),
+        };
+        let response = catalogue.start_upload(&admin(), &target, manifest.to_bytes().into()).await.unwrap();
+        assert!(response.chunk_payloads);
+        response.upload_id
+    }
+
+    /// A frame whose data is `tag` then `body`, under `hash`.
+    fn payload_frame(hash: &Hash, tag: delta::PayloadTag, body: &[u8], out: &mut Vec<u8>) {
+        frame::encode_frame(hash, &[&[tag as u8][..], body].concat(), out);
+    }
+
+    async fn send(
+        catalogue: &Catalogue,
+        upload_id: &str,
+        payloads: bool,
+        body: Vec<u8>,
+    ) -> Result<ChunksStored, CatalogueError> {
+        // In pieces of odd sizes, as the network delivers them.
+        let pieces: Vec<Result<Bytes, std::io::Error>> =
+            body.chunks(7_919).map(|piece| Ok(Bytes::copy_from_slice(piece))).collect();
+        catalogue.upload_chunks(&admin(), upload_id, payloads, futures_util::stream::iter(pieces)).await
+    }
+
+    #[tokio::test]
+    async fn a_compressed_payload_that_decodes_to_other_bytes_is_refused_and_nothing_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalogue = catalogue(dir.path()).await;
+        let (wanted, other) = (text(10, 60_000), text(20, 60_000));
+        let upload_id = start(&catalogue, std::slice::from_ref(&wanted), "1").await;
+        // A valid zstd frame of the right length, of the wrong bytes.
+        let lie = delta::compress_chunk(&other).unwrap().unwrap();
+        let mut body = Vec::new();
+        payload_frame(&Hash::of(&wanted), delta::PayloadTag::Delta, &lie, &mut body);
+        let error = send(&catalogue, &upload_id, true, body).await.unwrap_err();
+        assert!(matches!(error, CatalogueError::ChunkDamagedInTransit { .. }), "{error:?}");
+        // A frame that is not zstd at all, and one claiming more bytes than the manifest says.
+        let mut body = Vec::new();
+        payload_frame(&Hash::of(&wanted), delta::PayloadTag::Delta, b"not zstd", &mut body);
+        let error = send(&catalogue, &upload_id, true, body).await.unwrap_err();
+        assert!(matches!(error, CatalogueError::ChunkPayloadInvalid { .. }), "{error:?}");
+        let longer = delta::compress_chunk(&[wanted.clone(), wanted.clone()].concat()).unwrap().unwrap();
+        let mut body = Vec::new();
+        payload_frame(&Hash::of(&wanted), delta::PayloadTag::Delta, &longer, &mut body);
+        let error = send(&catalogue, &upload_id, true, body).await.unwrap_err();
+        assert!(matches!(error, CatalogueError::ChunkPayloadInvalid { .. }), "{error:?}");
+        assert!(catalogue.chunks.hashes().unwrap().is_empty(), "nothing stored");
+        assert!(!catalogue.chunks.compressed_path(&Hash::of(&wanted)).exists());
+
+        // The honest payload is taken, and kept as the chunk's compressed copy.
+        let honest = delta::compress_chunk(&wanted).unwrap().unwrap();
+        let mut body = Vec::new();
+        payload_frame(&Hash::of(&wanted), delta::PayloadTag::Delta, &honest, &mut body);
+        let stored = send(&catalogue, &upload_id, true, body).await.unwrap();
+        assert_eq!((stored.stored, stored.already_present), (1, 0));
+        assert_eq!(catalogue.chunks.get(&Hash::of(&wanted)).unwrap(), wanted);
+        assert_eq!(catalogue.chunks.get_compressed(&Hash::of(&wanted)).unwrap().unwrap(), honest);
+        catalogue.commit_upload(&admin(), &upload_id).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn raw_frames_of_older_clients_are_stored_and_compressed_by_the_region() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalogue = catalogue(dir.path()).await;
+        let pieces = [text(12, 70_000), noise(13, 70_000)];
+        let upload_id = start(&catalogue, &pieces, "1").await;
+        let mut body = Vec::new();
+        for piece in &pieces {
+            frame::encode_frame(&Hash::of(piece), piece, &mut body);
+        }
+        let stored = send(&catalogue, &upload_id, false, body).await.unwrap();
+        assert_eq!((stored.stored, stored.already_present), (2, 0));
+        assert!(catalogue.chunks.get_compressed(&Hash::of(&pieces[0])).unwrap().is_some(), "text gets a copy");
+        assert!(catalogue.chunks.get_compressed(&Hash::of(&pieces[1])).unwrap().is_none(), "noise does not");
+        // A raw frame that lies about its hash: refused.
+        let upload_id = start(&catalogue, &[text(14, 1000)], "2").await;
+        let mut body = Vec::new();
+        frame::encode_frame(&Hash::of(&text(14, 1000)), &text(30, 1000), &mut body);
+        let error = send(&catalogue, &upload_id, false, body).await.unwrap_err();
+        assert!(matches!(error, CatalogueError::ChunkDamagedInTransit { .. }), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_batches_store_every_chunk_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalogue = Arc::new(catalogue(dir.path()).await);
+        // More than a store group per batch, so groups run side by side too.
+        let pieces: Vec<Vec<u8>> =
+            (0..64).map(|i| if i % 2 == 0 { text(100 + i, 50_000) } else { noise(100 + i, 50_000) }).collect();
+        let upload_id = start(&catalogue, &pieces, "1").await;
+        let mut body = Vec::new();
+        for piece in &pieces {
+            let tag = delta::PayloadTag::Raw;
+            match delta::compress_chunk(piece).unwrap() {
+                Some(compressed) => payload_frame(&Hash::of(piece), delta::PayloadTag::Delta, &compressed, &mut body),
+                None => payload_frame(&Hash::of(piece), tag, piece, &mut body),
+            }
+        }
+        // Four batches in flight carrying the same chunks: each is stored once, by one of them.
+        let sends: Vec<_> = (0..4)
+            .map(|_| {
+                let (catalogue, upload_id, body) = (catalogue.clone(), upload_id.clone(), body.clone());
+                tokio::spawn(async move { send(&catalogue, &upload_id, true, body).await.unwrap() })
+            })
+            .collect();
+        let mut stored = 0;
+        for sent in sends {
+            let sent = sent.await.unwrap();
+            assert_eq!(sent.stored + sent.already_present, 64);
+            stored += sent.stored;
+        }
+        assert_eq!(stored, 64);
+        let mut hashes: Vec<Hash> = pieces.iter().map(|p| Hash::of(p)).collect();
+        hashes.sort_unstable();
+        assert_eq!(catalogue.chunks.hashes().unwrap(), hashes);
+        let copies = pieces.iter().filter(|p| catalogue.chunks.compressed_path(&Hash::of(p)).exists()).count();
+        assert_eq!(copies, 32, "every text chunk has its copy, no noise chunk");
+        assert!(std::fs::read_dir(dir.path().join("chunks/tmp")).unwrap().next().is_none(), "no temp files left");
+        catalogue.commit_upload(&admin(), &upload_id).await.unwrap();
+    }
+
+    #[test]
+    fn a_torn_chunk_is_found_and_removed_when_the_file_hash_does_not_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = ChunkStore::open_volatile(dir.path()).unwrap();
+        let pieces = [text(20, 5_000), noise(21, 5_000)];
+        for piece in &pieces {
+            chunks.put(&Hash::of(piece), piece).unwrap();
+        }
+        let manifest = Manifest {
+            file_len: 10_000,
+            file_hash: Hash::of(&pieces.concat()),
+            chunks: pieces.iter().map(|p| ChunkRef { hash: Hash::of(p), len: p.len() as u32 }).collect(),
+        };
+        check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap();
+        // Torn by a crash before the flush: same name, other bytes of the same length.
+        std::fs::write(chunks.path(&Hash::of(&pieces[1])), noise(22, 5_000)).unwrap();
+        let error = check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap_err();
+        assert!(matches!(error, CatalogueError::ChunkDamagedOnDisk { hash } if hash == Hash::of(&pieces[1])));
+        assert!(!chunks.contains(&Hash::of(&pieces[1])), "removed, so the next push sends it");
+        assert!(chunks.contains(&Hash::of(&pieces[0])));
+    }
+
     #[test]
     fn a_damaged_compressed_copy_is_removed_when_a_version_is_checked() {
         let dir = tempfile::tempdir().unwrap();
@@ -988,7 +1305,7 @@ mod tests {
             file_hash: Hash::of(&data),
             chunks: vec![ChunkRef { hash, len: data.len() as u32 }],
         };
-        check_version_chunks(&chunks, &manifest).unwrap();
+        check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap();
         assert!(!path.exists(), "the damaged copy is gone");
         assert_eq!(chunks.get(&hash).unwrap(), data, "the chunk stays");
     }

@@ -189,6 +189,7 @@ impl From<CatalogueError> for ApiError {
             | BatchTruncated { .. }
             | ChunkNotInManifest { .. }
             | ChunkDamagedInTransit { .. }
+            | ChunkPayloadInvalid { .. }
             | InvalidHash { .. }
             | InvalidWants { .. }
             | NoWants => StatusCode::BAD_REQUEST,

@@ -52,15 +52,24 @@ async fn start_upload(
     Ok(Json(state.catalogue.start_upload(&user, &target, body).await?))
 }
 
+#[derive(Debug, Deserialize)]
+struct UploadChunksQuery {
+    /// `payloads=true`: each frame carries a payload (tag byte, then the chunk raw or as a
+    /// plain zstd frame); absent (older clients): each frame is the chunk.
+    #[serde(default)]
+    payloads: bool,
+}
+
 /// Step 2: chunks, as a stream of frames, never held whole in memory.
-#[utoipa::path(post, path = paths::UPLOAD_CHUNKS, tag = "images", security(("api_key" = [])), params(("id" = String, Path, description = "upload id")), request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "chunk frames"), responses((status = 200, body = ChunksStored), (status = 422, body = ErrorBody)))]
+#[utoipa::path(post, path = paths::UPLOAD_CHUNKS, tag = "images", security(("api_key" = [])), params(("id" = String, Path, description = "upload id"), ("payloads" = Option<bool>, Query, description = "frames carry payloads (a tag byte, then the chunk raw or zstd-compressed), as `UploadResponse.chunk_payloads` offers")), request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "chunk frames"), responses((status = 200, body = ChunksStored), (status = 422, body = ErrorBody)))]
 async fn upload_chunks(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
     Path(id): Path<String>,
+    Query(query): Query<UploadChunksQuery>,
     body: Body,
 ) -> Result<Json<ChunksStored>, ApiError> {
-    Ok(Json(state.catalogue.upload_chunks(&user, &id, body.into_data_stream()).await?))
+    Ok(Json(state.catalogue.upload_chunks(&user, &id, query.payloads, body.into_data_stream()).await?))
 }
 
 /// Step 3: the version joins the catalogue.

@@ -16,7 +16,8 @@
 //! rsync and zsync ([`realimg`]).
 //!
 //! `--input FILE` measures a given file (a real image, which compresses) instead of the
-//! pseudo-random one; `--first-sync-only` skips 1. and 2.
+//! pseudo-random one; `--first-sync-only` skips 1. and 2.; `--push-only` measures only `imgtool
+//! push` of a new image against `rsync -W` into an rsync daemon, and the push's memory ([`push`]).
 //!
 //! It builds nothing: `cargo build --release --workspace --bins && target/release/bench_sync
 //! [--size-mib 2048] [--work-dir DIR] [--runs 3]`; `regiond`, `rackd` and `imgtool` are taken
@@ -36,6 +37,7 @@
 mod chunking;
 mod edits;
 mod peers;
+mod push;
 mod realimg;
 mod report;
 mod sync;
@@ -128,6 +130,9 @@ usage: bench_sync [--size-mib N] [--input FILE] [--first-sync-only] [--work-dir 
   --size-mib N   size of the test image in MiB (default 2048)
   --input FILE   measure a copy of FILE instead of a pseudo-random image (--size-mib ignored)
   --first-sync-only  skip 1. (chunk + hash) and 2. (delta syncs)
+  --push-only    only imgtool push of a new image against rsync -W into an rsync daemon, with
+                 the peak memory of imgtool and regiond (needs about 3x the image size free)
+  --no-rsync     with --push-only: no rsync runs (for a push too large for a third copy)
   --work-dir DIR where the temp work dir goes (default /tmp); needs about 9x the image size free
   --runs N       repetitions of each timed measurement; medians are reported (default 3)
   --debian full|small  instead: real Debian images (built by mmdebstrap, cached), the update
@@ -145,6 +150,8 @@ struct Options {
     size_mib: u64,
     input: Option<PathBuf>,
     first_sync_only: bool,
+    push_only: bool,
+    no_rsync: bool,
     work_dir: PathBuf,
     runs: usize,
     debian: Option<realimg::RealImageOptions>,
@@ -157,6 +164,8 @@ impl Options {
             size_mib: 2048,
             input: None,
             first_sync_only: false,
+            push_only: false,
+            no_rsync: false,
             work_dir: PathBuf::from("/tmp"),
             runs: 3,
             debian: None,
@@ -172,6 +181,8 @@ impl Options {
                 "--size-mib" => options.size_mib = value()?.parse().context("--size-mib")?,
                 "--input" => options.input = Some(PathBuf::from(value()?)),
                 "--first-sync-only" => options.first_sync_only = true,
+                "--push-only" => options.push_only = true,
+                "--no-rsync" => options.no_rsync = true,
                 "--work-dir" => options.work_dir = PathBuf::from(value()?),
                 "--runs" => options.runs = value()?.parse().context("--runs")?,
                 "--debian" => profile = Some(Profile::parse(&value()?)?),
@@ -215,6 +226,9 @@ impl Options {
 // (return, `?`, panic, or being dropped on Ctrl-C) kills the processes and then removes the dir.
 
 async fn run(options: &Options) -> Result<String> {
+    if options.push_only {
+        return push::run(options).await;
+    }
     let binaries = Binaries::locate()?;
     let http_kind = check_tools()?;
     let size = options.size_mib * MIB;
@@ -370,7 +384,7 @@ fn zstd3_len(file: &std::path::Path) -> Result<u64> {
     Ok(count.0)
 }
 
-fn note(message: &str) {
+pub(crate) fn note(message: &str) {
     eprintln!("bench_sync: {message}");
 }
 

@@ -1,0 +1,226 @@
+//! `--push-only`: `imgtool push` of a new image against `rsync -W` of the same file into an rsync
+//! daemon module on loopback (issue 12, goal 2), and the peak memory of `imgtool` and `regiond`
+//! during the push.
+//!
+//! Each run, interleaved: rsync into a fresh destination (the previous copy removed, untimed),
+//! then `imgtool push` as a new version into a region that lacks every chunk (the previous
+//! version deleted and its chunks collected, untimed). Both read the same file, warm in the page
+//! cache; `sync` before each. Memory is sampled from `/proc/PID/status` every [`RSS_POLL`].
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use metalrack_tests::bench::{free_bytes, load_average};
+use metalrack_tests::data::write_random_file;
+use metalrack_tests::process::{Daemon, Spawn};
+use metalrack_tests::region::{Region, ANY_PORT};
+
+use crate::report::{median, secs};
+use crate::tools::{free_port, run_tool, settle};
+use crate::{note, Options, GIB, IMAGE, MIB, POLL, REGION_CONFIG};
+
+/// How often the memory of `imgtool` and `regiond` is read during a push: often enough to see
+/// a peak that lasts a batch (tens of ms).
+const RSS_POLL: Duration = Duration::from_millis(5);
+
+/// Memory of a process from `/proc/PID/status`, in KiB: total resident, and its anonymous part
+/// (heap and stacks: what the process allocated, as opposed to file pages it maps).
+#[derive(Debug, Clone, Copy, Default)]
+struct Rss {
+    total_kib: u64,
+    anon_kib: u64,
+}
+
+fn rss(pid: u32) -> Option<Rss> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        text.lines().find_map(|l| l.strip_prefix(name))?.split_whitespace().next()?.parse().ok()
+    };
+    Some(Rss { total_kib: field("VmRSS:")?, anon_kib: field("RssAnon:")? })
+}
+
+#[derive(Debug, Default)]
+struct PushSample {
+    wall: Duration,
+    imgtool_peak: Rss,
+    region_before: Rss,
+    region_peak: Rss,
+}
+
+/// Runs `imgtool push` of `file` as `version`, sampling memory; checks it committed.
+async fn timed_push(region: &Region, api_key: &str, file: &Path, version: &str) -> Result<PushSample> {
+    let command = region.push_command(api_key, file, IMAGE, "root-disk", version)?;
+    let region_pid = region.daemon.pid() as u32;
+    let mut sample = PushSample { region_before: rss(region_pid).unwrap_or_default(), ..PushSample::default() };
+    sample.region_peak = sample.region_before;
+    let started = Instant::now();
+    let mut child = tokio::process::Command::from(command)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting imgtool push")?;
+    let pid = child.id().context("imgtool's pid")?;
+    let deadline = started + Duration::from_secs(1800);
+    loop {
+        if let Some(now) = rss(pid) {
+            sample.imgtool_peak.total_kib = sample.imgtool_peak.total_kib.max(now.total_kib);
+            sample.imgtool_peak.anon_kib = sample.imgtool_peak.anon_kib.max(now.anon_kib);
+        }
+        if let Some(now) = rss(region_pid) {
+            sample.region_peak.total_kib = sample.region_peak.total_kib.max(now.total_kib);
+            sample.region_peak.anon_kib = sample.region_peak.anon_kib.max(now.anon_kib);
+        }
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "imgtool push did not finish in 30 minutes");
+        tokio::time::sleep(RSS_POLL).await;
+    }
+    sample.wall = started.elapsed();
+    let output = child.wait_with_output().await?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success() && text.contains("committed"),
+        "imgtool push did not commit: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(sample)
+}
+
+/// An rsync daemon with one writable module, `push`, on a free loopback port.
+struct RsyncTarget {
+    port: u16,
+    module_dir: std::path::PathBuf,
+    _daemon: Daemon,
+}
+
+impl RsyncTarget {
+    async fn start(work: &Path) -> Result<RsyncTarget> {
+        let dir = work.join("rsyncd-push");
+        let module_dir = dir.join("push");
+        std::fs::create_dir_all(&module_dir)?;
+        // As root, stay root (the temp dir is 0700); no chroot: the module is a plain dir of ours.
+        let conf = format!(
+            "use chroot = no\nuid = root\ngid = root\nlog file = {d}/rsyncd.log\n[push]\npath = {m}\nread only = no\n",
+            d = dir.display(),
+            m = module_dir.display()
+        );
+        let conf_path = dir.join("rsyncd.conf");
+        std::fs::write(&conf_path, conf)?;
+        let port = free_port()?;
+        let mut command = std::process::Command::new("rsync");
+        command.arg("--daemon").arg("--no-detach").arg(format!("--config={}", conf_path.display()));
+        command.args(["--address=127.0.0.1", &format!("--port={port}")]);
+        let mut daemon = Daemon::spawn("rsync daemon", command, &dir.join("daemon.log"), false, Spawn::default())?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            daemon.check_running()?;
+            ensure!(started.elapsed() < Duration::from_secs(10), "rsync daemon did not listen on {port}");
+            tokio::time::sleep(POLL).await;
+        }
+        Ok(RsyncTarget { port, module_dir, _daemon: daemon })
+    }
+
+    /// `rsync -W FILE rsync://…/push/image.raw` into an empty module; returns the wall time.
+    async fn push(&self, file: &Path, size: u64) -> Result<Duration> {
+        let dest = self.module_dir.join("image.raw");
+        let _ = std::fs::remove_file(&dest);
+        settle().await?;
+        let target = format!("rsync://127.0.0.1:{}/push/image.raw", self.port);
+        let args: [OsString; 3] = ["-W".into(), file.into(), target.into()];
+        let (_, wall) = run_tool(Path::new("rsync"), &args).await?;
+        let got = std::fs::metadata(&dest).context("rsync's copy")?.len();
+        ensure!(got == size, "rsync wrote {got} bytes, expected {size}");
+        std::fs::remove_file(&dest)?;
+        Ok(wall)
+    }
+}
+
+/// The `--push-only` run; returns its Markdown table.
+pub async fn run(options: &Options) -> Result<String> {
+    let size = options.size_mib * MIB;
+    // The image, the region's copy, and rsync's copy.
+    let needed = if options.no_rsync { 2 * size } else { 3 * size } + GIB;
+    let free = free_bytes(&options.work_dir)?;
+    ensure!(free >= needed, "{} has {} MiB free; needs {} MiB", options.work_dir.display(), free / MIB, needed / MIB);
+    let work = tempfile::Builder::new().prefix("bench-push.").tempdir_in(&options.work_dir)?;
+    let w = work.path();
+    let load_at_start = load_average();
+    let file = w.join("image.raw");
+    let size = match &options.input {
+        Some(input) => std::fs::copy(input, &file).with_context(|| format!("copying {}", input.display()))?,
+        None => {
+            note("writing the image (pseudo-random, incompressible)");
+            write_random_file(&file, size, 1, || Ok(()))?;
+            size
+        }
+    };
+    let region = Region::launch(&w.join("region"), REGION_CONFIG, ANY_PORT, &[], Spawn::default())?;
+    let api = region.api(&region.add_admin("bench", "bench password 1")?);
+    let rsync = if options.no_rsync { None } else { Some(RsyncTarget::start(w).await?) };
+    // Warm the page cache with the file, as both tools will find it.
+    run_tool(Path::new("cat"), &[file.clone().into()]).await?;
+    let (mut rsync_walls, mut pushes) = (Vec::new(), Vec::new());
+    for run in 0..options.runs {
+        if let Some(rsync) = &rsync {
+            note(&format!("run {}: rsync -W", run + 1));
+            rsync_walls.push(rsync.push(&file, size).await?);
+        }
+        note(&format!("run {}: imgtool push", run + 1));
+        settle().await?;
+        let version = format!("push-{}", run + 1);
+        pushes.push(timed_push(&region, &api.key, &file, &version).await?);
+        // A new image each time: the region must lack every chunk again.
+        api.delete_version(IMAGE, &version).await?;
+    }
+    let load_at_end = load_average();
+    drop((rsync, region));
+    let mut out = String::new();
+    let name = options.input.as_ref().map_or_else(|| "pseudo-random".to_owned(), |p| p.display().to_string());
+    writeln!(
+        out,
+        "Push of {name}, {size} bytes, {} runs; load average {load_at_start} → {load_at_end}\n",
+        options.runs
+    )?;
+    writeln!(out, "| Measurement | imgtool push | rsync -W | Ratio (throughput) |")?;
+    writeln!(out, "|---|---|---|---|")?;
+    let push_secs: Vec<f64> = pushes.iter().map(|p| secs(p.wall)).collect();
+    let push_median = median(push_secs.iter().copied());
+    let mib_s = |s: f64| size as f64 / MIB as f64 / s;
+    if rsync_walls.is_empty() {
+        writeln!(out, "| wall time (median) | {push_median:.2} s, {:.0} MiB/s | – | – |", mib_s(push_median))?;
+    } else {
+        let rsync_median = median(rsync_walls.iter().map(|d| secs(*d)));
+        writeln!(
+            out,
+            "| wall time (median) | {push_median:.2} s, {:.0} MiB/s | {rsync_median:.2} s, {:.0} MiB/s | **{:.2}×** |",
+            mib_s(push_median),
+            mib_s(rsync_median),
+            rsync_median / push_median
+        )?;
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let worst = |f: fn(&PushSample) -> u64| pushes.iter().map(f).max().unwrap_or(0);
+    writeln!(
+        out,
+        "| imgtool peak RSS (all runs) | {:.1} MiB ({:.1} MiB anonymous) | | |",
+        mib(worst(|p| p.imgtool_peak.total_kib)),
+        mib(worst(|p| p.imgtool_peak.anon_kib))
+    )?;
+    writeln!(
+        out,
+        "| regiond RSS growth during a push (worst run) | +{:.1} MiB (+{:.1} MiB anonymous) | | |",
+        mib(worst(|p| p.region_peak.total_kib.saturating_sub(p.region_before.total_kib))),
+        mib(worst(|p| p.region_peak.anon_kib.saturating_sub(p.region_before.anon_kib)))
+    )?;
+    writeln!(out, "\nSamples (s): imgtool push {push_secs:.2?}; rsync -W {:.2?}", {
+        rsync_walls.iter().map(|d| secs(*d)).collect::<Vec<_>>()
+    })?;
+    work.close()?;
+    Ok(out)
+}
