@@ -165,15 +165,10 @@ impl BlockCoverage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunker::tests::pseudo_random_bytes;
 
     fn bytes(len: usize) -> Vec<u8> {
-        let mut state: u32 = 0x9e37_79b9;
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 24) as u8
-            })
-            .collect()
+        pseudo_random_bytes(len, 0x9e37_79b9)
     }
 
     fn block_hash(data: &[u8], order: impl Fn(usize) -> Vec<usize>) -> Option<Hash> {

@@ -163,6 +163,34 @@ pub struct RsyncSample {
     pub literal: u64,
 }
 
+/// `rsync --daemon` on a free loopback port, its config and logs in `dir`, serving `modules`
+/// (name, directory, writable; the directories are created); returns once it listens.
+pub fn spawn_rsync_daemon(dir: &Path, modules: &[(&str, PathBuf, bool)]) -> Result<(u16, Daemon)> {
+    std::fs::create_dir_all(dir)?;
+    // Running as root, the daemon would drop to `nobody`, who cannot read the 0700 temp
+    // dir: stay root. No chroot: the module paths are plain dirs of ours.
+    let mut conf = format!("use chroot = no\nuid = root\ngid = root\nlog file = {}/rsyncd.log\n", dir.display());
+    for (name, path, writable) in modules {
+        std::fs::create_dir_all(path)?;
+        write!(conf, "[{name}]\npath = {}\nread only = {}\n", path.display(), if *writable { "no" } else { "yes" })?;
+    }
+    let conf_path = dir.join("rsyncd.conf");
+    std::fs::write(&conf_path, conf)?;
+    let port = free_port()?;
+    let mut command = std::process::Command::new("rsync");
+    command.arg("--daemon").arg("--no-detach").arg(format!("--config={}", conf_path.display()));
+    command.args(["--address=127.0.0.1", &format!("--port={port}")]);
+    let mut daemon = Daemon::spawn("rsync daemon", command, &dir.join("daemon.log"), false, Spawn::default())?;
+    // Blocking wait is fine here: nothing else runs yet and it takes milliseconds.
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        daemon.check_running()?;
+        ensure!(start.elapsed() < Duration::from_secs(10), "rsync daemon did not listen on {port}");
+        std::thread::sleep(POLL);
+    }
+    Ok((port, daemon))
+}
+
 /// `rsync --daemon` on a free loopback port with one read-only module per scenario, each dir
 /// holding that scenario's v2 as `image.raw`.
 pub struct RsyncDaemon {
@@ -175,29 +203,9 @@ impl RsyncDaemon {
     /// One module per key in `keys` (`src-KEY/image.raw`, written by the caller).
     pub fn start(work: &Path, keys: &[&str]) -> Result<RsyncDaemon> {
         let dir = work.join("rsyncd");
-        std::fs::create_dir_all(&dir)?;
-        // Running as root, the daemon would drop to `nobody`, who cannot read the 0700 temp
-        // dir: stay root. No chroot: the module paths are plain dirs of ours.
-        let mut conf = format!("use chroot = no\nuid = root\ngid = root\nlog file = {}/rsyncd.log\n", dir.display());
-        for key in keys {
-            let module = dir.join(format!("src-{key}"));
-            std::fs::create_dir_all(&module)?;
-            write!(conf, "[{key}]\npath = {}\nread only = yes\n", module.display())?;
-        }
-        let conf_path = dir.join("rsyncd.conf");
-        std::fs::write(&conf_path, conf)?;
-        let port = free_port()?;
-        let mut command = std::process::Command::new("rsync");
-        command.arg("--daemon").arg("--no-detach").arg(format!("--config={}", conf_path.display()));
-        command.args(["--address=127.0.0.1", &format!("--port={port}")]);
-        let mut daemon = Daemon::spawn("rsync daemon", command, &dir.join("daemon.log"), false, Spawn::default())?;
-        // Blocking wait is fine here: nothing else runs yet and it takes milliseconds.
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            daemon.check_running()?;
-            ensure!(start.elapsed() < Duration::from_secs(10), "rsync daemon did not listen on {port}");
-            std::thread::sleep(POLL);
-        }
+        let modules: Vec<(&str, PathBuf, bool)> =
+            keys.iter().map(|key| (*key, dir.join(format!("src-{key}")), false)).collect();
+        let (port, daemon) = spawn_rsync_daemon(&dir, &modules)?;
         Ok(RsyncDaemon { work: work.to_owned(), port, _daemon: daemon })
     }
 

@@ -18,9 +18,10 @@ use metalrack_tests::data::write_random_file;
 use metalrack_tests::process::{Daemon, Spawn};
 use metalrack_tests::region::{Region, ANY_PORT};
 
+use crate::peers::spawn_rsync_daemon;
 use crate::report::{median, secs};
-use crate::tools::{free_port, run_tool, settle};
-use crate::{note, Options, GIB, IMAGE, MIB, POLL, REGION_CONFIG};
+use crate::tools::{run_tool, settle};
+use crate::{note, Options, GIB, IMAGE, MIB, REGION_CONFIG};
 
 /// How often the memory of `imgtool` and `regiond` is read during a push: often enough to see
 /// a peak that lasts a batch (tens of ms).
@@ -100,29 +101,10 @@ struct RsyncTarget {
 }
 
 impl RsyncTarget {
-    async fn start(work: &Path) -> Result<RsyncTarget> {
+    fn start(work: &Path) -> Result<RsyncTarget> {
         let dir = work.join("rsyncd-push");
         let module_dir = dir.join("push");
-        std::fs::create_dir_all(&module_dir)?;
-        // As root, stay root (the temp dir is 0700); no chroot: the module is a plain dir of ours.
-        let conf = format!(
-            "use chroot = no\nuid = root\ngid = root\nlog file = {d}/rsyncd.log\n[push]\npath = {m}\nread only = no\n",
-            d = dir.display(),
-            m = module_dir.display()
-        );
-        let conf_path = dir.join("rsyncd.conf");
-        std::fs::write(&conf_path, conf)?;
-        let port = free_port()?;
-        let mut command = std::process::Command::new("rsync");
-        command.arg("--daemon").arg("--no-detach").arg(format!("--config={}", conf_path.display()));
-        command.args(["--address=127.0.0.1", &format!("--port={port}")]);
-        let mut daemon = Daemon::spawn("rsync daemon", command, &dir.join("daemon.log"), false, Spawn::default())?;
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            daemon.check_running()?;
-            ensure!(started.elapsed() < Duration::from_secs(10), "rsync daemon did not listen on {port}");
-            tokio::time::sleep(POLL).await;
-        }
+        let (port, daemon) = spawn_rsync_daemon(&dir, &[("push", module_dir.clone(), true)])?;
         Ok(RsyncTarget { port, module_dir, _daemon: daemon })
     }
 
@@ -162,7 +144,7 @@ pub async fn run(options: &Options) -> Result<String> {
     };
     let region = Region::launch(&w.join("region"), REGION_CONFIG, ANY_PORT, &[], Spawn::default())?;
     let api = region.api(&region.add_admin("bench", "bench password 1")?);
-    let rsync = if options.no_rsync { None } else { Some(RsyncTarget::start(w).await?) };
+    let rsync = if options.no_rsync { None } else { Some(RsyncTarget::start(w)?) };
     // Warm the page cache with the file, as both tools will find it.
     run_tool(Path::new("cat"), &[file.clone().into()]).await?;
     let (mut rsync_walls, mut pushes) = (Vec::new(), Vec::new());
