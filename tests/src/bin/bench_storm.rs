@@ -75,6 +75,10 @@ struct Args {
     /// module's doc).
     #[arg(long)]
     client_realtime: bool,
+    /// This process's threads other than the machines' (the samplers, the site's client) on this
+    /// CPU instead (see the module's doc); with `--pin`, 1 puts them beside the region.
+    #[arg(long)]
+    client_cpu: Option<u32>,
     /// Where the site lives (a temp dir under it).
     #[arg(long, default_value = "/tmp")]
     work_dir: std::path::PathBuf,
@@ -154,6 +158,9 @@ async fn storm(
     }
     if args.client_realtime {
         client_threads_realtime()?;
+    }
+    if let Some(cpu) = args.client_cpu {
+        client_threads_on(cpu)?;
     }
     let to_add = machines_to_add(&rack.name, &fleet);
     let ids: Vec<String> = site.add_machines(&to_add).await?.into_iter().map(|m| m.id).collect();
@@ -286,6 +293,8 @@ fn setup(args: &Args) -> String {
     if args.client_realtime {
         parts.push("the samplers at SCHED_FIFO");
     }
+    let client_cpu = args.client_cpu.map(|cpu| format!("the samplers on CPU {cpu}"));
+    parts.extend(client_cpu.as_deref());
     if parts.is_empty() {
         String::new()
     } else {
@@ -296,7 +305,7 @@ fn setup(args: &Args) -> String {
 /// Every thread of this process named `fleet-…` (the simulated machines, their tap reader and
 /// BMCs) to `SCHED_IDLE` (`chrt --idle -p 0 TID`).
 fn fleet_threads_sched_idle() -> Result<()> {
-    let changed = set_own_threads(|comm| comm.starts_with("fleet-"), &["--idle", "-p", "0"])?;
+    let changed = set_own_threads(|comm| comm.starts_with("fleet-"), "chrt", &["--idle", "-p", "0"])?;
     ensure!(changed > 0, "no fleet thread found");
     Ok(())
 }
@@ -304,13 +313,23 @@ fn fleet_threads_sched_idle() -> Result<()> {
 /// Every other thread of this process (the runtime's, which run the samplers and the site's
 /// client) to `SCHED_FIFO` 1 (`chrt -f -p 1 TID`); threads they start later inherit it.
 fn client_threads_realtime() -> Result<()> {
-    let changed = set_own_threads(|comm| !comm.starts_with("fleet-"), &["-f", "-p", "1"])?;
+    let changed = set_own_threads(|comm| !comm.starts_with("fleet-"), "chrt", &["-f", "-p", "1"])?;
     ensure!(changed > 0, "no client thread found");
     Ok(())
 }
 
-/// `chrt POLICY TID` for each thread of this process whose name `select`s; how many.
-fn set_own_threads(select: impl Fn(&str) -> bool, policy: &[&str]) -> Result<usize> {
+/// Every thread of this process but the machines' on `cpu` (`taskset -p -c CPU TID`); threads
+/// they start later inherit it.
+fn client_threads_on(cpu: u32) -> Result<()> {
+    let cpu = cpu.to_string();
+    let changed = set_own_threads(|comm| !comm.starts_with("fleet-"), "taskset", &["-p", "-c", &cpu])?;
+    ensure!(changed > 0, "no client thread found");
+    Ok(())
+}
+
+/// `TOOL ARGS TID` (`chrt`, `taskset`) for each thread of this process whose name `select`s;
+/// how many.
+fn set_own_threads(select: impl Fn(&str) -> bool, tool: &str, policy: &[&str]) -> Result<usize> {
     let mut changed = 0;
     for task in std::fs::read_dir("/proc/self/task")? {
         let task = task?;
@@ -319,8 +338,8 @@ fn set_own_threads(select: impl Fn(&str) -> bool, policy: &[&str]) -> Result<usi
             continue;
         }
         let tid = task.file_name().to_string_lossy().to_string();
-        let status = Command::new("chrt").args(policy).arg(&tid).output()?;
-        ensure!(status.status.success(), "chrt {policy:?} of {tid}: {}", String::from_utf8_lossy(&status.stderr));
+        let status = Command::new(tool).args(policy).arg(&tid).output()?;
+        ensure!(status.status.success(), "{tool} {policy:?} of {tid}: {}", String::from_utf8_lossy(&status.stderr));
         changed += 1;
     }
     Ok(changed)
