@@ -313,16 +313,18 @@ fn fleet_threads_sched_idle() -> Result<()> {
 /// Every other thread of this process (the runtime's, which run the samplers and the site's
 /// client) to `SCHED_FIFO` 1 (`chrt -f -p 1 TID`); threads they start later inherit it.
 fn client_threads_realtime() -> Result<()> {
-    let changed = set_own_threads(|comm| !comm.starts_with("fleet-"), "chrt", &["-f", "-p", "1"])?;
-    ensure!(changed > 0, "no client thread found");
-    Ok(())
+    client_threads("chrt", &["-f", "-p", "1"])
 }
 
 /// Every thread of this process but the machines' on `cpu` (`taskset -p -c CPU TID`); threads
 /// they start later inherit it.
 fn client_threads_on(cpu: u32) -> Result<()> {
-    let cpu = cpu.to_string();
-    let changed = set_own_threads(|comm| !comm.starts_with("fleet-"), "taskset", &["-p", "-c", &cpu])?;
+    client_threads("taskset", &["-p", "-c", &cpu.to_string()])
+}
+
+/// `TOOL ARGS TID` for every thread of this process but the machines'.
+fn client_threads(tool: &str, args: &[&str]) -> Result<()> {
+    let changed = set_own_threads(|comm| !comm.starts_with("fleet-"), tool, args)?;
     ensure!(changed > 0, "no client thread found");
     Ok(())
 }
