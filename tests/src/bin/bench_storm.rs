@@ -17,7 +17,9 @@
 //! client) run at `SCHED_FIFO` priority 1: they stand in for an administrator's browser on a
 //! computer of its own, so a sample is not delayed by the rack's busy threads and softirqs on
 //! CPU 0 between its wake-up and its send, or between the answer and its reading. They are light
-//! (a request every 200 ms per route), so they cannot starve the rack.
+//! (a request every 200 ms per route), so they cannot starve the rack. With `--client-cpu 1`
+//! (and `--pin`) they run beside the region instead: their packets then cross the lab's links in
+//! softirq on the region's quiet core, not on CPU 0 behind the rack's traffic.
 //!
 //! Beside the sampler's figures (measured at the client), the report has the region's own view
 //! of each route's latency over the same windows, from its `/metrics` histogram (the bucket that
