@@ -789,10 +789,11 @@ fn store_chunk(chunks: &ChunkStore, hash: &Hash, data: &[u8]) -> Result<bool, Ch
 /// Every chunk of a version present and intact, made durable, and together hashing to the
 /// manifest's file hash; every compressed copy not in `copies_checked` decoding to its chunk.
 ///
-/// Each chunk is read once, into the file hash: when that matches, every chunk is what its
-/// hash names (a damaged one would change the file hash), so chunks are hashed one by one only
-/// when it does not, to find and remove the damaged ones (torn by a crash before they were
-/// flushed) so the next push sends them again.
+/// The flush (`syncfs`) runs on its own thread while the chunks are read and checked: the
+/// check reads what the page cache holds, which is what the flush writes, and the version
+/// joins the catalogue only after both have finished (the caller commits on `Ok` alone). If
+/// the check removed a damaged compressed copy, the store is flushed once more, so that
+/// removal is durable too.
 fn check_version_chunks(
     chunks: &ChunkStore,
     manifest: &Manifest,
@@ -803,6 +804,33 @@ fn check_version_chunks(
         return Err(CatalogueError::ChunksMissing { n_missing });
     }
     let check_error = |source| CatalogueError::CheckChunks { source };
+    let (checked, flushed) = std::thread::scope(|scope| {
+        let flush = scope.spawn(|| chunks.sync());
+        let checked = verify_version_chunks(chunks, manifest, copies_checked);
+        (checked, flush.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    });
+    let copies_removed = checked?;
+    flushed.map_err(check_error)?;
+    if copies_removed > 0 {
+        chunks.sync().map_err(check_error)?;
+    }
+    Ok(())
+}
+
+/// The reading half of [`check_version_chunks`]; returns how many damaged compressed copies it
+/// removed.
+///
+/// Each chunk is read once, into the file hash: when that matches, every chunk is what its
+/// hash names (a damaged one would change the file hash), so chunks are hashed one by one only
+/// when it does not, to find and remove the damaged ones (torn by a crash before they were
+/// flushed) so the next push sends them again.
+fn verify_version_chunks(
+    chunks: &ChunkStore,
+    manifest: &Manifest,
+    copies_checked: &HashSet<Hash>,
+) -> Result<usize, CatalogueError> {
+    let check_error = |source| CatalogueError::CheckChunks { source };
+    let mut copies_removed = 0;
     let mut hasher = blake3::Hasher::new();
     let mut copies_seen = HashSet::new();
     for chunk in &manifest.chunks {
@@ -823,6 +851,7 @@ fn check_version_chunks(
                 std::fs::remove_file(&path).map_err(|source| {
                     check_error(ChunkStoreError::Io { what: "remove a damaged compressed chunk", path, source })
                 })?;
+                copies_removed += 1;
             }
         }
     }
@@ -840,9 +869,7 @@ fn check_version_chunks(
         }
         return Err(CatalogueError::FileHashMismatch { actual, expected: manifest.file_hash });
     }
-    // Make every chunk of the version durable before the catalogue points at it.
-    chunks.sync().map_err(check_error)?;
-    Ok(())
+    Ok(copies_removed)
 }
 
 /// Removes manifests not in `referenced` and chunks no referenced manifest lists.
