@@ -321,10 +321,12 @@ async fn views(shared: &Shared, rows: Vec<MachineRow>) -> Result<Vec<MachineView
     let rack_names = shared.store.rack_names().await.map_err(store_error("list racks"))?;
     let mut conn =
         shared.store.pool.acquire().await.map_err(query_error("connect")).map_err(store_error("read the machines"))?;
+    let mut positions =
+        store::queue_positions(&mut conn, &rows).await.map_err(store_error("read the deploy queue"))?;
+    drop(conn);
     let mut views = Vec::with_capacity(rows.len());
     for row in rows {
-        let queue_position =
-            store::queue_position(&mut conn, &row).await.map_err(store_error("read the deploy queue"))?;
+        let queue_position = positions.remove(&row.id);
         let rack_name = row.rack_id.as_ref().and_then(|id| rack_names.get(id)).cloned();
         views.push(MachineView {
             id: row.id,

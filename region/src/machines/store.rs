@@ -7,6 +7,8 @@ use metalrack_api::agent::{AgentJob, DeployEnv, DeployProgress, ImageRef, Invent
 use metalrack_api::machines::{BootAction, MachineState};
 use metalrack_api::power::{PowerAction, PowerParameters, PowerRequest, PowerState};
 use metalrack_api::EventView;
+use std::collections::HashMap;
+
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
@@ -257,22 +259,33 @@ pub async fn cancel_power(conn: &mut AnyConnection, machine_id: &str) -> Result<
     Ok(())
 }
 
-/// The position of Allocated machine `id` in its rack's deploy queue (1 for the next).
-pub async fn queue_position(conn: &mut AnyConnection, machine: &MachineRow) -> Result<Option<u32>, StoreError> {
-    if machine.state != MachineState::Allocated {
-        return Ok(None);
+/// Deploy queue positions (1 = next) of those of `machines` that wait for a deploy slot
+/// (Allocated), by id, in one query however many there are: a page of 100 machines half of
+/// which wait took one query per waiting machine, and during a deploy storm that was most of
+/// the machine list's time (docs/PERFORMANCE.md, issue 13). The order is the scheduler's
+/// (`schedule_deploys`): per rack, by request time with none first, then id.
+pub async fn queue_positions(
+    conn: &mut AnyConnection,
+    machines: &[MachineRow],
+) -> Result<HashMap<String, u32>, StoreError> {
+    let waiting: Vec<&str> =
+        machines.iter().filter(|m| m.state == MachineState::Allocated).map(|m| m.id.as_str()).collect();
+    if waiting.is_empty() {
+        return Ok(HashMap::new());
     }
-    let ahead: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM machines WHERE state = 'allocated' AND rack_id IS $1 AND \
-         (deploy_requested_at_ms < $2 OR (deploy_requested_at_ms = $2 AND id < $3))",
-    )
-    .bind(machine.rack_id.clone())
-    .bind(machine.deploy_requested_at_ms.unwrap_or(0))
-    .bind(machine.id.clone())
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(query_error("count the deploy queue"))?;
-    Ok(Some(u32::try_from(ahead + 1).unwrap_or(u32::MAX)))
+    let placeholders: Vec<String> = (1..=waiting.len()).map(|n| format!("${n}")).collect();
+    let sql = format!(
+        "SELECT id, position FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY rack_id \
+         ORDER BY deploy_requested_at_ms NULLS FIRST, id) AS position FROM machines WHERE state = 'allocated') \
+         AS queue WHERE id IN ({})",
+        placeholders.join(", ")
+    );
+    let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
+    for id in waiting {
+        query = query.bind(id);
+    }
+    let rows = query.fetch_all(&mut *conn).await.map_err(query_error("read the deploy queue"))?;
+    Ok(rows.into_iter().map(|(id, position)| (id, u32::try_from(position).unwrap_or(u32::MAX))).collect())
 }
 
 /// Files of image version `image` (all versions when `version` is `None`), newest version first:
@@ -666,6 +679,43 @@ mod tests {
         assert!(matches!(&row.boot, Some(BootAction::Image { image, .. }) if image == "ubuntu/noble"));
         let served = store.rack_machines("any-rack").await.unwrap();
         assert_eq!(served.len(), 1, "a machine of no rack is served by every rack");
+    }
+
+    /// Queue positions follow the scheduler's order (per rack; request time, then id) and count
+    /// the waiting machines not asked about: a page holding only the last of a rack's queue
+    /// still says 3.
+    #[tokio::test]
+    async fn queue_positions_count_per_rack_in_the_schedulers_order_beyond_the_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let (rack_a, _) = store.register_rack("rack-a", "hash", 1).await.unwrap();
+        let (rack_b, _) = store.register_rack("rack-b", "hash", 1).await.unwrap();
+        let mut conn = store.pool.acquire().await.unwrap();
+        let machine = |id: &str, n: u8, rack: &str, state: MachineState, requested: Option<i64>| MachineRow {
+            rack_id: Some(rack.to_owned()),
+            state,
+            deploy_requested_at_ms: requested,
+            ..MachineRow::new(id.into(), format!("52:54:00:aa:bb:{n:02x}"), format!("node{n}"), 1)
+        };
+        let rows = [
+            machine("aaaa0002", 1, &rack_a, MachineState::Allocated, Some(200)),
+            machine("aaaa0001", 2, &rack_a, MachineState::Allocated, Some(200)),
+            machine("aaaa0000", 3, &rack_a, MachineState::Allocated, Some(100)),
+            machine("bbbb0001", 4, &rack_b, MachineState::Allocated, Some(300)),
+            machine("cccc0001", 5, &rack_a, MachineState::Deploying, Some(10)),
+            machine("dddd0001", 6, &rack_a, MachineState::Ready, None),
+        ];
+        for row in &rows {
+            assert!(insert_machine(&mut conn, row).await.unwrap());
+        }
+        let positions = queue_positions(&mut conn, &rows).await.unwrap();
+        let expected: HashMap<String, u32> =
+            [("aaaa0000", 1), ("aaaa0001", 2), ("aaaa0002", 3), ("bbbb0001", 1)].map(|(id, n)| (id.into(), n)).into();
+        assert_eq!(positions, expected);
+        let page = [rows[0].clone(), rows[5].clone()];
+        let positions = queue_positions(&mut conn, &page).await.unwrap();
+        assert_eq!(positions, HashMap::from([("aaaa0002".to_owned(), 3)]));
+        assert!(queue_positions(&mut conn, &rows[4..]).await.unwrap().is_empty(), "none waits");
     }
 
     /// A request sent and not answered is sent again once the resend time has passed, and never
