@@ -321,8 +321,7 @@ async fn views(shared: &Shared, rows: Vec<MachineRow>) -> Result<Vec<MachineView
     let rack_names = shared.store.rack_names().await.map_err(store_error("list racks"))?;
     let mut conn =
         shared.store.pool.acquire().await.map_err(query_error("connect")).map_err(store_error("read the machines"))?;
-    let mut positions =
-        store::queue_positions(&mut conn, &rows).await.map_err(store_error("read the deploy queue"))?;
+    let mut positions = store::queue_positions(&mut conn, &rows).await.map_err(store_error("read the deploy queue"))?;
     drop(conn);
     let mut views = Vec::with_capacity(rows.len());
     for row in rows {
