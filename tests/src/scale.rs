@@ -257,10 +257,20 @@ pub fn run_boots(
 
 /// An HTTPS client logged in to the region's UI as `username` (its session cookie kept).
 pub async fn ui_session(region: &Region, username: &str, password: &str) -> Result<reqwest::Client> {
-    let client =
-        region.https_client_builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build()?;
+    ui_session_from(region.https_client_builder(), &region.https_url(), username, password).await
+}
+
+/// [`ui_session`] from a client builder (say, one made before moving to another runtime, so
+/// the session's connections live on that runtime) and the region's HTTPS URL.
+pub async fn ui_session_from(
+    builder: reqwest::ClientBuilder,
+    region_url: &str,
+    username: &str,
+    password: &str,
+) -> Result<reqwest::Client> {
+    let client = builder.cookie_store(true).redirect(reqwest::redirect::Policy::none()).build()?;
     let response = client
-        .post(format!("{}/login", region.https_url()))
+        .post(format!("{region_url}/login"))
         .form(&[("username", username), ("password", password)])
         .send()
         .await?;

@@ -8,18 +8,23 @@
 //! every 200 ms) idle, then during the storm.
 //!
 //! With `--pin`, the region runs alone on CPU 1 and everything else (the rack, this process with
-//! the fleet and the samplers) on CPU 0 (`taskset`), so the region has its own core as on the
-//! seed's site, where it is a box of its own. With `--fleet-sched-idle` as well, the simulated
-//! machines' threads run at `SCHED_IDLE` on CPU 0: they stand in for computers of their own, so
-//! they take only the time the rack and the sampler leave, and the sampler's own wake-ups do not
-//! wait behind a hundred machine threads (which would count as the region's latency). With
-//! `--client-realtime`, this process's other threads (the latency samplers and the site's
-//! client) run at `SCHED_FIFO` priority 1: they stand in for an administrator's browser on a
-//! computer of its own, so a sample is not delayed by the rack's busy threads and softirqs on
-//! CPU 0 between its wake-up and its send, or between the answer and its reading. They are light
-//! (a request every 200 ms per route), so they cannot starve the rack. With `--client-cpu 1`
-//! (and `--pin`) they run beside the region instead: their packets then cross the lab's links in
-//! softirq on the region's quiet core, not on CPU 0 behind the rack's traffic.
+//! the fleet) on CPU 0 (`taskset`), so the region has its own core as on the seed's site, where
+//! it is a box of its own. "Alone" is made true for the run's length: every other thread on the
+//! box that may move is moved off CPU 1, and the kernel's unbound work queues with them, and all
+//! are put back at the end ([`CoreForRegion`]). Without that, the scheduler moved other work
+//! onto the region's idle core: a `perf sched` record of one storm found half of CPU 1 going to
+//! the sandbox's command runner and this process's runtime. With `--fleet-sched-idle` as well,
+//! the simulated machines' threads run at `SCHED_IDLE` on CPU 0: they stand in for computers of
+//! their own, so they take only the time the rack leaves.
+//!
+//! The samplers run on a thread of their own, `admin-sampler`, with a runtime and connections of
+//! their own ([`spawn_sampler`]); the rest of this process (the site's client waiting for the
+//! machines, the fleet) stays on CPU 0. With `--client-realtime` that one thread runs at
+//! `SCHED_FIFO` priority 1: it stands in for an administrator's browser on a computer of its
+//! own, so a sample is not delayed between its wake-up and its send, or between the answer and
+//! its reading. It is light (a request every 200 ms per route). With `--client-cpu 1` (and
+//! `--pin`) it runs beside the region: its packets then cross the lab's links in softirq on the
+//! region's quiet core, not on CPU 0 behind the rack's traffic.
 //!
 //! Beside the sampler's figures (measured at the client), the report has the region's own view
 //! of each route's latency over the same windows, from its `/metrics` histogram (the bucket that
@@ -34,20 +39,30 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Parser;
 use metalrack_api::machines::MachineState;
 use metalrack_hardware::fleet::SimPhase;
 use metalrack_hardware::scenario::Scenario;
+use metalrack_tests::api::Api;
 use metalrack_tests::latency::{LatencyReport, RouteHistograms};
-use metalrack_tests::scale::{admin_sampler, rack_deep_offset, ui_session, ProcessUsage};
+use metalrack_tests::scale::{admin_sampler, rack_deep_offset, ui_session_from, ProcessUsage};
 use metalrack_tests::site::{machines_to_add, write_stand_in_deploy_env, Site, ADMIN_PASSWORD, ADMIN_USERNAME};
+use nix::sched::CpuSet;
+use nix::unistd::Pid;
+use tokio::sync::oneshot;
 
 /// The API and UI are sampled this often, idle and during the storm.
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 
 /// Commissioning and the storm itself: 100 GiB through simulated machines on two cores.
 const DEADLINE: Duration = Duration::from_secs(3600);
+
+/// The region's core under `--pin`.
+const REGION_CPU: usize = 1;
+
+/// The kernel's unbound work queues may run on the CPUs of this hex mask.
+const WORKQUEUE_CPUMASK: &str = "/sys/devices/virtual/workqueue/cpumask";
 
 /// The rack's HTTP boot port.
 const RACK_HTTP_PORT: u16 = 5248;
@@ -73,12 +88,11 @@ struct Args {
     /// The simulated machines' threads at `SCHED_IDLE` (see the module's doc).
     #[arg(long)]
     fleet_sched_idle: bool,
-    /// This process's other threads (the samplers, the site's client) at `SCHED_FIFO` 1 (see the
-    /// module's doc).
+    /// The samplers' thread at `SCHED_FIFO` 1 (see the module's doc).
     #[arg(long)]
     client_realtime: bool,
-    /// This process's threads other than the machines' (the samplers, the site's client) on this
-    /// CPU instead (see the module's doc); with `--pin`, 1 puts them beside the region.
+    /// The samplers' thread on this CPU (see the module's doc); with `--pin`, 1 puts it beside
+    /// the region.
     #[arg(long)]
     client_cpu: Option<u32>,
     /// Where the site lives (a temp dir under it).
@@ -131,11 +145,14 @@ async fn storm(
     let rack = &site.racks[0];
     let rack_pid = rack.rack.daemon.as_ref().context("rackd runs")?.pid() as u32;
     let region_pid = site.region.daemon.pid() as u32;
-    if args.pin {
-        pin(region_pid, "1")?;
+    let core = if args.pin {
+        pin(region_pid, &REGION_CPU.to_string())?;
         pin(rack_pid, "0")?;
         pin(std::process::id(), "0")?;
-    }
+        Some(CoreForRegion::claim(REGION_CPU, region_pid)?)
+    } else {
+        None
+    };
 
     // The limit: the rack's HTTP rate to a plain client, same file, page cache warm.
     let network = site.rack_network(&rack.name)?;
@@ -158,12 +175,6 @@ async fn storm(
     if args.fleet_sched_idle {
         fleet_threads_sched_idle()?;
     }
-    if args.client_realtime {
-        client_threads_realtime()?;
-    }
-    if let Some(cpu) = args.client_cpu {
-        client_threads_on(cpu)?;
-    }
     let to_add = machines_to_add(&rack.name, &fleet);
     let ids: Vec<String> = site.add_machines(&to_add).await?.into_iter().map(|m| m.id).collect();
     site.commission_all(&ids).await?;
@@ -173,28 +184,26 @@ async fn storm(
     }
 
     let api = site.api();
-    let ui = ui_session(&site.region, ADMIN_USERNAME, ADMIN_PASSWORD).await?;
-    let region_url = site.region.https_url();
-    let rack_deep_offset = rack_deep_offset(site.topology().racks().len());
-    let sampler = || {
-        admin_sampler(
-            SAMPLE_EVERY,
-            &api,
-            &ui,
-            &region_url,
-            &ids[0],
-            (ids.len() as u64 / 2).saturating_sub(1),
-            rack_deep_offset,
-        )
-    };
     let histograms_at_start = RouteHistograms::scrape(&api).await?;
-    let idle = sampler().run_for(Duration::from_secs(args.idle_s)).await;
+    let (idle, sampler) = spawn_sampler(SamplerSetup {
+        api_builder: site.region.https_client_builder(),
+        ui_builder: site.region.https_client_builder(),
+        region_url: site.region.https_url(),
+        api_key: site.api_key.clone(),
+        machine_id: ids[0].clone(),
+        deep_offset: (ids.len() as u64 / 2).saturating_sub(1),
+        rack_deep_offset: rack_deep_offset(site.topology().racks().len()),
+        idle: Duration::from_secs(args.idle_s),
+        cpu: args.client_cpu,
+        realtime: args.client_realtime,
+    })?;
+    let Ok(idle) = idle.await else { return Err(sampler.failed().await) };
     let histograms_idle_end = RouteHistograms::scrape(&api).await?;
 
     let uplink_before = site.uplink_counters()?.remove(0).1;
     let usage = |pid: u32| ProcessUsage::of(pid);
     let (rack_before, region_before, own_before) = (usage(rack_pid)?, usage(region_pid)?, ProcessUsage::own()?);
-    let running = sampler().start();
+    let sampler = sampler.start_storm();
     let started = Instant::now();
     site.deploy_all(&ids, &image.name).await?;
     let deployed = tokio::select! {
@@ -202,7 +211,7 @@ async fn storm(
         failed = first_failure(&fleet) => Err(failed),
     };
     let took = started.elapsed();
-    let during = running.stop().await;
+    let during = sampler.stop().await?;
     let region_idle = histograms_idle_end.since(&histograms_at_start);
     let region_storm = RouteHistograms::scrape(&api).await?.since(&histograms_idle_end);
     let (rack_after, region_after, own_after) = (usage(rack_pid)?, usage(region_pid)?, ProcessUsage::own()?);
@@ -241,7 +250,7 @@ async fn storm(
          | regiond RSS at the end / peak | {} / {} MiB |\n\
          | uplink during the storm, region → rack / rack → region | {} / {} bytes |\n\n",
         ids.len(),
-        setup(&args),
+        setup(&args, core.as_ref()),
         metalrack_tests::bench::load_average(),
         deployed.len(),
         ids.len(),
@@ -284,19 +293,17 @@ fn pin(pid: u32, cpus: &str) -> Result<()> {
 }
 
 /// How the run was placed, for the report's title.
-fn setup(args: &Args) -> String {
+fn setup(args: &Args, core: Option<&CoreForRegion>) -> String {
     let mut parts = Vec::new();
-    if args.pin {
-        parts.push("regiond alone on CPU 1, the rest on CPU 0");
-    }
+    let pinned = core.map(|core| format!("regiond alone on CPU {REGION_CPU} ({}), the rest on CPU 0", core.describe()));
+    parts.extend(pinned);
     if args.fleet_sched_idle {
-        parts.push("the machines at SCHED_IDLE");
+        parts.push("the machines at SCHED_IDLE".to_owned());
     }
     if args.client_realtime {
-        parts.push("the samplers at SCHED_FIFO");
+        parts.push("the samplers at SCHED_FIFO".to_owned());
     }
-    let client_cpu = args.client_cpu.map(|cpu| format!("the samplers on CPU {cpu}"));
-    parts.extend(client_cpu.as_deref());
+    parts.extend(args.client_cpu.map(|cpu| format!("the samplers on CPU {cpu}")));
     if parts.is_empty() {
         String::new()
     } else {
@@ -309,25 +316,6 @@ fn setup(args: &Args) -> String {
 fn fleet_threads_sched_idle() -> Result<()> {
     let changed = set_own_threads(|comm| comm.starts_with("fleet-"), "chrt", &["--idle", "-p", "0"])?;
     ensure!(changed > 0, "no fleet thread found");
-    Ok(())
-}
-
-/// Every other thread of this process (the runtime's, which run the samplers and the site's
-/// client) to `SCHED_FIFO` 1 (`chrt -f -p 1 TID`); threads they start later inherit it.
-fn client_threads_realtime() -> Result<()> {
-    client_threads("chrt", &["-f", "-p", "1"])
-}
-
-/// Every thread of this process but the machines' on `cpu` (`taskset -p -c CPU TID`); threads
-/// they start later inherit it.
-fn client_threads_on(cpu: u32) -> Result<()> {
-    client_threads("taskset", &["-p", "-c", &cpu.to_string()])
-}
-
-/// `TOOL ARGS TID` for every thread of this process but the machines'.
-fn client_threads(tool: &str, args: &[&str]) -> Result<()> {
-    let changed = set_own_threads(|comm| !comm.starts_with("fleet-"), tool, args)?;
-    ensure!(changed > 0, "no client thread found");
     Ok(())
 }
 
@@ -410,4 +398,196 @@ fn latency_table(idle: &LatencyReport, during: &LatencyReport) -> String {
         );
     }
     table
+}
+
+/// What the samplers' thread needs, all of it `Send`: client builders rather than clients, so
+/// the connections are made on that thread's runtime and their tasks run there too.
+struct SamplerSetup {
+    api_builder: reqwest::ClientBuilder,
+    ui_builder: reqwest::ClientBuilder,
+    region_url: String,
+    api_key: String,
+    machine_id: String,
+    deep_offset: u64,
+    rack_deep_offset: u64,
+    idle: Duration,
+    cpu: Option<u32>,
+    realtime: bool,
+}
+
+/// The samplers' thread, sampling the idle window at once and then waiting for the storm.
+struct Sampler {
+    start_storm: oneshot::Sender<()>,
+    stop_storm: oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<LatencyReport>>,
+}
+
+/// The samplers during the storm.
+struct StormSampler {
+    stop_storm: oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<LatencyReport>>,
+}
+
+/// Starts the admin samplers on a thread of their own (`admin-sampler`), placed by
+/// `setup.cpu` and `setup.realtime`, with a current-thread runtime of its own: the placement
+/// then applies to the samplers alone, not to this process's other tasks (the site's client
+/// polling the machines, which at `SCHED_FIFO` beside the region would preempt it).
+fn spawn_sampler(setup: SamplerSetup) -> Result<(oneshot::Receiver<LatencyReport>, Sampler)> {
+    let (idle_done, idle) = oneshot::channel();
+    let (start_storm, storm_started) = oneshot::channel();
+    let (stop_storm, storm_stopped) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("admin-sampler".to_owned())
+        .spawn(move || sample(setup, idle_done, storm_started, storm_stopped))?;
+    Ok((idle, Sampler { start_storm, stop_storm, thread }))
+}
+
+/// The samplers' thread's work: place itself, log in, sample the idle window, then the storm.
+fn sample(
+    setup: SamplerSetup,
+    idle_done: oneshot::Sender<LatencyReport>,
+    storm_started: oneshot::Receiver<()>,
+    storm_stopped: oneshot::Receiver<()>,
+) -> Result<LatencyReport> {
+    let tid = nix::unistd::gettid().to_string();
+    if let Some(cpu) = setup.cpu {
+        run_tool("taskset", &["-p", "-c", &cpu.to_string(), &tid])?;
+    }
+    if setup.realtime {
+        run_tool("chrt", &["-f", "-p", "1", &tid])?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let api = Api::new(setup.api_builder.build()?, &setup.region_url, &setup.api_key);
+        let ui = ui_session_from(setup.ui_builder, &setup.region_url, ADMIN_USERNAME, ADMIN_PASSWORD).await?;
+        let sampler = admin_sampler(
+            SAMPLE_EVERY,
+            &api,
+            &ui,
+            &setup.region_url,
+            &setup.machine_id,
+            setup.deep_offset,
+            setup.rack_deep_offset,
+        );
+        let idle = sampler.clone().run_for(setup.idle).await;
+        idle_done.send(idle).map_err(|_| anyhow!("the bench stopped waiting for the idle samples"))?;
+        storm_started.await.context("the bench ended before the storm")?;
+        let running = sampler.start();
+        // Dropped or sent, either way the storm is over.
+        let _ = storm_stopped.await;
+        Ok(running.stop().await)
+    })
+}
+
+impl Sampler {
+    /// Why the thread ended before its idle report.
+    async fn failed(self) -> anyhow::Error {
+        drop(self.start_storm);
+        join(self.thread).await.err().unwrap_or_else(|| anyhow!("the sampler ended without an idle report"))
+    }
+
+    fn start_storm(self) -> StormSampler {
+        // A thread that already failed reports so when stopped.
+        let _ = self.start_storm.send(());
+        StormSampler { stop_storm: self.stop_storm, thread: self.thread }
+    }
+}
+
+impl StormSampler {
+    async fn stop(self) -> Result<LatencyReport> {
+        let _ = self.stop_storm.send(());
+        join(self.thread).await
+    }
+}
+
+/// Joins a samplers' thread without blocking the runtime.
+async fn join(thread: std::thread::JoinHandle<Result<LatencyReport>>) -> Result<LatencyReport> {
+    tokio::task::spawn_blocking(move || thread.join().map_err(|_| anyhow!("the sampler's thread panicked"))?).await?
+}
+
+/// `TOOL ARGS`, which must succeed.
+fn run_tool(tool: &str, args: &[&str]) -> Result<()> {
+    let output = Command::new(tool).args(args).output().with_context(|| format!("run {tool}"))?;
+    ensure!(output.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(())
+}
+
+/// While alive, CPU `cpu` is left to the region (and the threads later placed there on
+/// purpose): every thread on the box that may move and is allowed on `cpu` is moved off it, and
+/// the kernel's unbound work queues with them. Dropped, it puts back what it changed. Per-CPU
+/// kernel threads (the CPU's softirq and work queue threads) cannot move and stay.
+struct CoreForRegion {
+    moved: Vec<(Pid, CpuSet)>,
+    stayed: usize,
+    workqueue_mask: Option<String>,
+}
+
+impl CoreForRegion {
+    fn claim(cpu: usize, region_pid: u32) -> Result<CoreForRegion> {
+        let mut core = CoreForRegion { moved: Vec::new(), stayed: 0, workqueue_mask: None };
+        for process in std::fs::read_dir("/proc")? {
+            let process = process?;
+            let Ok(pid) = process.file_name().to_string_lossy().parse::<u32>() else { continue };
+            if pid == region_pid {
+                continue;
+            }
+            // A process that ends meanwhile has no task list left: nothing to move.
+            let Ok(tasks) = std::fs::read_dir(process.path().join("task")) else { continue };
+            for task in tasks.flatten() {
+                let Ok(tid) = task.file_name().to_string_lossy().parse::<i32>() else { continue };
+                core.move_off(Pid::from_raw(tid), cpu);
+            }
+        }
+        if let Ok(mask) = std::fs::read_to_string(WORKQUEUE_CPUMASK) {
+            let mask = mask.trim().to_owned();
+            let old = u64::from_str_radix(&mask, 16).with_context(|| format!("{WORKQUEUE_CPUMASK}: {mask:?}"))?;
+            let new = old & !(1 << cpu);
+            if new != old && new != 0 {
+                std::fs::write(WORKQUEUE_CPUMASK, format!("{new:x}"))
+                    .with_context(|| format!("write {WORKQUEUE_CPUMASK}"))?;
+                core.workqueue_mask = Some(mask);
+            }
+        }
+        Ok(core)
+    }
+
+    /// Moves thread `tid` off `cpu` if it may run there and elsewhere too.
+    fn move_off(&mut self, tid: Pid, cpu: usize) {
+        let Ok(old) = nix::sched::sched_getaffinity(tid) else { return };
+        if !old.is_set(cpu).unwrap_or(false) {
+            return;
+        }
+        let mut new = old;
+        if new.unset(cpu).is_err() || !(0..CpuSet::count()).any(|c| new.is_set(c).unwrap_or(false)) {
+            self.stayed += 1;
+            return;
+        }
+        match nix::sched::sched_setaffinity(tid, &new) {
+            Ok(()) => self.moved.push((tid, old)),
+            Err(_) => self.stayed += 1,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} other threads moved off CPU {REGION_CPU}, {} per-CPU ones left{}",
+            self.moved.len(),
+            self.stayed,
+            if self.workqueue_mask.is_some() { ", unbound work queues off it" } else { "" }
+        )
+    }
+}
+
+impl Drop for CoreForRegion {
+    fn drop(&mut self) {
+        for (tid, old) in &self.moved {
+            // A thread that ended meanwhile has nothing to put back.
+            let _ = nix::sched::sched_setaffinity(*tid, old);
+        }
+        if let Some(mask) = &self.workqueue_mask {
+            if let Err(e) = std::fs::write(WORKQUEUE_CPUMASK, mask) {
+                eprintln!("bench_storm: could not put back {WORKQUEUE_CPUMASK} ({mask}): {e}");
+            }
+        }
+    }
 }
