@@ -1173,24 +1173,15 @@ static SCHEDULER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// order they were asked for.
 pub async fn schedule_deploys(shared: &Shared) -> Result<(), MachinesError> {
     let _one = SCHEDULER.lock().await;
-    let rows = shared
-        .store
-        .machines_in_states(&[MachineState::Allocated, MachineState::Deploying])
-        .await
-        .map_err(store_error("list deploys"))?;
+    let store::DeployQueue { waiting, mut running } =
+        shared.store.deploy_queue().await.map_err(store_error("read the deploy queue"))?;
     let max = shared.config.deploys_per_rack_max as usize;
-    let mut waiting: Vec<&MachineRow> = rows.iter().filter(|r| r.state == MachineState::Allocated).collect();
-    waiting.sort_by_key(|r| (r.deploy_requested_at_ms, r.id.clone()));
-    let mut running: std::collections::HashMap<Option<String>, usize> = std::collections::HashMap::new();
-    for row in rows.iter().filter(|r| r.state == MachineState::Deploying) {
-        *running.entry(row.rack_id.clone()).or_default() += 1;
-    }
-    for row in waiting {
-        let slots = running.entry(row.rack_id.clone()).or_default();
+    for (id, rack_id) in waiting {
+        let slots = running.entry(rack_id).or_default();
         if *slots >= max {
             continue;
         }
-        let granted = change_machine(shared, &row.id, DEPLOY_SCHEDULER, |row, now| {
+        let granted = change_machine(shared, &id, DEPLOY_SCHEDULER, |row, now| {
             let mut effects = Effects::default();
             step(row, Trigger::SlotGranted, &mut effects)?;
             let image = row.image.clone().expect("an allocated machine has an image");
@@ -1214,21 +1205,18 @@ pub async fn schedule_deploys(shared: &Shared) -> Result<(), MachinesError> {
 /// region's start, whichever is later.
 pub async fn fail_stalled_jobs(shared: &Shared) -> Result<(), MachinesError> {
     let timeout_ms = shared.config.stall_timeout_s.saturating_mul(1000) as i64;
-    let rows = shared
-        .store
-        .machines_in_states(&[MachineState::Commissioning, MachineState::Deploying, MachineState::Releasing])
-        .await
-        .map_err(store_error("list running jobs"))?;
     let started = shared.started_at_ms();
-    for row in rows {
-        let since = row.last_progress_at_ms.unwrap_or(0).max(started);
-        if crate::util::now_ms() - since <= timeout_ms {
-            continue;
-        }
-        let last = shared.store.last_machine_event(&row.id).await.map_err(store_error("read the last event"))?;
+    // Stalled: no report for the timeout, counted from the region's start at the earliest.
+    let before_ms = crate::util::now_ms() - timeout_ms;
+    if started >= before_ms {
+        return Ok(());
+    }
+    let ids = shared.store.stalled_job_ids(before_ms).await.map_err(store_error("list stalled jobs"))?;
+    for id in ids {
+        let last = shared.store.last_machine_event(&id).await.map_err(store_error("read the last event"))?;
         let last = last.map(|e| e.message).unwrap_or_else(|| "none".into());
         let seconds = shared.config.stall_timeout_s;
-        let result = change_machine(shared, &row.id, STALL_TIMER, |row, now| {
+        let result = change_machine(shared, &id, STALL_TIMER, |row, now| {
             // Checked again on the row as it is now: a report may have come in meanwhile.
             let since = row.last_progress_at_ms.unwrap_or(0).max(started);
             if now - since <= timeout_ms {

@@ -16,6 +16,15 @@ use crate::db::events::EVENTS_KEPT_MAX;
 use crate::db::{query_error, Store, StoreError};
 use crate::util::now_ms;
 
+/// What the deploy scheduler reads ([`Store::deploy_queue`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct DeployQueue {
+    /// Waiting machines' (id, rack), first to be granted first.
+    pub waiting: Vec<(String, Option<String>)>,
+    /// Deploys running per rack (racks with none absent); empty when nothing waits.
+    pub running: HashMap<Option<String>, usize>,
+}
+
 /// A machine as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MachineRow {
@@ -390,15 +399,43 @@ impl Store {
         rows.iter().map(read_row).collect()
     }
 
-    /// Machines in `states` (the periodic tasks' work lists).
-    pub async fn machines_in_states(&self, states: &[MachineState]) -> Result<Vec<MachineRow>, StoreError> {
-        let words: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
-        // The words are the enum's own, never input: safe to inline.
-        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM machines WHERE state IN ({})", words.join(", ")))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_error("list machines by state"))?;
-        rows.iter().map(read_row).collect()
+    /// Ids of the machines running a job (commissioning, deploying, releasing) with no report
+    /// since `before_ms` (none counts as 0). The stall timer asks every second: only the stalled
+    /// rows' ids cross, where reading every running row in full (JSON columns parsed) cost a
+    /// machine list's worth of the region's core each second of a deploy storm.
+    pub async fn stalled_job_ids(&self, before_ms: i64) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT id FROM machines WHERE state IN ('commissioning', 'deploying', 'releasing') \
+             AND COALESCE(last_progress_at_ms, 0) < $1 ORDER BY id",
+        )
+        .bind(before_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("list stalled jobs"))
+    }
+
+    /// The deploy queue as the scheduler needs it: the waiting (Allocated) machines' ids and
+    /// racks in the order they asked (request time with none first, then id), and how many
+    /// deploys each rack runs, only when some machine waits. The scheduler runs every second
+    /// and after every finished deploy; ids and counts are all it reads.
+    pub async fn deploy_queue(&self) -> Result<DeployQueue, StoreError> {
+        let waiting: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT id, rack_id FROM machines WHERE state = 'allocated' \
+             ORDER BY deploy_requested_at_ms NULLS FIRST, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("list waiting deploys"))?;
+        if waiting.is_empty() {
+            return Ok(DeployQueue::default());
+        }
+        let running: Vec<(Option<String>, i64)> =
+            sqlx::query_as("SELECT rack_id, COUNT(*) FROM machines WHERE state = 'deploying' GROUP BY rack_id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_error("count running deploys"))?;
+        let running = running.into_iter().map(|(rack, n)| (rack, usize::try_from(n).unwrap_or(usize::MAX))).collect();
+        Ok(DeployQueue { waiting, running })
     }
 
     /// How many machines are in each state (states with none are absent): one grouped query,
@@ -716,6 +753,53 @@ mod tests {
         let positions = queue_positions(&mut conn, &page).await.unwrap();
         assert_eq!(positions, HashMap::from([("aaaa0002".to_owned(), 3)]));
         assert!(queue_positions(&mut conn, &rows[4..]).await.unwrap().is_empty(), "none waits");
+    }
+
+    /// The stall timer reads only running jobs without a report since the cutoff; the deploy
+    /// scheduler reads the waiting machines in the order they asked and the running deploys per
+    /// rack, and nothing when nobody waits.
+    #[tokio::test]
+    async fn the_timers_read_only_stalled_jobs_and_the_waiting_deploys_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let (rack_a, _) = store.register_rack("rack-a", "hash", 1).await.unwrap();
+        let (rack_b, _) = store.register_rack("rack-b", "hash", 1).await.unwrap();
+        let mut conn = store.pool.acquire().await.unwrap();
+        let machine =
+            |id: &str, n: u8, rack: &str, state: MachineState, progress: Option<i64>, asked: Option<i64>| MachineRow {
+                rack_id: Some(rack.to_owned()),
+                state,
+                last_progress_at_ms: progress,
+                deploy_requested_at_ms: asked,
+                ..MachineRow::new(id.into(), format!("52:54:00:aa:bb:{n:02x}"), format!("node{n}"), 1)
+            };
+        let rows = [
+            machine("a0000001", 1, &rack_a, MachineState::Deploying, Some(500), Some(1)),
+            machine("a0000002", 2, &rack_a, MachineState::Commissioning, None, None),
+            machine("a0000003", 3, &rack_a, MachineState::Releasing, Some(999), None),
+            machine("a0000004", 4, &rack_a, MachineState::Deployed, Some(1), Some(1)),
+            machine("b0000001", 5, &rack_b, MachineState::Deploying, Some(100), Some(1)),
+        ];
+        for row in &rows {
+            assert!(insert_machine(&mut conn, row).await.unwrap());
+        }
+        assert_eq!(store.stalled_job_ids(600).await.unwrap(), ["a0000001", "a0000002", "b0000001"]);
+        assert_eq!(store.stalled_job_ids(100).await.unwrap(), ["a0000002"], "no report counts as 0");
+        assert_eq!(store.deploy_queue().await.unwrap(), DeployQueue::default(), "nobody waits");
+
+        let waiting = [
+            machine("a0000012", 12, &rack_a, MachineState::Allocated, None, Some(300)),
+            machine("a0000011", 11, &rack_a, MachineState::Allocated, None, Some(300)),
+            machine("b0000010", 10, &rack_b, MachineState::Allocated, None, Some(200)),
+        ];
+        for row in &waiting {
+            assert!(insert_machine(&mut conn, row).await.unwrap());
+        }
+        let queue = store.deploy_queue().await.unwrap();
+        let order: Vec<&str> = queue.waiting.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(order, ["b0000010", "a0000011", "a0000012"]);
+        assert_eq!(queue.waiting[0].1.as_deref(), Some(rack_b.as_str()));
+        assert_eq!(queue.running, HashMap::from([(Some(rack_a), 1), (Some(rack_b), 1)]));
     }
 
     /// A request sent and not answered is sent again once the resend time has passed, and never
