@@ -364,9 +364,9 @@ impl Store {
     }
 }
 
-async fn bump_revision(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<(), StoreError> {
+async fn bump_revision(tx: &mut sqlx::AnyConnection) -> Result<(), StoreError> {
     sqlx::query("UPDATE catalogue_state SET revision = revision + 1 WHERE id = 1")
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .map_err(query_error("bump catalogue revision"))?;
     Ok(())

@@ -119,6 +119,34 @@ pub struct Store {
     pub(crate) pool: AnyPool,
     /// Racks' heartbeats not yet written (see [`heartbeats`]); read through by `rack`/`racks`.
     pub(crate) heartbeats: std::sync::Arc<std::sync::Mutex<heartbeats::HeartbeatBuffer>>,
+    /// The write transactions' turn ([`Store::begin_write`]), fair (first come, first served).
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction holding the writers' turn until it commits or is dropped (rolled back).
+/// Queries run on it as on the transaction's connection (`&mut *tx`).
+pub(crate) struct WriteTransaction {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl WriteTransaction {
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl std::ops::Deref for WriteTransaction {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &sqlx::AnyConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTransaction {
+    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.tx
+    }
 }
 
 impl Store {
@@ -149,17 +177,77 @@ impl Store {
             .await
             .map_err(|source| StoreError::Open { path: path.clone(), source })?;
         migrator().run(&pool).await.map_err(|source| StoreError::Migrate { source })?;
-        Ok(Store { pool, heartbeats: Default::default() })
+        Ok(Store { pool, heartbeats: Default::default(), writer: Default::default() })
     }
 
-    /// Starts a write transaction. SQLite needs `BEGIN IMMEDIATE`: a deferred transaction that
-    /// reads, then writes after another connection committed, fails with SQLITE_BUSY at once
-    /// instead of waiting out the busy timeout.
-    pub(crate) async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
+    /// Starts a write transaction, after this process's writers before it. SQLite needs
+    /// `BEGIN IMMEDIATE`: a deferred transaction that reads, then writes after another
+    /// connection committed, fails with SQLITE_BUSY at once instead of waiting out the busy
+    /// timeout.
+    ///
+    /// Writers wait their turn here, holding no connection: SQLite lets one write at a time, so
+    /// a writer that took a pooled connection first would wait inside SQLite's busy handler
+    /// holding it, and a burst of writers (a hundred deploy requests at once, a rack's power
+    /// results) would take every connection the readers (the machine list, the UI) need.
+    /// Writers are then at most one connection; other processes (the CLI) still meet the busy
+    /// timeout.
+    pub(crate) async fn begin_write(&self) -> Result<WriteTransaction, sqlx::Error> {
+        let turn = self.writer.clone().lock_owned().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(WriteTransaction { tx, _turn: turn })
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Twice the pool's connections wait to write behind an open write transaction, and a read
+    /// still gets a connection at once: waiting writers hold none. (When each writer took a
+    /// connection first, they all sat in SQLite's busy handler and the read waited for one.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writers_waiting_their_turn_leave_the_connections_to_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let first = store.begin_write().await.unwrap();
+        let waiting: Vec<_> = (0..2 * POOL_CONNECTIONS_MAX)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut tx = store.begin_write().await.unwrap();
+                    sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2)")
+                        .bind(format!("waiting-{n}"))
+                        .bind("1")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                })
+            })
+            .collect();
+        // Give the writers time to queue (or, as before, to take the connections).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        let read = tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM settings").fetch_one(&store.pool),
+        )
+        .await;
+        assert!(read.is_ok(), "the read waited {:?} for a connection", started.elapsed());
+        drop(first);
+        for writer in waiting {
+            tokio::time::timeout(Duration::from_secs(10), writer).await.unwrap().unwrap();
+        }
+        let written: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM settings WHERE name LIKE 'waiting-%'")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(written, i64::from(2 * POOL_CONNECTIONS_MAX), "every waiting writer wrote, in turn");
     }
 }

@@ -208,7 +208,7 @@ impl Store {
     }
 }
 
-async fn insert_api_key(tx: &mut sqlx::Transaction<'_, sqlx::Any>, user_id: &str) -> Result<String, StoreError> {
+async fn insert_api_key(tx: &mut sqlx::AnyConnection, user_id: &str) -> Result<String, StoreError> {
     let id = random_hex(6);
     let secret = random_hex(24);
     sqlx::query("INSERT INTO api_keys (id, user_id, key_secret, created_at_ms) VALUES ($1, $2, $3, $4)")
@@ -216,7 +216,7 @@ async fn insert_api_key(tx: &mut sqlx::Transaction<'_, sqlx::Any>, user_id: &str
         .bind(user_id)
         .bind(&secret)
         .bind(now_ms())
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .map_err(query_error("insert api key"))?;
     Ok(format!("{id}.{secret}"))
