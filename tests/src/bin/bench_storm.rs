@@ -207,7 +207,7 @@ async fn storm(
     let started = Instant::now();
     site.deploy_all(&ids, &image.name).await?;
     let deployed = tokio::select! {
-        deployed = site.wait_all(&ids, MachineState::Deployed, DEADLINE) => deployed,
+        deployed = wait_deployed(&site, &api, &ids) => deployed,
         failed = first_failure(&fleet) => Err(failed),
     };
     let took = started.elapsed();
@@ -273,6 +273,27 @@ async fn storm(
     report += "\n";
     report += &region_table(&region_idle, &region_storm);
     Ok(report)
+}
+
+/// Waits until no machine is waiting for or running a deploy, by the count of each state (one
+/// row asked for): a full machine list every second, as `Site::wait_all` polls, would be load
+/// on the region during the storm that the idle window does not have. Then one full list
+/// confirms that every machine is Deployed.
+async fn wait_deployed(site: &Site, api: &Api, ids: &[String]) -> Result<Vec<metalrack_api::machines::MachineView>> {
+    let started = Instant::now();
+    loop {
+        let mut busy = 0;
+        for state in [MachineState::Allocated, MachineState::Deploying] {
+            let path = format!("{}?state={}&limit=1", metalrack_api::paths::MACHINES, state.as_str());
+            let response = api.request(reqwest::Method::GET, &path).send().await?.error_for_status()?;
+            busy += response.json::<metalrack_api::machines::MachinePage>().await?.total;
+        }
+        if busy == 0 {
+            return site.wait_all(ids, MachineState::Deployed, Duration::from_secs(10)).await;
+        }
+        ensure!(started.elapsed() < DEADLINE, "{busy} machines still deploying after {DEADLINE:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Returns once a simulated machine shows a failure (the region would only see it stall).
