@@ -211,12 +211,16 @@ async fn storm(
         failed = first_failure(&fleet) => Err(failed),
     };
     let took = started.elapsed();
-    let during = sampler.stop().await?;
+    let sampler = sampler.stop_storm();
     let region_idle = histograms_idle_end.since(&histograms_at_start);
     let region_storm = RouteHistograms::scrape(&api).await?.since(&histograms_idle_end);
     let (rack_after, region_after, own_after) = (usage(rack_pid)?, usage(region_pid)?, ProcessUsage::own()?);
     let uplink = site.uplink_counters()?.remove(0).1.since(&uplink_before);
     let deployed = deployed?;
+    // The second idle window starts once the machines have all booted from their disks: the
+    // storm's last power cycles are over.
+    wait_fleet_booted_local(&fleet).await?;
+    let (during, idle_after) = sampler.idle_again().await?;
     let hash = metalrack_image_tools::Hash::from_hex(&image.blake3)?;
     let mut bad_disks = Vec::new();
     for machine in fleet.machines() {
@@ -269,7 +273,7 @@ async fn storm(
         uplink.down_bytes(),
         uplink.up_bytes(),
     );
-    report += &latency_table(&idle, &during);
+    report += &latency_table(&idle, &during, &idle_after);
     report += "\n";
     report += &region_table(&region_idle, &region_storm);
     Ok(report)
@@ -293,6 +297,20 @@ async fn wait_deployed(site: &Site, api: &Api, ids: &[String]) -> Result<Vec<met
         }
         ensure!(started.elapsed() < DEADLINE, "{busy} machines still deploying after {DEADLINE:?}");
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Waits until every simulated machine has booted from its disk (the deploy's last step).
+async fn wait_fleet_booted_local(fleet: &metalrack_hardware::fleet::Fleet) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let machines = fleet.machines();
+        let not_yet = machines.iter().filter(|m| m.phase != SimPhase::BootedLocal).count();
+        if not_yet == 0 {
+            return Ok(());
+        }
+        ensure!(started.elapsed() < Duration::from_secs(120), "{not_yet} machines not booted from disk in 120 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -393,17 +411,21 @@ fn region_table(idle: &RouteHistograms, storm: &RouteHistograms) -> String {
     table
 }
 
-/// Idle and storm latency side by side, with the p99 ratio.
-fn latency_table(idle: &LatencyReport, during: &LatencyReport) -> String {
+/// Each request's latency idle before, during and idle after the storm; the ratio is against
+/// the lower of the two idle p99s (the harder test: the box's own drift between the windows
+/// does not flatter it).
+fn latency_table(idle: &LatencyReport, during: &LatencyReport, idle_after: &LatencyReport) -> String {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mut table = String::from(
-        "| request | idle p50 / p99 / max ms | storm p50 / p99 / max ms | p99 storm ÷ idle | samples idle / storm | errors idle / storm |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+        "| request | idle before p50 / p99 / max ms | storm p50 / p99 / max ms | idle after p50 / p99 / max ms | \
+         p99 storm ÷ lower idle p99 | samples before / storm / after | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
     );
     for request in &idle.requests {
-        let Some(storm) = during.get(&request.name) else { continue };
+        let (Some(storm), Some(after)) = (during.get(&request.name), idle_after.get(&request.name)) else { continue };
+        let idle_p99 = request.p99.min(after.p99);
         table += &format!(
-            "| {} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.2}× | {} / {} | {} / {} |\n",
+            "| {} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.2}× | {} / {} / {} | {} |\n",
             request.name,
             ms(request.p50),
             ms(request.p99),
@@ -411,11 +433,14 @@ fn latency_table(idle: &LatencyReport, during: &LatencyReport) -> String {
             ms(storm.p50),
             ms(storm.p99),
             ms(storm.max),
-            ms(storm.p99) / ms(request.p99).max(0.001),
+            ms(after.p50),
+            ms(after.p99),
+            ms(after.max),
+            ms(storm.p99) / ms(idle_p99).max(0.001),
             request.count,
             storm.count,
-            request.errors,
-            storm.errors
+            after.count,
+            request.errors + storm.errors + after.errors
         );
     }
     table
@@ -440,13 +465,24 @@ struct SamplerSetup {
 struct Sampler {
     start_storm: oneshot::Sender<()>,
     stop_storm: oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<Result<LatencyReport>>,
+    start_idle: oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<AfterIdle>,
 }
+
+/// What the samplers' thread returns: the storm's report and the second idle window's.
+type AfterIdle = Result<(LatencyReport, LatencyReport)>;
 
 /// The samplers during the storm.
 struct StormSampler {
     stop_storm: oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<Result<LatencyReport>>,
+    start_idle: oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<AfterIdle>,
+}
+
+/// The samplers between the storm and the second idle window.
+struct AfterSampler {
+    start_idle: oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<AfterIdle>,
 }
 
 /// Starts the admin samplers on a thread of their own (`admin-sampler`), placed by
@@ -457,19 +493,22 @@ fn spawn_sampler(setup: SamplerSetup) -> Result<(oneshot::Receiver<LatencyReport
     let (idle_done, idle) = oneshot::channel();
     let (start_storm, storm_started) = oneshot::channel();
     let (stop_storm, storm_stopped) = oneshot::channel();
+    let (start_idle, idle_started) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("admin-sampler".to_owned())
-        .spawn(move || sample(setup, idle_done, storm_started, storm_stopped))?;
-    Ok((idle, Sampler { start_storm, stop_storm, thread }))
+        .spawn(move || sample(setup, idle_done, storm_started, storm_stopped, idle_started))?;
+    Ok((idle, Sampler { start_storm, stop_storm, start_idle, thread }))
 }
 
-/// The samplers' thread's work: place itself, log in, sample the idle window, then the storm.
+/// The samplers' thread's work: place itself, log in, sample the idle window, the storm, and
+/// an idle window again.
 fn sample(
     setup: SamplerSetup,
     idle_done: oneshot::Sender<LatencyReport>,
     storm_started: oneshot::Receiver<()>,
     storm_stopped: oneshot::Receiver<()>,
-) -> Result<LatencyReport> {
+    idle_started: oneshot::Receiver<()>,
+) -> AfterIdle {
     let tid = nix::unistd::gettid().to_string();
     if let Some(cpu) = setup.cpu {
         run_tool("taskset", &["-p", "-c", &cpu.to_string(), &tid])?;
@@ -493,10 +532,12 @@ fn sample(
         let idle = sampler.clone().run_for(setup.idle).await;
         idle_done.send(idle).map_err(|_| anyhow!("the bench stopped waiting for the idle samples"))?;
         storm_started.await.context("the bench ended before the storm")?;
-        let running = sampler.start();
+        let running = sampler.clone().start();
         // Dropped or sent, either way the storm is over.
         let _ = storm_stopped.await;
-        Ok(running.stop().await)
+        let storm = running.stop().await;
+        idle_started.await.context("the bench ended before the second idle window")?;
+        Ok((storm, sampler.run_for(setup.idle).await))
     })
 }
 
@@ -510,19 +551,27 @@ impl Sampler {
     fn start_storm(self) -> StormSampler {
         // A thread that already failed reports so when stopped.
         let _ = self.start_storm.send(());
-        StormSampler { stop_storm: self.stop_storm, thread: self.thread }
+        StormSampler { stop_storm: self.stop_storm, start_idle: self.start_idle, thread: self.thread }
     }
 }
 
 impl StormSampler {
-    async fn stop(self) -> Result<LatencyReport> {
+    fn stop_storm(self) -> AfterSampler {
         let _ = self.stop_storm.send(());
+        AfterSampler { start_idle: self.start_idle, thread: self.thread }
+    }
+}
+
+impl AfterSampler {
+    /// Samples the second idle window; the storm's report and that window's.
+    async fn idle_again(self) -> AfterIdle {
+        let _ = self.start_idle.send(());
         join(self.thread).await
     }
 }
 
 /// Joins a samplers' thread without blocking the runtime.
-async fn join(thread: std::thread::JoinHandle<Result<LatencyReport>>) -> Result<LatencyReport> {
+async fn join(thread: std::thread::JoinHandle<AfterIdle>) -> AfterIdle {
     tokio::task::spawn_blocking(move || thread.join().map_err(|_| anyhow!("the sampler's thread panicked"))?).await?
 }
 
