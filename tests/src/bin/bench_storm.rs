@@ -5,7 +5,8 @@
 //! file from the same server, page cache warm: the limit); the rack's, the fleet's and the
 //! region's CPU and memory; failures; the bytes on the rack's uplink during the storm (the
 //! region's share: events only); and the region's admin API and UI latency (p50/p99/max, sampled
-//! every 200 ms) idle, then during the storm.
+//! every 200 ms) idle, during the storm, and idle again once every machine has booted from its
+//! disk; the storm's p99 is compared with the lower of the two idle p99s.
 //!
 //! With `--pin`, the region runs alone on CPU 1 and everything else (the rack, this process with
 //! the fleet) on CPU 0 (`taskset`), so the region has its own core as on the seed's site, where
