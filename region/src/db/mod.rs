@@ -197,6 +197,17 @@ impl Store {
         Ok(WriteTransaction { tx, _turn: turn })
     }
 
+    /// One write statement, run in the writers' turn like any write transaction.
+    pub(crate) async fn write_one<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> Result<sqlx::any::AnyQueryResult, sqlx::Error> {
+        let mut tx = self.begin_write().await?;
+        let result = query.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(result)
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

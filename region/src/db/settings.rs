@@ -15,11 +15,14 @@ impl Store {
     }
 
     pub async fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+        self.write_one(
+            sqlx::query(
+                "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            )
             .bind(name)
-            .bind(value)
-            .execute(&self.pool)
-            .await
+            .bind(value),
+        )
+        .await
             .map_err(query_error("write setting"))?;
         Ok(())
     }

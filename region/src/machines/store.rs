@@ -483,17 +483,17 @@ impl Store {
 
     /// Deletes answered (or replaced) power requests created before `before_ms`.
     pub async fn delete_done_power_requests(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let result = sqlx::query("DELETE FROM power_requests WHERE done = 1 AND created_at_ms < $1")
-            .bind(before_ms)
-            .execute(&self.pool)
+        let result = self
+            .write_one(sqlx::query("DELETE FROM power_requests WHERE done = 1 AND created_at_ms < $1").bind(before_ms))
             .await
             .map_err(query_error("delete done power requests"))?;
         Ok(result.rows_affected())
     }
 
     pub async fn queue_power_query(&self, rack_id: &str, machine_id: &str) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(query_error("connect"))?;
-        queue_power(&mut conn, rack_id, machine_id, &[PowerAction::Query]).await
+        let mut tx = self.begin_write().await.map_err(query_error("begin queue power query"))?;
+        queue_power(&mut tx, rack_id, machine_id, &[PowerAction::Query]).await?;
+        tx.commit().await.map_err(query_error("commit queue power query"))
     }
 
     /// The newest event about machine `machine_id`, for a failure's status message.

@@ -276,7 +276,7 @@ impl Store {
     }
 
     pub async fn set_sync_policy(&self, rack_id: &str, policy: &SyncPolicy) -> Result<bool, StoreError> {
-        let updated = sqlx::query(
+        let query = sqlx::query(
             "UPDATE racks SET sync_policy = $1, sync_delay_ms = $2, sync_window_start = $3, sync_window_end = $4, \
              sync_bandwidth_bytes_per_s = $5 WHERE id = $6",
         )
@@ -285,25 +285,18 @@ impl Store {
         .bind(&policy.window_start)
         .bind(&policy.window_end)
         .bind(policy.bandwidth_bytes_per_s as i64)
-        .bind(rack_id)
-        .execute(&self.pool)
-        .await
-        .map_err(query_error("set sync policy"))?
-        .rows_affected();
+        .bind(rack_id);
+        let updated = self.write_one(query).await.map_err(query_error("set sync policy"))?.rows_affected();
         Ok(updated > 0)
     }
 
     /// "Sync now" for one rack or (with `None`) all. Returns how many racks were asked.
     pub async fn request_sync(&self, rack_id: Option<&str>) -> Result<u64, StoreError> {
-        let result = match rack_id {
-            Some(id) => {
-                sqlx::query("UPDATE racks SET sync_requested = sync_requested + 1 WHERE id = $1")
-                    .bind(id)
-                    .execute(&self.pool)
-                    .await
-            }
-            None => sqlx::query("UPDATE racks SET sync_requested = sync_requested + 1").execute(&self.pool).await,
+        let query = match rack_id {
+            Some(id) => sqlx::query("UPDATE racks SET sync_requested = sync_requested + 1 WHERE id = $1").bind(id),
+            None => sqlx::query("UPDATE racks SET sync_requested = sync_requested + 1"),
         };
+        let result = self.write_one(query).await;
         Ok(result.map_err(query_error("request sync"))?.rows_affected())
     }
 

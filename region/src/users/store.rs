@@ -199,9 +199,7 @@ impl Store {
     }
 
     pub async fn delete_session(&self, token_hash: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
-            .bind(token_hash)
-            .execute(&self.pool)
+        self.write_one(sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(token_hash))
             .await
             .map_err(query_error("delete session"))?;
         Ok(())
