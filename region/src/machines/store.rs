@@ -718,21 +718,34 @@ mod tests {
         assert_eq!(served.len(), 1, "a machine of no rack is served by every rack");
     }
 
+    /// A store with two registered racks: (its dir, the store, rack-a's id, rack-b's id).
+    async fn store_with_two_racks() -> (tempfile::TempDir, Store, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let (rack_a, _) = store.register_rack("rack-a", "hash", 1).await.unwrap();
+        let (rack_b, _) = store.register_rack("rack-b", "hash", 1).await.unwrap();
+        (dir, store, rack_a, rack_b)
+    }
+
+    /// Machine `id` (MAC and hostname numbered `n`) on `rack` in `state`, the rest as new.
+    fn machine_on(id: &str, n: u8, rack: &str, state: MachineState) -> MachineRow {
+        MachineRow {
+            rack_id: Some(rack.to_owned()),
+            state,
+            ..MachineRow::new(id.into(), format!("52:54:00:aa:bb:{n:02x}"), format!("node{n}"), 1)
+        }
+    }
+
     /// Queue positions follow the scheduler's order (per rack; request time, then id) and count
     /// the waiting machines not asked about: a page holding only the last of a rack's queue
     /// still says 3.
     #[tokio::test]
     async fn queue_positions_count_per_rack_in_the_schedulers_order_beyond_the_page() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        let (rack_a, _) = store.register_rack("rack-a", "hash", 1).await.unwrap();
-        let (rack_b, _) = store.register_rack("rack-b", "hash", 1).await.unwrap();
+        let (_dir, store, rack_a, rack_b) = store_with_two_racks().await;
         let mut conn = store.pool.acquire().await.unwrap();
         let machine = |id: &str, n: u8, rack: &str, state: MachineState, requested: Option<i64>| MachineRow {
-            rack_id: Some(rack.to_owned()),
-            state,
             deploy_requested_at_ms: requested,
-            ..MachineRow::new(id.into(), format!("52:54:00:aa:bb:{n:02x}"), format!("node{n}"), 1)
+            ..machine_on(id, n, rack, state)
         };
         let rows = [
             machine("aaaa0002", 1, &rack_a, MachineState::Allocated, Some(200)),
@@ -760,18 +773,13 @@ mod tests {
     /// rack, and nothing when nobody waits.
     #[tokio::test]
     async fn the_timers_read_only_stalled_jobs_and_the_waiting_deploys_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        let (rack_a, _) = store.register_rack("rack-a", "hash", 1).await.unwrap();
-        let (rack_b, _) = store.register_rack("rack-b", "hash", 1).await.unwrap();
+        let (_dir, store, rack_a, rack_b) = store_with_two_racks().await;
         let mut conn = store.pool.acquire().await.unwrap();
         let machine =
             |id: &str, n: u8, rack: &str, state: MachineState, progress: Option<i64>, asked: Option<i64>| MachineRow {
-                rack_id: Some(rack.to_owned()),
-                state,
                 last_progress_at_ms: progress,
                 deploy_requested_at_ms: asked,
-                ..MachineRow::new(id.into(), format!("52:54:00:aa:bb:{n:02x}"), format!("node{n}"), 1)
+                ..machine_on(id, n, rack, state)
             };
         let rows = [
             machine("a0000001", 1, &rack_a, MachineState::Deploying, Some(500), Some(1)),
