@@ -370,8 +370,7 @@ fn set_own_threads(select: impl Fn(&str) -> bool, tool: &str, policy: &[&str]) -
             continue;
         }
         let tid = task.file_name().to_string_lossy().to_string();
-        let status = Command::new(tool).args(policy).arg(&tid).output()?;
-        ensure!(status.status.success(), "{tool} {policy:?} of {tid}: {}", String::from_utf8_lossy(&status.stderr));
+        run_tool(tool, &[policy, &[tid.as_str()]].concat())?;
         changed += 1;
     }
     Ok(changed)
