@@ -128,7 +128,7 @@ pub struct SecretState {
 impl Store {
     pub async fn secret_state(&self) -> Result<Option<SecretState>, StoreError> {
         let row = sqlx::query("SELECT generation, fingerprint FROM secret_state WHERE id = 1")
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await
             .map_err(query_error("read secret state"))?;
         row.map(|row| {

@@ -64,7 +64,7 @@ pub enum CommitOutcome {
 impl Store {
     pub async fn catalogue_revision(&self) -> Result<i64, StoreError> {
         sqlx::query("SELECT revision FROM catalogue_state WHERE id = 1")
-            .fetch_one(&self.pool)
+            .fetch_one(self.pool())
             .await
             .and_then(|row| row.try_get(0))
             .map_err(query_error("read catalogue revision"))
@@ -132,7 +132,7 @@ impl Store {
     pub async fn upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
         let row = sqlx::query("SELECT id, image_name, arch, kind, version, manifest_id FROM uploads WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await
             .map_err(query_error("look up upload"))?;
         row.map(|row| {
@@ -168,7 +168,7 @@ impl Store {
         .bind(arch)
         .bind(version)
         .bind(kind)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await
         .map_err(query_error("look up committed file"))?;
         row.map(|row| row.try_get(0).map_err(query_error("read committed file"))).transpose()
@@ -279,7 +279,7 @@ impl Store {
              FROM image_files f JOIN image_versions v ON v.id = f.version_id JOIN images i ON i.id = v.image_id \
              ORDER BY i.name, i.arch, v.version, f.kind",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(query_error("list catalogue"))?;
         rows.iter()
@@ -308,7 +308,7 @@ impl Store {
              f.file_len, f.n_chunks FROM images i JOIN image_versions v ON v.image_id = i.id \
              JOIN image_files f ON f.version_id = v.id ORDER BY i.name, i.arch, v.created_at_ms DESC, v.version, f.kind",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(query_error("list images"))?;
         let mut images: Vec<ImageRow> = Vec::new();
@@ -357,7 +357,7 @@ impl Store {
     /// Manifests still needed: by committed files and by uploads in progress.
     pub async fn referenced_manifest_ids(&self) -> Result<HashSet<String>, StoreError> {
         let rows = sqlx::query("SELECT manifest_id FROM image_files UNION SELECT manifest_id FROM uploads")
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("list manifests"))?;
         rows.iter().map(|row| row.try_get(0).map_err(query_error("read manifest id"))).collect()

@@ -33,7 +33,7 @@ impl Store {
     /// oldest go first, so it is the ids below the oldest kept (one index lookup).
     pub async fn events_trimmed(&self) -> Result<i64, StoreError> {
         let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(id) FROM events")
-            .fetch_one(&self.pool)
+            .fetch_one(self.pool())
             .await
             .map_err(query_error("find the oldest event"))?;
         Ok(oldest.map_or(0, |id| id - 1))
@@ -43,7 +43,7 @@ impl Store {
     pub async fn events(&self, limit: i64) -> Result<Vec<EventView>, StoreError> {
         let rows = sqlx::query("SELECT id, at_ms, kind, actor, message FROM events ORDER BY id DESC LIMIT $1")
             .bind(limit)
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("list events"))?;
         rows.iter().map(read_event).collect()

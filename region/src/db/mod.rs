@@ -19,8 +19,27 @@ pub mod settings;
 /// File name of the SQLite database inside the data dir.
 pub const DATABASE_FILE: &str = "region.db";
 
-/// Connections to SQLite: one writer at a time anyway, a few readers for the UI.
+/// Connections to SQLite in each of the two pools ([`Store::pool`]): one writer at a time
+/// anyway, a few readers for the UI, a few for the racks.
 const POOL_CONNECTIONS_MAX: u32 = 8;
+
+thread_local! {
+    /// Set on the threads of the region's background work (the racks' requests and the timers,
+    /// see `http::background`), which run at a lower priority than the admin's requests.
+    static BACKGROUND_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one of the background work's: its queries use the background
+/// pool from now on (see [`Store::pool`]). Called when such a thread starts, after it lowered
+/// its priority.
+pub fn mark_background_thread() {
+    BACKGROUND_THREAD.set(true);
+}
+
+/// Whether the calling thread is one of the background work's.
+pub(crate) fn on_background_thread() -> bool {
+    BACKGROUND_THREAD.get()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -116,7 +135,10 @@ pub(crate) fn migrator() -> Migrator {
 
 #[derive(Clone, Debug)]
 pub struct Store {
-    pub(crate) pool: AnyPool,
+    /// The pool of the admin's requests and the command line.
+    foreground_pool: AnyPool,
+    /// The pool of the background work; see [`Store::pool`].
+    background_pool: AnyPool,
     /// Racks' heartbeats not yet written (see [`heartbeats`]); read through by `rack`/`racks`.
     pub(crate) heartbeats: std::sync::Arc<std::sync::Mutex<heartbeats::HeartbeatBuffer>>,
     /// The write transactions' turn ([`Store::begin_write`]), fair (first come, first served).
@@ -150,9 +172,24 @@ impl std::ops::DerefMut for WriteTransaction {
 }
 
 impl Store {
-    /// Connections of the pool: (open, idle).
+    /// Connections of both pools together: (open, idle).
     pub fn pool_connections(&self) -> (u32, usize) {
-        (self.pool.size(), self.pool.num_idle())
+        let pools = [&self.foreground_pool, &self.background_pool];
+        (pools.iter().map(|pool| pool.size()).sum(), pools.iter().map(|pool| pool.num_idle()).sum())
+    }
+
+    /// The pool for the calling thread's queries. Each SQLite connection has its own thread,
+    /// started by the thread that opens the connection and sharing its priority: the background
+    /// work's queries must run on connections its own (lower-priority) threads opened, or a
+    /// rack's query would compete with the admin's at the admin's priority. So background
+    /// threads use a pool of their own, which only they open connections in (it starts empty,
+    /// and sqlx opens a connection in the task that asks for one).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        if on_background_thread() {
+            &self.background_pool
+        } else {
+            &self.foreground_pool
+        }
     }
 
     /// Opens (creating if needed) the SQLite database in `data_dir` and brings its schema up to date.
@@ -162,9 +199,8 @@ impl Store {
         let path = data_dir.join(DATABASE_FILE);
         sqlx::any::install_default_drivers();
         let url = format!("sqlite://{}?mode=rwc", path.display());
-        let pool = AnyPoolOptions::new()
-            .max_connections(POOL_CONNECTIONS_MAX)
-            .after_connect(|conn, _meta| {
+        let options = || {
+            AnyPoolOptions::new().max_connections(POOL_CONNECTIONS_MAX).after_connect(|conn, _meta| {
                 Box::pin(async move {
                     // WAL lets the UI read while a CLI command (createadmin, secret set) writes.
                     sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
@@ -173,11 +209,13 @@ impl Store {
                     Ok(())
                 })
             })
-            .connect(&url)
-            .await
-            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
-        migrator().run(&pool).await.map_err(|source| StoreError::Migrate { source })?;
-        Ok(Store { pool, heartbeats: Default::default(), writer: Default::default() })
+        };
+        let open_error = |source| StoreError::Open { path: path.clone(), source };
+        let foreground_pool = options().connect(&url).await.map_err(open_error)?;
+        migrator().run(&foreground_pool).await.map_err(|source| StoreError::Migrate { source })?;
+        // Lazy: its first connection is opened by the first background thread that asks.
+        let background_pool = options().connect_lazy(&url).map_err(open_error)?;
+        Ok(Store { foreground_pool, background_pool, heartbeats: Default::default(), writer: Default::default() })
     }
 
     /// Starts a write transaction, after this process's writers before it. SQLite needs
@@ -193,7 +231,7 @@ impl Store {
     /// timeout.
     pub(crate) async fn begin_write(&self) -> Result<WriteTransaction, sqlx::Error> {
         let turn = self.writer.clone().lock_owned().await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         Ok(WriteTransaction { tx, _turn: turn })
     }
 
@@ -209,7 +247,8 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.foreground_pool.close().await;
+        self.background_pool.close().await;
     }
 }
 
@@ -247,7 +286,7 @@ mod tests {
         let started = Instant::now();
         let read = tokio::time::timeout(
             Duration::from_secs(2),
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM settings").fetch_one(&store.pool),
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM settings").fetch_one(store.pool()),
         )
         .await;
         assert!(read.is_ok(), "the read waited {:?} for a connection", started.elapsed());
@@ -256,7 +295,7 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), writer).await.unwrap().unwrap();
         }
         let written: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM settings WHERE name LIKE 'waiting-%'")
-            .fetch_one(&store.pool)
+            .fetch_one(store.pool())
             .await
             .unwrap();
         assert_eq!(written, i64::from(2 * POOL_CONNECTIONS_MAX), "every waiting writer wrote, in turn");

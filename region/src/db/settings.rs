@@ -8,7 +8,7 @@ impl Store {
     pub async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT value FROM settings WHERE name = $1")
             .bind(name)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await
             .map_err(query_error("read setting"))?;
         row.map(|row| row.try_get(0).map_err(query_error("read setting"))).transpose()

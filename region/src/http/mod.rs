@@ -3,6 +3,7 @@
 //! a domain module, and answer.
 
 pub mod api;
+pub mod background;
 pub mod error;
 pub mod extract;
 pub mod limits;
@@ -56,9 +57,10 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState) -> Router {
+/// The region's routes; the racks' run on `background` (see [`background`]).
+pub fn router(state: AppState, background: tokio::runtime::Handle) -> Router {
     Router::new()
-        .nest(&format!("{BASE_PATH}{}", metalrack_api::API_PREFIX), api::router())
+        .nest(&format!("{BASE_PATH}{}", metalrack_api::API_PREFIX), api::router(background))
         .merge(ui::router())
         .route("/", get(|| async { Redirect::permanent(&format!("{BASE_PATH}/")) }))
         .layer(DefaultBodyLimit::max(limits::REQUEST_BODY_MAX_BYTES))

@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use super::background::Background;
 use super::transport::Transport;
 use super::{router, AppState, BASE_PATH};
 
@@ -122,10 +123,13 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(tls);
     let shared = state.shared.clone();
     shared.set_bound_address(local);
-    let summaries = tokio::spawn(crate::state::flush_failure_summaries(shared.clone()));
-    let machine_timers = tokio::spawn(crate::machines::run_timers(shared.clone()));
-    let heartbeat_flushes = tokio::spawn(crate::racks::run_heartbeat_flushes(shared.clone()));
-    let app = router(state);
+    // The racks' requests and the timers, at a lower priority than the admin's requests.
+    let background = Background::start()?;
+    let on_background = background.handle();
+    let summaries = on_background.spawn(crate::state::flush_failure_summaries(shared.clone()));
+    let machine_timers = on_background.spawn(crate::machines::run_timers(shared.clone()));
+    let heartbeat_flushes = on_background.spawn(crate::racks::run_heartbeat_flushes(shared.clone()));
+    let app = router(state, on_background);
     let connections = Arc::new(Connections::default());
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();

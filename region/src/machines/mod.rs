@@ -320,7 +320,7 @@ async fn after_change(shared: &Shared, before: &MachineRow, after: &MachineRow, 
 async fn views(shared: &Shared, rows: Vec<MachineRow>) -> Result<Vec<MachineView>, MachinesError> {
     let rack_names = shared.store.rack_names().await.map_err(store_error("list racks"))?;
     let mut conn =
-        shared.store.pool.acquire().await.map_err(query_error("connect")).map_err(store_error("read the machines"))?;
+        shared.store.pool().acquire().await.map_err(query_error("connect")).map_err(store_error("read the machines"))?;
     let mut positions = store::queue_positions(&mut conn, &rows).await.map_err(store_error("read the deploy queue"))?;
     drop(conn);
     let mut views = Vec::with_capacity(rows.len());
@@ -358,7 +358,7 @@ async fn view(shared: &Shared, row: MachineRow) -> Result<MachineView, MachinesE
 pub async fn get(shared: &Shared, key: &str) -> Result<MachineView, MachinesError> {
     let key = machine_key(key);
     let mut conn =
-        shared.store.pool.acquire().await.map_err(query_error("connect")).map_err(store_error("read the machine"))?;
+        shared.store.pool().acquire().await.map_err(query_error("connect")).map_err(store_error("read the machine"))?;
     let row = store::machine_row(&mut conn, &key)
         .await
         .map_err(store_error("look up the machine"))?
@@ -465,7 +465,7 @@ pub async fn edit(shared: &Shared, actor: &User, key: &str, edit: MachineEdit) -
         Some(key) => {
             let mut conn = shared
                 .store
-                .pool
+                .pool()
                 .acquire()
                 .await
                 .map_err(query_error("connect"))
@@ -525,7 +525,7 @@ pub async fn deploy_env(shared: &Shared) -> Result<Option<DeployEnv>, MachinesEr
     let config = &shared.config;
     let mut conn = shared
         .store
-        .pool
+        .pool()
         .acquire()
         .await
         .map_err(query_error("connect"))
@@ -590,7 +590,7 @@ pub async fn deploy(
     let versions = {
         let mut conn = shared
             .store
-            .pool
+            .pool()
             .acquire()
             .await
             .map_err(query_error("connect"))

@@ -358,12 +358,12 @@ impl Store {
         .bind(filter)
         .bind(i64::from(limit))
         .bind(i64::try_from(offset).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(query_error("list machines"))?;
         let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM machines WHERE ($1 IS NULL OR state = $1)")
             .bind(filter)
-            .fetch_one(&self.pool)
+            .fetch_one(self.pool())
             .await
             .map_err(query_error("count machines"))?;
         Ok((rows.iter().map(read_row).collect::<Result<_, _>>()?, total as u64))
@@ -373,7 +373,7 @@ impl Store {
     /// left out: one query (the dashboard once made one page query per state, eleven in all).
     pub async fn machine_counts_by_state(&self) -> Result<Vec<(MachineState, u64)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as("SELECT state, COUNT(*) FROM machines GROUP BY state")
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("count machines by state"))?;
         let mut counts = rows
@@ -393,7 +393,7 @@ impl Store {
         let rows =
             sqlx::query(&format!("SELECT {COLUMNS} FROM machines WHERE rack_id = $1 OR rack_id IS NULL ORDER BY mac"))
                 .bind(rack_id)
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool())
                 .await
                 .map_err(query_error("list the rack's machines"))?;
         rows.iter().map(read_row).collect()
@@ -409,7 +409,7 @@ impl Store {
              AND COALESCE(last_progress_at_ms, 0) < $1 ORDER BY id",
         )
         .bind(before_ms)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(query_error("list stalled jobs"))
     }
@@ -423,7 +423,7 @@ impl Store {
             "SELECT id, rack_id FROM machines WHERE state = 'allocated' \
              ORDER BY deploy_requested_at_ms NULLS FIRST, id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(query_error("list waiting deploys"))?;
         if waiting.is_empty() {
@@ -431,7 +431,7 @@ impl Store {
         }
         let running: Vec<(Option<String>, i64)> =
             sqlx::query_as("SELECT rack_id, COUNT(*) FROM machines WHERE state = 'deploying' GROUP BY rack_id")
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool())
                 .await
                 .map_err(query_error("count running deploys"))?;
         let running = running.into_iter().map(|(rack, n)| (rack, usize::try_from(n).unwrap_or(usize::MAX))).collect();
@@ -442,7 +442,7 @@ impl Store {
     /// cheap enough for every metrics scrape.
     pub async fn machine_state_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let rows = sqlx::query("SELECT state, COUNT(*) FROM machines GROUP BY state")
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("count machines by state"))?;
         rows.iter()
@@ -453,7 +453,7 @@ impl Store {
 
     pub async fn all_machines(&self) -> Result<Vec<MachineRow>, StoreError> {
         let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM machines"))
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("list machines"))?;
         rows.iter().map(read_row).collect()
@@ -466,7 +466,7 @@ impl Store {
         )
         .bind(machine_id)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(query_error("list machine events"))?;
         rows.iter().map(crate::db::events::read_event).collect()
@@ -475,7 +475,7 @@ impl Store {
     pub async fn has_open_power_request(&self, machine_id: &str) -> Result<bool, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM power_requests WHERE machine_id = $1 AND done = 0")
             .bind(machine_id)
-            .fetch_one(&self.pool)
+            .fetch_one(self.pool())
             .await
             .map_err(query_error("count open power requests"))?;
         Ok(n > 0)
@@ -517,7 +517,7 @@ impl Store {
         )
         .bind(rack_id)
         .bind(resend_before_ms)
-        .fetch_one(&self.pool)
+        .fetch_one(self.pool())
         .await
         .map_err(query_error("count power requests"))?;
         if pending == 0 {
@@ -742,7 +742,7 @@ mod tests {
     #[tokio::test]
     async fn queue_positions_count_per_rack_in_the_schedulers_order_beyond_the_page() {
         let (_dir, store, rack_a, rack_b) = store_with_two_racks().await;
-        let mut conn = store.pool.acquire().await.unwrap();
+        let mut conn = store.pool().acquire().await.unwrap();
         let machine = |id: &str, n: u8, rack: &str, state: MachineState, requested: Option<i64>| MachineRow {
             deploy_requested_at_ms: requested,
             ..machine_on(id, n, rack, state)
@@ -774,7 +774,7 @@ mod tests {
     #[tokio::test]
     async fn the_timers_read_only_stalled_jobs_and_the_waiting_deploys_in_order() {
         let (_dir, store, rack_a, rack_b) = store_with_two_racks().await;
-        let mut conn = store.pool.acquire().await.unwrap();
+        let mut conn = store.pool().acquire().await.unwrap();
         let machine =
             |id: &str, n: u8, rack: &str, state: MachineState, progress: Option<i64>, asked: Option<i64>| MachineRow {
                 last_progress_at_ms: progress,
@@ -817,7 +817,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
         let (rack_id, _) = store.register_rack("rack1", "hash", 1).await.unwrap();
-        let mut conn = store.pool.acquire().await.unwrap();
+        let mut conn = store.pool().acquire().await.unwrap();
         let now = now_ms();
         let machine = MachineRow {
             rack_id: Some(rack_id.clone()),

@@ -94,7 +94,7 @@ impl Store {
     pub async fn rack(&self, id: &str) -> Result<Option<RackRow>, StoreError> {
         let row = sqlx::query(&format!("SELECT {RACK_COLUMNS} FROM racks WHERE id = $1"))
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await
             .map_err(query_error("look up rack"))?;
         Ok(row.map(|row| rack_from_row(&row)).transpose()?.map(|rack| self.with_pending_heartbeat(rack)))
@@ -104,7 +104,7 @@ impl Store {
     /// and parsing every rack's health, policy and sync report (1,000 racks' worth per page).
     pub async fn rack_names(&self) -> Result<HashMap<String, String>, StoreError> {
         let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, name FROM racks")
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("list rack names"))?;
         Ok(rows.into_iter().collect())
@@ -113,7 +113,7 @@ impl Store {
     /// Every rack's name by id, ordered by name: what the "add machine" form offers.
     pub async fn rack_names_by_name(&self) -> Result<Vec<(String, String)>, StoreError> {
         sqlx::query_as("SELECT id, name FROM racks ORDER BY name")
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("list rack names"))
     }
@@ -125,11 +125,11 @@ impl Store {
         let rows = sqlx::query(&rack_page_query())
             .bind(i64::from(limit))
             .bind(i64::try_from(offset).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("list a page of racks"))?;
         let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM racks")
-            .fetch_one(&self.pool)
+            .fetch_one(self.pool())
             .await
             .map_err(query_error("count racks"))?;
         let racks = rows
@@ -148,7 +148,7 @@ impl Store {
     pub async fn rack_liveness(&self) -> Result<Vec<RackLiveness>, StoreError> {
         let rows: Vec<(String, i64, Option<i64>)> =
             sqlx::query_as("SELECT id, secret_generation, last_seen_ms FROM racks")
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool())
                 .await
                 .map_err(query_error("list racks' last heartbeats"))?;
         let buffer = self.heartbeats.lock().expect("heartbeat buffer lock");
@@ -165,7 +165,7 @@ impl Store {
     pub async fn rack_snapshot_files_count(&self, rack_id: &str) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rack_snapshot_files WHERE rack_id = $1")
             .bind(rack_id)
-            .fetch_one(&self.pool)
+            .fetch_one(self.pool())
             .await
             .map_err(query_error("count the rack's snapshot files"))?;
         Ok(n.max(0) as u64)
@@ -174,7 +174,7 @@ impl Store {
     /// Every rack, by name, with its buffered heartbeat over the stored one.
     pub async fn racks(&self) -> Result<Vec<RackRow>, StoreError> {
         let rows = sqlx::query(&format!("SELECT {RACK_COLUMNS} FROM racks ORDER BY name"))
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("list racks"))?;
         rows.iter().map(|row| Ok(self.with_pending_heartbeat(rack_from_row(row)?))).collect()
@@ -190,7 +190,7 @@ impl Store {
         remote_address: &str,
     ) -> Result<(), StoreError> {
         let heartbeat = PendingHeartbeat::new(now_ms(), health.clone(), sync.cloned(), remote_address.to_owned());
-        update_heartbeat(&self.pool, id, &heartbeat).await?;
+        update_heartbeat(self.pool(), id, &heartbeat).await?;
         // An older pending one must not overwrite it at the next flush.
         self.heartbeats.lock().expect("heartbeat buffer lock").forget(id);
         Ok(())
@@ -266,7 +266,7 @@ impl Store {
         )
         .bind(generation)
         .bind(now_ms - offline_after_ms as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(query_error("count racks by state"))?;
         rows.iter()
@@ -337,7 +337,7 @@ impl Store {
             "SELECT DISTINCT s.rack_id, s.file_hash FROM rack_snapshot_files s \
              JOIN image_files f ON f.file_hash = s.file_hash",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(query_error("list rack snapshot files"))?;
         let mut held: HashMap<String, HashSet<String>> = HashMap::new();
@@ -501,7 +501,7 @@ mod tests {
         let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", rack_page_query()))
             .bind(100_i64)
             .bind(0_i64)
-            .fetch_all(&store.pool)
+            .fetch_all(store.pool())
             .await
             .unwrap()
             .iter()

@@ -82,7 +82,7 @@ impl Store {
     pub async fn user_by_username(&self, username: &str) -> Result<Option<User>, StoreError> {
         sqlx::query("SELECT id, username, email, password_hash, is_admin FROM users WHERE username = $1")
             .bind(username)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await
             .map_err(query_error("look up user by name"))?
             .map(|row| user_from_row(&row))
@@ -92,7 +92,7 @@ impl Store {
     pub async fn user_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
         sqlx::query("SELECT id, username, email, password_hash, is_admin FROM users WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await
             .map_err(query_error("look up user by id"))?
             .map(|row| user_from_row(&row))
@@ -101,7 +101,7 @@ impl Store {
 
     pub async fn count_users(&self) -> Result<i64, StoreError> {
         sqlx::query("SELECT COUNT(*) FROM users")
-            .fetch_one(&self.pool)
+            .fetch_one(self.pool())
             .await
             .and_then(|row| row.try_get(0))
             .map_err(query_error("count users"))
@@ -110,7 +110,7 @@ impl Store {
     pub async fn ssh_keys(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query("SELECT public_key FROM ssh_keys WHERE user_id = $1 ORDER BY position")
             .bind(user_id)
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("list ssh keys"))?;
         rows.iter().map(|row| row.try_get(0).map_err(query_error("read ssh key"))).collect()
@@ -120,7 +120,7 @@ impl Store {
     pub async fn api_keys(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query("SELECT id, key_secret FROM api_keys WHERE user_id = $1 ORDER BY created_at_ms, id")
             .bind(user_id)
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(query_error("list api keys"))?;
         rows.iter()
@@ -143,7 +143,7 @@ impl Store {
     pub async fn api_key(&self, key_id: &str) -> Result<Option<(String, String)>, StoreError> {
         let row = sqlx::query("SELECT key_secret, user_id FROM api_keys WHERE id = $1")
             .bind(key_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await
             .map_err(query_error("look up api key"))?;
         row.map(|row| {
@@ -191,7 +191,7 @@ impl Store {
         )
         .bind(token_hash)
         .bind(now_ms())
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await
         .map_err(query_error("look up session"))?
         .map(|row| user_from_row(&row))

@@ -20,6 +20,7 @@ use crate::http::error::ApiError;
 use crate::http::extract::{ApiUser, AuthedRack};
 use crate::http::AppState;
 
+/// The admin's routes.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route(paths::UPLOADS, post(start_upload).layer(DefaultBodyLimit::max(MANIFEST_BYTES_MAX)))
@@ -27,6 +28,11 @@ pub fn router() -> Router<AppState> {
         .route(paths::UPLOAD_COMMIT, post(commit_upload))
         .route(paths::IMAGES, get(list_images))
         .route(paths::IMAGE_VERSION, delete(delete_version))
+}
+
+/// The routes racks call (the catalogue long-poll and its manifests and chunks).
+pub fn rack_router() -> Router<AppState> {
+    Router::new()
         .route(paths::RACK_CATALOGUE, get(rack_catalogue))
         .route(paths::RACK_MANIFEST, get(rack_manifest))
         .route(paths::RACK_CHUNKS, post(rack_chunks).layer(DefaultBodyLimit::max(CHUNK_REQUEST_BYTES_MAX)))

@@ -20,6 +20,7 @@ use crate::http::extract::{ApiJson, ApiUser, AuthedRack};
 use crate::http::AppState;
 use crate::machines;
 
+/// The admin's routes.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route(paths::MACHINES, get(list_machines).post(add_machine))
@@ -32,6 +33,11 @@ pub fn router() -> Router<AppState> {
         .route(paths::MACHINE_MARK_FIXED, post(mark_fixed))
         .route(paths::MACHINE_ABORT, post(abort))
         .route(paths::MACHINE_EVENTS, get(machine_events))
+}
+
+/// The routes racks call (boot events, power requests and their results).
+pub fn rack_router() -> Router<AppState> {
+    Router::new()
         .route(paths::RACK_EVENTS, post(rack_events))
         .route(paths::RACK_POWER, get(rack_power).post(rack_power_result))
 }

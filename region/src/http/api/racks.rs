@@ -18,15 +18,21 @@ use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, ApiUser, AuthedRack};
 use crate::http::AppState;
 
+/// The admin's routes.
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route(paths::RACK_CHALLENGE, post(challenge))
-        .route(paths::RACK_REGISTER, post(register))
-        .route(paths::RACK_HEARTBEAT, post(heartbeat))
         .route(paths::RACKS, get(list_racks))
         .route(paths::RACK_SYNC, post(sync_rack))
         .route(paths::RACK_SYNC_POLICY, put(set_sync_policy))
         .route(paths::SYNC_ALL, post(sync_all))
+}
+
+/// The routes racks call (registration, heartbeats, snapshots).
+pub fn rack_router() -> Router<AppState> {
+    Router::new()
+        .route(paths::RACK_CHALLENGE, post(challenge))
+        .route(paths::RACK_REGISTER, post(register))
+        .route(paths::RACK_HEARTBEAT, post(heartbeat))
         .route(
             paths::RACK_SNAPSHOT,
             put(put_snapshot).layer(DefaultBodyLimit::max(metalrack_api::limits::SNAPSHOT_BODY_BYTES_MAX)),
