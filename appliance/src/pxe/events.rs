@@ -299,8 +299,20 @@ impl EventQueue {
     /// when most of the file is events gone (or an append failed), and the summary of events
     /// dropped for room. Blocking.
     pub fn maintain(&self) {
+        self.maintain_with(|file| file.sync_data());
+    }
+
+    /// [`EventQueue::maintain`] with the fdatasync given, so a test can hold it. The sync runs
+    /// without the queue's lock: the PXE services record events on their serving threads, and
+    /// an fdatasync behind a busy disk (tens of ms while images stream) would hold each of
+    /// them up.
+    fn maintain_with(&self, sync: impl FnOnce(&std::fs::File) -> std::io::Result<()>) {
+        let pending = self.state.lock().expect("lock").journal.begin_sync();
+        if let Some(pending) = pending {
+            let result = sync(&pending.file);
+            self.state.lock().expect("lock").journal.finish_sync(pending, result);
+        }
         let mut state = self.state.lock().expect("lock");
-        state.journal.sync();
         let live = state.bytes as u64;
         let garbage = state.journal.file_bytes.saturating_sub(live);
         if !state.journal.clean || garbage >= live.max(REWRITE_GARBAGE_BYTES_MIN) {

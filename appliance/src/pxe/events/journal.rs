@@ -21,6 +21,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use metalrack_api::machines::{BootEvent, BOOT_EVENT_QUEUE_ID_END};
 
@@ -172,7 +173,8 @@ pub fn load(path: &Path) -> Result<Loaded, EventJournalError> {
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    file: File,
+    /// Shared with a sync in progress ([`Journal::begin_sync`]).
+    file: Arc<File>,
     /// Bytes in the file, live or not: a rewrite is due when most are not.
     pub file_bytes: u64,
     /// False while the file may end in a torn line (an append failed): nothing is appended
@@ -195,7 +197,7 @@ impl Journal {
             .map_err(|source| EventJournalError::Write { path: path.to_owned(), source })?;
         Ok(Journal {
             path: path.to_owned(),
-            file,
+            file: Arc::new(file),
             file_bytes: lines.len() as u64,
             clean: true,
             dirty: false,
@@ -208,7 +210,7 @@ impl Journal {
         if !self.clean {
             return;
         }
-        match self.file.write_all(lines) {
+        match (&*self.file).write_all(lines) {
             Ok(()) => {
                 self.file_bytes += lines.len() as u64;
                 self.dirty = true;
@@ -222,13 +224,31 @@ impl Journal {
 
     /// Makes what was appended durable (one fdatasync), if anything was.
     pub fn sync(&mut self) {
-        if self.dirty && self.clean {
-            match self.file.sync_data() {
-                Ok(()) => self.dirty = false,
-                Err(e) => {
-                    self.clean = false;
-                    self.note_failure(&e);
-                }
+        if let Some(pending) = self.begin_sync() {
+            let result = pending.file.sync_data();
+            self.finish_sync(pending, result);
+        }
+    }
+
+    /// The file to fdatasync, if anything was appended since the last sync, for a caller that
+    /// syncs it without holding the journal (the queue's lock): an event recorded meanwhile
+    /// need not wait for the disk. Counts as synced from now; an append after this is synced
+    /// next time. Pass the result to [`Journal::finish_sync`].
+    pub fn begin_sync(&mut self) -> Option<PendingSync> {
+        if !(self.dirty && self.clean) {
+            return None;
+        }
+        self.dirty = false;
+        Some(PendingSync { file: self.file.clone() })
+    }
+
+    /// A failed sync leaves the file unclean (rewritten next tick), unless the file was
+    /// rewritten meanwhile: the new one was synced whole.
+    pub fn finish_sync(&mut self, pending: PendingSync, result: std::io::Result<()>) {
+        if let Err(e) = result {
+            if Arc::ptr_eq(&pending.file, &self.file) {
+                self.clean = false;
+                self.note_failure(&e);
             }
         }
     }
@@ -260,6 +280,12 @@ impl Journal {
         }
         self.failing = true;
     }
+}
+
+/// A sync begun by [`Journal::begin_sync`]: the file, shared.
+#[derive(Debug)]
+pub struct PendingSync {
+    pub file: Arc<File>,
 }
 
 /// Temp file, fsync, rename, fsync of the directory: the file is the old one or the new one.

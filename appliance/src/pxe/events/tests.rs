@@ -287,3 +287,45 @@ async fn a_stop_while_sending_keeps_the_batch() {
     assert!(!flush_with(&queue, |_| std::future::pending(), &stop).await);
     assert_eq!(queue.len(), 10);
 }
+
+/// The tick's fdatasync runs without the queue's lock: an event recorded while the disk is slow
+/// to sync is queued at once (it used to wait for the sync, holding up the PXE service that
+/// recorded it), and the next tick makes it durable.
+#[test]
+fn an_event_recorded_while_the_journal_syncs_does_not_wait_for_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, _) = open(dir.path());
+    let queue = Arc::new(queue);
+    push_n(&queue, 0..1);
+    let (syncing_tx, syncing) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let maintaining = {
+        let queue = queue.clone();
+        std::thread::spawn(move || {
+            queue.maintain_with(|file| {
+                syncing_tx.send(()).unwrap();
+                // A slow disk: the sync takes until the test lets it go (or 10 s).
+                let _ = released.recv_timeout(Duration::from_secs(10));
+                file.sync_data()
+            })
+        })
+    };
+    syncing.recv_timeout(Duration::from_secs(10)).expect("the sync started");
+    let (pushed_tx, pushed) = std::sync::mpsc::channel();
+    let pusher = {
+        let queue = queue.clone();
+        std::thread::spawn(move || {
+            push_n(&queue, 1..2);
+            pushed_tx.send(()).unwrap();
+        })
+    };
+    let waited = pushed.recv_timeout(Duration::from_secs(5));
+    release.send(()).unwrap();
+    maintaining.join().unwrap();
+    pusher.join().unwrap();
+    assert!(waited.is_ok(), "the event waited for the sync");
+    queue.maintain();
+    drop(queue);
+    let (queue, _) = open(dir.path());
+    assert_eq!(messages(&queue), expected(0..2), "both events are in the file after the next tick");
+}
