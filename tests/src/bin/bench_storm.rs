@@ -32,6 +32,12 @@
 //! p50 and p99 fall in): a slow answer that the region timed fast was slow in the client or on the
 //! way, not in the region.
 //!
+//! Last, what the region's core did over each window besides the region (`CoreTimes`): its
+//! time by kind (user, system, interrupt work, time stolen by the hypervisor) and the interrupts
+//! it took. `--pin` moves threads and work queues, but not interrupts whose affinity the kernel
+//! manages (on the lab's VM the disk's completions land on CPU 1 and cannot be moved), so this
+//! says how much of "its own core" the region really had.
+//!
 //! Run (root): `cargo build --release -p metalrack-region -p metalrack-appliance -p
 //! metalrack-imgtool -p metalrack-tests --bins && target/release/bench_storm [--pin] [--machines
 //! N] [--size-mib M] [--idle-s S]`; `--machines 10 --size-mib 10240` is the 10 GiB case.
@@ -185,6 +191,7 @@ async fn storm(
     }
 
     let api = site.api();
+    let core_at_start = CoreTimes::read(REGION_CPU)?;
     let histograms_at_start = RouteHistograms::scrape(&api).await?;
     let (idle, sampler) = spawn_sampler(SamplerSetup {
         api_builder: site.region.https_client_builder(),
@@ -200,10 +207,12 @@ async fn storm(
     })?;
     let Ok(idle) = idle.await else { return Err(sampler.failed().await) };
     let histograms_idle_end = RouteHistograms::scrape(&api).await?;
+    let core_idle_end = CoreTimes::read(REGION_CPU)?;
 
     let uplink_before = site.uplink_counters()?.remove(0).1;
     let usage = |pid: u32| ProcessUsage::of(pid);
     let (rack_before, region_before, own_before) = (usage(rack_pid)?, usage(region_pid)?, ProcessUsage::own()?);
+    let core_storm_start = CoreTimes::read(REGION_CPU)?;
     let sampler = sampler.start_storm();
     let started = Instant::now();
     site.deploy_all(&ids, &image.name).await?;
@@ -213,6 +222,7 @@ async fn storm(
     };
     let took = started.elapsed();
     let sampler = sampler.stop_storm();
+    let core_storm_end = CoreTimes::read(REGION_CPU)?;
     let region_idle = histograms_idle_end.since(&histograms_at_start);
     let region_storm = RouteHistograms::scrape(&api).await?.since(&histograms_idle_end);
     let (rack_after, region_after, own_after) = (usage(rack_pid)?, usage(region_pid)?, ProcessUsage::own()?);
@@ -221,7 +231,9 @@ async fn storm(
     // The second idle window starts once the machines have all booted from their disks: the
     // storm's last power cycles are over.
     wait_fleet_booted_local(&fleet).await?;
+    let core_after_start = CoreTimes::read(REGION_CPU)?;
     let (during, idle_after) = sampler.idle_again().await?;
+    let core_after_end = CoreTimes::read(REGION_CPU)?;
     let hash = metalrack_image_tools::Hash::from_hex(&image.blake3)?;
     let mut bad_disks = Vec::new();
     for machine in fleet.machines() {
@@ -277,6 +289,12 @@ async fn storm(
     report += &latency_table(&idle, &during, &idle_after);
     report += "\n";
     report += &region_table(&region_idle, &region_storm);
+    report += "\n";
+    report += &core_table(&[
+        ("idle before", core_idle_end.since(&core_at_start)),
+        ("storm", core_storm_end.since(&core_storm_start)),
+        ("idle after", core_after_end.since(&core_after_start)),
+    ]);
     Ok(report)
 }
 
@@ -573,6 +591,107 @@ impl AfterSampler {
 /// Joins a samplers' thread without blocking the runtime.
 async fn join(thread: std::thread::JoinHandle<AfterIdle>) -> AfterIdle {
     tokio::task::spawn_blocking(move || thread.join().map_err(|_| anyhow!("the sampler's thread panicked"))?).await?
+}
+
+/// What one CPU did, from `/proc/stat` (its time by kind, in clock ticks) and `/proc/interrupts`
+/// (the interrupts it took): whether the region's core, during the storm, also served the
+/// box (device interrupts it cannot refuse, such as the disk's, whose affinity the kernel
+/// manages; softirq work; time the hypervisor gave elsewhere) beside the region.
+#[derive(Clone, Copy, Debug)]
+struct CoreTimes {
+    /// user + nice
+    user: u64,
+    system: u64,
+    /// irq + softirq
+    interrupt_work: u64,
+    steal: u64,
+    /// idle + iowait
+    idle: u64,
+    /// Interrupts of devices (numbered lines of `/proc/interrupts`).
+    device_interrupts: u64,
+    /// The rest: the local timer and the inter-processor interrupts (rescheduling, function
+    /// calls, TLB shootdowns).
+    other_interrupts: u64,
+    at: Instant,
+}
+
+impl CoreTimes {
+    fn read(cpu: usize) -> Result<CoreTimes> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let name = format!("cpu{cpu}");
+        let line = stat
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(name.as_str()))
+            .with_context(|| format!("no {name} line in /proc/stat"))?;
+        let ticks: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>()?;
+        ensure!(ticks.len() >= 8, "short {name} line in /proc/stat: {line:?}");
+        let mut times = CoreTimes {
+            user: ticks[0] + ticks[1],
+            system: ticks[2],
+            idle: ticks[3] + ticks[4],
+            interrupt_work: ticks[5] + ticks[6],
+            steal: ticks[7],
+            device_interrupts: 0,
+            other_interrupts: 0,
+            at: Instant::now(),
+        };
+        let interrupts = std::fs::read_to_string("/proc/interrupts")?;
+        let mut lines = interrupts.lines();
+        let header = lines.next().context("empty /proc/interrupts")?;
+        let column = header
+            .split_whitespace()
+            .position(|word| word == name.to_uppercase())
+            .with_context(|| format!("no {name} column in /proc/interrupts"))?;
+        for line in lines {
+            let mut words = line.split_whitespace();
+            let Some(label) = words.next() else { continue };
+            let Some(Ok(count)) = words.nth(column).map(str::parse::<u64>) else { continue };
+            if label.trim_end_matches(':').parse::<u32>().is_ok() {
+                times.device_interrupts += count;
+            } else {
+                times.other_interrupts += count;
+            }
+        }
+        Ok(times)
+    }
+
+    /// The difference from `earlier`, as a table row's cells.
+    fn since(&self, earlier: &CoreTimes) -> String {
+        let seconds = self.at.duration_since(earlier.at).as_secs_f64().max(1e-3);
+        let ticks = [
+            self.user - earlier.user,
+            self.system - earlier.system,
+            self.interrupt_work - earlier.interrupt_work,
+            self.steal - earlier.steal,
+            self.idle - earlier.idle,
+        ];
+        let total = ticks.iter().sum::<u64>().max(1) as f64;
+        let share = |n: u64| format!("{:.1}%", 100.0 * n as f64 / total);
+        format!(
+            "| {seconds:.0} | {} | {} | {} | {} | {} | {:.0} | {:.0} |",
+            share(ticks[0]),
+            share(ticks[1]),
+            share(ticks[2]),
+            share(ticks[3]),
+            share(ticks[4]),
+            (self.device_interrupts - earlier.device_interrupts) as f64 / seconds,
+            (self.other_interrupts - earlier.other_interrupts) as f64 / seconds,
+        )
+    }
+}
+
+/// The region's core over each window.
+fn core_table(windows: &[(&str, String)]) -> String {
+    let mut table = format!(
+        "CPU {REGION_CPU} (the region's core under `--pin`) over each window, from `/proc/stat` and \
+         `/proc/interrupts`:\n\n\
+         | window | s | user | system | irq + softirq | steal | idle | device interrupts /s | timer and IPIs /s |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for (name, cells) in windows {
+        table += &format!("| {name} {cells}\n");
+    }
+    table
 }
 
 /// `TOOL ARGS`, which must succeed.
