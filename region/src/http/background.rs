@@ -195,7 +195,8 @@ mod tests {
                 }),
             )
             .route_layer(axum::middleware::from_fn_with_state(background.handle(), run_in_background));
-        let request = tokio::spawn(async move { app.oneshot(Request::get("/poll").body(Body::empty()).unwrap()).await });
+        let request =
+            tokio::spawn(async move { app.oneshot(Request::get("/poll").body(Body::empty()).unwrap()).await });
         tokio::time::timeout(std::time::Duration::from_secs(10), started_rx).await.unwrap().unwrap();
         request.abort();
         tokio::time::timeout(std::time::Duration::from_secs(10), dropped_rx)

@@ -319,8 +319,13 @@ async fn after_change(shared: &Shared, before: &MachineRow, after: &MachineRow, 
 /// The API's view of rows: rack names, queue positions, no passwords.
 async fn views(shared: &Shared, rows: Vec<MachineRow>) -> Result<Vec<MachineView>, MachinesError> {
     let rack_names = shared.store.rack_names().await.map_err(store_error("list racks"))?;
-    let mut conn =
-        shared.store.pool().acquire().await.map_err(query_error("connect")).map_err(store_error("read the machines"))?;
+    let mut conn = shared
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(query_error("connect"))
+        .map_err(store_error("read the machines"))?;
     let mut positions = store::queue_positions(&mut conn, &rows).await.map_err(store_error("read the deploy queue"))?;
     drop(conn);
     let mut views = Vec::with_capacity(rows.len());
