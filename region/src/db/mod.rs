@@ -218,6 +218,12 @@ impl Store {
         Ok(Store { foreground_pool, background_pool, heartbeats: Default::default(), writer: Default::default() })
     }
 
+    /// A connection of the calling thread's pool ([`Store::pool`]), for reads that run several
+    /// queries on one connection.
+    pub(crate) async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, StoreError> {
+        self.pool().acquire().await.map_err(query_error("connect"))
+    }
+
     /// Starts a write transaction, after this process's writers before it. SQLite needs
     /// `BEGIN IMMEDIATE`: a deferred transaction that reads, then writes after another
     /// connection committed, fails with SQLITE_BUSY at once instead of waiting out the busy

@@ -319,13 +319,7 @@ async fn after_change(shared: &Shared, before: &MachineRow, after: &MachineRow, 
 /// The API's view of rows: rack names, queue positions, no passwords.
 async fn views(shared: &Shared, rows: Vec<MachineRow>) -> Result<Vec<MachineView>, MachinesError> {
     let rack_names = shared.store.rack_names().await.map_err(store_error("list racks"))?;
-    let mut conn = shared
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(query_error("connect"))
-        .map_err(store_error("read the machines"))?;
+    let mut conn = shared.store.connection().await.map_err(store_error("read the machines"))?;
     let mut positions = store::queue_positions(&mut conn, &rows).await.map_err(store_error("read the deploy queue"))?;
     drop(conn);
     let mut views = Vec::with_capacity(rows.len());
@@ -362,8 +356,7 @@ async fn view(shared: &Shared, row: MachineRow) -> Result<MachineView, MachinesE
 
 pub async fn get(shared: &Shared, key: &str) -> Result<MachineView, MachinesError> {
     let key = machine_key(key);
-    let mut conn =
-        shared.store.pool().acquire().await.map_err(query_error("connect")).map_err(store_error("read the machine"))?;
+    let mut conn = shared.store.connection().await.map_err(store_error("read the machine"))?;
     let row = store::machine_row(&mut conn, &key)
         .await
         .map_err(store_error("look up the machine"))?
@@ -468,13 +461,7 @@ pub async fn edit(shared: &Shared, actor: &User, key: &str, edit: MachineEdit) -
     }
     let rack_id = match &edit.rack {
         Some(key) => {
-            let mut conn = shared
-                .store
-                .pool()
-                .acquire()
-                .await
-                .map_err(query_error("connect"))
-                .map_err(store_error("look up the rack"))?;
+            let mut conn = shared.store.connection().await.map_err(store_error("look up the rack"))?;
             Some(resolve_rack(&mut conn, Some(key)).await?)
         }
         None => None,
@@ -528,13 +515,7 @@ pub async fn delete(shared: &Shared, actor: &User, key: &str) -> Result<(), Mach
 /// with `kernel` and `initrd` files; `None` while the catalogue holds none.
 pub async fn deploy_env(shared: &Shared) -> Result<Option<DeployEnv>, MachinesError> {
     let config = &shared.config;
-    let mut conn = shared
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(query_error("connect"))
-        .map_err(store_error("find the deploy environment"))?;
+    let mut conn = shared.store.connection().await.map_err(store_error("find the deploy environment"))?;
     store::deploy_env(&mut conn, &config.deploy_env_image, &config.deploy_env_arch, &config.deploy_env_kernel_params)
         .await
         .map_err(store_error("find the deploy environment"))
@@ -593,13 +574,7 @@ pub async fn deploy(
     }
     require_deploy_env(shared).await?;
     let versions = {
-        let mut conn = shared
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(query_error("connect"))
-            .map_err(store_error("list image versions"))?;
+        let mut conn = shared.store.connection().await.map_err(store_error("list image versions"))?;
         store::image_versions(&mut conn, &request.image, &request.arch)
             .await
             .map_err(store_error("list image versions"))?
