@@ -108,7 +108,7 @@ pub fn main() -> ExitCode {
     init_tracing(matches!(cli.command, Command::Serve { .. }));
     // Everything the region writes (database, secret) is for its own eyes only.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let runtime = match crate::http::background::main_runtime() {
+    let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("regiond: error: cannot start the async runtime: {e}");
