@@ -6,8 +6,9 @@
 //! power results, catalogue long-poll answers) that nobody waits on by the millisecond, while an
 //! operator waits on every page of the UI. On one runtime the two took turns: a page that
 //! arrived while a rack's request was being answered waited for it, and so the page's p99 grew
-//! by about one rack request. With the rack's work on lower-priority threads, the kernel runs
-//! the admin's request first, and the rack's work takes what the admin's leaves.
+//! by about one rack request. With the rack's work on lower-priority threads, the kernel gives
+//! the admin's requests the larger share of a busy core, and the rack's work takes what the
+//! admin's leaves.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,10 +24,16 @@ use tokio::task::JoinHandle;
 use super::error::ApiError;
 
 /// How much nicer the background threads are than the process (nice 0 → 10). At 10 steps a
-/// busy admin thread gets ~90% of a shared core (CFS weights 1024 against 110) and wins its
-/// wake-ups, while the racks' work still runs whenever the admin's leaves the core idle, which
-/// is nearly always: it is never starved outright, as `SCHED_IDLE` could starve it under a busy
-/// UI. Relative, so a region an operator started under `nice` keeps the same order.
+/// busy admin thread gets ~90% of a shared core (weights 1024 against 110), while the racks'
+/// work still runs whenever the admin's leaves the core idle, which is nearly always: it is
+/// never starved outright, as `SCHED_IDLE` could starve it under a busy UI. Relative, so a
+/// region an operator started under `nice` keeps the same order.
+///
+/// The weight decides shares, not wake-ups: Linux's scheduler (EEVDF) lets a background thread
+/// finish its slice (1.4 ms on two cores) before a woken admin thread runs. Giving the admin's
+/// threads a shorter slice removed that wait in isolation but made the deploy-storm benchmark
+/// worse and cost CPU, so it is not done (`docs/PERFORMANCE.md`, "The admin's threads with a
+/// shorter scheduler slice").
 pub const BACKGROUND_NICE_STEPS: i32 = 10;
 
 /// The nice value at most (the kernel's lowest priority).
