@@ -101,6 +101,14 @@ impl FromRequestParts<AppState> for AuthedRack {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        // Every authenticated rack request passes here, so here the invariant is checked that
+        // the racks' routes run on the background runtime (`http::background`): a rack route
+        // added to an admin router instead of a `rack_router` fails every test that uses it.
+        debug_assert!(
+            crate::db::on_background_thread(),
+            "a rack's request ran at the admin's priority: its route belongs in a rack_router ({})",
+            parts.uri.path()
+        );
         Ok(AuthedRack(state.racks.authenticate(authorization(parts)).await?))
     }
 }
