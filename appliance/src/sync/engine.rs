@@ -24,6 +24,9 @@ use crate::snapshot::{SnapshotError, SnapshotMeta, SnapshotStore};
 /// that a rack does not hog the region (each holds at most one batch of memory).
 pub const FETCHES_IN_FLIGHT: usize = 4;
 
+// Each fetch in flight may be reading blocks back at once; a file keeps a buffer for each.
+const _: () = assert!(super::partial::READ_BUFFERS_KEPT >= FETCHES_IN_FLIGHT);
+
 /// Target bytes per chunk request...
 pub const FETCH_BATCH_BYTES: u64 = 8 * 1024 * 1024;
 /// ...and at most this many chunks: the region refuses requests for more than
