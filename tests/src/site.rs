@@ -155,7 +155,7 @@ pub fn machines_to_add(rack: &str, fleet: &dyn RackFleet) -> Vec<MachineToAdd> {
 }
 
 /// Whether every rack named shows Online now (false while the region does not answer).
-async fn all_online(api: &Api, names: &[&str]) -> bool {
+async fn all_online(api: &Api, names: &[String]) -> bool {
     let Ok(racks) = api.racks().await else { return false };
     names.iter().all(|n| racks.iter().any(|r| r.name == *n && r.state == RackState::Online))
 }
@@ -228,7 +228,7 @@ impl Site {
             let rack = site.start_rack(index, &secret)?;
             site.racks.push(rack);
         }
-        site.wait_started_racks_online().await?;
+        site.wait_racks_online().await?;
         Ok(site)
     }
 
@@ -253,29 +253,18 @@ impl Site {
         Ok(SiteRack { name, region_url, rack })
     }
 
-    /// Waits until every rack shows Online (after a start, or the region's return).
-    pub async fn wait_racks_online(&self) -> Result<()> {
+    /// Waits until every rack shows Online (after a start, or the region's return), failing at
+    /// once, with its log, if a `rackd` exits meanwhile (a missing iPXE package, a bad config)
+    /// instead of after the deadline with only "timed out".
+    pub async fn wait_racks_online(&mut self) -> Result<()> {
         let api = self.api();
-        let names: Vec<&str> = self.racks.iter().map(|r| r.name.as_str()).collect();
-        try_wait_for("every rack Online", RACKS_ONLINE_DEADLINE, POLL, || async {
-            Ok(all_online(&api, &names).await.then_some(()))
-        })
-        .await
-    }
-
-    /// [`Site::wait_racks_online`] for racks just started, failing at once, with its log, if a
-    /// `rackd` exits meanwhile (a missing iPXE package, a bad config) instead of after the
-    /// deadline with only "timed out".
-    async fn wait_started_racks_online(&mut self) -> Result<()> {
-        let api = self.api();
-        let names: Vec<String> = self.racks.iter().map(|r| r.name.clone()).collect();
+        let names: Arc<[String]> = self.racks.iter().map(|r| r.name.clone()).collect();
         let racks = &mut self.racks;
         try_wait_for("every rack Online", RACKS_ONLINE_DEADLINE, POLL, || {
             let exited = racks.iter_mut().filter_map(|r| r.rack.daemon.as_mut()).try_for_each(|d| d.check_running());
             let (api, names) = (api.clone(), names.clone());
             async move {
                 exited?;
-                let names: Vec<&str> = names.iter().map(String::as_str).collect();
                 Ok(all_online(&api, &names).await.then_some(()))
             }
         })
