@@ -46,7 +46,7 @@ pub use data::{compressible_bytes, random_bytes};
 pub use process::{assert_success, stderr, Daemon};
 pub use rack::{Rack, FAST_RACK_CONFIG};
 pub use region::{regiond, Region, FAST_REGION_CONFIG};
-pub use wait::{wait_for, DEADLINE};
+pub use wait::{wait_for, wait_for_or_show, DEADLINE};
 
 /// A port free on 127.0.0.1 right now, for TCP and UDP alike (for servers whose port must be
 /// known in advance; the race with other programs is small and shows as a bind error).

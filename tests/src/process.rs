@@ -148,6 +148,11 @@ impl Daemon {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The last `n` lines of its log, headed by its name.
+    pub fn log_tail(&self, n: usize) -> String {
+        format!("{} log, last {n} lines:\n{}", self.name, last_lines(&self.log, n))
+    }
 }
 
 impl Drop for Daemon {
@@ -168,9 +173,14 @@ impl Drop for Daemon {
 
 /// The error for a daemon `name` that exited with `status`: its last 20 log lines from `log`.
 pub fn exited(name: &str, status: ExitStatus, log: &Path) -> Result<()> {
+    bail!("{name} exited ({status}); last log lines:\n{}", last_lines(log, 20))
+}
+
+/// The last `n` lines of the file at `log` (none if unreadable).
+fn last_lines(log: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let tail: Vec<&str> = text.lines().rev().take(20).collect();
-    bail!("{name} exited ({status}); last log lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+    let tail: Vec<&str> = text.lines().rev().take(n).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// Runs a short-lived `command` to completion with stdin closed (inside `lab` if given); an

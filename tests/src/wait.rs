@@ -13,7 +13,22 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 const TEST_POLL: Duration = Duration::from_millis(50);
 
 /// Polls `condition` until it returns `Some`, or panics naming `what` after `deadline`.
-pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut condition: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_for_or_show(what, deadline, condition, String::new).await
+}
+
+/// [`wait_for`], whose panic adds what `show` says (the daemons' logs, say), so a timeout in CI
+/// says more than that it timed out.
+pub async fn wait_for_or_show<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut condition: F,
+    show: impl FnOnce() -> String,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -23,7 +38,7 @@ where
         async move { Ok(future.await) }
     })
     .await;
-    result.unwrap_or_else(|e| panic!("{e:#}"))
+    result.unwrap_or_else(|e| panic!("{e:#}\n{}", show()))
 }
 
 /// Polls `check` every `poll` until it yields a value, fails, or `deadline` passes.

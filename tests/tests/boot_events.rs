@@ -3,6 +3,7 @@
 //! once and in order when it returns, a hostile one (a 1000-byte file name) costing only itself;
 //! and the queue survives a rack restart, and a kill while it drains stores nothing twice.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use metalrack_api::machines::BOOT_EVENT_MESSAGE_BYTES_MAX;
 use metalrack_api::RackState;
 use metalrack_tests::region::StoredBootEvent;
-use metalrack_tests::{free_port, tftp, wait_for, Rack, Region, DEADLINE};
+use metalrack_tests::{free_port, tftp, wait_for, wait_for_or_show, Rack, Region, DEADLINE};
 
 /// Events queued while the region is down: twice the bound the rack had before its queue went
 /// to disk (10,000), ~70 batches to drain.
@@ -108,12 +109,23 @@ fn refusal(name: &str) -> String {
     format!("TFTP {name} refused: no such file")
 }
 
-/// Waits until the region stored at least `n` boot events; returns them all.
-async fn wait_stored(region: &Region, n: usize, deadline: Duration) -> Vec<StoredBootEvent> {
-    wait_for(&format!("{n} boot events at the region"), deadline, || async {
-        let stored = region.stored_boot_events().await;
-        (stored.len() >= n).then_some(stored)
-    })
+/// Waits until the region stored at least `n` boot events; returns them all. A timeout shows
+/// how far it got and both daemons' logs.
+async fn wait_stored(region: &Region, pxe: &PxeRack, n: usize, deadline: Duration) -> Vec<StoredBootEvent> {
+    let last_count = Cell::new(0);
+    wait_for_or_show(
+        &format!("{n} boot events at the region"),
+        deadline,
+        || async {
+            let stored = region.stored_boot_events().await;
+            last_count.set(stored.len());
+            (stored.len() >= n).then_some(stored)
+        },
+        || {
+            let rack = pxe.rack.daemon.as_ref().map(|daemon| daemon.log_tail(40)).unwrap_or_default();
+            format!("{} stored by then\n{rack}\n{}", last_count.get(), region.daemon.log_tail(40))
+        },
+    )
     .await
 }
 
@@ -150,7 +162,7 @@ async fn twenty_thousand_events_queued_while_the_region_is_down_arrive_once_in_o
 
     region.restart();
     let started = Instant::now();
-    let stored = wait_stored(&region, QUEUED + 1, DRAIN_DEADLINE).await;
+    let stored = wait_stored(&region, &pxe, QUEUED + 1, DRAIN_DEADLINE).await;
     let drained_in = started.elapsed();
     eprintln!(
         "{} boot events: queued through TFTP in {queued_in:?}, drained to the region in {drained_in:?}",
@@ -201,11 +213,11 @@ async fn a_rack_restart_keeps_the_queue_and_a_kill_while_draining_stores_nothing
     // The region returns; the rack is killed as soon as the first events arrive, which is
     // (measured) well before the last: events it sent but had not yet marked sent go again.
     region.restart();
-    let at_kill = wait_stored(&region, 1, DRAIN_DEADLINE).await.len();
+    let at_kill = wait_stored(&region, &pxe, 1, DRAIN_DEADLINE).await.len();
     pxe.restart(true).await;
     let stored_at_kill = region.stored_boot_events().await.len();
     eprintln!("rack killed with {at_kill}..{stored_at_kill} of 6000 events at the region");
-    let stored = wait_stored(&region, 6000, DRAIN_DEADLINE).await;
+    let stored = wait_stored(&region, &pxe, 6000, DRAIN_DEADLINE).await;
     let expected: Vec<String> = before.iter().chain(&after).map(|name| refusal(name)).collect();
     let messages: Vec<String> = stored.into_iter().map(|e| e.message).collect();
     assert_eq!(messages.len(), expected.len(), "each stored once");
