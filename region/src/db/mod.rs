@@ -133,6 +133,29 @@ pub(crate) fn migrator() -> Migrator {
     Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
 }
 
+/// Whether a connection given back to its pool may be kept: not if it is still in a
+/// transaction, which it then rolls back by closing.
+///
+/// A request whose client goes away is aborted wherever it waits, and sqlx's `BEGIN` has an
+/// await between SQLite starting the transaction and the transaction object existing (a custom
+/// `BEGIN IMMEDIATE` is checked on the connection's thread). Aborted there, nothing rolls it
+/// back: the connection went back to the pool holding SQLite's write lock, and every write after
+/// it failed (the busy timeout on other connections, "non-zero transaction depth" on it) until
+/// a restart. A transaction dropped the ordinary way queues its rollback, so the connection is
+/// asked once more (a ping runs after what was queued) before it is given up.
+async fn release_outside_a_transaction(conn: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    conn.ping().await?;
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    tracing::warn!("a cancelled write left its transaction open; closing its connection, which rolls it back");
+    Ok(false)
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     /// The pool of the admin's requests and the command line.
@@ -200,15 +223,18 @@ impl Store {
         sqlx::any::install_default_drivers();
         let url = format!("sqlite://{}?mode=rwc", path.display());
         let options = || {
-            AnyPoolOptions::new().max_connections(POOL_CONNECTIONS_MAX).after_connect(|conn, _meta| {
-                Box::pin(async move {
-                    // WAL lets the UI read while a CLI command (createadmin, secret set) writes.
-                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                    sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
-                    sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
-                    Ok(())
+            AnyPoolOptions::new()
+                .max_connections(POOL_CONNECTIONS_MAX)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        // WAL lets the UI read while a CLI command (createadmin, secret set) writes.
+                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                        Ok(())
+                    })
                 })
-            })
+                .after_release(|conn, _meta| Box::pin(release_outside_a_transaction(conn)))
         };
         let open_error = |source| StoreError::Open { path: path.clone(), source };
         let foreground_pool = options().connect(&url).await.map_err(open_error)?;
@@ -306,4 +332,45 @@ mod tests {
             .unwrap();
         assert_eq!(written, i64::from(2 * POOL_CONNECTIONS_MAX), "every waiting writer wrote, in turn");
     }
+
+    /// A write cancelled at any point (a client that goes away aborts its request's task) leaves
+    /// no transaction open: each begin below is dropped after a different number of polls, some
+    /// of them inside sqlx's `BEGIN IMMEDIATE` after SQLite ran it but before the transaction
+    /// object exists. Such a connection went back to the pool holding the write lock, and every
+    /// write after it failed (5 s busy timeout, or "begin_with at non-zero transaction depth").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_cancelled_anywhere_leaves_no_transaction_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        for round in 0..CANCELLED_BEGINS_PER_POLL_COUNT {
+            for polls in 1..=CANCELLED_BEGIN_POLLS_MAX {
+                let mut begin = Box::pin(store.begin_write());
+                for _ in 0..polls {
+                    if futures_util::FutureExt::now_or_never(begin.as_mut()).is_some() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                drop(begin);
+                // A write after each: one left open shows at once, not at the end.
+                let write = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    store.write_one(
+                        sqlx::query("INSERT INTO settings (name, value) VALUES ($1, '1')")
+                            .bind(format!("after-{round}-{polls}")),
+                    ),
+                )
+                .await;
+                match write {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => panic!("round {round}, cancelled after {polls} polls: the next write failed: {e}"),
+                    Err(_) => panic!("round {round}, cancelled after {polls} polls: the next write waited 2 s"),
+                }
+            }
+        }
+    }
+
+    /// The cancelled-write test's sweep: each number of polls, this many times.
+    const CANCELLED_BEGINS_PER_POLL_COUNT: usize = 20;
+    const CANCELLED_BEGIN_POLLS_MAX: usize = 12;
 }
