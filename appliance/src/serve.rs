@@ -75,6 +75,7 @@ pub async fn start(data_dir: &DataDir, config: &RackConfig) -> Result<Daemon, Se
     let store = SnapshotStore::open(data_dir)?;
     let boot_table = BootTable::open(data_dir);
     let boot_table_reader = boot_table.subscribe();
+    let power_boots = boot_table.subscribe();
     let (controller, sync) = crate::sync::Controller::new(data_dir, store.clone(), boot_table, link.clone())?;
     let control = crate::control::bind(data_dir.control_socket())?;
     let pxe = match &config.pxe {
@@ -110,7 +111,13 @@ pub async fn start(data_dir: &DataDir, config: &RackConfig) -> Result<Daemon, Se
     // Power requests from the region, run with the drivers (BMC networks are rack-local).
     let power_backoff_max = Duration::from_millis(config.retry_backoff_max_ms);
     let power_run = |request: metalrack_api::power::PowerRequest| async move { crate::power::run(&request).await };
-    tasks.spawn(crate::power_requests::run_until_stopped(link.clone(), power_run, power_backoff_max, stop.clone()));
+    tasks.spawn(crate::power_requests::run_until_stopped(
+        link.clone(),
+        power_run,
+        power_boots,
+        power_backoff_max,
+        stop.clone(),
+    ));
     let (heartbeat_dir, heartbeat_config, heartbeat_link, heartbeat_stop) =
         (data_dir.clone(), config.clone(), link.clone(), stop.clone());
     tasks.spawn(async move {

@@ -31,6 +31,7 @@ async fn a_redfish_power_request_boots_a_qemu_machine_from_the_network_once_and_
     let server = BmcServer::bind("127.0.0.1:0".parse().unwrap(), config, machine).unwrap();
     let qemu_name = machine_name(&lab, &tap);
     let request = |actions| PowerRequest {
+        boot_generation: 0,
         id: 1,
         machine_id: "machine-qemu".into(),
         mac: "52:54:00:41:00:01".into(),

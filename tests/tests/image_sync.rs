@@ -458,3 +458,40 @@ async fn a_sync_running_when_its_window_closes_pauses_and_resumes_where_it_stopp
     );
     assert_eq!(file_hash(&snapshot_file(&racks[0], "custom/night", "1")), image_hash);
 }
+
+/// The boot table follows the region while a sync runs: a machine added to the rack in the
+/// middle of a slow sync is in the rack's boot table before the sync ends. (The rack asked for
+/// the catalogue only between syncs, so a machine deployed while a 10 GiB image crossed a capped
+/// uplink booted what the rack was told before, for as long as the sync took.)
+#[tokio::test]
+async fn a_machine_added_during_a_slow_sync_reaches_the_racks_boot_table_before_the_sync_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start_with_config(&dir.path().join("region"), &region_config());
+    let api_key = region.create_admin("admin", "correct horse battery");
+    // 16 MiB at 1 MiB/s: a sync of about sixteen seconds, the machine added early in it.
+    let policy = SyncPolicy { bandwidth_bytes_per_s: 1 << 20, ..auto(0) };
+    let racks = start_racks(&region, &api_key, dir.path(), &["r1"], &policy).await;
+    let image = dir.path().join("img");
+    std::fs::write(&image, random_bytes(16 << 20, 12)).unwrap();
+    let image_hash = file_hash(&image);
+    push_ok(&region, &api_key, &image, "custom/slow", "1");
+    let progress = racks[0].data_dir.join(format!("images/files/.{image_hash}.progress"));
+    wait_for("the sync to start", DEADLINE, || async { progress.exists().then_some(()) }).await;
+
+    let mac = "52:54:00:aa:bb:5e";
+    let create = metalrack_api::machines::MachineCreate {
+        hostname: "during-sync".into(),
+        mac: mac.into(),
+        power: metalrack_api::power::PowerParameters::Manual,
+        rack: Some("r1".into()),
+    };
+    region.api(&api_key).add_machine(&create).await.unwrap();
+    let boot_table = racks[0].data_dir.join("boot-table.json");
+    wait_for("the machine in the rack's boot table", DEADLINE, || async {
+        std::fs::read_to_string(&boot_table).ok().filter(|table| table.contains(mac)).map(|_| ())
+    })
+    .await;
+    assert!(progress.exists(), "the boot table took the machine only after the sync ended");
+    assert!(!snapshot_file(&racks[0], "custom/slow", "1").exists(), "nor was the image published yet");
+    wait_synced(&region, &api_key, "r1", &image_hash).await;
+}

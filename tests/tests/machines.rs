@@ -468,3 +468,35 @@ async fn a_machine_added_to_one_rack_answers_its_poll_and_leaves_another_racks_p
     assert_eq!(answer.changes_seen, seen, "nothing changed for rack2");
     assert!(answer.machines.is_empty(), "rack2 serves none of rack1's machines");
 }
+
+/// A power-on names the rack's boot generation, which only a catalogue holding the change that
+/// asked for the power-on reaches: a rack that powers on once its boot table is that new cannot
+/// boot the machine into what it was told before (its catalogue answer may trail the power
+/// request: the two are separate polls, and the region wakes them one after the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_on_names_a_boot_generation_that_only_a_catalogue_with_its_change_reaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::start(dir.path(), "").await;
+    site.push_deploy_env(dir.path());
+    let machine = site.add("52:54:00:aa:bb:0e").await;
+    let before = site.rack.catalogue(-1, -1, Duration::ZERO).await.unwrap();
+    let told_before = &before.machines.iter().find(|m| m.mac == machine.mac).expect("told of the machine").boot;
+    assert!(!matches!(told_before, BootAction::Agent { .. }), "{told_before:?}");
+
+    site.action(paths::MACHINE_COMMISSION, &machine.id, None).await;
+    let requests = site.power_requests_for(&machine.id).await;
+    let power_on = requests
+        .iter()
+        .find(|r| r.actions.iter().any(|a| matches!(a, PowerAction::On | PowerAction::Cycle)))
+        .expect("commissioning powers the machine on");
+    assert!(
+        power_on.boot_generation > before.boot_generation,
+        "the power-on's generation {} is one a catalogue from before the change ({}) already had",
+        power_on.boot_generation,
+        before.boot_generation
+    );
+    let after = site.rack.catalogue(-1, -1, Duration::ZERO).await.unwrap();
+    assert!(after.boot_generation >= power_on.boot_generation);
+    let told_after = &after.machines.iter().find(|m| m.mac == machine.mac).unwrap().boot;
+    assert!(matches!(told_after, BootAction::Agent { job: AgentJob::Commission, .. }), "{told_after:?}");
+}

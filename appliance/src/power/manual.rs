@@ -70,6 +70,7 @@ mod tests {
     #[tokio::test]
     async fn a_manual_request_succeeds_with_an_unknown_state() {
         let request = PowerRequest {
+            boot_generation: 0,
             id: 1,
             machine_id: "m1".into(),
             mac: "52:54:00:00:00:01".into(),

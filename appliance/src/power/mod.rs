@@ -214,6 +214,7 @@ mod tests {
     #[tokio::test]
     async fn invalid_parameters_are_refused_before_any_action() {
         let request = PowerRequest {
+            boot_generation: 0,
             id: 7,
             machine_id: "m1".into(),
             mac: "52:54:00:00:00:01".into(),
@@ -270,6 +271,7 @@ mod tests {
             trust_self_signed: false,
         };
         let mut request = PowerRequest {
+            boot_generation: 0,
             id: 1,
             machine_id: "m1".into(),
             mac: "52:54:00:00:00:01".into(),
@@ -288,6 +290,7 @@ mod tests {
     #[tokio::test]
     async fn too_many_actions_are_refused() {
         let request = PowerRequest {
+            boot_generation: 0,
             id: 8,
             machine_id: "m1".into(),
             mac: "52:54:00:00:00:01".into(),

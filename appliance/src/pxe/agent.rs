@@ -390,7 +390,11 @@ mod tests {
     #[tokio::test]
     async fn a_deploying_machine_gets_its_task_only_with_its_token_and_its_reports_are_queued_for_the_region() {
         let rack = rack("").await;
-        rack.table.send_replace(Arc::new(Boots { machines: vec![deploying(TOKEN)], deploy_env: Some(env()) }));
+        rack.table.send_replace(Arc::new(Boots {
+            machines: vec![deploying(TOKEN)],
+            deploy_env: Some(env()),
+            generation: 1,
+        }));
         let http = reqwest::Client::new();
         let task_url = format!("{}{AGENT_TASK_PATH}?mac={MAC}", rack.url);
         assert_eq!(http.get(&task_url).send().await.unwrap().status(), 401, "no token");
@@ -428,6 +432,7 @@ mod tests {
         rack.table.send_replace(Arc::new(Boots {
             machines: vec![MachineBoot { boot: BootAction::Local, ..deploying(TOKEN) }],
             deploy_env: Some(env()),
+            generation: 2,
         }));
         rack.pxe.deploys_done.prune(&rack.pxe.boot_table.borrow());
         assert!(!rack.pxe.deploys_done.is_done(MAC, TOKEN));
@@ -439,7 +444,7 @@ mod tests {
         let http = reqwest::Client::new();
         let task_url = format!("{}{AGENT_TASK_PATH}?mac={MAC}", rack.url);
         assert_eq!(http.get(&task_url).send().await.unwrap().status(), 404, "no deploy environment: no enlistment");
-        rack.table.send_replace(Arc::new(Boots { machines: vec![], deploy_env: Some(env()) }));
+        rack.table.send_replace(Arc::new(Boots { machines: vec![], deploy_env: Some(env()), generation: 1 }));
         let task: AgentTask = http.get(&task_url).send().await.unwrap().json().await.unwrap();
         assert_eq!(task, AgentTask::Enlist);
         let script = http.get(format!("{}/ipxe/{}", rack.url, MAC.replace(':', "-"))).send().await.unwrap();
@@ -479,7 +484,7 @@ mod tests {
     #[tokio::test]
     async fn the_fault_hook_corrupts_exactly_one_ranged_image_response() {
         let rack = rack("fault_corrupt_one_image_range = true").await;
-        rack.table.send_replace(Arc::new(Boots { machines: vec![deploying(TOKEN)], deploy_env: None }));
+        rack.table.send_replace(Arc::new(Boots { machines: vec![deploying(TOKEN)], deploy_env: None, generation: 1 }));
         let http = reqwest::Client::new();
         let task: AgentTask = http
             .get(format!("{}{AGENT_TASK_PATH}?mac={MAC}", rack.url))

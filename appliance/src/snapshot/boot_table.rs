@@ -27,6 +27,10 @@ pub struct Boots {
     /// What unknown machines boot to enlist (absent: they wait for an operator).
     #[serde(default)]
     pub deploy_env: Option<DeployEnv>,
+    /// The region's boot generation for this rack that `machines` hold at least
+    /// (`RackCatalogue::boot_generation`): power requests wait for theirs.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Boots {
@@ -54,7 +58,11 @@ impl BootTable {
         let bytes = std::fs::read(&path).unwrap_or_default();
         let boots = serde_json::from_slice::<Boots>(&bytes)
             .or_else(|_| {
-                serde_json::from_slice::<Vec<MachineBoot>>(&bytes).map(|machines| Boots { machines, deploy_env: None })
+                serde_json::from_slice::<Vec<MachineBoot>>(&bytes).map(|machines| Boots {
+                    machines,
+                    deploy_env: None,
+                    generation: 0,
+                })
             })
             .unwrap_or_default();
         let (sender, _) = watch::channel(Arc::new(boots));
@@ -67,19 +75,27 @@ impl BootTable {
 
     /// Replaces the table if it differs: saved first (a failure to save is logged and the table
     /// served from memory), then shown to readers. Returns whether it changed.
-    pub fn update(&self, machines: &[MachineBoot], deploy_env: Option<&DeployEnv>) -> bool {
+    pub fn update(&self, machines: &[MachineBoot], deploy_env: Option<&DeployEnv>, generation: u64) -> bool {
         {
             let current = self.sender.borrow();
-            if current.machines.as_slice() == machines && current.deploy_env.as_ref() == deploy_env {
+            if current.machines.as_slice() == machines
+                && current.deploy_env.as_ref() == deploy_env
+                && current.generation == generation
+            {
                 return false;
             }
         }
-        let boots = Boots { machines: machines.to_vec(), deploy_env: deploy_env.cloned() };
+        let boots = Boots { machines: machines.to_vec(), deploy_env: deploy_env.cloned(), generation };
         let json = serde_json::to_vec_pretty(&boots).expect("boot table serializes");
         if let Err(e) = write_private_file(&self.path, &json) {
             tracing::warn!(error = %e, path = %self.path.display(), "cannot save the boot table; serving it from memory");
         }
-        tracing::info!(n_machines = machines.len(), deploy_env = deploy_env.is_some(), "boot table updated");
+        tracing::info!(
+            n_machines = machines.len(),
+            deploy_env = deploy_env.is_some(),
+            generation,
+            "boot table updated"
+        );
         self.sender.send_replace(Arc::new(boots));
         true
     }
@@ -167,15 +183,18 @@ mod tests {
         let table = BootTable::open(&data_dir);
         let reader = table.subscribe();
         assert!(reader.borrow().machines.is_empty());
-        assert!(table.update(&[machine("52:54:00:00:00:01")], None));
+        assert!(table.update(&[machine("52:54:00:00:00:01")], None, 1));
         assert_eq!(reader.borrow().machines.len(), 1);
-        assert!(!table.update(&[machine("52:54:00:00:00:01")], None), "the same table is no change");
-        assert!(table.update(&[machine("52:54:00:00:00:01")], Some(&env())), "a new deploy env is a change");
+        assert!(!table.update(&[machine("52:54:00:00:00:01")], None, 1), "the same table is no change");
+        assert!(table.update(&[machine("52:54:00:00:00:01")], Some(&env()), 1), "a new deploy env is a change");
+        assert!(table.update(&[machine("52:54:00:00:00:01")], Some(&env()), 2), "a new generation is a change");
+        assert_eq!(reader.borrow().generation, 2, "which readers see");
         drop(table);
         let reopened = BootTable::open(&data_dir);
         let boots = reopened.subscribe().borrow().clone();
         assert_eq!(boots.machines, [machine("52:54:00:00:00:01")]);
         assert_eq!(boots.deploy_env, Some(env()));
+        assert_eq!(boots.generation, 2);
     }
 
     #[test]
@@ -209,10 +228,11 @@ mod tests {
                 },
             }],
             deploy_env: None,
+            generation: 1,
         };
         done.prune(&deploying);
         assert!(done.is_done("52:54:00:00:00:01", "t1"), "the region still says deploy: kept");
-        done.prune(&Boots { machines: vec![machine("52:54:00:00:00:01")], deploy_env: None });
+        done.prune(&Boots { machines: vec![machine("52:54:00:00:00:01")], ..Boots::default() });
         assert!(!done.is_done("52:54:00:00:00:01", "t1"), "the region says local now: forgotten");
     }
 }

@@ -1,8 +1,9 @@
 //! Keeping the rack's image snapshot in step with the region's catalogue: learn of changes by
 //! long-poll, decide by policy (`policy`: auto after a delay, a time window, or manual), run the
-//! sync (`engine`, with `fetch` and `partial`), write the boot table the catalogue carries, and
-//! publish progress for heartbeats, `rackd sync` and `rackd status`. This module is the I/O
-//! around the decisions: it reads the clocks and the region, `policy` only decides.
+//! sync (`engine`, with `fetch` and `partial`), write the boot table the catalogue carries (also
+//! while a sync runs: the poll goes on beside it), and publish progress for heartbeats,
+//! `rackd sync` and `rackd status`. This module is the I/O around the decisions: it reads the
+//! clocks and the region, `policy` only decides.
 
 pub mod bases;
 pub mod engine;
@@ -34,6 +35,11 @@ const LONG_POLL: Duration = Duration::from_secs(30);
 // The region holds a poll at most its own maximum; asking for longer would wake the rack at
 // the region's pace, not ours.
 const _: () = assert!(LONG_POLL.as_secs() <= metalrack_api::limits::CATALOGUE_POLL_HOLD_MAX.as_secs());
+
+/// A catalogue poll that failed during a sync is tried again after this, doubling up to
+/// [`FOLLOW_RETRY_MAX`] (the sync's own fetches meanwhile say whether the region is there).
+const FOLLOW_RETRY_MIN: Duration = Duration::from_millis(500);
+const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// At shutdown a running sync gets this long to stop at a chunk boundary by itself (writing its
 /// progress log); then it is dropped, which the partial files are built to survive. Shorter than
@@ -175,7 +181,7 @@ impl Controller {
                     Ok(new) => {
                         policy.catalogue_seen(new.revision, Instant::now());
                         seen_requested = new.sync_requested;
-                        self.boot_table.update(&new.machines, new.deploy_env.as_ref());
+                        self.take_boots(&new);
                         catalogue = Some(new);
                     }
                     Err(e) => {
@@ -227,14 +233,51 @@ impl Controller {
                     recheck = next.unwrap_or(LONG_POLL);
                 }
                 Decision::Sync { requested } => {
-                    recheck = self.sync(&linked, &target, requested, &mut policy, shutdown).await;
+                    let mut latest = target.clone();
+                    recheck = self.sync(&linked, &target, &mut latest, requested, &mut policy, shutdown).await;
                     if shutdown.is_cancelled() {
                         return;
                     }
                     if requested {
                         self.finish_request(&mut state, &target, &mut local_request);
                     }
+                    // What the sync heard meanwhile is decided on next (a newer revision syncs
+                    // again; a new request is acted on).
+                    policy.catalogue_seen(latest.revision, Instant::now());
+                    seen_requested = latest.sync_requested;
+                    catalogue = Some(latest);
                 }
+            }
+        }
+    }
+
+    /// Takes the machines' boot decisions a catalogue carries into the boot table.
+    fn take_boots(&self, catalogue: &RackCatalogue) {
+        self.boot_table.update(&catalogue.machines, catalogue.deploy_env.as_ref(), catalogue.boot_generation);
+    }
+
+    /// One catalogue long-poll while a sync runs, so that machines' boot decisions reach the
+    /// boot table during a sync too (a 10 GiB image over a capped uplink takes hours, and a
+    /// machine deployed meanwhile would boot what the rack was told before). `latest` is the
+    /// newest catalogue heard; a failed poll waits `retry` (doubling up to [`FOLLOW_RETRY_MAX`]).
+    async fn follow_catalogue(&self, linked: &Linked, latest: &mut RackCatalogue, retry: &mut Duration) {
+        let poll = linked.client.catalogue(
+            &linked.authorization,
+            latest.revision,
+            latest.sync_requested,
+            Some(latest.changes_seen),
+            LONG_POLL,
+        );
+        match poll.await {
+            Ok(new) => {
+                self.take_boots(&new);
+                *latest = new;
+                *retry = FOLLOW_RETRY_MIN;
+            }
+            Err(e) => {
+                tracing::debug!(error = %error_chain(&e), "catalogue poll during a sync failed");
+                tokio::time::sleep(*retry).await;
+                *retry = (*retry * 2).min(FOLLOW_RETRY_MAX);
             }
         }
     }
@@ -253,6 +296,7 @@ impl Controller {
         &self,
         linked: &Linked,
         target: &RackCatalogue,
+        latest: &mut RackCatalogue,
         requested: bool,
         policy: &mut PolicyState,
         shutdown: &CancellationToken,
@@ -285,15 +329,19 @@ impl Controller {
         };
         let run = sync.run(target);
         let mut run = std::pin::pin!(run);
-        let outcome = tokio::select! {
-            outcome = &mut run => outcome,
-            () = shutdown.cancelled() => match tokio::time::timeout(SYNC_STOP_GRACE, &mut run).await {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    tracing::info!("rack stopping: sync abandoned; its verified chunks are kept for the next start");
-                    return Duration::ZERO;
-                }
-            },
+        let mut follow_retry = FOLLOW_RETRY_MIN;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut run => break outcome,
+                () = self.follow_catalogue(linked, latest, &mut follow_retry) => {}
+                () = shutdown.cancelled() => match tokio::time::timeout(SYNC_STOP_GRACE, &mut run).await {
+                    Ok(outcome) => break outcome,
+                    Err(_) => {
+                        tracing::info!("rack stopping: sync abandoned; its verified chunks are kept for the next start");
+                        return Duration::ZERO;
+                    }
+                },
+            }
         };
         match outcome {
             Ok(RunOutcome::Published { meta, figures }) => {
@@ -379,6 +427,7 @@ mod tests {
             machines: Vec::new(),
             deploy_env: None,
             changes_seen: 0,
+            boot_generation: 0,
         }
     }
 

@@ -154,6 +154,10 @@ pub struct RackCatalogue {
     /// the catalogue `revision`, which would make every machine change look like new images.
     #[serde(default)]
     pub changes_seen: u64,
+    /// The rack's boot generation, read before `machines`: they hold every change up to it
+    /// (see `PowerRequest::boot_generation`). 0 from older regions.
+    #[serde(default)]
+    pub boot_generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

@@ -202,6 +202,12 @@ pub struct PowerRequest {
     pub mac: String,
     pub parameters: PowerParameters,
     pub actions: Vec<PowerAction>,
+    /// The rack's boot generation (`RackCatalogue::boot_generation`) as of this request: the
+    /// change that asked for it is in every catalogue of this generation or newer, so the rack
+    /// powers the machine on only once its boot table is that new, and the machine cannot boot
+    /// a decision from before the change. 0 (older regions): no wait.
+    #[serde(default)]
+    pub boot_generation: u64,
 }
 
 /// `POST /rack/power` body: what came of one request.

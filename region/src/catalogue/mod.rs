@@ -608,6 +608,8 @@ impl Catalogue {
                 .map_err(|source| CatalogueError::Machines { source: Box::new(source) })?,
             deploy_env,
             changes_seen,
+            // The rack row was read before the machines: they are at least this new.
+            boot_generation: rack.boot_generation,
         })
     }
 

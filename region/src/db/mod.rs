@@ -129,6 +129,13 @@ pub(crate) fn migrator() -> Migrator {
             Cow::Borrowed(include_str!("../../migrations/sqlite/0007_machine_list_order.sql")),
             false,
         ),
+        Migration::new(
+            8,
+            Cow::Borrowed("rack boot generation"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../../migrations/sqlite/0008_rack_boot_generation.sql")),
+            false,
+        ),
     ];
     Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
 }

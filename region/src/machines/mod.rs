@@ -224,6 +224,11 @@ async fn write_change(
         row.state_changed_at_ms = now;
     }
     store::save_machine(conn, row).await?;
+    if racks_must_hear(before, row) {
+        // With the change, so a power request queued below never reaches a rack with a
+        // generation its boot table could reach without this change.
+        store::raise_boot_generation(conn, &[before.rack_id.as_deref(), row.rack_id.as_deref()]).await?;
+    }
     for (kind, message) in &effects.events {
         store::insert_machine_event(conn, kind, actor, message, &row.id).await?;
     }

@@ -258,6 +258,27 @@ pub async fn queue_power(
     Ok(())
 }
 
+/// Raises the boot generation of the racks that serve a changed machine (`None`: a machine of
+/// no rack, which every rack serves), in the caller's transaction: see migration 0008.
+pub async fn raise_boot_generation(conn: &mut AnyConnection, racks: &[Option<&str>]) -> Result<(), StoreError> {
+    let raise = "UPDATE racks SET boot_generation = boot_generation + 1";
+    if racks.iter().any(Option::is_none) {
+        sqlx::query(raise).execute(&mut *conn).await.map_err(query_error("raise boot generations"))?;
+        return Ok(());
+    }
+    let mut ids: Vec<&str> = racks.iter().flatten().copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        sqlx::query(&format!("{raise} WHERE id = $1"))
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(query_error("raise a boot generation"))?;
+    }
+    Ok(())
+}
+
 /// Drops the unanswered power requests of a machine (a new job's request replaces them).
 pub async fn cancel_power(conn: &mut AnyConnection, machine_id: &str) -> Result<(), StoreError> {
     sqlx::query("UPDATE power_requests SET done = 1 WHERE machine_id = $1 AND done = 0")
@@ -524,6 +545,14 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut tx = self.begin_write().await.map_err(query_error("begin take power requests"))?;
+        // In the transaction that takes the requests: at least the generation of the change
+        // that queued each of them.
+        let boot_generation: i64 = sqlx::query_scalar("SELECT boot_generation FROM racks WHERE id = $1")
+            .bind(rack_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(query_error("read the rack's boot generation"))?
+            .unwrap_or(0);
         let rows = sqlx::query(
             "SELECT p.id, p.machine_id, m.mac, m.power_json, p.actions_json FROM power_requests p \
              JOIN machines m ON m.id = p.machine_id \
@@ -554,6 +583,7 @@ impl Store {
                 machine_id,
                 parameters,
                 actions: serde_json::from_str(&actions).map_err(corrupt)?,
+                boot_generation: boot_generation.max(0) as u64,
             });
             sqlx::query("UPDATE power_requests SET sent_at_ms = $1 WHERE id = $2")
                 .bind(now_ms())

@@ -501,6 +501,7 @@ mod tests {
             sync_requested: 0,
             sync_report: None,
             snapshot_id: None,
+            boot_generation: 0,
         }
     }
 

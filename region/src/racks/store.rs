@@ -35,6 +35,8 @@ pub struct RackRow {
     pub sync_report: Option<SyncReport>,
     /// The snapshot whose files `rack_snapshot_files` holds for this rack.
     pub snapshot_id: Option<String>,
+    /// Raised with each change to this rack's machines' boot decisions (migration 0008).
+    pub boot_generation: u64,
 }
 
 impl Store {
@@ -135,7 +137,7 @@ impl Store {
         let racks = rows
             .iter()
             .map(|row| {
-                let files: i64 = row.try_get(16).map_err(query_error("read rack snapshot count"))?;
+                let files: i64 = row.try_get(RACK_COLUMNS_LEN).map_err(query_error("read rack snapshot count"))?;
                 Ok((self.with_pending_heartbeat(rack_from_row(row)?), files.max(0) as u64))
             })
             .collect::<Result<_, StoreError>>()?;
@@ -397,7 +399,22 @@ fn rack_page_query() -> String {
 /// The columns [`rack_from_row`] reads, in its order.
 const RACK_COLUMNS: &str = "id, name, credential_hash, secret_generation, registered_at_ms, last_seen_ms, \
      health_json, remote_address, sync_policy, sync_delay_ms, sync_window_start, sync_window_end, \
-     sync_bandwidth_bytes_per_s, sync_requested, sync_report_json, snapshot_id";
+     sync_bandwidth_bytes_per_s, sync_requested, sync_report_json, snapshot_id, boot_generation";
+
+/// How many columns [`RACK_COLUMNS`] names: a query's own columns come after them.
+const RACK_COLUMNS_LEN: usize = count_columns(RACK_COLUMNS);
+
+const fn count_columns(list: &str) -> usize {
+    let bytes = list.as_bytes();
+    let (mut i, mut n) = (0, 1);
+    while i < bytes.len() {
+        if bytes[i] == b',' {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
 
 fn json_column<T: serde::de::DeserializeOwned>(
     row: &AnyRow,
@@ -437,6 +454,7 @@ fn rack_from_row(row: &AnyRow) -> Result<RackRow, StoreError> {
         sync_requested: row.try_get(13).map_err(read)?,
         sync_report: json_column(row, 14, "rack sync report")?,
         snapshot_id: row.try_get(15).map_err(read)?,
+        boot_generation: row.try_get::<i64, _>(16).map_err(read)?.max(0) as u64,
     })
 }
 

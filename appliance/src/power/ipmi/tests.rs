@@ -131,6 +131,7 @@ set_working_mc 0x20
 
     fn request(&self, password: &str, actions: Vec<PowerAction>) -> PowerRequest {
         PowerRequest {
+            boot_generation: 0,
             id: 9,
             machine_id: "machine-ipmi".into(),
             mac: "52:54:00:00:00:09".into(),

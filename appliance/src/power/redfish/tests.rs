@@ -20,6 +20,7 @@ fn start(transport: BmcTransport, machine: impl PoweredMachine) -> BmcServer {
 
 fn request(server: &BmcServer, trust_self_signed: bool, actions: Vec<PowerAction>) -> PowerRequest {
     PowerRequest {
+        boot_generation: 0,
         id: 42,
         machine_id: "machine-1".into(),
         mac: "52:54:00:00:00:01".into(),
