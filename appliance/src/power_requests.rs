@@ -32,9 +32,10 @@ const POLL_WAIT: Duration = Duration::from_secs(30);
 /// How long a request that powers a machine on waits for the boot table to reach its
 /// generation. The catalogue poll answers at once when the rack's machines changed (also while
 /// a sync runs), so this is normally one round trip; past it the request fails with the reason
-/// rather than boot the machine into an old decision. Well under the region's resend interval
-/// (`POWER_RESEND_AFTER`, 120 s), so a waiting request is not sent again meanwhile.
+/// rather than boot the machine into an old decision. Well under the region's resend interval,
+/// so a waiting request is not sent again meanwhile.
 pub const BOOT_TABLE_WAIT_MAX: Duration = Duration::from_secs(30);
+const _: () = assert!(BOOT_TABLE_WAIT_MAX.as_secs() < metalrack_api::limits::POWER_RESEND_AFTER.as_secs());
 
 /// A request's result is sent again this often until the region takes it (it may be away).
 const RESULT_RETRY: Duration = Duration::from_secs(5);

@@ -19,6 +19,12 @@ pub const CHUNK_FETCH_MAX: usize = 1024;
 /// call must be longer, or it would give up on a poll the region is still holding.
 pub const CATALOGUE_POLL_HOLD_MAX: Duration = Duration::from_secs(60);
 
+/// A power request sent to a rack and not answered within this is sent again: the rack
+/// restarted, or its answer was lost. A BMC answers within seconds; a cycle takes under a
+/// minute even on slow BMCs. What a rack waits for before it runs a request (its boot table,
+/// `BOOT_TABLE_WAIT_MAX`) must be shorter, or the request would arrive twice.
+pub const POWER_RESEND_AFTER: Duration = Duration::from_secs(120);
+
 /// Boot events in one `POST /rack/events` batch.
 pub const BOOT_EVENTS_PER_REQUEST_MAX: usize = 1000;
 

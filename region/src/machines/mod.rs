@@ -39,10 +39,7 @@ use store::MachineRow;
 /// the wire contract, which racks truncate to).
 pub const TEXT_LEN_MAX: usize = 1024;
 
-/// A power request sent to a rack and not answered within this is sent again: the rack
-/// restarted, or its answer was lost. A BMC answers within seconds; a cycle takes under a
-/// minute even on slow BMCs.
-pub const POWER_RESEND_AFTER: Duration = Duration::from_secs(120);
+pub use metalrack_api::limits::POWER_RESEND_AFTER;
 
 /// Answered power requests are kept this long (for a look at what was asked of a BMC, in the
 /// database), then deleted with the next power poll: open requests are at most one per machine
