@@ -75,6 +75,7 @@ pub struct RegionMetrics {
     pub events_dropped: Family<ReasonLabel, Counter>,
     pub events_trimmed: Gauge,
     pub db_connections: Family<StateLabel, Gauge>,
+    pub db_connections_closed_in_transaction: Counter,
     /// One scrape at a time: each sets the scrape-time gauges and then encodes them.
     pub scrape: tokio::sync::Mutex<()>,
 }
@@ -158,6 +159,13 @@ impl RegionMetrics {
         );
         let db_connections = Family::<StateLabel, Gauge>::default();
         r.register("db_connections", "Database pool connections, by state (idle, in_use)", db_connections.clone());
+        let db_connections_closed_in_transaction = Counter::default();
+        r.register(
+            "db_connections_closed_in_transaction",
+            "Database connections closed (rolling their transaction back) because they came back to their pool \
+             inside a transaction: a write aborted inside BEGIN when its client went away",
+            db_connections_closed_in_transaction.clone(),
+        );
         // Every reason appears from the start, at 0, so a dashboard's rate() has a series.
         for reason in [DROPPED_BOOT_BATCH_REFUSED, DROPPED_RECORD_FAILED] {
             let _ = events_dropped.get_or_create(&ReasonLabel { reason });
@@ -180,6 +188,7 @@ impl RegionMetrics {
             events_dropped,
             events_trimmed,
             db_connections,
+            db_connections_closed_in_transaction,
             scrape: tokio::sync::Mutex::new(()),
         }
     }

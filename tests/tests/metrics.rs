@@ -220,6 +220,8 @@ async fn region_metrics_count_requests_by_route_template_and_status_and_match_ra
             + gauge("metalrack_region_db_connections{state=\"in_use\"}")
             >= 1.0
     );
+    // Exported from the start (a dashboard's rate() has a series); none closed in this run.
+    assert_eq!(gauge("metalrack_region_db_connections_closed_in_transaction_total"), 0.0, "{text}");
     assert!(text.ends_with("# EOF\n"), "a complete OpenMetrics document");
 }
 

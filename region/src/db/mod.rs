@@ -7,6 +7,8 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -150,7 +152,11 @@ pub(crate) fn migrator() -> Migrator {
 /// it failed (the busy timeout on other connections, "non-zero transaction depth" on it) until
 /// a restart. A transaction dropped the ordinary way queues its rollback, so the connection is
 /// asked once more (a ping runs after what was queued) before it is given up.
-async fn release_outside_a_transaction(conn: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Error> {
+/// Each one closed is counted in `closed`, for `/metrics`.
+async fn release_outside_a_transaction(
+    conn: &mut sqlx::AnyConnection,
+    closed: &AtomicU64,
+) -> Result<bool, sqlx::Error> {
     use sqlx::Connection;
     if !conn.is_in_transaction() {
         return Ok(true);
@@ -159,6 +165,7 @@ async fn release_outside_a_transaction(conn: &mut sqlx::AnyConnection) -> Result
     if !conn.is_in_transaction() {
         return Ok(true);
     }
+    closed.fetch_add(1, Ordering::Relaxed);
     tracing::warn!("a cancelled write left its transaction open; closing its connection, which rolls it back");
     Ok(false)
 }
@@ -173,6 +180,8 @@ pub struct Store {
     pub(crate) heartbeats: std::sync::Arc<std::sync::Mutex<heartbeats::HeartbeatBuffer>>,
     /// The write transactions' turn ([`Store::begin_write`]), fair (first come, first served).
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Connections given back inside a transaction and closed ([`release_outside_a_transaction`]).
+    closed_in_transaction: Arc<AtomicU64>,
 }
 
 /// A write transaction holding the writers' turn until it commits or is dropped (rolled back).
@@ -229,6 +238,7 @@ impl Store {
         let path = data_dir.join(DATABASE_FILE);
         sqlx::any::install_default_drivers();
         let url = format!("sqlite://{}?mode=rwc", path.display());
+        let closed_in_transaction = Arc::new(AtomicU64::new(0));
         let options = || {
             AnyPoolOptions::new()
                 .max_connections(POOL_CONNECTIONS_MAX)
@@ -241,14 +251,32 @@ impl Store {
                         Ok(())
                     })
                 })
-                .after_release(|conn, _meta| Box::pin(release_outside_a_transaction(conn)))
+                .after_release({
+                    let closed = closed_in_transaction.clone();
+                    move |conn, _meta| {
+                        let closed = closed.clone();
+                        Box::pin(async move { release_outside_a_transaction(conn, &closed).await })
+                    }
+                })
         };
         let open_error = |source| StoreError::Open { path: path.clone(), source };
         let foreground_pool = options().connect(&url).await.map_err(open_error)?;
         migrator().run(&foreground_pool).await.map_err(|source| StoreError::Migrate { source })?;
         // Lazy: its first connection is opened by the first background thread that asks.
         let background_pool = options().connect_lazy(&url).map_err(open_error)?;
-        Ok(Store { foreground_pool, background_pool, heartbeats: Default::default(), writer: Default::default() })
+        Ok(Store {
+            foreground_pool,
+            background_pool,
+            heartbeats: Default::default(),
+            writer: Default::default(),
+            closed_in_transaction,
+        })
+    }
+
+    /// Connections closed because they came back to their pool inside a transaction (a write
+    /// aborted inside sqlx's `BEGIN`), since the region started.
+    pub fn connections_closed_in_transaction(&self) -> u64 {
+        self.closed_in_transaction.load(Ordering::Relaxed)
     }
 
     /// A connection of the calling thread's pool ([`Store::pool`]), for reads that run several
@@ -375,6 +403,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A connection given back inside a transaction that nothing will roll back (what an abort
+    /// inside sqlx's `BEGIN` leaves; here the transaction is forgotten) is closed and counted,
+    /// and the next write, on another connection, goes through at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_given_back_inside_a_transaction_is_closed_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let mut conn = store.pool().acquire().await.unwrap();
+        let tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await.unwrap();
+        std::mem::forget(tx);
+        drop(conn);
+        let write = tokio::time::timeout(
+            Duration::from_secs(2),
+            store.write_one(sqlx::query("INSERT INTO settings (name, value) VALUES ('after', '1')")),
+        )
+        .await;
+        assert!(matches!(write, Ok(Ok(_))), "the next write: {write:?}");
+        assert_eq!(store.connections_closed_in_transaction(), 1);
     }
 
     /// The cancelled-write test's sweep: each number of polls, this many times.

@@ -46,6 +46,9 @@ pub async fn scrape(State(state): State<AppState>, _user: ApiUser) -> Result<imp
     let (open, idle) = store.pool_connections();
     metrics.db_connections.get_or_create(&StateLabel { state: "idle" }).set(idle as i64);
     metrics.db_connections.get_or_create(&StateLabel { state: "in_use" }).set(i64::from(open) - idle as i64);
+    // The store counts; the counter catches up under the scrape lock.
+    let closed = &metrics.db_connections_closed_in_transaction;
+    closed.inc_by(store.connections_closed_in_transaction().saturating_sub(closed.get()));
     let in_flight = &state.in_flight;
     metrics.http_requests_in_flight.set((HTTP_REQUESTS_IN_FLIGHT_MAX - in_flight.handlers_free()) as i64);
     metrics.long_polls_held.set((LONG_POLLS_MAX - in_flight.long_polls_free()) as i64);
