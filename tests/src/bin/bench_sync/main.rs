@@ -335,7 +335,7 @@ async fn run(options: &Options) -> Result<String> {
             make: Edit::Insert,
         },
     ];
-    let rsyncd = RsyncDaemon::start(w, &scenarios.iter().map(|s| s.key).collect::<Vec<_>>())?;
+    let rsyncd = RsyncDaemon::start(w, &scenarios.iter().map(|s| s.key).collect::<Vec<_>>()).await?;
     let scenarios = if options.first_sync_only { &scenarios[..0] } else { &scenarios[..] };
     for scenario in scenarios {
         note(&format!("2{}. delta sync vs rsync: {}", scenario.key, scenario.title));

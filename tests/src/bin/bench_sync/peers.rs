@@ -3,15 +3,13 @@
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use metalrack_tests::process::{Daemon, Spawn};
 
 use crate::tools::{b3sum, free_port, run_tool, settle, wait_listening, HttpKind};
-use crate::POLL;
 
 pub struct HttpServer {
     port: u16,
@@ -165,7 +163,7 @@ pub struct RsyncSample {
 
 /// `rsync --daemon` on a free loopback port, its config and logs in `dir`, serving `modules`
 /// (name, directory, writable; the directories are created); returns once it listens.
-pub fn spawn_rsync_daemon(dir: &Path, modules: &[(&str, PathBuf, bool)]) -> Result<(u16, Daemon)> {
+pub async fn spawn_rsync_daemon(dir: &Path, modules: &[(&str, PathBuf, bool)]) -> Result<(u16, Daemon)> {
     std::fs::create_dir_all(dir)?;
     // Running as root, the daemon would drop to `nobody`, who cannot read the 0700 temp
     // dir: stay root. No chroot: the module paths are plain dirs of ours.
@@ -181,13 +179,7 @@ pub fn spawn_rsync_daemon(dir: &Path, modules: &[(&str, PathBuf, bool)]) -> Resu
     command.arg("--daemon").arg("--no-detach").arg(format!("--config={}", conf_path.display()));
     command.args(["--address=127.0.0.1", &format!("--port={port}")]);
     let mut daemon = Daemon::spawn("rsync daemon", command, &dir.join("daemon.log"), false, Spawn::default())?;
-    // Blocking wait is fine here: nothing else runs yet and it takes milliseconds.
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        daemon.check_running()?;
-        ensure!(start.elapsed() < Duration::from_secs(10), "rsync daemon did not listen on {port}");
-        std::thread::sleep(POLL);
-    }
+    wait_listening(&mut daemon, port).await?;
     Ok((port, daemon))
 }
 
@@ -201,11 +193,11 @@ pub struct RsyncDaemon {
 
 impl RsyncDaemon {
     /// One module per key in `keys` (`src-KEY/image.raw`, written by the caller).
-    pub fn start(work: &Path, keys: &[&str]) -> Result<RsyncDaemon> {
+    pub async fn start(work: &Path, keys: &[&str]) -> Result<RsyncDaemon> {
         let dir = work.join("rsyncd");
         let modules: Vec<(&str, PathBuf, bool)> =
             keys.iter().map(|key| (*key, dir.join(format!("src-{key}")), false)).collect();
-        let (port, daemon) = spawn_rsync_daemon(&dir, &modules)?;
+        let (port, daemon) = spawn_rsync_daemon(&dir, &modules).await?;
         Ok(RsyncDaemon { work: work.to_owned(), port, _daemon: daemon })
     }
 

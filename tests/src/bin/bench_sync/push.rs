@@ -101,10 +101,10 @@ struct RsyncTarget {
 }
 
 impl RsyncTarget {
-    fn start(work: &Path) -> Result<RsyncTarget> {
+    async fn start(work: &Path) -> Result<RsyncTarget> {
         let dir = work.join("rsyncd-push");
         let module_dir = dir.join("push");
-        let (port, daemon) = spawn_rsync_daemon(&dir, &[("push", module_dir.clone(), true)])?;
+        let (port, daemon) = spawn_rsync_daemon(&dir, &[("push", module_dir.clone(), true)]).await?;
         Ok(RsyncTarget { port, module_dir, _daemon: daemon })
     }
 
@@ -144,7 +144,7 @@ pub async fn run(options: &Options) -> Result<String> {
     };
     let region = Region::launch(&w.join("region"), REGION_CONFIG, ANY_PORT, &[], Spawn::default())?;
     let api = region.api(&region.add_admin("bench", "bench password 1")?);
-    let rsync = if options.no_rsync { None } else { Some(RsyncTarget::start(w)?) };
+    let rsync = if options.no_rsync { None } else { Some(RsyncTarget::start(w).await?) };
     // Warm the page cache with the file, as both tools will find it.
     run_tool(Path::new("cat"), &[file.clone().into()]).await?;
     let (mut rsync_walls, mut pushes) = (Vec::new(), Vec::new());

@@ -190,7 +190,7 @@ pub async fn run(options: &RealImageOptions) -> Result<String> {
     std::fs::create_dir_all(www.join("casync"))?;
     std::fs::create_dir_all(www.join("zsync"))?;
     let keys: Vec<&str> = scenarios.iter().map(|(key, _, _)| *key).collect();
-    let rsyncd = RsyncDaemon::start(w, &keys)?;
+    let rsyncd = RsyncDaemon::start(w, &keys).await?;
     let mut http = match needs_http {
         true => Some(HttpServer::start_logged(&w.join("nginx"), &www).await?),
         false => None,
