@@ -136,18 +136,16 @@ async fn boot_table_ready(
     // Timed out, or the table's writer is gone (the rack is stopping), is not reached.
     let reached =
         matches!(tokio::time::timeout(wait, boots.wait_for(|boots| boots.generation >= needed)).await, Ok(Ok(_)));
-    match reached {
-        true => Ok(()),
-        false => {
-            let have = boots.borrow().generation;
-            tracing::warn!(id = request.id, machine_id = %request.machine_id, have, needed, "boot table behind a power-on; not powering on");
-            Err(format!(
-                "not powered on: this rack's boot table is at generation {have} and did not reach {needed} (the change \
-                 that asked for the power-on) within {}s, so the machine would have booted what the rack was told before",
-                wait.as_secs()
-            ))
-        }
+    if reached {
+        return Ok(());
     }
+    let have = boots.borrow().generation;
+    tracing::warn!(id = request.id, machine_id = %request.machine_id, have, needed, "boot table behind a power-on; not powering on");
+    Err(format!(
+        "not powered on: this rack's boot table is at generation {have} and did not reach {needed} (the change \
+         that asked for the power-on) within {}s, so the machine would have booted what the rack was told before",
+        wait.as_secs()
+    ))
 }
 
 /// Sends `result` until the region takes it or `shutdown`.
