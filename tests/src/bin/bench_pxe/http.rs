@@ -148,6 +148,10 @@ pub async fn http_load(addr: SocketAddr, path: &str, clients: usize, limit: Dura
 pub struct HttpSample {
     pub load: LoadResult,
     pub usage: Usage,
+    /// This program's CPU time over the cell: the clients'. Both ends share the kernel's TCP
+    /// work on loopback, and the split moves with how the server paces its writes, so the
+    /// server's figure alone is not like for like (see `report`).
+    pub client_usage: Usage,
 }
 
 /// One cell: warm-up, then the measured time, with the server's CPU time over the latter.
@@ -162,10 +166,11 @@ pub fn http_cell(lab: &Lab, target: &Target, clients: usize, options: &Options) 
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = Usage::of_group(group);
+        let (before, client_before) = (Usage::of_group(group), Usage::of_self());
         let load = http_load(addr, BIG_URL, clients, seconds, false).await;
         let usage = Usage::of_group(group).since(before);
-        Ok(HttpSample { load, usage })
+        let client_usage = Usage::of_self().since(client_before);
+        Ok(HttpSample { load, usage, client_usage })
     })
 }
 
