@@ -175,15 +175,7 @@ impl RegionClient {
         if let Some(changes) = changes_seen {
             url.push_str(&format!("&changes={changes}"));
         }
-        // The region holds the poll up to `wait`: the deadline covers that and the call itself.
-        let request = self
-            .http
-            .get(&url)
-            .header(reqwest::header::AUTHORIZATION, authorization)
-            .timeout(self.request_timeout + wait);
-        let bytes = self.send(request).await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|_| RegionError::NotARegion { url: self.base.clone(), status: StatusCode::OK })
+        self.long_poll(&url, authorization, wait).await
     }
 
     /// A manifest by id. With `base` (a manifest the rack has), the region may answer with a
@@ -244,9 +236,21 @@ impl RegionClient {
     /// This rack's power requests, held open by the region up to `wait` while there are none.
     pub async fn power_requests(&self, authorization: &str, wait: Duration) -> Result<Vec<PowerRequest>, RegionError> {
         let url = format!("{}{API_PREFIX}{}?wait_ms={}", self.base, paths::RACK_POWER, wait.as_millis());
+        self.long_poll(&url, authorization, wait).await
+    }
+
+    /// A `GET` of `url` that the region holds open up to `wait` while it has nothing new; the
+    /// JSON answer.
+    async fn long_poll<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        authorization: &str,
+        wait: Duration,
+    ) -> Result<T, RegionError> {
+        // The deadline covers the region's hold and the call itself.
         let request = self
             .http
-            .get(&url)
+            .get(url)
             .header(reqwest::header::AUTHORIZATION, authorization)
             .timeout(self.request_timeout + wait);
         let bytes = self.send(request).await?;

@@ -777,23 +777,12 @@ async fn system_reset(State(shared): State<Arc<Shared>>, Path(id): Path<String>,
     match outcome {
         Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(error)) => {
-            let chain = error_chain(error.as_ref());
+            let chain = metalrack_image_tools::error_chain(error.as_ref());
             tracing::warn!(error = %chain, "lab BMC: the machine refused a reset");
             redfish_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &chain)
         }
         Err(response) => response,
     }
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -169,13 +169,7 @@ fn action_name(action: PowerAction) -> &'static str {
 /// `error` and its sources joined with ": ", cut to [`POWER_ERROR_BYTES_MAX`] at a character
 /// boundary.
 pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let mut text = metalrack_image_tools::error_chain(error);
     cut(&mut text, POWER_ERROR_BYTES_MAX);
     text
 }
