@@ -165,10 +165,10 @@ impl BlockCoverage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunker::tests::pseudo_random_bytes;
+    use crate::testdata::random_bytes;
 
     fn bytes(len: usize) -> Vec<u8> {
-        pseudo_random_bytes(len, 0x9e37_79b9)
+        random_bytes(len, 0x9e37_79b9)
     }
 
     fn block_hash(data: &[u8], order: impl Fn(usize) -> Vec<usize>) -> Option<Hash> {

@@ -470,22 +470,8 @@ pub enum ChunkError {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::testdata::random_bytes;
     use std::collections::HashSet;
-
-    /// Deterministic pseudo-random bytes (xorshift64*): incompressible, like real image data,
-    /// and the same on every run.
-    pub(crate) fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        let mut bytes = Vec::with_capacity(len + 8);
-        while bytes.len() < len {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            bytes.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-        }
-        bytes.truncate(len);
-        bytes
-    }
 
     fn chunk_bytes(bytes: &[u8], config: ChunkerConfig) -> (Manifest, Vec<Vec<u8>>) {
         let mut pieces = Vec::new();
@@ -525,7 +511,7 @@ pub(crate) mod tests {
 
     #[test]
     fn test_reproduces_input_and_hashes() {
-        let input = pseudo_random_bytes(3 * MIB + 12345, 1);
+        let input = random_bytes(3 * MIB + 12345, 1);
         let (manifest, pieces) = chunk_bytes(&input, ChunkerConfig::default());
         assert_eq!(pieces.concat(), input);
         assert_eq!(manifest.file_len, input.len() as u64);
@@ -569,10 +555,10 @@ pub(crate) mod tests {
 
     #[test]
     fn test_boundaries_stable_under_insertion() {
-        let original = pseudo_random_bytes(4 * MIB, 2);
+        let original = random_bytes(4 * MIB, 2);
         let insert_at = original.len() / 2;
         let mut edited = original.clone();
-        edited.splice(insert_at..insert_at, pseudo_random_bytes(100, 3));
+        edited.splice(insert_at..insert_at, random_bytes(100, 3));
 
         let config = ChunkerConfig::default();
         let (before, _) = chunk_bytes(&original, config);
@@ -631,14 +617,14 @@ pub(crate) mod tests {
                 self.0.read(buf)
             }
         }
-        let input = pseudo_random_bytes(MIB, 4);
+        let input = random_bytes(MIB, 4);
         let manifest = chunk_reader(Interrupting(&input, false), ChunkerConfig::default(), |_, _| Ok(())).unwrap();
         assert_eq!(manifest.file_hash, Hash::of(&input));
     }
 
     #[test]
     fn test_callback_error_stops() {
-        let input = pseudo_random_bytes(MIB, 5);
+        let input = random_bytes(MIB, 5);
         let mut calls = 0;
         let result = chunk_reader(&input[..], ChunkerConfig::default(), |_, _| {
             calls += 1;
@@ -654,16 +640,24 @@ pub(crate) mod tests {
     /// every kind of transition.
     fn structured_bytes() -> Vec<u8> {
         let mut bytes = Vec::new();
-        bytes.extend(pseudo_random_bytes(300_001, 20));
+        bytes.extend(recorded_random_bytes(300_001, 20));
         bytes.extend(vec![0u8; MIB + 17]);
         bytes.extend(b"metalrack ".iter().cycle().take(700 * 1024 + 3));
-        bytes.extend(pseudo_random_bytes(MIB - 5, 21));
-        let block = pseudo_random_bytes(4096, 22);
+        bytes.extend(recorded_random_bytes(MIB - 5, 21));
+        let block = recorded_random_bytes(4096, 22);
         for _ in 0..200 {
             bytes.extend_from_slice(&block);
         }
         bytes.extend(vec![0u8; 300 * 1024 + 1]);
-        bytes.extend(pseudo_random_bytes(5000, 23));
+        bytes.extend(recorded_random_bytes(5000, 23));
+        bytes
+    }
+
+    /// Random bytes as the fixture below was recorded with: the shared generator started from
+    /// `seed | 1` as it is (see `testdata::Random::from_state`).
+    fn recorded_random_bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        crate::testdata::Random::from_state(seed | 1).fill(&mut bytes);
         bytes
     }
 
@@ -696,7 +690,7 @@ pub(crate) mod tests {
     fn recorded_inputs() -> [(Vec<u8>, ChunkerConfig); 3] {
         let small = ChunkerConfig { min_len: 1024, avg_len: 4096, max_len: 16384 };
         [
-            (pseudo_random_bytes(5 * MIB + 4321, 12), ChunkerConfig::default()),
+            (recorded_random_bytes(5 * MIB + 4321, 12), ChunkerConfig::default()),
             (structured_bytes(), ChunkerConfig::default()),
             (structured_bytes(), small),
         ]
@@ -724,7 +718,7 @@ pub(crate) mod tests {
     fn test_chunk_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("image.raw");
-        let input = pseudo_random_bytes(MIB + 7, 6);
+        let input = random_bytes(MIB + 7, 6);
         std::fs::write(&path, &input).unwrap();
         let mut reports = Vec::new();
         let manifest = chunk_file(&path, ChunkerConfig::default(), |done| reports.push(done)).unwrap();
@@ -751,14 +745,14 @@ pub(crate) mod tests {
     fn test_segments_match_one_pass() {
         let tiny = ChunkerConfig { min_len: 64, avg_len: 256, max_len: 1024 };
         let small = ChunkerConfig { min_len: 1024, avg_len: 4096, max_len: 16384 };
-        let mut zeros_across_starts = pseudo_random_bytes(64 * 1024, 30);
+        let mut zeros_across_starts = random_bytes(64 * 1024, 30);
         zeros_across_starts.extend(vec![0u8; 6 * MIB + 12345]);
         // Chains that never meet the last segment's: finished on the calling thread.
         let zeros_to_the_end = zeros_across_starts.clone();
-        zeros_across_starts.extend(pseudo_random_bytes(300_000, 31));
+        zeros_across_starts.extend(random_bytes(300_000, 31));
         let cases = [
-            (pseudo_random_bytes(3 * MIB + 999, 32), ChunkerConfig::default()),
-            (pseudo_random_bytes(3 * MIB + 999, 32), small),
+            (random_bytes(3 * MIB + 999, 32), ChunkerConfig::default()),
+            (random_bytes(3 * MIB + 999, 32), small),
             (structured_bytes(), small),
             (structured_bytes(), ChunkerConfig::default()),
             (zeros_across_starts.clone(), ChunkerConfig::default()),
@@ -777,7 +771,7 @@ pub(crate) mod tests {
         }
         // Short inputs, where segment starts collide or fall on the first BLAKE3 chunks.
         for len in [0, 1, 63, 64, 65, 1023, 1024, 1025, 2047, 2048, 2049, 3000, 4096, 5000, 8193, 65543, 100_000] {
-            for input in [pseudo_random_bytes(len, 33), vec![0u8; len]] {
+            for input in [random_bytes(len, 33), vec![0u8; len]] {
                 let (one_pass, _) = chunk_bytes(&input, tiny);
                 for n_segments in 1..=6 {
                     let manifest = chunk_segments(&input, tiny, n_segments, |_| {}).unwrap();

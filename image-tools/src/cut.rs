@@ -196,7 +196,7 @@ const GEAR: [u64; 256] = [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunker::tests::pseudo_random_bytes;
+    use crate::testdata::random_bytes;
 
     /// Every cut of a whole input, as `v2020::FastCDC` makes them.
     fn fastcdc_cuts(data: &[u8], config: ChunkerConfig) -> Vec<usize> {
@@ -233,10 +233,9 @@ mod tests {
         for i in 0..300_000u32 {
             repeated.push((i % 251) as u8 ^ (i / 5000) as u8);
         }
-        let mut inputs =
-            vec![pseudo_random_bytes(4 * 1024 * 1024 + 3, 40), vec![0u8; 1_000_003], repeated, b"abc".to_vec()];
+        let mut inputs = vec![random_bytes(4 * 1024 * 1024 + 3, 40), vec![0u8; 1_000_003], repeated, b"abc".to_vec()];
         for len in [0, 1, 64, 65, 127, 128, 129, 1023, 1024, 1025, 4095, 4096, 4097, 8193, 8194, 70_001] {
-            inputs.push(pseudo_random_bytes(len, 41 + len as u64));
+            inputs.push(random_bytes(len, 41 + len as u64));
         }
         for config in configs {
             config.validate().unwrap();
@@ -250,7 +249,7 @@ mod tests {
     /// `chunker::chunk_slice` start at arbitrary offsets.
     #[test]
     fn test_cut_from_any_offset() {
-        let data = pseudo_random_bytes(600_000, 42);
+        let data = random_bytes(600_000, 42);
         let config = ChunkerConfig::default();
         let cutter = Cutter::new(config);
         let fastcdc = v2020::FastCDC::new(&data, config.min_len, config.avg_len, config.max_len);

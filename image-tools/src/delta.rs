@@ -339,25 +339,14 @@ fn decode_frame(body: &[u8], prefix: &[u8], expected_len: usize) -> Result<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testdata::random_bytes;
     use proptest::prelude::*;
-
-    fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    }
 
     #[test]
     fn a_chunk_with_a_small_change_travels_as_a_small_delta() {
-        let old = noise(1, 96 * 1024);
+        let old = random_bytes(96 * 1024, 1);
         let mut new = old.clone();
-        new[40_000..44_096].copy_from_slice(&noise(2, 4096));
+        new[40_000..44_096].copy_from_slice(&random_bytes(4096, 2));
         let mut payload = Vec::new();
         assert_eq!(encode_payload(&new, &old, &mut payload).unwrap(), PayloadTag::Delta);
         assert!(payload.len() < 4096 + 200, "delta of a 4 KiB change is {} bytes", payload.len());
@@ -368,8 +357,8 @@ mod tests {
     fn matches_are_found_across_a_whole_large_base() {
         // A manifest-sized base (1 MB): the delta of a small insertion stays small only if the
         // match table covers the whole base, not just its last positions.
-        let old = noise(11, 1_000_000);
-        let new = [&old[..100_000], &noise(12, 500)[..], &old[100_036..]].concat();
+        let old = random_bytes(1_000_000, 11);
+        let new = [&old[..100_000], &random_bytes(500, 12)[..], &old[100_036..]].concat();
         let mut payload = Vec::new();
         assert_eq!(encode_payload(&new, &old, &mut payload).unwrap(), PayloadTag::Delta);
         assert!(payload.len() < 2000, "delta of a 500-byte insertion into 1 MB is {} bytes", payload.len());
@@ -378,11 +367,11 @@ mod tests {
 
     #[test]
     fn shifted_content_and_several_bases_still_match() {
-        let a = noise(3, 64 * 1024);
-        let b = noise(4, 64 * 1024);
+        let a = random_bytes(64 * 1024, 3);
+        let b = random_bytes(64 * 1024, 4);
         let prefix = [a.as_slice(), b.as_slice()].concat();
         // A new chunk that straddles the two old ones, with 1000 new bytes in the middle.
-        let new = [&a[30_000..], &noise(5, 1000)[..], &b[..20_000]].concat();
+        let new = [&a[30_000..], &random_bytes(1000, 5)[..], &b[..20_000]].concat();
         let mut payload = Vec::new();
         assert_eq!(encode_payload(&new, &prefix, &mut payload).unwrap(), PayloadTag::Delta);
         assert!(payload.len() < 1000 + 200);
@@ -391,9 +380,9 @@ mod tests {
 
     #[test]
     fn unrelated_or_baseless_chunks_go_raw() {
-        let data = noise(6, 10_000);
+        let data = random_bytes(10_000, 6);
         let mut payload = Vec::new();
-        assert_eq!(encode_payload(&data, &noise(7, 10_000), &mut payload).unwrap(), PayloadTag::Raw);
+        assert_eq!(encode_payload(&data, &random_bytes(10_000, 7), &mut payload).unwrap(), PayloadTag::Raw);
         assert_eq!(payload.len(), data.len() + 1);
         assert_eq!(decode_payload(payload.clone(), &[], data.len()).unwrap().to_vec(), data);
         let mut payload = Vec::new();
@@ -402,13 +391,13 @@ mod tests {
 
     #[test]
     fn decoding_against_the_wrong_bases_or_length_fails_or_differs() {
-        let old = noise(8, 50_000);
+        let old = random_bytes(50_000, 8);
         let mut new = old.clone();
         new[100] ^= 1;
         let mut payload = Vec::new();
         encode_payload(&new, &old, &mut payload).unwrap();
         // A wrong prefix of the same length decodes to other bytes (the hash check catches it).
-        if let Ok(data) = decode_payload(payload.clone(), &noise(9, 50_000), new.len()) {
+        if let Ok(data) = decode_payload(payload.clone(), &random_bytes(50_000, 9), new.len()) {
             assert_ne!(data.to_vec(), new);
         }
         assert_eq!(
@@ -425,7 +414,11 @@ mod tests {
     /// Text-like bytes: a few words repeated in a shuffled order, as code and configuration are.
     fn text(seed: u64, len: usize) -> Vec<u8> {
         let words: [&[u8]; 6] = [b"kernel ", b"module ", b"/usr/lib/", b"0000 ", b"config=", b"\n"];
-        noise(seed, len).iter().flat_map(|b| words[usize::from(*b) % words.len()].iter().copied()).take(len).collect()
+        random_bytes(len, seed)
+            .iter()
+            .flat_map(|b| words[usize::from(*b) % words.len()].iter().copied())
+            .take(len)
+            .collect()
     }
 
     #[test]
@@ -437,7 +430,7 @@ mod tests {
         // A first sync (no bases): what today's racks do with a delta whose want named none.
         assert_eq!(decode_payload(payload.clone(), &[], data.len()).unwrap().to_vec(), data);
         // A rack that named bases decodes it against them: a plain frame never reaches back.
-        let bases = [noise(21, 50_000), text(22, 30_000)].concat();
+        let bases = [random_bytes(50_000, 21), text(22, 30_000)].concat();
         assert_eq!(decode_payload(payload, &bases, data.len()).unwrap().to_vec(), data);
         assert_eq!(decompress_chunk(&compressed, data.len()).unwrap(), data);
         assert!(matches!(decompress_chunk(&compressed, data.len() + 1), Err(DeltaError::WrongLength { .. })));
@@ -446,25 +439,25 @@ mod tests {
 
     #[test]
     fn incompressible_or_barely_compressible_chunks_are_not_compressed() {
-        assert_eq!(compress_chunk(&noise(23, 64 * 1024)).unwrap(), None);
+        assert_eq!(compress_chunk(&random_bytes(64 * 1024, 23)).unwrap(), None);
         assert_eq!(compress_chunk(&[]).unwrap(), None);
         // 10% zeros, the rest noise: saves less than an eighth.
-        let mostly_noise = [vec![0u8; 6_000], noise(24, 54_000)].concat();
+        let mostly_noise = [vec![0u8; 6_000], random_bytes(54_000, 24)].concat();
         assert_eq!(compress_chunk(&mostly_noise).unwrap(), None);
         // 20% zeros saves more than an eighth.
-        let some_zeros = [vec![0u8; 12_000], noise(25, 48_000)].concat();
+        let some_zeros = [vec![0u8; 12_000], random_bytes(48_000, 25)].concat();
         let compressed = compress_chunk(&some_zeros).unwrap().expect("worth it");
         assert!(compressed.len() * COMPRESSED_WORTH.1 <= some_zeros.len() * COMPRESSED_WORTH.0);
     }
 
     #[test]
     fn only_samples_of_random_data_are_tried() {
-        assert!(looks_incompressible(&noise(26, 64 * 1024)).unwrap());
+        assert!(looks_incompressible(&random_bytes(64 * 1024, 26)).unwrap());
         assert!(!looks_incompressible(&text(27, 64 * 1024)).unwrap());
         // Short chunks are tried whole, whatever they hold.
-        assert!(!looks_incompressible(&noise(28, 4 * 1024)).unwrap());
+        assert!(!looks_incompressible(&random_bytes(4 * 1024, 28)).unwrap());
         // Zeros at the start only: the first sample sees them, the chunk is tried.
-        let some_zeros = [vec![0u8; 12_000], noise(29, 48_000)].concat();
+        let some_zeros = [vec![0u8; 12_000], random_bytes(48_000, 29)].concat();
         assert!(!looks_incompressible(&some_zeros).unwrap());
         assert_eq!(compressed_len_max(8), 7);
         assert_eq!(compressed_len_max(64 * 1024), 56 * 1024);
@@ -508,7 +501,7 @@ mod tests {
 
         #[test]
         fn payloads_round_trip(seed: u64, len in 1usize..20_000, edit in 0usize..20_000, with_base: bool) {
-            let old = noise(seed, len);
+            let old = random_bytes(len, seed);
             let mut new = old.clone();
             new[edit % len] ^= 0x5a;
             let prefix = if with_base { old.clone() } else { Vec::new() };
@@ -526,13 +519,13 @@ mod tests {
             let zeros = zeros % len;
             data[..zeros].fill(0);
             if seed % 2 == 0 {
-                data = noise(seed, len);
+                data = random_bytes(len, seed);
             }
             if let Some(compressed) = compress_chunk(&data).unwrap() {
                 let (numerator, denominator) = COMPRESSED_WORTH;
                 prop_assert!(compressed.len() * denominator <= data.len() * numerator);
                 let payload = [&[PayloadTag::Delta as u8][..], &compressed].concat();
-                let prefix = noise(seed ^ 1, prefix_len);
+                let prefix = random_bytes(prefix_len, seed ^ 1);
                 prop_assert_eq!(decode_payload(payload, &prefix, data.len()).unwrap().to_vec(), data);
             }
         }

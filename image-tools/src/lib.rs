@@ -21,6 +21,7 @@ pub mod manifest;
 mod mapped;
 pub mod private_file;
 pub mod store;
+pub mod testdata;
 pub mod verify;
 
 pub use error_chain::error_chain;

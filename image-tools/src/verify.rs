@@ -93,19 +93,10 @@ mod tests {
     use super::*;
     use crate::chunker::{chunk_reader, ChunkerConfig};
     use crate::manifest::ChunkRef;
+    use crate::testdata::random_bytes;
 
     /// Small chunks so a test file of a few hundred KiB has many of them.
     const SMALL_CHUNKS: ChunkerConfig = ChunkerConfig { min_len: 1024, avg_len: 4096, max_len: 16384 };
-
-    fn pseudo_random_bytes(len: usize) -> Vec<u8> {
-        let mut state: u32 = 0x9e37_79b9;
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 24) as u8
-            })
-            .collect()
-    }
 
     fn write_and_chunk(dir: &Path, data: &[u8]) -> (PathBuf, Manifest) {
         let path = dir.join("image.raw");
@@ -117,7 +108,7 @@ mod tests {
     #[test]
     fn test_ok() {
         let dir = tempfile::tempdir().unwrap();
-        let data = pseudo_random_bytes(300_000);
+        let data = random_bytes(300_000, 1);
         let (path, manifest) = write_and_chunk(dir.path(), &data);
         assert!(manifest.chunks.len() > 20);
         let mut reports = Vec::new();
@@ -136,7 +127,7 @@ mod tests {
     #[test]
     fn test_flipped_byte_names_its_chunk() {
         let dir = tempfile::tempdir().unwrap();
-        let data = pseudo_random_bytes(300_000);
+        let data = random_bytes(300_000, 1);
         let (path, manifest) = write_and_chunk(dir.path(), &data);
         for flip_at in [0, 1234, 150_000, data.len() - 1] {
             let mut damaged = data.clone();
@@ -159,7 +150,7 @@ mod tests {
     #[test]
     fn test_length_mismatch() {
         let dir = tempfile::tempdir().unwrap();
-        let data = pseudo_random_bytes(50_000);
+        let data = random_bytes(50_000, 1);
         let (path, manifest) = write_and_chunk(dir.path(), &data);
         std::fs::write(&path, &data[..49_999]).unwrap();
         assert!(matches!(
@@ -179,7 +170,7 @@ mod tests {
     fn test_file_hash_mismatch() {
         // Chunks all match but the manifest's whole-file hash is wrong: still an error.
         let dir = tempfile::tempdir().unwrap();
-        let data = pseudo_random_bytes(20_000);
+        let data = random_bytes(20_000, 1);
         let (path, mut manifest) = write_and_chunk(dir.path(), &data);
         manifest.file_hash = Hash([0; 32]);
         match verify_file(&path, &manifest, |_| {}) {
@@ -194,7 +185,7 @@ mod tests {
     #[test]
     fn test_chunk_larger_than_read_buffer() {
         let dir = tempfile::tempdir().unwrap();
-        let data = pseudo_random_bytes(READ_BUFFER_LEN * 2 + 10);
+        let data = random_bytes(READ_BUFFER_LEN * 2 + 10, 1);
         let path = dir.path().join("image.raw");
         std::fs::write(&path, &data).unwrap();
         let manifest = Manifest {

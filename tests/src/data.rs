@@ -12,36 +12,7 @@ use anyhow::{Context, Result};
 /// Bytes a file is written in, between calls of the caller's check.
 const WRITE_PIECE_BYTES: usize = 4 << 20;
 
-/// xorshift64*: fast (benchmark files are gigabytes) and good enough to look incompressible.
-#[derive(Debug, Clone)]
-pub struct Random(u64);
-
-impl Random {
-    pub fn new(seed: u64) -> Random {
-        Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    pub fn fill(&mut self, buffer: &mut [u8]) {
-        for word in buffer.chunks_mut(8) {
-            let bytes = self.next_u64().to_le_bytes();
-            word.copy_from_slice(&bytes[..word.len()]);
-        }
-    }
-}
-
-/// `len` pseudo-random bytes from `seed`.
-pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut bytes = vec![0u8; len];
-    Random::new(seed).fill(&mut bytes);
-    bytes
-}
+pub use metalrack_image_tools::testdata::{random_bytes, Random};
 
 /// `len` bytes of text-like content from `seed`: words of an image's files (paths, code, zeros)
 /// in a pseudo-random order, so it compresses as a real image's files do (`zstd -3` to about a

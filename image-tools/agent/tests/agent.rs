@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{bytes, run_agent, TestRack, TOKEN};
+use common::{random_bytes, run_agent, TestRack, TOKEN};
 use metalrack_api::agent::{AgentReport, AgentTask, DeployPhase, EraseMode};
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -22,7 +22,7 @@ fn deployed(reports: &[AgentReport]) -> metalrack_api::agent::DeployProgress {
 #[test]
 fn a_deploy_to_an_empty_file_writes_the_image_and_reports_progress_then_deployed() {
     let rack = TestRack::start("127.0.0.1:0");
-    let image = bytes(1, IMAGE_BYTES);
+    let image = random_bytes(IMAGE_BYTES, 1);
     rack.serve_image(&image);
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk");
@@ -47,7 +47,7 @@ fn a_deploy_to_an_empty_file_writes_the_image_and_reports_progress_then_deployed
 #[test]
 fn a_redeploy_fetches_and_writes_only_the_chunks_that_changed() {
     let rack = TestRack::start("127.0.0.1:0");
-    let v1 = bytes(2, IMAGE_BYTES);
+    let v1 = random_bytes(IMAGE_BYTES, 2);
     rack.serve_image(&v1);
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk");
@@ -81,7 +81,7 @@ fn a_redeploy_fetches_and_writes_only_the_chunks_that_changed() {
 #[test]
 fn a_chunk_corrupted_in_transit_is_fetched_again_and_the_deploy_is_right() {
     let rack = TestRack::start("127.0.0.1:0");
-    let image = bytes(3, IMAGE_BYTES);
+    let image = random_bytes(IMAGE_BYTES, 3);
     rack.serve_image(&image);
     *rack.state.corrupt_once.lock().unwrap() = Some(4_000_000);
     let dir = tempfile::tempdir().unwrap();
@@ -98,7 +98,7 @@ fn a_chunk_corrupted_in_transit_is_fetched_again_and_the_deploy_is_right() {
 #[test]
 fn a_connection_dropped_mid_range_resumes_at_the_first_chunk_not_written() {
     let rack = TestRack::start("127.0.0.1:0");
-    let image = bytes(5, IMAGE_BYTES);
+    let image = random_bytes(IMAGE_BYTES, 5);
     let manifest = rack.serve_image(&image);
     // Mid-chunk, past several whole chunks of the first 4 MiB range.
     let drop_after = 1_000_000 + 12_345;
@@ -127,7 +127,7 @@ fn a_connection_dropped_mid_range_resumes_at_the_first_chunk_not_written() {
 #[test]
 fn a_task_the_agent_cannot_do_is_reported_as_failed_with_the_reason() {
     let rack = TestRack::start("127.0.0.1:0");
-    rack.serve_image(&bytes(4, 100_000));
+    rack.serve_image(&random_bytes(100_000, 4));
     // The manifest does not match the task's file hash.
     if let Some(AgentTask::Deploy { file_hash, .. }) = rack.state.task.lock().unwrap().as_mut() {
         *file_hash = "00".repeat(32);

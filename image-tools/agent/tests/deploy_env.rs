@@ -101,7 +101,7 @@ fn the_deploy_environment_boots_in_qemu_commissions_the_machine_and_powers_it_of
 #[test]
 fn the_deploy_environment_writes_an_image_to_the_virtio_disk_and_reboots() {
     let rack = TestRack::start("0.0.0.0:0");
-    let image = common::bytes(9, 3 * 1024 * 1024 + 12_345);
+    let image = common::random_bytes(3 * 1024 * 1024 + 12_345, 9);
     rack.serve_image(&image);
     let (disk, console) = boot(&rack);
     assert!(console.contains("reboot: Restarting system"), "the agent rebooted; console:\n{console}");

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use metalrack_image_tools::manifest::Manifest;
+use metalrack_image_tools::testdata::random_bytes;
 use metalrack_image_tools::Hash;
 
 fn imgtool(args: &[&Path]) -> Output {
@@ -22,26 +23,12 @@ fn assert_success(output: &Output) {
     assert!(output.status.success(), "status {:?}, stderr: {}", output.status, stderr(output));
 }
 
-/// Deterministic incompressible bytes (xorshift64*), like real image data.
-fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut bytes = Vec::with_capacity(len + 8);
-    while bytes.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        bytes.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    bytes.truncate(len);
-    bytes
-}
-
 #[test]
 fn chunk_inspect_verify_diff() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("image-v1.img");
     let manifest_path = dir.path().join("image-v1.manifest");
-    let data = pseudo_random_bytes(3 * 1024 * 1024 + 321, 7);
+    let data = random_bytes(3 * 1024 * 1024 + 321, 7);
     std::fs::write(&image, &data).unwrap();
 
     // chunk
@@ -98,7 +85,7 @@ fn chunk_inspect_verify_diff() {
 
     // diff: a second version with 100 bytes inserted in the middle
     let mut v2 = data.clone();
-    v2.splice(data.len() / 2..data.len() / 2, pseudo_random_bytes(100, 8));
+    v2.splice(data.len() / 2..data.len() / 2, random_bytes(100, 8));
     let image_v2 = dir.path().join("image-v2.img");
     let manifest_v2_path = dir.path().join("image-v2.manifest");
     std::fs::write(&image_v2, &v2).unwrap();
@@ -136,7 +123,7 @@ fn chunk_of_a_pipe_matches_chunk_of_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("image.img");
     // Over two of the chunker's 4 MiB segments, so a two-core machine splits it.
-    let data = pseudo_random_bytes(9 * 1024 * 1024 + 5, 8);
+    let data = random_bytes(9 * 1024 * 1024 + 5, 8);
     std::fs::write(&image, &data).unwrap();
     let from_file = dir.path().join("from-file.manifest");
     assert_success(&imgtool(&[Path::new("chunk"), &image, Path::new("-o"), &from_file]));

@@ -11,22 +11,10 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::chunker::{chunk_slice, ChunkerConfig};
+use crate::testdata::random_bytes;
 
 /// Small chunks so a small image has many of them.
 const CONFIG: ChunkerConfig = ChunkerConfig { min_len: 256, avg_len: 1024, max_len: 4096 };
-
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    // xorshift64*: deterministic, fast, incompressible enough for content-defined cuts.
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
-        })
-        .collect()
-}
 
 fn options(range_bytes_max: usize) -> ExecuteOptions {
     ExecuteOptions {
@@ -53,10 +41,10 @@ fn prior_disk(image: &[u8], prior: &Prior, extra: usize) -> Vec<u8> {
     let disk_len = image.len() + extra;
     match prior {
         Prior::Zeros => vec![0; disk_len],
-        Prior::Random(seed) => bytes(*seed, disk_len),
+        Prior::Random(seed) => random_bytes(disk_len, *seed),
         Prior::Older(edits) => {
             let mut disk = image.to_vec();
-            disk.extend(bytes(7, extra));
+            disk.extend(random_bytes(extra, 7));
             for &(position, value) in edits {
                 if !disk.is_empty() {
                     let at = position % disk.len();
@@ -170,7 +158,7 @@ struct Case {
 }
 
 fn case(seed: u64, len: usize, prior: &Prior, extra: usize) -> Case {
-    let image = bytes(seed, len);
+    let image = random_bytes(len, seed);
     let manifest = chunk_slice(&image, CONFIG, |_| {}).unwrap();
     let disk_bytes = prior_disk(&image, prior, extra);
     let (expected_indices, expected_bytes) = differing(&manifest, &image, &disk_bytes);
@@ -312,7 +300,7 @@ fn a_disk_smaller_than_the_image_is_refused_before_anything_is_written() {
 fn a_deploy_to_a_regular_file_then_finish_reads_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk");
-    let image = bytes(4, 100_000);
+    let image = random_bytes(100_000, 4);
     let manifest = chunk_slice(&image, CONFIG, |_| {}).unwrap();
     std::fs::write(&path, vec![0u8; 150_000]).unwrap();
     let mut file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();

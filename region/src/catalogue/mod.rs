@@ -1032,6 +1032,7 @@ mod tests {
     use crate::config::RegionConfig;
     use crate::db::Store;
     use metalrack_image_tools::manifest::ChunkRef;
+    use metalrack_image_tools::testdata::random_bytes;
 
     async fn catalogue(dir: &Path) -> Catalogue {
         let store = Store::open(dir).await.unwrap();
@@ -1092,18 +1093,6 @@ mod tests {
         out
     }
 
-    fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    }
-
     /// The payload (tag and body) of `chunk_payload`'s frame.
     fn payload_of(catalogue: &Catalogue, want: &delta::Want) -> Vec<u8> {
         let frame = catalogue.chunk_payload(want, &mut Vec::new()).unwrap();
@@ -1115,7 +1104,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let catalogue = catalogue(dir.path()).await;
         let chunks = &catalogue.chunks;
-        let (compressible, random) = (text(1, 60_000), noise(2, 60_000));
+        let (compressible, random) = (text(1, 60_000), random_bytes(60_000, 2));
         let (text_hash, random_hash) = (Hash::of(&compressible), Hash::of(&random));
         assert!(store_chunk(chunks, &text_hash, &compressible).unwrap());
         assert!(store_chunk(chunks, &random_hash, &random).unwrap());
@@ -1135,7 +1124,7 @@ mod tests {
         assert_eq!(delta::decode_payload(with_base, &random, compressible.len()).unwrap().to_vec(), compressible);
         // A base almost equal: the delta is smaller than the compressed copy, and it goes.
         // (Half noise, so the copy cannot be tiny; a one-byte edit.)
-        let half = [text(4, 30_000), noise(5, 30_000)].concat();
+        let half = [text(4, 30_000), random_bytes(30_000, 5)].concat();
         let half_hash = Hash::of(&half);
         store_chunk(chunks, &half_hash, &half).unwrap();
         let mut edited = half.clone();
@@ -1238,7 +1227,7 @@ mod tests {
     async fn raw_frames_of_older_clients_are_stored_and_compressed_by_the_region() {
         let dir = tempfile::tempdir().unwrap();
         let catalogue = catalogue(dir.path()).await;
-        let pieces = [text(12, 70_000), noise(13, 70_000)];
+        let pieces = [text(12, 70_000), random_bytes(70_000, 13)];
         let upload_id = start(&catalogue, &pieces, "1").await;
         let mut body = Vec::new();
         for piece in &pieces {
@@ -1262,7 +1251,7 @@ mod tests {
         let catalogue = Arc::new(catalogue(dir.path()).await);
         // More than a store group per batch, so groups run side by side too.
         let pieces: Vec<Vec<u8>> =
-            (0..64).map(|i| if i % 2 == 0 { text(100 + i, 50_000) } else { noise(100 + i, 50_000) }).collect();
+            (0..64).map(|i| if i % 2 == 0 { text(100 + i, 50_000) } else { random_bytes(50_000, 100 + i) }).collect();
         let upload_id = start(&catalogue, &pieces, "1").await;
         let mut body = Vec::new();
         for piece in &pieces {
@@ -1299,7 +1288,7 @@ mod tests {
     fn a_torn_chunk_is_found_and_removed_when_the_file_hash_does_not_match() {
         let dir = tempfile::tempdir().unwrap();
         let chunks = ChunkStore::open_volatile(dir.path()).unwrap();
-        let pieces = [text(20, 5_000), noise(21, 5_000)];
+        let pieces = [text(20, 5_000), random_bytes(5_000, 21)];
         for piece in &pieces {
             chunks.put(&Hash::of(piece), piece).unwrap();
         }
@@ -1310,7 +1299,7 @@ mod tests {
         };
         check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap();
         // Torn by a crash before the flush: same name, other bytes of the same length.
-        std::fs::write(chunks.path(&Hash::of(&pieces[1])), noise(22, 5_000)).unwrap();
+        std::fs::write(chunks.path(&Hash::of(&pieces[1])), random_bytes(5_000, 22)).unwrap();
         let error = check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap_err();
         assert!(matches!(error, CatalogueError::ChunkDamagedOnDisk { hash } if hash == Hash::of(&pieces[1])));
         assert!(!chunks.contains(&Hash::of(&pieces[1])), "removed, so the next push sends it");

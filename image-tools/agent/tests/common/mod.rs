@@ -191,15 +191,4 @@ pub fn wait_child(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
     None
 }
 
-/// Deterministic incompressible bytes (xorshift64*).
-pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
-        })
-        .collect()
-}
+pub use metalrack_image_tools::testdata::random_bytes;
