@@ -118,6 +118,9 @@ pub struct SendfileStream {
     fresh: Option<Arc<Fresh>>,
     turns: Turns,
     stall: Option<StallTimer>,
+    /// `TCP_CORK` is set: while a body's mapped bytes go out, until the next flush (see
+    /// [`SendfileStream::cork`]).
+    corked: bool,
 }
 
 /// Ends a write that stays blocked on a full socket for `timeout`. Cheap for streams that
@@ -170,6 +173,7 @@ impl SendfileStream {
             fresh: None,
             turns: Turns::default(),
             stall: None,
+            corked: false,
         }
     }
 
@@ -219,6 +223,22 @@ impl SendfileStream {
         written
     }
 
+    /// Corks the socket while a body's mapped bytes go out and uncorks it at the flush that
+    /// follows them, as nginx's `tcp_nopush` does. The socket has `TCP_NODELAY` (for small
+    /// responses), so without the cork each `sendfile` ended in a runt segment that went out on
+    /// its own: on loopback (MSS 65,483) every 64 KiB call was a full segment and one of 53
+    /// bytes. bench_pxe at 64 clients, segments per MiB: 27 uncorked, 19 corked, nginx 21.
+    /// hyper flushes after each body piece it has written and at the end of every response, so
+    /// a corked socket holds back at most the tail of the piece being written, never a
+    /// finished response (and the kernel sends a corked tail after 200 ms regardless).
+    fn cork(&mut self, cork: bool) {
+        if self.corked != cork {
+            // A failure costs only the segment sizes; the bytes go out either way.
+            let _ = socket2::SockRef::from(&self.stream).set_tcp_cork(cork);
+            self.corked = cork;
+        }
+    }
+
     /// One `sendfile` of up to `len` bytes at `offset`, waiting for the socket to be writable.
     fn poll_sendfile(&self, cx: &mut Context<'_>, file: &File, offset: u64, len: usize) -> Poll<io::Result<usize>> {
         loop {
@@ -260,6 +280,7 @@ impl AsyncWrite for SendfileStream {
                     }
                 }
                 let len = buf.len().min(SENDFILE_CALL_BYTES_MAX);
+                self.cork(true);
                 let polled = self.poll_sendfile(cx, &file, offset, len);
                 let sent = ready!(self.wrote(cx, polled))?;
                 self.yield_first = true;
@@ -299,10 +320,12 @@ impl AsyncWrite for SendfileStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.cork(false);
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.cork(false);
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
@@ -371,6 +394,37 @@ mod tests {
         let expected = [header.as_slice(), &content[1000..]].concat();
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "bytes differ");
+    }
+
+    /// A body's mapped bytes go out corked, and the flush that follows uncorks the socket, so
+    /// the body's last, partial segment leaves at once.
+    #[tokio::test]
+    async fn mapped_bytes_go_out_corked_until_the_flush() {
+        let content: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let (_dir, registry, mapping) = mapped(&content);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        socket.set_nodelay(true).unwrap();
+        let (mut reader, _) = listener.accept().await.unwrap();
+        let mut stream = SendfileStream::new(socket, registry);
+        let cork = |stream: &SendfileStream| socket2::SockRef::from(&stream.stream).tcp_cork().unwrap();
+
+        stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        assert!(!cork(&stream), "headers alone are not corked");
+        stream.write_all(&mapping.as_ref()[..100_001]).await.unwrap();
+        assert!(cork(&stream), "a body's mapped bytes go out corked");
+        stream.flush().await.unwrap();
+        assert!(!cork(&stream), "the flush uncorks");
+        let mut got = vec![0u8; 19 + 100_001];
+        tokio::time::timeout(Duration::from_secs(10), reader.read_exact(&mut got))
+            .await
+            .expect("the tail arrived")
+            .unwrap();
+        assert!(got[19..] == content[..100_001]);
+
+        stream.write_all(&mapping.as_ref()[100_001..]).await.unwrap();
+        stream.shutdown().await.unwrap();
+        assert!(!cork(&stream), "shutting down uncorks");
     }
 
     /// "New connections first" as a connection sees it: its first write answers it, and a
