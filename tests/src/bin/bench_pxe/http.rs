@@ -15,7 +15,7 @@ use metalrack_hardware::Lab;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::usage::Usage;
+use crate::usage::{tcp_segments_sent, Usage};
 use crate::{in_lab, Options, BIG_URL, ONCE_DEADLINE, PROBE_EVERY, PROBE_URL};
 
 #[derive(Debug, Clone, Copy)]
@@ -152,6 +152,9 @@ pub struct HttpSample {
     /// work on loopback, and the split moves with how the server paces its writes, so the
     /// server's figure alone is not like for like (see `report`).
     pub client_usage: Usage,
+    /// TCP segments sent in the lab's namespace over the cell, both ends: how many packets the
+    /// server cut its bytes into (a runt after every write, without a cork) plus the acks.
+    pub segments: u64,
 }
 
 /// One cell: warm-up, then the measured time, with the server's CPU time over the latter.
@@ -167,10 +170,12 @@ pub fn http_cell(lab: &Lab, target: &Target, clients: usize, options: &Options) 
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (before, client_before) = (Usage::of_group(group), Usage::of_self());
+        let segments_before = tcp_segments_sent();
         let load = http_load(addr, BIG_URL, clients, seconds, false).await;
         let usage = Usage::of_group(group).since(before);
         let client_usage = Usage::of_self().since(client_before);
-        Ok(HttpSample { load, usage, client_usage })
+        let segments = tcp_segments_sent().saturating_sub(segments_before);
+        Ok(HttpSample { load, usage, client_usage, segments })
     })
 }
 

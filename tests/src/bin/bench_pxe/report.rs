@@ -199,7 +199,8 @@ impl Report {
              connection's first) → first body byte. CPU per GiB: the server's processes, and the clients' (this \
              program): both ends share the kernel's TCP work on loopback, and how a server paces its writes moves \
              some of it from one side to the other (rackd with the kernel's own socket buffer sizing: its figure \
-             fell, its clients' rose by more), so the sum is the like-for-like cost.\n",
+             fell, its clients' rose by more), so the sum is the like-for-like cost. TCP segments per MiB: every \
+             segment sent in the namespace over the cell (both ends: data and acknowledgements).\n",
             o.file_mib, o.seconds, o.warmup, o.runs
         );
         let _ = writeln!(
@@ -207,9 +208,9 @@ impl Report {
             "| clients | rackd MiB/s | nginx MiB/s | rackd ÷ nginx | rackd TTFB p50 / p99 ms | \
              nginx TTFB p50 / p99 ms | TTFB p99 rackd ÷ nginx (lower is better) | TTFB samples rackd / nginx | \
              server CPU s per GiB rackd / nginx | client CPU s per GiB rackd / nginx | server + client rackd ÷ nginx | \
-             server minor faults per GiB rackd / nginx | errors rackd / nginx |"
+             TCP segments per MiB rackd / nginx | server minor faults per GiB rackd / nginx | errors rackd / nginx |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for &clients in &o.clients {
             let samples = |server: &'static str| self.http.get(&(server, clients)).cloned().unwrap_or_default();
             let (r, n) = (samples("rackd"), samples("nginx"));
@@ -224,6 +225,7 @@ impl Report {
             let cpu = |s: &[HttpSample]| per_gib(s, |s| s.usage.cpu_seconds());
             let client_cpu = |s: &[HttpSample]| per_gib(s, |s| s.client_usage.cpu_seconds());
             let both_cpu = |s: &[HttpSample]| per_gib(s, |s| s.usage.cpu_seconds() + s.client_usage.cpu_seconds());
+            let segments = |s: &[HttpSample]| per_gib(s, |s| s.segments as f64) / 1024.0;
             let faults = |s: &[HttpSample]| per_gib(s, |s| s.usage.minor_faults as f64);
             let errors = |s: &[HttpSample]| {
                 let n: usize = s.iter().map(|s| s.load.errors).sum();
@@ -235,7 +237,7 @@ impl Report {
             let secs = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
             let _ = writeln!(
                 out,
-                "| {clients} | {rr:.0} | {nr:.0} | {} | {} / {} | {} / {} | {} | {} / {} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {:.0} / {:.0} | {} / {} |",
+                "| {clients} | {rr:.0} | {nr:.0} | {} | {} / {} | {} / {} | {} | {} / {} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {:.1} / {:.1} | {:.0} / {:.0} | {} / {} |",
                 ratio(rr, nr),
                 ms(ttfb(&r, 50.0)),
                 ms(rt),
@@ -249,6 +251,8 @@ impl Report {
                 client_cpu(&r),
                 client_cpu(&n),
                 ratio(both_cpu(&r), both_cpu(&n)).replace("**", ""),
+                segments(&r),
+                segments(&n),
                 faults(&r),
                 faults(&n),
                 errors(&r),
