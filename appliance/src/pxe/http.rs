@@ -734,6 +734,42 @@ mod tests {
         total
     }
 
+    /// Responses that end on a partial segment arrive whole at once, one after the other on a
+    /// kept-alive connection: the socket is corked while a body goes out (see
+    /// `SendfileStream::cork`), and a tail left corked would wait the kernel's 200 ms each time.
+    #[tokio::test]
+    async fn bodies_sent_corked_end_without_waiting_for_the_cork_timer() {
+        const FILE_BYTES: u64 = 100_001; // not a whole number of segments on any link
+        const REQUESTS: u32 = 20;
+        let server = server("", FILE_BYTES).await;
+        let mut stream = TcpStream::connect(server.address).await.unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..REQUESTS {
+            stream.write_all(b"GET /boot/big HTTP/1.1\r\nHost: rack\r\n\r\n").await.unwrap();
+            let mut response = Vec::new();
+            let mut buf = [0u8; 64 * 1024];
+            loop {
+                let n =
+                    tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await.expect("within the deadline").unwrap();
+                assert!(n > 0, "closed mid-response");
+                response.extend_from_slice(&buf[..n]);
+                if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&response[..end]).into_owned();
+                    assert_eq!(status(&head), 200, "{head}");
+                    let body = response.len() - (end + 4);
+                    assert!(body <= FILE_BYTES as usize, "more than the body");
+                    if body == FILE_BYTES as usize {
+                        break;
+                    }
+                }
+            }
+        }
+        // Uncorked at each response's end this takes milliseconds; a tail left corked costs
+        // 200 ms a response, 4 s for all.
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(2), "{REQUESTS} responses took {elapsed:?}");
+    }
+
     /// Clients that request a large file and stop reading hold every stream slot; after the
     /// stall timeout (1 s here) their connections are reset and a new client is served.
     #[tokio::test]
