@@ -697,20 +697,28 @@ mod tests {
         let mut stream = socket.connect(server).await.unwrap();
         let request = format!("GET {path} HTTP/1.1\r\nHost: rack\r\n{headers}\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
-        let head = tokio::time::timeout(DEADLINE, async {
-            let mut head = Vec::new();
+        let (head, _) = read_head(&mut stream).await;
+        (head, stream)
+    }
+
+    /// Reads a response head from `stream`, within the deadline: the head, and the body bytes
+    /// read with it.
+    async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
+        tokio::time::timeout(DEADLINE, async {
+            let mut read = Vec::new();
             let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            loop {
+                if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&read[..end]).into_owned();
+                    return (head, read.split_off(end + 4));
+                }
                 let n = stream.read(&mut buf).await.unwrap();
-                assert!(n > 0, "closed before a response: {:?}", String::from_utf8_lossy(&head));
-                head.extend_from_slice(&buf[..n]);
+                assert!(n > 0, "closed before a response: {:?}", String::from_utf8_lossy(&read));
+                read.extend_from_slice(&buf[..n]);
             }
-            head
         })
         .await
-        .expect("a response head within the deadline");
-        let text = String::from_utf8_lossy(&head);
-        (text[..text.find("\r\n\r\n").unwrap()].to_owned(), stream)
+        .expect("a response head within the deadline")
     }
 
     fn status(head: &str) -> u16 {
@@ -746,23 +754,16 @@ mod tests {
         let started = std::time::Instant::now();
         for _ in 0..REQUESTS {
             stream.write_all(b"GET /boot/big HTTP/1.1\r\nHost: rack\r\n\r\n").await.unwrap();
-            let mut response = Vec::new();
+            let (head, mut body) = read_head(&mut stream).await;
+            assert_eq!(status(&head), 200, "{head}");
             let mut buf = [0u8; 64 * 1024];
-            loop {
+            while body.len() < FILE_BYTES as usize {
                 let n =
                     tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await.expect("within the deadline").unwrap();
                 assert!(n > 0, "closed mid-response");
-                response.extend_from_slice(&buf[..n]);
-                if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&response[..end]).into_owned();
-                    assert_eq!(status(&head), 200, "{head}");
-                    let body = response.len() - (end + 4);
-                    assert!(body <= FILE_BYTES as usize, "more than the body");
-                    if body == FILE_BYTES as usize {
-                        break;
-                    }
-                }
+                body.extend_from_slice(&buf[..n]);
             }
+            assert_eq!(body.len(), FILE_BYTES as usize, "more than the body");
         }
         // Uncorked at each response's end this takes milliseconds; a tail left corked costs
         // 200 ms a response, 4 s for all.
