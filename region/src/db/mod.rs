@@ -177,9 +177,9 @@ pub struct Store {
     /// The pool of the background work; see [`Store::pool`].
     background_pool: AnyPool,
     /// Racks' heartbeats not yet written (see [`heartbeats`]); read through by `rack`/`racks`.
-    pub(crate) heartbeats: std::sync::Arc<std::sync::Mutex<heartbeats::HeartbeatBuffer>>,
+    pub(crate) heartbeats: Arc<std::sync::Mutex<heartbeats::HeartbeatBuffer>>,
     /// The write transactions' turn ([`Store::begin_write`]), fair (first come, first served).
-    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    writer: Arc<tokio::sync::Mutex<()>>,
     /// Connections given back inside a transaction and closed ([`release_outside_a_transaction`]).
     closed_in_transaction: Arc<AtomicU64>,
 }

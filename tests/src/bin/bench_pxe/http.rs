@@ -157,7 +157,8 @@ pub struct HttpSample {
     pub segments: u64,
 }
 
-/// One cell: warm-up, then the measured time, with the server's CPU time over the latter.
+/// One cell: warm-up, then the measured time, with the server's and the clients' CPU time and
+/// the namespace's TCP segments over the latter.
 pub fn http_cell(lab: &Lab, target: &Target, clients: usize, options: &Options) -> Result<HttpSample> {
     let Target { addr, group, .. } = *target;
     let (warmup, seconds) = (Duration::from_secs(options.warmup), Duration::from_secs(options.seconds));
