@@ -3,6 +3,13 @@
 //! request. Benchmarks compare a region's API idle and under load with it (`bench_scale`, the
 //! deploy storm).
 //!
+//! On a virtual machine the host decides too. Two options say how much:
+//! [`LatencySampler::reference_work`] times a fixed piece of CPU work on the sampler's thread at
+//! the start of each round ([`reference_work`]; the box's speed at that moment), and
+//! [`LatencySampler::watch_steal`] reads a CPU's steal time (time the hypervisor ran something
+//! else while this vCPU had work) before and after each request, and reports each probe's
+//! figures also over the samples during which none was seen.
+//!
 //! ```no_run
 //! # async fn example(api: metalrack_tests::api::Api) {
 //! use metalrack_tests::latency::{LatencySampler, SAMPLE_INTERVAL_DEFAULT};
@@ -42,12 +49,21 @@ type MakeRequest = Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync>;
 pub struct LatencySampler {
     interval: Duration,
     probes: Vec<(String, MakeRequest)>,
+    /// Whether each round times [`reference_work`] first.
+    reference: bool,
+    /// The CPU whose steal time each sample watches.
+    steal_cpu: Option<usize>,
 }
 
 impl fmt::Debug for LatencySampler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.probes.iter().map(|(name, _)| name.as_str()).collect();
-        f.debug_struct("LatencySampler").field("interval", &self.interval).field("probes", &names).finish()
+        f.debug_struct("LatencySampler")
+            .field("interval", &self.interval)
+            .field("probes", &names)
+            .field("reference", &self.reference)
+            .field("steal_cpu", &self.steal_cpu)
+            .finish()
     }
 }
 
@@ -71,20 +87,92 @@ pub struct RequestLatency {
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
+    /// With a CPU's steal watched: the samples during which it grew, and the others' figures.
+    pub steal: Option<StealSeen>,
 }
+
+/// A probe's samples split by whether the watched CPU's steal time grew while each was in
+/// flight. `/proc/stat` counts steal in 10 ms units, so an episode of 10 ms or more is always
+/// seen and a shorter one only sometimes: the clean figures may still hold short ones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StealSeen {
+    /// Samples during which the steal count grew.
+    pub hit: usize,
+    /// p50 and p99 of the samples during which it did not.
+    pub clean_p50: Duration,
+    pub clean_p99: Duration,
+    /// With reference work as well: the p99 of the same samples, each divided by the box's speed
+    /// when it was sent (the median reference time of the last [`SPEED_ROUNDS`] rounds), in
+    /// units of that reference time. It takes out the host's drift between windows.
+    pub clean_relative_p99: Option<f64>,
+}
+
+/// Rounds whose reference times give the box's speed for a sample: a second at the default
+/// interval. The host's speed drifts over seconds; one reference alone is itself sometimes
+/// interrupted.
+pub const SPEED_ROUNDS: usize = 5;
 
 /// What a sampler measured, one entry per probe in the order they were added.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LatencyReport {
     pub window: Duration,
     pub requests: Vec<RequestLatency>,
+    /// With reference work: its times, one per round (the box's speed over the window).
+    pub reference: Option<RequestLatency>,
+}
+
+/// Name of the reference work's row.
+pub const REFERENCE_WORK: &str = "reference work (fixed CPU work on the sampler's thread)";
+
+/// The steal time of `cpu` so far, in `/proc/stat`'s units (USER_HZ, 10 ms): time the hypervisor
+/// gave to something else while this virtual CPU had work. None where it cannot be read.
+pub fn cpu_steal_ticks(cpu: usize) -> Option<u64> {
+    steal_ticks_of(&std::fs::read_to_string("/proc/stat").ok()?, cpu)
+}
+
+/// The steal field (the eighth number) of the `cpuN` line of a `/proc/stat` text.
+fn steal_ticks_of(stat: &str, cpu: usize) -> Option<u64> {
+    let name = format!("cpu{cpu}");
+    let line = stat.lines().find(|line| line.split_whitespace().next() == Some(name.as_str()))?;
+    line.split_whitespace().nth(8)?.parse().ok()
+}
+
+/// A fixed piece of CPU work, the same on every call, of the kinds a region's request is made
+/// of: allocation, formatting, hashing into a map and sorting strings (about 0.3 ms on the lab's
+/// box). Timed beside requests it tells how fast the core was at that moment.
+pub fn reference_work() -> u64 {
+    const ENTRIES: u64 = 2048;
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut names = std::collections::HashMap::with_capacity(ENTRIES as usize);
+    for i in 0..ENTRIES {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        names.insert(std::hint::black_box(state), format!("machine-{:016x}-{i}", state >> 3));
+    }
+    let mut sorted: Vec<&String> = names.values().collect();
+    sorted.sort_unstable();
+    sorted.iter().step_by(64).map(|name| name.len() as u64).sum::<u64>() + names.len() as u64
 }
 
 impl LatencySampler {
     /// A sampler that sends every probe once each `interval` (a round's start to the next's;
     /// a round that takes longer delays the next rather than bunching them).
     pub fn new(interval: Duration) -> LatencySampler {
-        LatencySampler { interval, probes: Vec::new() }
+        LatencySampler { interval, probes: Vec::new(), reference: false, steal_cpu: None }
+    }
+
+    /// Times [`reference_work`] at the start of each round ([`LatencyReport::reference`]).
+    pub fn reference_work(mut self) -> LatencySampler {
+        self.reference = true;
+        self
+    }
+
+    /// Reads `cpu`'s steal time before and after each sample ([`RequestLatency::steal`]): the
+    /// CPU the server under test runs on.
+    pub fn watch_steal(mut self, cpu: usize) -> LatencySampler {
+        self.steal_cpu = Some(cpu);
+        self
     }
 
     /// Adds a probe: `make` builds its request (URL, authentication) each time it is sampled.
@@ -114,6 +202,8 @@ impl LatencySampler {
     async fn sample(self, mut stopped: oneshot::Receiver<()>) -> LatencyReport {
         let started = Instant::now();
         let mut samples: Vec<Samples> = self.probes.iter().map(|_| Samples::default()).collect();
+        let mut reference = Samples::default();
+        let mut recent: std::collections::VecDeque<Duration> = std::collections::VecDeque::with_capacity(SPEED_ROUNDS);
         let mut ticks = tokio::time::interval(self.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'rounds: loop {
@@ -121,20 +211,40 @@ impl LatencySampler {
                 _ = &mut stopped => break,
                 _ = ticks.tick() => {}
             }
+            if self.reference {
+                let started = Instant::now();
+                std::hint::black_box(reference_work());
+                let took = started.elapsed();
+                reference.add(took, None);
+                if recent.len() == SPEED_ROUNDS {
+                    recent.pop_front();
+                }
+                recent.push_back(took);
+            }
+            let unit = (!recent.is_empty()).then(|| {
+                let mut sorted: Vec<Duration> = recent.iter().copied().collect();
+                sorted.sort_unstable();
+                percentile(&sorted, 50.0).as_secs_f64().max(f64::MIN_POSITIVE)
+            });
             for ((_, make), samples) in self.probes.iter().zip(&mut samples) {
                 if stopped.try_recv().is_ok() {
                     break 'rounds;
                 }
+                let steal_before = self.steal_cpu.and_then(cpu_steal_ticks);
                 let sent = Instant::now();
                 let result = tokio::time::timeout(PROBE_TIMEOUT, send(make().timeout(PROBE_TIMEOUT))).await;
                 let took = sent.elapsed();
                 let result = result.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {PROBE_TIMEOUT:?}")));
                 samples.add(took, result.err());
+                if let (Some(before), Some(after)) = (steal_before, self.steal_cpu.and_then(cpu_steal_ticks)) {
+                    samples.add_steal(took, after > before, unit);
+                }
             }
         }
         let window = started.elapsed();
         let requests = self.probes.iter().zip(samples).map(|((name, _), samples)| samples.summary(name)).collect();
-        LatencyReport { window, requests }
+        let reference = self.reference.then(|| reference.summary(REFERENCE_WORK));
+        LatencyReport { window, requests, reference }
     }
 }
 
@@ -162,6 +272,12 @@ struct Samples {
     errors: usize,
     first_error: Option<String>,
     latencies: Vec<Duration>,
+    /// With steal watched: samples during which it grew, and the latencies of the others.
+    stolen: usize,
+    watched: bool,
+    clean: Vec<Duration>,
+    /// The clean samples in units of the box's speed, with reference work.
+    clean_relative: Vec<f64>,
 }
 
 impl Samples {
@@ -178,8 +294,28 @@ impl Samples {
         }
     }
 
+    fn add_steal(&mut self, took: Duration, stolen: bool, unit_s: Option<f64>) {
+        self.watched = true;
+        if stolen {
+            self.stolen += 1;
+        } else if self.clean.len() < SAMPLES_PER_PROBE_MAX {
+            self.clean.push(took);
+            if let Some(unit_s) = unit_s {
+                self.clean_relative.push(took.as_secs_f64() / unit_s);
+            }
+        }
+    }
+
     fn summary(mut self, name: &str) -> RequestLatency {
         self.latencies.sort_unstable();
+        self.clean.sort_unstable();
+        self.clean_relative.sort_unstable_by(f64::total_cmp);
+        let steal = self.watched.then(|| StealSeen {
+            hit: self.stolen,
+            clean_p50: percentile(&self.clean, 50.0),
+            clean_p99: percentile(&self.clean, 99.0),
+            clean_relative_p99: (!self.clean_relative.is_empty()).then(|| percentile(&self.clean_relative, 99.0)),
+        });
         RequestLatency {
             name: name.to_owned(),
             count: self.count,
@@ -188,18 +324,19 @@ impl Samples {
             p50: percentile(&self.latencies, 50.0),
             p99: percentile(&self.latencies, 99.0),
             max: self.latencies.last().copied().unwrap_or_default(),
+            steal,
         }
     }
 }
 
 /// The `p`th percentile (0 < p ≤ 100) of `sorted` (ascending) by nearest rank: the smallest
-/// sample with at least p % of the samples at or below it, so always a measured value. Zero for
-/// no samples.
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// sample with at least p % of the samples at or below it, so always a measured value. Zero (the
+/// type's default) for no samples.
+pub fn percentile<T: Copy + Default + PartialOrd>(sorted: &[T], p: f64) -> T {
     assert!(p > 0.0 && p <= 100.0, "a percentile is in (0, 100], not {p}");
     debug_assert!(sorted.windows(2).all(|w| w[0] <= w[1]), "samples are sorted");
     if sorted.is_empty() {
-        return Duration::ZERO;
+        return T::default();
     }
     let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -254,6 +391,9 @@ impl fmt::Display for LatencyReport {
                 ms(r.p99),
                 ms(r.max)
             )?;
+        }
+        if let Some(r) = &self.reference {
+            writeln!(f, "| {} | {} | - | {:.2} | {:.2} | {:.2} |", r.name, r.count, ms(r.p50), ms(r.p99), ms(r.max))?;
         }
         Ok(())
     }
@@ -405,7 +545,7 @@ metalrack_region_http_requests_total{route=\"/MAAS/api/v1/machines\",method=\"GE
 
     #[test]
     fn percentile_of_few_samples_is_a_measured_one() {
-        assert_eq!(percentile(&[], 99.0), Duration::ZERO);
+        assert_eq!(percentile::<Duration>(&[], 99.0), Duration::ZERO);
         assert_eq!(percentile(&millis(&[7]), 50.0), Duration::from_millis(7));
         assert_eq!(percentile(&millis(&[7]), 99.0), Duration::from_millis(7));
         // Of ten, p99 is the slowest and p50 the fifth.
@@ -480,5 +620,68 @@ metalrack_region_http_requests_total{route=\"/MAAS/api/v1/machines\",method=\"GE
         assert!(missing.first_error.as_deref().unwrap().starts_with("404"), "{report}");
         assert_eq!(report.failures().len(), 1);
         assert!(report.to_string().contains("| ok | "));
+        assert!(report.reference.is_none() && ok.steal.is_none(), "neither unless asked: {report:?}");
+    }
+
+    #[tokio::test]
+    async fn asked_to_the_sampler_times_reference_work_each_round_and_splits_samples_by_steal() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buffer = vec![0u8; 4096];
+                    while let Ok(1..) = stream.read(&mut buffer).await {
+                        if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let http = reqwest::Client::new();
+        let report = LatencySampler::new(Duration::from_millis(20))
+            .probe("ok", move || http.get(format!("http://{address}/ok")))
+            .reference_work()
+            .watch_steal(0)
+            .run_for(Duration::from_millis(500))
+            .await;
+        let ok = report.get("ok").unwrap();
+        let reference = report.reference.as_ref().expect("the reference's row");
+        assert_eq!(reference.count, ok.count, "one reference per round: {report:?}");
+        assert!(reference.p50 > Duration::ZERO && reference.p50 <= reference.p99, "{report:?}");
+        assert!(report.to_string().contains(REFERENCE_WORK), "{report}");
+        let steal = ok.steal.expect("cpu0's steal is watched");
+        assert!(steal.hit <= ok.count, "{steal:?}");
+        if steal.hit < ok.count {
+            // The clean samples are some of all: their median and p99 lie within all samples'.
+            assert!(steal.clean_p50 > Duration::ZERO && steal.clean_p99 <= ok.max, "{steal:?}: {report:?}");
+            // In units of the reference's time: the clean p99 over a reference time the sampler
+            // measured, so between the quotients by the slowest and the fastest reference.
+            let relative = steal.clean_relative_p99.expect("with reference work");
+            let (slowest, fastest) = (reference.max.as_secs_f64(), reference.p50.as_secs_f64() / 100.0);
+            assert!(relative > 0.0 && relative <= ok.max.as_secs_f64() / fastest, "{relative}: {report:?}");
+            assert!(relative >= steal.clean_p50.as_secs_f64() / slowest / 100.0, "{relative}: {report:?}");
+        }
+    }
+
+    #[test]
+    fn the_steal_time_is_the_eighth_number_of_the_cpus_line() {
+        let stat = "cpu  2990214 70492 776469 3004301 78970 0 200197 196709 0 0\n\
+                    cpu0 1537108 27715 413079 1451115 21757 0 112499 91651 0 0\n\
+                    cpu1 1453106 42777 363389 1553186 57212 0 87697 105057 0 0\n\
+                    intr 1 2 3\n";
+        assert_eq!(steal_ticks_of(stat, 0), Some(91651));
+        assert_eq!(steal_ticks_of(stat, 1), Some(105057));
+        assert_eq!(steal_ticks_of(stat, 2), None);
+        assert!(cpu_steal_ticks(0).is_some(), "this machine's /proc/stat has cpu0");
+    }
+
+    #[test]
+    fn the_reference_work_is_the_same_on_every_call() {
+        assert_eq!(reference_work(), reference_work());
+        assert!(reference_work() > 2048);
     }
 }
