@@ -439,17 +439,18 @@ fn region_table(idle: &RouteHistograms, storm: &RouteHistograms) -> String {
     table
 }
 
-/// Each request's latency idle before, during and idle after the storm; the ratio is against
-/// the lower of the two idle p99s (the harder test: the box's own drift between the windows
-/// does not flatter it). Then the same ratio over the samples during which the region's core lost
-/// no time to the hypervisor (with `--pin`), that again with each sample in units of the box's
-/// speed when it was sent, and a row for the reference work itself.
+/// Each request's latency idle before, during and idle after the storm; how far the two idle
+/// windows' p99s differ with no storm in either (what this box does by itself); the storm's
+/// ratio against the lower of the two idle p99s (the harder test: the box's own drift between
+/// the windows does not flatter it). Then the same ratio over the samples during which the
+/// region's core lost no time to the hypervisor (with `--pin`), that again with each sample in
+/// units of the box's speed when it was sent, and a row for the reference work itself.
 fn latency_table(idle: &LatencyReport, during: &LatencyReport, idle_after: &LatencyReport) -> String {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mut table = String::from(
         "| request | idle before p50 / p99 / max ms | storm p50 / p99 / max ms | idle after p50 / p99 / max ms | \
-         p99 storm ÷ lower idle p99 | the same over samples without steal (samples with: before / storm / after) | the same in units of the box's speed | samples before / storm / after | errors |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         p99 idle after ÷ idle before (no storm in either: the box's own spread) | p99 storm ÷ lower idle p99 | the same over samples without steal (samples with: before / storm / after) | the same in units of the box's speed | samples before / storm / after | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let clean_ratio = |before: &RequestLatency, storm: &RequestLatency, after: &RequestLatency| {
         let (Some(b), Some(s), Some(a)) = (before.steal, storm.steal, after.steal) else {
@@ -470,7 +471,7 @@ fn latency_table(idle: &LatencyReport, during: &LatencyReport, idle_after: &Late
     let row = |request: &RequestLatency, storm: &RequestLatency, after: &RequestLatency| {
         let idle_p99 = request.p99.min(after.p99);
         format!(
-            "| {} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.2}× | {} | {} / {} / {} | {} |\n",
+            "| {} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.2}× | {:.2}× | {} | {} / {} / {} | {} |\n",
             request.name,
             ms(request.p50),
             ms(request.p99),
@@ -481,6 +482,7 @@ fn latency_table(idle: &LatencyReport, during: &LatencyReport, idle_after: &Late
             ms(after.p50),
             ms(after.p99),
             ms(after.max),
+            ms(after.p99) / ms(request.p99).max(0.001),
             ms(storm.p99) / ms(idle_p99).max(0.001),
             clean_ratio(request, storm, after),
             request.count,
