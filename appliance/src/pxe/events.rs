@@ -59,9 +59,15 @@ pub const BOOT_EVENTS_QUEUED_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// ~6,000 events, a full queue is rewritten every ~8 MiB of new events.
 const REWRITE_GARBAGE_BYTES_MIN: u64 = 1024 * 1024;
 
-/// Largest file: past it, the event being queued rewrites the file at once rather than waiting
-/// for the flush task's tick (which a slow region may hold up).
+/// Largest file: an append that would pass it is not made, and the file waits for the next
+/// tick's rewrite (at most [`FLUSH_EVERY`] away: the disk's tick does not wait for the region).
+/// The events are queued in memory meanwhile, as they are between two syncs.
 const FILE_BYTES_MAX: u64 = 2 * BOOT_EVENTS_QUEUED_BYTES_MAX as u64 + REWRITE_GARBAGE_BYTES_MIN;
+
+/// Lines appended while a rewrite is written without the lock, carried into the new file. A
+/// disk stalled for long enough under a flood of events would pass it; then that rewrite is
+/// given up (the old file, appended to all along, stays) and the next tick tries again.
+const CARRY_BYTES_MAX: usize = BOOT_EVENTS_QUEUED_BYTES_MAX;
 
 /// How often the queue is synced to disk (one fdatasync), rewritten if due, and sent if the
 /// backoff allows: the most a power cut loses, and the soonest a returning region hears.
@@ -108,13 +114,25 @@ struct State {
     dropped_full_unreported: u64,
     /// Lines to append, reused.
     lines: Vec<u8>,
+    /// While a rewrite is written without the lock: what was appended since its lines were
+    /// taken, for the new file. `None` once past [`CARRY_BYTES_MAX`] (that rewrite is given up).
+    carry: Option<Vec<u8>>,
 }
 
 impl State {
-    fn rewrite(&mut self) {
-        let lines = file_lines(self.queue_id, self.next_seq, &self.events);
-        // A failure is logged by the journal, which stays unclean: the next tick tries again.
-        let _ = self.journal.rewrite(&lines);
+    /// Appends lines to the file (unless it is at its bound) and to a rewrite's carry.
+    fn append(&mut self, lines: &[u8]) {
+        if let Some(carry) = &mut self.carry {
+            if carry.len() + lines.len() <= CARRY_BYTES_MAX {
+                carry.extend_from_slice(lines);
+            } else {
+                self.carry = None;
+            }
+        }
+        if self.journal.file_bytes + lines.len() as u64 > FILE_BYTES_MAX {
+            self.journal.stop_appending();
+        }
+        self.journal.append(lines);
     }
 
     /// Drops events from the front through `seq`; returns how many.
@@ -144,6 +162,8 @@ fn file_lines(queue_id: u64, next_seq: u64, events: &VecDeque<Queued>) -> Vec<u8
 pub struct EventQueue {
     state: Mutex<State>,
     counters: EventCounters,
+    /// Held through [`EventQueue::maintain`]: one rewrite at a time owns the carry.
+    maintaining: Mutex<()>,
 }
 
 /// Why events left the queue.
@@ -190,8 +210,9 @@ impl EventQueue {
             journal,
             dropped_full_unreported: 0,
             lines: Vec::new(),
+            carry: None,
         };
-        Ok(EventQueue { state: Mutex::new(state), counters })
+        Ok(EventQueue { state: Mutex::new(state), counters, maintaining: Mutex::new(()) })
     }
 
     /// Queues an event: numbered, its fields cut to the wire's lengths, appended to the file (one
@@ -248,11 +269,8 @@ impl EventQueue {
         state.bytes += queued.line_len();
         state.events.push_back(queued);
         let lines = std::mem::take(&mut state.lines);
-        state.journal.append(&lines);
+        state.append(&lines);
         state.lines = lines;
-        if state.journal.file_bytes > FILE_BYTES_MAX {
-            state.rewrite();
-        }
         self.counters.queued.set(state.events.len() as i64);
     }
 
@@ -291,33 +309,63 @@ impl EventQueue {
         }
         let mut line = Vec::new();
         Record::Gone { through_seq: seq }.encode(&mut line);
-        state.journal.append(&line);
+        state.append(&line);
         self.counters.queued.set(state.events.len() as i64);
     }
 
-    /// The flush task's housekeeping, each tick: one fdatasync of what was appended, a rewrite
-    /// when most of the file is events gone (or an append failed), and the summary of events
-    /// dropped for room. Blocking.
+    /// The disk's housekeeping, each tick: one fdatasync of what was appended, a rewrite when
+    /// most of the file is events gone (or appends stopped), and the summary of events dropped
+    /// for room. Blocking.
     pub fn maintain(&self) {
-        self.maintain_with(|file| file.sync_data());
+        self.maintain_with(|file| file.sync_data(), || ());
     }
 
-    /// [`EventQueue::maintain`] with the fdatasync given, so a test can hold it. The sync runs
-    /// without the queue's lock: the PXE services record events on their serving threads, and
-    /// an fdatasync behind a busy disk (tens of ms while images stream) would hold each of
-    /// them up.
-    fn maintain_with(&self, sync: impl FnOnce(&std::fs::File) -> std::io::Result<()>) {
+    /// [`EventQueue::maintain`] with the fdatasync given and a hook between a rewrite's two
+    /// halves, so a test can hold either. Neither the sync nor the rewrite's write runs under
+    /// the queue's lock: the PXE services record events on their serving threads, and an
+    /// fdatasync behind a busy disk (tens of ms while images stream) would hold each of them up.
+    fn maintain_with(&self, sync: impl FnOnce(&std::fs::File) -> std::io::Result<()>, rewrite_written: impl FnOnce()) {
+        let _one_at_a_time = self.maintaining.lock().expect("lock");
         let pending = self.state.lock().expect("lock").journal.begin_sync();
         if let Some(pending) = pending {
             let result = sync(&pending.file);
             self.state.lock().expect("lock").journal.finish_sync(pending, result);
         }
-        let mut state = self.state.lock().expect("lock");
-        let live = state.bytes as u64;
-        let garbage = state.journal.file_bytes.saturating_sub(live);
-        if !state.journal.clean || garbage >= live.max(REWRITE_GARBAGE_BYTES_MIN) {
-            state.rewrite();
+        let due = {
+            let mut state = self.state.lock().expect("lock");
+            let live = state.bytes as u64;
+            let garbage = state.journal.file_bytes.saturating_sub(live);
+            let due = !state.journal.clean || garbage >= live.max(REWRITE_GARBAGE_BYTES_MIN);
+            due.then(|| {
+                state.carry = Some(Vec::new());
+                (state.journal.path().to_owned(), file_lines(state.queue_id, state.next_seq, &state.events))
+            })
+        };
+        if let Some((path, lines)) = due {
+            let written = journal::write_rewrite(&path, &lines);
+            drop(lines);
+            rewrite_written();
+            let mut state = self.state.lock().expect("lock");
+            let installed = match state.carry.take() {
+                Some(carry) => state.journal.install(written, &carry),
+                None => {
+                    // Too much arrived meanwhile: the old file, appended to all along, stays.
+                    if let Ok(rewrite) = written {
+                        rewrite.discard();
+                    }
+                    false
+                }
+            };
+            drop(state);
+            if installed {
+                // Without it a power cut could bring back the old file, which lacks only what
+                // was appended since the rename: what an unsynced append risks anyway.
+                if let Err(e) = journal::sync_dir(&path) {
+                    tracing::warn!(error = %metalrack_image_tools::error_chain(&e), "cannot sync the boot event queue's directory");
+                }
+            }
         }
+        let mut state = self.state.lock().expect("lock");
         if state.dropped_full_unreported > 0 {
             tracing::warn!(
                 dropped = state.dropped_full_unreported,
@@ -341,33 +389,47 @@ impl Drop for EventQueue {
 }
 
 /// Sends queued events to the region each [`FLUSH_EVERY`], backing off up to `backoff_max`
-/// while it fails; keeps them while the region is away. Returns at `shutdown`; the last flush
-/// is the caller's ([`flush`]), once nothing records events any more.
+/// while it fails; keeps them while the region is away. Beside it, on a tick of its own, syncs
+/// and rewrites the file ([`EventQueue::maintain`]). Returns at `shutdown`; the last flush is
+/// the caller's ([`flush`]), once nothing records events any more.
 pub async fn flush_until_stopped(
     pxe: Arc<Pxe>,
     link: Arc<RegionLink>,
     backoff_max: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = FLUSH_EVERY;
-    let mut retry_at = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(FLUSH_EVERY) => {}
-            () = shutdown.cancelled() => return,
+    // The disk's tick on its own, so that a region slow to answer does not hold up the syncs
+    // and rewrites (an append past the file's bound waits for the next of them).
+    let disk = async {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(FLUSH_EVERY) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let for_disk = pxe.clone();
+            let _ = tokio::task::spawn_blocking(move || for_disk.events.maintain()).await;
         }
-        let for_disk = pxe.clone();
-        let _ = tokio::task::spawn_blocking(move || for_disk.events.maintain()).await;
-        if tokio::time::Instant::now() < retry_at {
-            continue;
+    };
+    let send = async {
+        let mut backoff = FLUSH_EVERY;
+        let mut retry_at = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(FLUSH_EVERY) => {}
+                () = shutdown.cancelled() => return,
+            }
+            if tokio::time::Instant::now() < retry_at {
+                continue;
+            }
+            if flush(&pxe.events, &link, &shutdown).await {
+                backoff = FLUSH_EVERY;
+            } else {
+                retry_at = tokio::time::Instant::now() + backoff;
+                backoff = (backoff * 2).min(backoff_max.max(FLUSH_EVERY));
+            }
         }
-        if flush(&pxe.events, &link, &shutdown).await {
-            backoff = FLUSH_EVERY;
-        } else {
-            retry_at = tokio::time::Instant::now() + backoff;
-            backoff = (backoff * 2).min(backoff_max.max(FLUSH_EVERY));
-        }
-    }
+    };
+    tokio::join!(disk, send);
 }
 
 /// Sends what is queued, in batches, until the queue is empty, or a send fails for a reason

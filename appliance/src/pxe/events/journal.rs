@@ -15,6 +15,9 @@
 //! - Lines are appended only to a file ending at a line boundary: every start, and every
 //!   compaction, writes the live queue to a new file (temp file, fsync, rename, fsync dir) and
 //!   appends after that; after a failed append nothing is appended until such a rewrite succeeds.
+//! - A compaction writes and syncs the new file without the queue's lock ([`write_rewrite`]);
+//!   what was appended to the old file meanwhile is carried over, in order, when the new one is
+//!   put in its place under the lock ([`Journal::install`]), so the two hold the same queue.
 //! - A crash loses at most what was appended since the last fdatasync (the flush task syncs each
 //!   second); a process crash alone loses nothing, the writes being in the page cache.
 
@@ -177,8 +180,8 @@ pub struct Journal {
     file: Arc<File>,
     /// Bytes in the file, live or not: a rewrite is due when most are not.
     pub file_bytes: u64,
-    /// False while the file may end in a torn line (an append failed): nothing is appended
-    /// until a rewrite succeeds.
+    /// False while the file may end in a torn line (an append failed) or has reached its bound
+    /// ([`Journal::stop_appending`]): nothing is appended until a rewrite succeeds.
     pub clean: bool,
     /// Appended to since the last fdatasync.
     dirty: bool,
@@ -253,23 +256,55 @@ impl Journal {
         }
     }
 
-    /// Replaces the file with `lines` (the live queue). Blocking: ~10 ms for a full queue.
-    pub fn rewrite(&mut self, lines: &[u8]) -> Result<(), EventJournalError> {
-        let result = Journal::create(&self.path, lines);
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends nothing more until a rewrite: the file has reached its bound. The events stay
+    /// queued in memory and the next rewrite writes them.
+    pub fn stop_appending(&mut self) {
+        self.clean = false;
+    }
+
+    /// Puts a rewrite in place (the quick half, under the queue's lock): appends `carry`, what
+    /// was appended to the old file since the rewrite's lines were taken, renames the new file
+    /// over the old one and appends to it from now on. On failure (of the write begun without
+    /// the lock, or of this) the old file stays, the temp file goes, and the failure is logged
+    /// once. The caller syncs the directory afterwards ([`sync_dir`]). Returns whether the new
+    /// file is in place.
+    pub fn install(&mut self, rewrite: Result<Rewrite, EventJournalError>, carry: &[u8]) -> bool {
+        let result = rewrite.and_then(|mut rewrite| {
+            let error = |source| EventJournalError::Write { path: self.path.clone(), source };
+            let placed = rewrite.file.write_all(carry).and_then(|()| std::fs::rename(&rewrite.temp, &self.path));
+            if let Err(source) = placed {
+                let _ = std::fs::remove_file(&rewrite.temp);
+                return Err(error(source));
+            }
+            rewrite.bytes += carry.len() as u64;
+            Ok(rewrite)
+        });
         match result {
-            Ok(journal) => {
+            Ok(rewrite) => {
                 if self.failing {
                     tracing::info!(path = %self.path.display(), "the boot event queue is saved again");
                 }
-                *self = journal;
-                Ok(())
+                *self = Journal {
+                    path: self.path.clone(),
+                    file: Arc::new(rewrite.file),
+                    file_bytes: rewrite.bytes,
+                    clean: true,
+                    // The carried lines are synced with the next tick, like any append.
+                    dirty: !carry.is_empty(),
+                    failing: false,
+                };
+                true
             }
             Err(e) => {
                 if !self.failing {
                     tracing::error!(error = %metalrack_image_tools::error_chain(&e), "cannot save the boot event queue; it is kept in memory until a rewrite succeeds");
                 }
                 self.failing = true;
-                Err(e)
+                false
             }
         }
     }
@@ -288,16 +323,49 @@ pub struct PendingSync {
     pub file: Arc<File>,
 }
 
-/// Temp file, fsync, rename, fsync of the directory: the file is the old one or the new one.
-fn write_whole(path: &Path, lines: &[u8]) -> Result<(), EventJournalError> {
+/// A new file for the journal at `path`, written and synced beside it, not yet in its place.
+#[derive(Debug)]
+pub struct Rewrite {
+    temp: PathBuf,
+    /// Open for writing, at its end.
+    file: File,
+    bytes: u64,
+}
+
+/// Writes `lines` (a `queue` line and the live events) to a temp file beside `path` and syncs
+/// it: the slow half of a rewrite, which needs no lock. Blocking: ~10 ms for a full queue, more
+/// behind a busy disk.
+pub fn write_rewrite(path: &Path, lines: &[u8]) -> Result<Rewrite, EventJournalError> {
     let error = |source| EventJournalError::Write { path: path.to_owned(), source };
     let temp = path.with_extension("journal.tmp");
     let mut file = File::create(&temp).map_err(error)?;
     file.write_all(lines).and_then(|()| file.sync_all()).map_err(error)?;
-    drop(file);
-    std::fs::rename(&temp, path).map_err(error)?;
+    Ok(Rewrite { temp, file, bytes: lines.len() as u64 })
+}
+
+impl Rewrite {
+    /// Gives the rewrite up: its temp file goes.
+    pub fn discard(self) {
+        drop(self.file);
+        let _ = std::fs::remove_file(&self.temp);
+    }
+}
+
+/// Syncs the directory of `path`, so a rename into it survives a power cut.
+pub fn sync_dir(path: &Path) -> Result<(), EventJournalError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir).and_then(|dir| dir.sync_all()).map_err(error)
+    File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|source| EventJournalError::Write { path: path.to_owned(), source })
+}
+
+/// Temp file, fsync, rename, fsync of the directory: the file is the old one or the new one.
+fn write_whole(path: &Path, lines: &[u8]) -> Result<(), EventJournalError> {
+    let rewrite = write_rewrite(path, lines)?;
+    drop(rewrite.file);
+    std::fs::rename(&rewrite.temp, path)
+        .map_err(|source| EventJournalError::Write { path: path.to_owned(), source })?;
+    sync_dir(path)
 }
 
 #[cfg(test)]

@@ -302,12 +302,15 @@ fn an_event_recorded_while_the_journal_syncs_does_not_wait_for_the_disk() {
     let maintaining = {
         let queue = queue.clone();
         std::thread::spawn(move || {
-            queue.maintain_with(|file| {
-                syncing_tx.send(()).unwrap();
-                // A slow disk: the sync takes until the test lets it go (or 10 s).
-                let _ = released.recv_timeout(Duration::from_secs(10));
-                file.sync_data()
-            })
+            queue.maintain_with(
+                |file| {
+                    syncing_tx.send(()).unwrap();
+                    // A slow disk: the sync takes until the test lets it go (or 10 s).
+                    let _ = released.recv_timeout(Duration::from_secs(10));
+                    file.sync_data()
+                },
+                || (),
+            )
         })
     };
     syncing.recv_timeout(Duration::from_secs(10)).expect("the sync started");
@@ -328,4 +331,123 @@ fn an_event_recorded_while_the_journal_syncs_does_not_wait_for_the_disk() {
     drop(queue);
     let (queue, _) = open(dir.path());
     assert_eq!(messages(&queue), expected(0..2), "both events are in the file after the next tick");
+}
+
+/// A rewrite (compaction) writes its file without the queue's lock: events recorded and removed
+/// meanwhile are queued at once (they used to wait for the whole write and its fsync), and they
+/// are in the new file, in order, after the rename.
+#[test]
+fn events_recorded_while_a_rewrite_is_written_do_not_wait_and_are_in_the_new_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, _) = open(dir.path());
+    let queue = Arc::new(queue);
+    // Garbage enough for a rewrite: 20,000 events queued, the first 19,990 taken by the region.
+    push_n(&queue, 0..20_000);
+    queue.remove_through(19_990, Removal::Sent);
+    let path = DataDir::new(dir.path()).boot_events();
+    let before = std::fs::metadata(&path).unwrap().len();
+    let (written_tx, written) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let maintaining = {
+        let queue = queue.clone();
+        std::thread::spawn(move || {
+            queue.maintain_with(
+                |file| file.sync_data(),
+                || {
+                    written_tx.send(()).unwrap();
+                    // A slow disk: the rewrite's write takes until the test lets it go.
+                    let _ = released.recv_timeout(Duration::from_secs(10));
+                },
+            )
+        })
+    };
+    written.recv_timeout(Duration::from_secs(10)).expect("the rewrite was written");
+    let (pushed_tx, pushed) = std::sync::mpsc::channel();
+    let pusher = {
+        let queue = queue.clone();
+        std::thread::spawn(move || {
+            push_n(&queue, 20_000..20_005);
+            // One of them, and the rest before it, leave while the rewrite is held.
+            queue.remove_through(19_995, Removal::Sent);
+            pushed_tx.send(()).unwrap();
+        })
+    };
+    let waited = pushed.recv_timeout(Duration::from_secs(5));
+    release.send(()).unwrap();
+    maintaining.join().unwrap();
+    pusher.join().unwrap();
+    assert!(waited.is_ok(), "the events waited for the rewrite");
+    let after = std::fs::metadata(&path).unwrap().len();
+    assert!(after < before / 100, "the file was rewritten: {before} -> {after} bytes");
+    assert!(!path.with_extension("journal.tmp").exists());
+    // Appends go to the new file: one more event, then a restart reads the queue back.
+    push_n(&queue, 20_005..20_006);
+    drop(Arc::into_inner(queue).expect("the threads are done"));
+    let (queue, _) = open(dir.path());
+    assert_eq!(messages(&queue), expected(19_995..20_006));
+}
+
+/// An append that would take the file past its bound is not made, and the next tick rewrites
+/// the file with every queued event: nothing is lost and the file never passes the bound, with
+/// no rewrite on the thread that queues.
+#[test]
+fn a_file_at_its_bound_stops_taking_appends_until_the_tick_rewrites_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, _) = open(dir.path());
+    let path = DataDir::new(dir.path()).boot_events();
+    // ~1 KiB events with no tick: the byte bound drops the oldest, and the file fills with
+    // their lines and the `gone` lines until it reaches its bound.
+    let n = 3 * BOOT_EVENTS_QUEUED_BYTES_MAX / 1024;
+    for i in 0..n {
+        queue.push("52:54:00:aa:bb:01", "boot.refused", format!("{i:>1000}"));
+    }
+    let file_bytes = std::fs::metadata(&path).unwrap().len();
+    assert!(file_bytes <= FILE_BYTES_MAX, "{file_bytes}");
+    assert!(file_bytes > FILE_BYTES_MAX - 4096, "filled to the bound: {file_bytes}");
+    assert!(!queue.state.lock().unwrap().journal.clean, "appends stopped");
+    queue.maintain();
+    assert!(queue.state.lock().unwrap().journal.clean, "the tick's rewrite starts appends again");
+    let queued = queue.snapshot();
+    drop(queue);
+    let (queue, _) = open(dir.path());
+    assert_eq!(queue.snapshot(), queued, "every queued event is in the rewritten file");
+    assert_eq!(queued.last().unwrap().message.trim(), (n - 1).to_string());
+}
+
+/// A rewrite during which more than [`CARRY_BYTES_MAX`] arrives is given up: the old file, which
+/// took every append meanwhile, stays and holds the queue (a later tick rewrites it when due).
+#[test]
+fn a_rewrite_outrun_by_new_events_is_given_up_and_the_old_file_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, _) = open(dir.path());
+    let queue = Arc::new(queue);
+    push_n(&queue, 0..20_000);
+    queue.remove_through(19_990, Removal::Sent);
+    let path = DataDir::new(dir.path()).boot_events();
+    let before = std::fs::metadata(&path).unwrap().len();
+    let big = |i: usize| format!("{i:>1000}");
+    let n = CARRY_BYTES_MAX / 1000 + 100;
+    let maintaining = {
+        let queue = queue.clone();
+        std::thread::spawn(move || {
+            // The hook runs between the write and the install, on this thread: push there.
+            queue.maintain_with(
+                |file| file.sync_data(),
+                || {
+                    for i in 0..n {
+                        queue.push("52:54:00:aa:bb:01", "boot.refused", big(i));
+                    }
+                },
+            )
+        })
+    };
+    maintaining.join().unwrap();
+    let grown = std::fs::metadata(&path).unwrap().len();
+    assert!(grown > before + CARRY_BYTES_MAX as u64, "the old file stayed and took the appends: {before} -> {grown}");
+    assert!(!path.with_extension("journal.tmp").exists(), "the given-up rewrite's file is gone");
+    let queued = queue.snapshot();
+    assert_eq!(queued.last().unwrap().message.trim(), (n - 1).to_string());
+    drop(Arc::into_inner(queue).expect("the thread is done"));
+    let (queue, _) = open(dir.path());
+    assert_eq!(queue.snapshot(), queued, "the old file holds the queue");
 }
