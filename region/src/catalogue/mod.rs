@@ -211,6 +211,14 @@ pub enum CatalogueOpenError {
     Manifests { path: PathBuf, source: std::io::Error },
 }
 
+/// An image and some of its versions, newest first ([`Catalogue::images_with_file`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageVersions {
+    pub name: String,
+    pub arch: String,
+    pub versions: Vec<String>,
+}
+
 impl Catalogue {
     pub fn open(shared: Shared) -> Result<Catalogue, CatalogueOpenError> {
         let data_dir: &Path = shared.data_dir();
@@ -466,6 +474,27 @@ impl Catalogue {
             kind: upload.kind,
             file_hash,
         })
+    }
+
+    /// The images with a version holding a file of `kind`, each with those versions newest
+    /// first: what a deploy can name. Reads the catalogue alone, not every rack's sync state as
+    /// [`Catalogue::image_views`] does (a machine's page lists these; with 1,000 racks the
+    /// views would read every rack's files for each page).
+    pub async fn images_with_file(&self, kind: &str) -> Result<Vec<ImageVersions>, CatalogueError> {
+        let images = self.shared.store.images().await.map_err(store_error("list images"))?;
+        Ok(images
+            .into_iter()
+            .filter_map(|image| {
+                // The store lists versions newest first.
+                let versions: Vec<String> = image
+                    .versions
+                    .into_iter()
+                    .filter(|v| v.files.iter().any(|f| f.kind == kind))
+                    .map(|v| v.version)
+                    .collect();
+                (!versions.is_empty()).then_some(ImageVersions { name: image.name, arch: image.arch, versions })
+            })
+            .collect())
     }
 
     /// Every image with its versions and each rack's sync status for each version.
@@ -1058,6 +1087,44 @@ mod tests {
             version: n.to_string(),
             manifest_id,
         }
+    }
+
+    #[tokio::test]
+    async fn images_with_a_file_of_a_kind_list_only_those_versions_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalogue = catalogue(dir.path()).await;
+        let store = &catalogue.shared.store;
+        // (image, version, kind, created_at_ms)
+        let files = [
+            ("test/image", "1", "kernel", 1_000),
+            ("test/image", "1", "root-disk", 1_000),
+            ("test/image", "2", "kernel", 2_000),
+            ("test/image", "3", "root-disk", 3_000),
+            ("other/image", "1", "kernel", 1_000),
+        ];
+        for (n, (image, version, kind, _)) in files.iter().enumerate() {
+            let mut upload = upload_of(&catalogue, n as u32);
+            upload.image_name = image.to_string();
+            upload.version = version.to_string();
+            upload.kind = kind.to_string();
+            let outcome = store.commit_upload(&upload, &Hash::of(&[n as u8]).to_hex(), 4, 1).await.unwrap();
+            assert!(matches!(outcome, CommitOutcome::Committed), "{outcome:?}");
+        }
+        // Creation times set apart, so "newest first" does not hang on the clock's resolution.
+        for (_, version, _, at) in files {
+            sqlx::query("UPDATE image_versions SET created_at_ms = $1 WHERE version = $2")
+                .bind(at)
+                .bind(version)
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+        let listed = catalogue.images_with_file("root-disk").await.unwrap();
+        let expected =
+            ImageVersions { name: "test/image".into(), arch: "amd64".into(), versions: vec!["3".into(), "1".into()] };
+        assert_eq!(listed, vec![expected]);
+        assert_eq!(catalogue.images_with_file("kernel").await.unwrap().len(), 2);
+        assert!(catalogue.images_with_file("initrd").await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -9,7 +9,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use maud::{html, Markup};
 use metalrack_api::agent::{DeployPhase, DeployProgress, EraseMode};
-use metalrack_api::images::ImageView;
 use metalrack_api::machines::{
     BrokenRequest, DeployRequest, MachineCreate, MachinePage, MachineState, MachineView, PowerCommand, ReleaseRequest,
 };
@@ -17,6 +16,7 @@ use metalrack_api::power::{PowerDriver, PowerParameters, PowerState};
 use serde::Deserialize;
 
 use super::{cluster_name, csrf_input, events_table, human_bytes, layout, Nav, PageError, PageResult};
+use crate::catalogue::ImageVersions;
 use crate::http::error::ApiError;
 use crate::http::extract::SessionUser;
 use crate::http::{AppState, BASE_PATH};
@@ -266,29 +266,16 @@ async fn render_machine(
     let cluster = cluster_name(state).await?;
     let machine = crate::machines::get(&state.shared, id).await?;
     let events = crate::machines::events(&state.shared, &machine.id).await?;
-    let images = if session.user.is_admin { state.catalogue.image_views().await? } else { Vec::new() };
+    let images =
+        if session.user.is_admin { state.catalogue.images_with_file(ROOT_DISK_KIND).await? } else { Vec::new() };
     let content = machine_markup(&machine, &events, &images, session, error);
     Ok((status, layout(&machine.hostname, &cluster, Some(session), Nav::Machines, content)).into_response())
-}
-
-/// The images a deploy can write: those with a version holding a root-disk file, each with
-/// those versions newest first.
-fn deployable(images: &[ImageView]) -> Vec<(&ImageView, Vec<&str>)> {
-    images
-        .iter()
-        .filter_map(|image| {
-            let mut versions: Vec<_> =
-                image.versions.iter().filter(|v| v.files.iter().any(|f| f.kind == ROOT_DISK_KIND)).collect();
-            versions.sort_by_key(|v| std::cmp::Reverse(v.created_at_ms));
-            (!versions.is_empty()).then(|| (image, versions.into_iter().map(|v| v.version.as_str()).collect()))
-        })
-        .collect()
 }
 
 fn machine_markup(
     m: &MachineView,
     events: &[metalrack_api::EventView],
-    images: &[ImageView],
+    images: &[ImageVersions],
     session: &SessionUser,
     error: Option<&str>,
 ) -> Markup {
@@ -360,19 +347,18 @@ fn machine_markup(
                     }
                 }
                 @if can(Trigger::Allocate) {
-                    @let targets = deployable(images);
                     h3 { "Deploy" }
-                    @if targets.is_empty() {
+                    @if images.is_empty() {
                         p.muted { "No image with a " code { (ROOT_DISK_KIND) } " file: push one with imgtool." }
                     } @else {
                         form method="post" action=(action("deploy")) id="deploy-form" {
                             (csrf_input(csrf))
                             label { "Image"
                                 select name="target" id="deploy-image" {
-                                    @for (image, versions) in &targets {
+                                    @for image in images {
                                         optgroup label=(format!("{} {}", image.name, image.arch)) {
-                                            option value=(format!("{} {} ", image.name, image.arch)) { (image.name) " " (image.arch) ", newest (" (versions[0]) ")" }
-                                            @for version in versions { option value=(format!("{} {} {version}", image.name, image.arch)) { (image.name) " " (image.arch) " version " (version) } }
+                                            option value=(format!("{} {} ", image.name, image.arch)) { (image.name) " " (image.arch) ", newest (" (image.versions[0]) ")" }
+                                            @for version in &image.versions { option value=(format!("{} {} {version}", image.name, image.arch)) { (image.name) " " (image.arch) " version " (version) } }
                                         }
                                     }
                                 }
