@@ -138,7 +138,7 @@ fn steal_ticks_of(stat: &str, cpu: usize) -> Option<u64> {
 }
 
 /// A fixed piece of CPU work, the same on every call, of the kinds a region's request is made
-/// of: allocation, formatting, hashing into a map and sorting strings (about 0.3 ms on the lab's
+/// of: allocation, formatting, hashing into a map and sorting strings (0.7–1.1 ms on the lab's
 /// box). Timed beside requests it tells how fast the core was at that moment.
 pub fn reference_work() -> u64 {
     const ENTRIES: u64 = 2048;
