@@ -32,9 +32,10 @@
 //! the box's speed), and with `--pin` each sample watches the region's core's steal time in
 //! `/proc/stat` (time the hypervisor gave to something else while that vCPU had work): the
 //! storm's ratio is also given over the samples during which none was seen, and over those again
-//! with each sample divided by the box's speed when it was sent. On the lab's VM the
-//! region's core lost 0.1–0.6% to steal idle and 1.7–2.2% during storms, in episodes long enough
-//! that the 0.9 ms reference work once took 14 ms at `SCHED_FIFO`.
+//! with each sample divided by the box's speed when it was sent. On the lab's VM the region's
+//! core lost 0.0–1.4% to steal in the idle window before a storm (up to 4.6% in the one after)
+//! and 1.7–3.2% during storms, in episodes long enough that the 0.9 ms reference work once took
+//! 14 ms at `SCHED_FIFO` (docs/PERFORMANCE.md, "What the host does to the region's core").
 //!
 //! Beside the sampler's figures (measured at the client), the report has the region's own view
 //! of each route's latency over the same windows, from its `/metrics` histogram (the bucket that
