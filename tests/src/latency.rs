@@ -211,11 +211,14 @@ impl LatencySampler {
                 _ = &mut stopped => break,
                 _ = ticks.tick() => {}
             }
+            // Counted once the round's first probe goes: a stop between the two leaves the round
+            // out of both, so every round has one reference.
+            let mut round_reference = None;
             if self.reference {
                 let started = Instant::now();
                 std::hint::black_box(reference_work());
                 let took = started.elapsed();
-                reference.add(took, None);
+                round_reference = Some(took);
                 if recent.len() == SPEED_ROUNDS {
                     recent.pop_front();
                 }
@@ -229,6 +232,9 @@ impl LatencySampler {
             for ((_, make), samples) in self.probes.iter().zip(&mut samples) {
                 if stopped.try_recv().is_ok() {
                     break 'rounds;
+                }
+                if let Some(took) = round_reference.take() {
+                    reference.add(took, None);
                 }
                 let steal_before = self.steal_cpu.and_then(cpu_steal_ticks);
                 let sent = Instant::now();
