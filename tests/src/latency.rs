@@ -580,9 +580,8 @@ metalrack_region_http_requests_total{route=\"/MAAS/api/v1/machines\",method=\"GE
         assert_eq!(summary.max, Duration::from_millis(900));
     }
 
-    #[tokio::test]
-    async fn a_sampler_samples_a_real_server_at_its_interval_and_counts_refusals() {
-        // A real HTTP server on port 0: `/ok` answers 200, anything else 404.
+    /// A real HTTP server on port 0: `/ok` answers 200, anything else 404. Its address.
+    async fn ok_server() -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -609,6 +608,12 @@ metalrack_region_http_requests_total{route=\"/MAAS/api/v1/machines\",method=\"GE
                 });
             }
         });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_sampler_samples_a_real_server_at_its_interval_and_counts_refusals() {
+        let address = ok_server().await;
         let http = reqwest::Client::new();
         let (ok_client, missing_client) = (http.clone(), http);
         let report = LatencySampler::new(Duration::from_millis(20))
@@ -631,22 +636,7 @@ metalrack_region_http_requests_total{route=\"/MAAS/api/v1/machines\",method=\"GE
 
     #[tokio::test]
     async fn asked_to_the_sampler_times_reference_work_each_round_and_splits_samples_by_steal() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut buffer = vec![0u8; 4096];
-                    while let Ok(1..) = stream.read(&mut buffer).await {
-                        if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
+        let address = ok_server().await;
         let http = reqwest::Client::new();
         let report = LatencySampler::new(Duration::from_millis(20))
             .probe("ok", move || http.get(format!("http://{address}/ok")))
