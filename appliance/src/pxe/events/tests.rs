@@ -24,6 +24,22 @@ fn push_n(queue: &EventQueue, range: std::ops::Range<usize>) {
     }
 }
 
+/// A ~1 KiB event numbered `i`.
+fn push_large(queue: &EventQueue, i: usize) {
+    queue.push("52:54:00:aa:bb:01", "boot.refused", format!("{i:>1000}"));
+}
+
+/// A queue whose file is due for a rewrite (20,000 events queued, the first 19,990 taken by the
+/// region), its file's path and size.
+fn queue_due_for_a_rewrite(dir: &std::path::Path) -> (Arc<EventQueue>, std::path::PathBuf, u64) {
+    let (queue, _) = open(dir);
+    push_n(&queue, 0..20_000);
+    queue.remove_through(19_990, Removal::Sent);
+    let path = DataDir::new(dir).boot_events();
+    let before = std::fs::metadata(&path).unwrap().len();
+    (Arc::new(queue), path, before)
+}
+
 fn messages(queue: &EventQueue) -> Vec<String> {
     queue.snapshot().into_iter().map(|e| e.message).collect()
 }
@@ -135,7 +151,7 @@ fn the_byte_bound_holds_for_large_events_and_the_file_stays_bounded() {
     // the queue turns over twice (with no tick to rewrite the file).
     let n = 3 * BOOT_EVENTS_QUEUED_BYTES_MAX / 1024;
     for i in 0..n {
-        queue.push("52:54:00:aa:bb:01", "boot.refused", format!("{i:>1000}"));
+        push_large(&queue, i);
         if i % 512 == 0 {
             file_bytes_max = file_bytes_max.max(std::fs::metadata(&path).unwrap().len());
         }
@@ -339,13 +355,7 @@ fn an_event_recorded_while_the_journal_syncs_does_not_wait_for_the_disk() {
 #[test]
 fn events_recorded_while_a_rewrite_is_written_do_not_wait_and_are_in_the_new_file() {
     let dir = tempfile::tempdir().unwrap();
-    let (queue, _) = open(dir.path());
-    let queue = Arc::new(queue);
-    // Garbage enough for a rewrite: 20,000 events queued, the first 19,990 taken by the region.
-    push_n(&queue, 0..20_000);
-    queue.remove_through(19_990, Removal::Sent);
-    let path = DataDir::new(dir.path()).boot_events();
-    let before = std::fs::metadata(&path).unwrap().len();
+    let (queue, path, before) = queue_due_for_a_rewrite(dir.path());
     let (written_tx, written) = std::sync::mpsc::channel();
     let (release, released) = std::sync::mpsc::channel::<()>();
     let maintaining = {
@@ -399,7 +409,7 @@ fn a_file_at_its_bound_stops_taking_appends_until_the_tick_rewrites_it() {
     // their lines and the `gone` lines until it reaches its bound.
     let n = 3 * BOOT_EVENTS_QUEUED_BYTES_MAX / 1024;
     for i in 0..n {
-        queue.push("52:54:00:aa:bb:01", "boot.refused", format!("{i:>1000}"));
+        push_large(&queue, i);
     }
     let file_bytes = std::fs::metadata(&path).unwrap().len();
     assert!(file_bytes <= FILE_BYTES_MAX, "{file_bytes}");
@@ -419,13 +429,7 @@ fn a_file_at_its_bound_stops_taking_appends_until_the_tick_rewrites_it() {
 #[test]
 fn a_rewrite_outrun_by_new_events_is_given_up_and_the_old_file_keeps_them() {
     let dir = tempfile::tempdir().unwrap();
-    let (queue, _) = open(dir.path());
-    let queue = Arc::new(queue);
-    push_n(&queue, 0..20_000);
-    queue.remove_through(19_990, Removal::Sent);
-    let path = DataDir::new(dir.path()).boot_events();
-    let before = std::fs::metadata(&path).unwrap().len();
-    let big = |i: usize| format!("{i:>1000}");
+    let (queue, path, before) = queue_due_for_a_rewrite(dir.path());
     let n = CARRY_BYTES_MAX / 1000 + 100;
     let maintaining = {
         let queue = queue.clone();
@@ -435,7 +439,7 @@ fn a_rewrite_outrun_by_new_events_is_given_up_and_the_old_file_keeps_them() {
                 |file| file.sync_data(),
                 || {
                     for i in 0..n {
-                        queue.push("52:54:00:aa:bb:01", "boot.refused", big(i));
+                        push_large(&queue, i);
                     }
                 },
             )
