@@ -229,6 +229,9 @@ impl LatencySampler {
                 sorted.sort_unstable();
                 percentile(&sorted, 50.0).as_secs_f64().max(f64::MIN_POSITIVE)
             });
+            // Within a round one sample's reading after is the next one's before: the samples go
+            // back to back, and `/proc/stat` is read on the core under test.
+            let mut steal_now = None;
             for ((_, make), samples) in self.probes.iter().zip(&mut samples) {
                 if stopped.try_recv().is_ok() {
                     break 'rounds;
@@ -236,13 +239,14 @@ impl LatencySampler {
                 if let Some(took) = round_reference.take() {
                     reference.add(took, None);
                 }
-                let steal_before = self.steal_cpu.and_then(cpu_steal_ticks);
+                let steal_before = steal_now.or_else(|| self.steal_cpu.and_then(cpu_steal_ticks));
                 let sent = Instant::now();
                 let result = tokio::time::timeout(PROBE_TIMEOUT, send(make().timeout(PROBE_TIMEOUT))).await;
                 let took = sent.elapsed();
                 let result = result.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {PROBE_TIMEOUT:?}")));
                 samples.add(took, result.err());
-                if let (Some(before), Some(after)) = (steal_before, self.steal_cpu.and_then(cpu_steal_ticks)) {
+                steal_now = self.steal_cpu.and_then(cpu_steal_ticks);
+                if let (Some(before), Some(after)) = (steal_before, steal_now) {
                     samples.add_steal(took, after > before, unit);
                 }
             }
