@@ -60,7 +60,7 @@ use edits::{insert_bytes, insert_offset, scatter_blocks, Edit, Scenario};
 use peers::{HttpServer, RsyncDaemon};
 use report::{DeltaSamples, Report};
 use sync::{delta_sync, drop_version, push, start_rack, wait_synced};
-use tools::{b3sum, check_tools, machine_summary, settle};
+use tools::{b3sum, check_tools, disk_write_time, fsync_file, machine_summary, settle};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -314,8 +314,11 @@ async fn run(options: &Options) -> Result<String> {
         report.curl_null.push(http.curl(None, size).await?);
         let out = w.join("curl.out");
         settle().await?;
-        report.curl_file.push(http.curl(Some(&out), size).await?);
+        let curl = http.curl(Some(&out), size).await?;
+        report.curl_file.push(curl);
+        report.curl_file_flushed.push(curl + fsync_file(&out).await?);
         std::fs::remove_file(&out)?;
+        report.disk_write.extend(disk_write_time(&v1, &w.join("direct.out"), size).await?);
     }
 
     // 2. Delta syncs.

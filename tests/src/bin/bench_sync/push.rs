@@ -3,7 +3,9 @@
 //! during the push.
 //!
 //! Each run, interleaved: rsync into a fresh destination (the previous copy removed, untimed),
-//! then `imgtool push` as a new version into a region that lacks every chunk (the previous
+//! once as is and once with `--fsync` (the region flushes before a version joins the catalogue:
+//! that is the like-for-like peer), the disk's write speed (`dd oflag=direct`: no flushed copy
+//! is faster), then `imgtool push` as a new version into a region that lacks every chunk (the previous
 //! version deleted and its chunks collected, untimed). Both read the same file, warm in the page
 //! cache; `sync` before each. Memory is sampled from `/proc/PID/status` every [`RSS_POLL`].
 
@@ -20,7 +22,7 @@ use metalrack_tests::region::{Region, ANY_PORT};
 
 use crate::peers::spawn_rsync_daemon;
 use crate::report::{median, secs};
-use crate::tools::{run_tool, settle};
+use crate::tools::{disk_write_time, run_tool, settle};
 use crate::{note, Options, GIB, IMAGE, MIB, REGION_CONFIG};
 
 /// How often the memory of `imgtool` and `regiond` is read during a push: often enough to see
@@ -108,13 +110,19 @@ impl RsyncTarget {
         Ok(RsyncTarget { port, module_dir, _daemon: daemon })
     }
 
-    /// `rsync -W FILE rsync://…/push/image.raw` into an empty module; returns the wall time.
-    async fn push(&self, file: &Path, size: u64) -> Result<Duration> {
+    /// `rsync -W FILE rsync://…/push/image.raw` into an empty module, with `--fsync` if
+    /// `flush` (the daemon then flushes the file before it finishes, as the region flushes its
+    /// chunks before a version joins the catalogue); returns the wall time.
+    async fn push(&self, file: &Path, size: u64, flush: bool) -> Result<Duration> {
         let dest = self.module_dir.join("image.raw");
         let _ = std::fs::remove_file(&dest);
         settle().await?;
         let target = format!("rsync://127.0.0.1:{}/push/image.raw", self.port);
-        let args: [OsString; 3] = ["-W".into(), file.into(), target.into()];
+        let mut args: Vec<OsString> = vec!["-W".into()];
+        if flush {
+            args.push("--fsync".into());
+        }
+        args.extend([file.into(), target.into()]);
         let (_, wall) = run_tool(Path::new("rsync"), &args).await?;
         let got = std::fs::metadata(&dest).context("rsync's copy")?.len();
         ensure!(got == size, "rsync wrote {got} bytes, expected {size}");
@@ -147,11 +155,14 @@ pub async fn run(options: &Options) -> Result<String> {
     let rsync = if options.no_rsync { None } else { Some(RsyncTarget::start(w).await?) };
     // Warm the page cache with the file, as both tools will find it.
     run_tool(Path::new("cat"), &[file.clone().into()]).await?;
-    let (mut rsync_walls, mut pushes) = (Vec::new(), Vec::new());
+    let (mut rsync_walls, mut rsync_flushed, mut disk_writes, mut pushes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..options.runs {
         if let Some(rsync) = &rsync {
-            note(&format!("run {}: rsync -W", run + 1));
-            rsync_walls.push(rsync.push(&file, size).await?);
+            note(&format!("run {}: rsync -W, rsync -W --fsync, dd oflag=direct", run + 1));
+            rsync_walls.push(rsync.push(&file, size, false).await?);
+            rsync_flushed.push(rsync.push(&file, size, true).await?);
+            disk_writes.extend(disk_write_time(&file, &w.join("direct.out"), size).await?);
         }
         note(&format!("run {}: imgtool push", run + 1));
         settle().await?;
@@ -185,6 +196,22 @@ pub async fn run(options: &Options) -> Result<String> {
             mib_s(rsync_median),
             rsync_median / push_median
         )?;
+        let flushed_median = median(rsync_flushed.iter().map(|d| secs(*d)));
+        writeln!(
+            out,
+            "| wall time, rsync flushing (`--fsync`) | | {flushed_median:.2} s, {:.0} MiB/s | **{:.2}×** |",
+            mib_s(flushed_median),
+            flushed_median / push_median
+        )?;
+        if !disk_writes.is_empty() {
+            let disk_median = median(disk_writes.iter().map(|d| secs(*d)));
+            writeln!(
+                out,
+                "| the disk: the best a flushing writer can reach against `rsync -W` | | `dd oflag=direct bs=64M` (the device's write speed): {disk_median:.2} s, {:.0} MiB/s | ≤ {:.2}× |",
+                mib_s(disk_median),
+                rsync_median / disk_median
+            )?;
+        }
     }
     let mib = |kib: u64| kib as f64 / 1024.0;
     let worst = |f: fn(&PushSample) -> u64| pushes.iter().map(f).max().unwrap_or(0);
@@ -200,9 +227,14 @@ pub async fn run(options: &Options) -> Result<String> {
         mib(worst(|p| p.region_peak.total_kib.saturating_sub(p.region_before.total_kib))),
         mib(worst(|p| p.region_peak.anon_kib.saturating_sub(p.region_before.anon_kib)))
     )?;
-    writeln!(out, "\nSamples (s): imgtool push {push_secs:.2?}; rsync -W {:.2?}", {
-        rsync_walls.iter().map(|d| secs(*d)).collect::<Vec<_>>()
-    })?;
+    let list = |ds: &[Duration]| ds.iter().map(|d| secs(*d)).collect::<Vec<_>>();
+    writeln!(
+        out,
+        "\nSamples (s): imgtool push {push_secs:.2?}; rsync -W {:.2?}; rsync -W --fsync {:.2?}; dd oflag=direct (for the whole file) {:.2?}",
+        list(&rsync_walls),
+        list(&rsync_flushed),
+        list(&disk_writes)
+    )?;
     work.close()?;
     Ok(out)
 }

@@ -32,6 +32,12 @@ pub struct Report {
     pub zstd3_bytes: u64,
     pub curl_null: Vec<Duration>,
     pub curl_file: Vec<Duration>,
+    /// The same `curl -o FILE` runs with `sync FILE` after each: curl's time with the flush the
+    /// rack pays.
+    pub curl_file_flushed: Vec<Duration>,
+    /// The disk's write speed as the time for the whole file (`dd oflag=direct`): no flushed
+    /// copy can be faster.
+    pub disk_write: Vec<Duration>,
     pub deltas: Vec<DeltaSamples>,
 }
 
@@ -134,6 +140,22 @@ impl Report {
             "| 3 | first sync, curl writing a file | | `curl -o FILE` (same disk, no fsync): {t_file:.2} s, {:.0} MiB/s | {:.3}× throughput |",
             rate(size, t_file), t_file / duration
         )?;
+        if !self.curl_file_flushed.is_empty() {
+            let t_flushed = median(self.curl_file_flushed.iter().map(|d| secs(*d)));
+            writeln!(
+                out,
+                "| 3 | first sync, curl writing a file and flushing it | | `curl -o FILE`, then `sync FILE`: {t_flushed:.2} s, {:.0} MiB/s | {:.3}× throughput |",
+                rate(size, t_flushed), t_flushed / duration
+            )?;
+        }
+        if !self.disk_write.is_empty() {
+            let t_disk = median(self.disk_write.iter().map(|d| secs(*d)));
+            writeln!(
+                out,
+                "| 3 | the disk: the best a flushing writer can reach against `curl -o FILE` | | `dd oflag=direct bs=64M` (the device's write speed): {t_disk:.2} s, {:.0} MiB/s | ≤ {:.3}× throughput |",
+                rate(size, t_disk), t_file / t_disk
+            )?;
+        }
         let wire = median(self.first_sync.iter().map(|s| s.figures.bytes_received + s.figures.bytes_sent));
         writeln!(
             out,
@@ -164,9 +186,11 @@ impl Report {
         }
         writeln!(
             out,
-            "- curl -o /dev/null s: {}; curl -o FILE s: {}",
+            "- curl -o /dev/null s: {}; curl -o FILE s: {}; the same, then sync FILE s: {}; dd oflag=direct s (for the whole file): {}",
             list(&secs_of(&self.curl_null)),
-            list(&secs_of(&self.curl_file))
+            list(&secs_of(&self.curl_file)),
+            list(&secs_of(&self.curl_file_flushed)),
+            list(&secs_of(&self.disk_write))
         )?;
         for (delta, key) in self.deltas.iter().zip(["2a", "2b"]) {
             for s in &delta.rack {

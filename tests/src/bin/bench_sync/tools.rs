@@ -146,6 +146,46 @@ pub async fn settle() -> Result<()> {
     run_tool(Path::new("sync"), &[]).await.map(|_| ())
 }
 
+/// `sync FILE`: flushes one file to the disk (coreutils calls `fsync` on it); how long it took.
+/// Added to a tool that writes without flushing, it makes the tool's time like for like with
+/// Metalrack's, which flushes before it calls a copy done.
+pub async fn fsync_file(file: &Path) -> Result<Duration> {
+    Ok(run_tool(Path::new("sync"), &[file.into()]).await?.1)
+}
+
+/// Blocks of the disk speed measurement: large, so that `O_DIRECT` keeps the device busy.
+const DIRECT_BLOCK_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The disk's sequential write speed, in the same run as the tools it is set beside: `dd
+/// if=SRC of=DEST bs=64M oflag=direct` over the whole 64 MiB blocks of `src` (read once before,
+/// so from the page cache), bypassing the page cache, so each block is on the device when `dd`
+/// goes on. No flushed copy of `src` can be faster than the device takes its bytes; returns the
+/// time that speed gives for all of `src` (`None` if it is smaller than a block). `dest` is
+/// removed after.
+pub async fn disk_write_time(src: &Path, dest: &Path, size: u64) -> Result<Option<Duration>> {
+    let blocks = size / DIRECT_BLOCK_BYTES;
+    if blocks == 0 {
+        return Ok(None);
+    }
+    let _ = std::fs::remove_file(dest);
+    settle().await?;
+    let mut input = OsString::from("if=");
+    input.push(src);
+    let mut output = OsString::from("of=");
+    output.push(dest);
+    let args: [OsString; 6] = [
+        input,
+        output,
+        format!("bs={DIRECT_BLOCK_BYTES}").into(),
+        format!("count={blocks}").into(),
+        "oflag=direct".into(),
+        "status=none".into(),
+    ];
+    let (_, wall) = run_tool(Path::new("dd"), &args).await?;
+    std::fs::remove_file(dest)?;
+    Ok(Some(wall.mul_f64(size as f64 / (blocks * DIRECT_BLOCK_BYTES) as f64)))
+}
+
 /// `b3sum FILE`: the file's BLAKE3 hex hash, and how long it took.
 pub async fn b3sum(file: &Path, threads: Option<u32>) -> Result<(String, Duration)> {
     let mut args: Vec<OsString> = Vec::new();
