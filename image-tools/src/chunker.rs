@@ -9,7 +9,8 @@
 //! - [`chunk_file`] maps a regular file and splits the work between threads
 //!   ([`chunk_slice`]): each thread cuts, hashes and file-hashes one segment of the mapping,
 //!   and the segments are stitched where their boundaries meet (see [`chunk_slice`]). Memory is
-//!   the mapping (page cache, not anonymous memory) plus the chunk lists.
+//!   the chunk lists; of the mapping, each thread keeps at most [`RELEASE_BYTES`] (and the
+//!   chunk it is cutting) in the process's resident set, handing the rest back as it goes.
 //! - [`chunk_reader`] (pipes, sockets, block devices, anything that is not a regular file) runs
 //!   on one thread: fastcdc's `StreamCDC` keeps one `max_len` window, each chunk is handed to
 //!   the caller and dropped, and the whole-stream hash is computed on the way. Memory is
@@ -120,7 +121,8 @@ pub fn chunk_file(path: &Path, config: ChunkerConfig, mut progress: impl FnMut(u
     // An empty file cannot be mapped (and has nothing to gain from it).
     if metadata.is_file() && metadata.len() > 0 {
         let mapping = crate::mapped::map_for_reading(&file).map_err(|source| ChunkError::Map { source })?;
-        return chunk_slice(&mapping, config, progress);
+        let n_segments = segments_for(mapping.len());
+        return chunk_segments(&mapping, config, n_segments, &|done| crate::mapped::release(&mapping, done), progress);
     }
     // No BufReader: StreamCDC reads straight into its own max_len window.
     let mut done: u64 = 0;
@@ -156,16 +158,35 @@ const THREADS_MAX: usize = 16;
 /// segment start, cut every `max_len` from different origins) is finished on the calling
 /// thread: correct, as slow as one thread.
 pub fn chunk_slice(data: &[u8], config: ChunkerConfig, progress: impl FnMut(u64)) -> Result<Manifest, ChunkError> {
-    let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-    let n_segments = cores.min(THREADS_MAX).min(data.len() / SEGMENT_LEN_MIN).max(1);
-    chunk_segments(data, config, n_segments, progress)
+    chunk_segments(data, config, segments_for(data.len()), &|_| {}, progress)
 }
 
-/// [`chunk_slice`] with a given number of segments (tests use small ones).
+/// One segment per core, each at least [`SEGMENT_LEN_MIN`].
+fn segments_for(len: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+    cores.min(THREADS_MAX).min(len / SEGMENT_LEN_MIN).max(1)
+}
+
+/// Bytes a chunking thread reads past the last range it handed to `release` before it hands
+/// over the next: what each thread keeps mapped in, at most, besides the chunk it is cutting.
+/// Small next to the 100 MiB a push may add to `imgtool`'s memory (issue 12), large enough that
+/// the `madvise` per release is noise (one per 8 MiB).
+const RELEASE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Released ranges start and end on multiples of this: 64 KiB is a multiple of every page size
+/// Linux uses (4, 16 and 64 KiB), and `madvise` takes whole pages.
+const RELEASE_ALIGN: usize = 64 * 1024;
+
+/// [`chunk_slice`] with a given number of segments (tests use small ones); `release` is handed
+/// ranges of `data` (from [`RELEASE_ALIGN`] to [`RELEASE_ALIGN`]) that a thread has finished
+/// reading, so that a mapped file's pages need not stay in the process's resident set. A
+/// released range may still be read again (stitching re-reads a segment's first chunks), so
+/// releasing must not change what `data` shows.
 fn chunk_segments(
     data: &[u8],
     config: ChunkerConfig,
     n_segments: usize,
+    release: &(dyn Fn(Range<usize>) + Sync),
     mut progress: impl FnMut(u64),
 ) -> Result<Manifest, ChunkError> {
     config.validate()?;
@@ -197,6 +218,7 @@ fn chunk_segments(
             leaves: &leaves[first_leaf..][..n_leaves],
             root: segments.len() == 1,
             done: &done,
+            release,
         }
     };
     let outputs: Vec<SegmentOutput> = std::thread::scope(|scope| {
@@ -253,6 +275,8 @@ struct SegmentJob<'a> {
     root: bool,
     /// Bytes of the input done, over all segments.
     done: &'a AtomicU64,
+    /// Takes the ranges this thread has finished reading (see [`chunk_segments`]).
+    release: &'a (dyn Fn(Range<usize>) + Sync),
 }
 
 /// What one thread found in its segment.
@@ -270,6 +294,8 @@ impl SegmentJob<'_> {
         let mut chunks = Vec::new();
         let mut file_hasher = SubtreeHasher::new(self.leaves);
         let mut offset = self.segment.start;
+        // Everything before this has been handed to `release`.
+        let mut released = self.segment.start / RELEASE_ALIGN * RELEASE_ALIGN;
         while offset < self.segment.end {
             // Bounds this thread's list (48 bytes a chunk) by what a manifest could list; only
             // a config with tiny chunks on a huge input gets near it, and that fails anyway.
@@ -284,8 +310,14 @@ impl SegmentJob<'_> {
             self.done.fetch_add(end.min(self.segment.end) as u64 - offset as u64, Ordering::Relaxed);
             chunks.push((offset, chunk));
             offset = end;
+            let read = offset / RELEASE_ALIGN * RELEASE_ALIGN;
+            if read >= released + RELEASE_BYTES {
+                (self.release)(released..read);
+                released = read;
+            }
             after_chunk();
         }
+        (self.release)(released..offset / RELEASE_ALIGN * RELEASE_ALIGN);
         let (leaf_cvs, root_hash) = if self.root {
             (vec![], Some(Hash(*file_hasher.hasher.finalize().as_bytes())))
         } else {
@@ -763,7 +795,7 @@ pub(crate) mod tests {
             let (one_pass, _) = chunk_bytes(input, *config);
             for n_segments in [1, 2, 3, 5, 8] {
                 let mut reports = Vec::new();
-                let manifest = chunk_segments(input, *config, n_segments, |done| reports.push(done)).unwrap();
+                let manifest = chunk_segments(input, *config, n_segments, &|_| {}, |done| reports.push(done)).unwrap();
                 assert_eq!(manifest, one_pass, "{} bytes, {config:?}, {n_segments} segments", input.len());
                 assert_eq!(reports.last(), Some(&(input.len() as u64)));
                 assert!(reports.windows(2).all(|w| w[0] <= w[1]));
@@ -774,10 +806,41 @@ pub(crate) mod tests {
             for input in [random_bytes(len, 33), vec![0u8; len]] {
                 let (one_pass, _) = chunk_bytes(&input, tiny);
                 for n_segments in 1..=6 {
-                    let manifest = chunk_segments(&input, tiny, n_segments, |_| {}).unwrap();
+                    let manifest = chunk_segments(&input, tiny, n_segments, &|_| {}, |_| {}).unwrap();
                     assert_eq!(manifest, one_pass, "{len} bytes, {n_segments} segments");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn finished_ranges_are_released_in_aligned_disjoint_steps_that_cover_the_input() {
+        let len = 3 * RELEASE_BYTES + 5 * RELEASE_ALIGN + 777;
+        let input = random_bytes(len, 34);
+        let (one_pass, _) = chunk_bytes(&input, ChunkerConfig::default());
+        for n_segments in [1, 2, 3] {
+            let released = std::sync::Mutex::new(Vec::new());
+            let release = |range: Range<usize>| released.lock().unwrap().push(range);
+            let manifest = chunk_segments(&input, ChunkerConfig::default(), n_segments, &release, |_| {}).unwrap();
+            assert_eq!(manifest, one_pass, "releasing changes nothing chunked ({n_segments} segments)");
+            let mut ranges = released.into_inner().unwrap();
+            ranges.retain(|range| !range.is_empty());
+            ranges.sort_by_key(|range| range.start);
+            for range in &ranges {
+                assert!(range.start % RELEASE_ALIGN == 0 && range.end % RELEASE_ALIGN == 0, "{range:?}");
+                // A thread keeps no more than RELEASE_BYTES and one chunk unreleased.
+                assert!(range.len() <= RELEASE_BYTES + CHUNK_LEN_MAX as usize + RELEASE_ALIGN, "{range:?}");
+            }
+            // Segments' ranges may overlap where one thread's last chunk runs into the next
+            // segment; together they cover every whole step of the input.
+            let mut covered = 0;
+            for range in &ranges {
+                assert!(range.start <= covered, "a gap before {range:?} ({n_segments} segments)");
+                covered = covered.max(range.end);
+            }
+            assert_eq!(covered, len / RELEASE_ALIGN * RELEASE_ALIGN, "{n_segments} segments");
+            // Each thread released as it went, not once at its end.
+            assert!(ranges.len() >= 3, "{} releases for {n_segments} segments", ranges.len());
         }
     }
 
