@@ -88,6 +88,10 @@ async fn two_racks_sync_identical_snapshots_and_a_delta_moves_only_new_chunks() 
     std::fs::write(&v1, random_bytes(12 << 20, 1)).unwrap();
     let out = push_ok(&region, &api_key, &v1, "ubuntu/jammy", "1");
     assert!(out.contains("committed"), "{out}");
+    // The summary says where the time went, for an operator wondering why a push is slow.
+    for phase in ["(chunking ", ", sending ", ", commit "] {
+        assert!(out.contains(phase), "no {phase:?} in the push's summary: {out}");
+    }
     let v1_hash = file_hash(&v1);
     for rack in &racks {
         wait_synced(&region, &api_key, &rack.name, &v1_hash).await;

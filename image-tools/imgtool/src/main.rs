@@ -305,7 +305,7 @@ fn push_command(args: PushArgs) -> anyhow::Result<ExitCode> {
         config: ChunkerConfig::default(),
     })?;
     println!(
-        "{} {} version {}: {} committed ({}), {} of {} chunks sent, {} bytes sent, {:.1} s",
+        "{} {} version {}: {} committed ({}), {} of {} chunks sent, {} bytes sent, {:.1} s (chunking {:.1} s, sending {:.1} s, commit {:.1} s)",
         summary.commit.image,
         summary.commit.arch,
         summary.commit.version,
@@ -314,7 +314,10 @@ fn push_command(args: PushArgs) -> anyhow::Result<ExitCode> {
         summary.n_chunks_sent,
         summary.n_chunks,
         summary.bytes_sent,
-        summary.elapsed.as_secs_f64()
+        summary.elapsed.as_secs_f64(),
+        summary.phases.chunking.as_secs_f64(),
+        summary.phases.sending.as_secs_f64(),
+        summary.phases.commit.as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -52,6 +52,16 @@ pub struct PushSummary {
     pub bytes_sent: u64,
     pub file_len: u64,
     pub elapsed: Duration,
+    /// Where `elapsed` went: chunking the file, sending the manifest and the missing chunks, and
+    /// the region's commit (its whole-file check and flush).
+    pub phases: PushPhases,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PushPhases {
+    pub chunking: Duration,
+    pub sending: Duration,
+    pub commit: Duration,
 }
 
 /// Splits the missing chunks (indices into `offsets`) into runs whose frames fit `batch_limit`
@@ -154,6 +164,7 @@ pub fn push(args: &PushArgs<'_>) -> anyhow::Result<PushSummary> {
     let bar = super::progress_bar(Some(file_len));
     let manifest = chunk_file(args.file, args.config, |done| bar.set_position(done))?;
     bar.finish_and_clear();
+    let chunked = Instant::now();
     let api = format!("{base}{API_PREFIX}");
     let client = reqwest::blocking::Client::builder()
         .use_preconfigured_tls(tls)
@@ -237,19 +248,22 @@ pub fn push(args: &PushArgs<'_>) -> anyhow::Result<PushSummary> {
     }
     let bytes_sent = bytes_sent.into_inner();
     bar.finish_and_clear();
+    let sent = Instant::now();
     let response = client
         .post(format!("{api}{}", paths::upload_commit(&upload.upload_id)))
         .header("authorization", &auth)
         .send()
         .map_err(|e| unreachable(args.region_certificate, &base, e))?;
     let commit: CommitResponse = check(response, "committing")?.json()?;
+    let committed = Instant::now();
     Ok(PushSummary {
         commit,
         n_chunks: manifest.chunks.len() as u64,
         n_chunks_sent: upload.missing.len() as u64,
         bytes_sent,
         file_len,
-        elapsed: started.elapsed(),
+        elapsed: committed - started,
+        phases: PushPhases { chunking: chunked - started, sending: sent - chunked, commit: committed - sent },
     })
 }
 

@@ -48,6 +48,8 @@ fn rss(pid: u32) -> Option<Rss> {
 #[derive(Debug, Default)]
 struct PushSample {
     wall: Duration,
+    /// `imgtool push`'s own account of its time: chunking, sending, commit (seconds).
+    phases: [f64; 3],
     imgtool_peak: Rss,
     region_before: Rss,
     region_peak: Rss,
@@ -92,7 +94,19 @@ async fn timed_push(region: &Region, api_key: &str, file: &Path, version: &str) 
         "imgtool push did not commit: {text}{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    sample.phases = phases(&text).with_context(|| format!("imgtool push printed no phase times: {text}"))?;
     Ok(sample)
+}
+
+/// The phase times of `imgtool push`'s summary line: "(chunking 1.2 s, sending 8.0 s, commit
+/// 1.5 s)".
+fn phases(summary: &str) -> Option<[f64; 3]> {
+    let times = ["(chunking ", ", sending ", ", commit "].map(|label| {
+        let rest = &summary[summary.find(label)? + label.len()..];
+        rest.split_once(" s")?.0.parse::<f64>().ok()
+    });
+    let [Some(chunking), Some(sending), Some(commit)] = times else { return None };
+    Some([chunking, sending, commit])
 }
 
 /// An rsync daemon with one writable module, `push`, on a free loopback port.
@@ -213,6 +227,14 @@ pub async fn run(options: &Options) -> Result<String> {
             )?;
         }
     }
+    let phase = |i: usize| median(pushes.iter().map(|p| p.phases[i]));
+    writeln!(
+        out,
+        "| where the push's time went (imgtool's own account, medians) | chunking {:.1} s, sending {:.1} s, commit {:.1} s | | |",
+        phase(0),
+        phase(1),
+        phase(2)
+    )?;
     let mib = |kib: u64| kib as f64 / 1024.0;
     let worst = |f: fn(&PushSample) -> u64| pushes.iter().map(f).max().unwrap_or(0);
     writeln!(
