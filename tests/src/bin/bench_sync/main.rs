@@ -9,8 +9,9 @@
 //!    of the rack's sync (policy auto, delay 0) against `rsync --no-whole-file` pulling from an
 //!    rsync daemon on loopback into a copy of the previous version.
 //! 3. First sync: the rack's throughput (file bytes / its sync duration) against `curl` fetching
-//!    the same file from nginx (`sendfile on`) on loopback, and its bytes on the wire against
-//!    `zstd -3` of the whole file (chunks that compress travel compressed).
+//!    the same file from nginx (`sendfile on`) on loopback (to `/dev/null`, to a file, and to a
+//!    file then flushed, as the rack flushes; beside the disk's own write speed), and its bytes
+//!    on the wire against `zstd -3` of the whole file (chunks that compress travel compressed).
 //!
 //! `--debian full|small` measures instead the update of a real Debian image against casync,
 //! rsync and zsync ([`realimg`]).
