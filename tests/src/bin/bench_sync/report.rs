@@ -128,8 +128,9 @@ impl Report {
         // The snapshot is published before the rack clears its fetched chunks; `duration_ms`
         // (and the region's view) include that clean-up, the file on disk does not.
         let published = median(self.first_sync.iter().map(|s| secs(s.wall_from_start)));
-        let (t_null, t_file) =
-            (median(self.curl_null.iter().map(|d| secs(*d))), median(self.curl_file.iter().map(|d| secs(*d))));
+        let median_secs = |samples: &[Duration]| median(samples.iter().map(|d| secs(*d)));
+        let (t_null, t_file, t_flushed) =
+            (median_secs(&self.curl_null), median_secs(&self.curl_file), median_secs(&self.curl_file_flushed));
         writeln!(
             out,
             "| 3 | first sync | rack `duration_ms` {duration:.2} s, {sync_rate:.0} MiB/s (snapshot on disk after {published:.2} s, {:.0} MiB/s) | `curl -o /dev/null` from {server}: {t_null:.2} s, {:.0} MiB/s | {:.3}× throughput (to snapshot on disk {:.3}×) |",
@@ -140,16 +141,14 @@ impl Report {
             "| 3 | first sync, curl writing a file | | `curl -o FILE` (same disk, no fsync): {t_file:.2} s, {:.0} MiB/s | {:.3}× throughput |",
             rate(size, t_file), t_file / duration
         )?;
-        if !self.curl_file_flushed.is_empty() {
-            let t_flushed = median(self.curl_file_flushed.iter().map(|d| secs(*d)));
-            writeln!(
-                out,
-                "| 3 | first sync, curl writing a file and flushing it | | `curl -o FILE`, then `sync FILE`: {t_flushed:.2} s, {:.0} MiB/s | {:.3}× throughput |",
-                rate(size, t_flushed), t_flushed / duration
-            )?;
-        }
+        writeln!(
+            out,
+            "| 3 | first sync, curl writing a file and flushing it | | `curl -o FILE`, then `sync FILE`: {t_flushed:.2} s, {:.0} MiB/s | {:.3}× throughput |",
+            rate(size, t_flushed), t_flushed / duration
+        )?;
+        // Empty for a file smaller than one of `dd`'s blocks.
         if !self.disk_write.is_empty() {
-            let t_disk = median(self.disk_write.iter().map(|d| secs(*d)));
+            let t_disk = median_secs(&self.disk_write);
             writeln!(
                 out,
                 "| 3 | the disk: the best a flushing writer can reach against `curl -o FILE` | | `dd oflag=direct bs=64M` (the device's write speed): {t_disk:.2} s, {:.0} MiB/s | ≤ {:.3}× throughput |",
