@@ -108,7 +108,21 @@ async fn run(topology: Arc<Topology>, scenario: Scenario, dir: &Path) {
     let synced = site.wait_synced(&image.blake3, Duration::from_secs(180)).await.unwrap_or_else(|e| panic!("{e:#}"));
     stop.store(true, Ordering::SeqCst);
     sampler.await.unwrap();
-    let after = site.uplink_counters().unwrap();
+    // The two ends of a link are read one after the other, so a frame in flight between them (a
+    // heartbeat, a poll's answer) can be counted by one end only: read again until they agree.
+    // A frame lost or counted twice still fails the assertion below, at the deadline.
+    let settle_deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let after = site.uplink_counters().unwrap();
+        let agree = before.iter().zip(&after).all(|((_, before), (_, after))| {
+            let crossed = after.since(before);
+            crossed.region_end.tx_bytes == crossed.down_bytes()
+        });
+        if agree || Instant::now() >= settle_deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     let samples = samples.lock().unwrap().clone();
     for (index, ((name, before), (_, after))) in before.iter().zip(&after).enumerate() {
