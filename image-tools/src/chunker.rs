@@ -814,7 +814,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn finished_ranges_are_released_in_aligned_disjoint_steps_that_cover_the_input() {
+    fn finished_ranges_are_released_in_aligned_bounded_steps_that_cover_the_input() {
         let len = 3 * RELEASE_BYTES + 5 * RELEASE_ALIGN + 777;
         let input = random_bytes(len, 34);
         let (one_pass, _) = chunk_bytes(&input, ChunkerConfig::default());
