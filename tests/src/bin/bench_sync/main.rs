@@ -49,7 +49,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use metalrack_tests::bench::{free_bytes, load_average};
+use metalrack_tests::bench::{box_busy, free_bytes, load_average};
 use metalrack_tests::binaries::Binaries;
 use metalrack_tests::data::write_random_file;
 use metalrack_tests::debian_image::Profile;
@@ -296,10 +296,13 @@ async fn run(options: &Options) -> Result<String> {
     for run in 0..runs {
         let name = if run == 0 { "bench".to_owned() } else { format!("first-sync-{run}") };
         settle().await?;
+        let busy_from = box_busy();
         let mut candidate = start_rack(&region, &api, &secret, w, &name).await?;
         // Timed from `rackd serve`: a rack with no snapshot syncs as soon as it reads the catalogue.
         let file = candidate.snapshot_file(IMAGE, "1", "root-disk");
-        report.first_sync.push(wait_synced(&api, &candidate, &file, &v1_hash, size).await?);
+        let sample = wait_synced(&api, &candidate, &file, &v1_hash, size).await?;
+        report.first_sync_busy.push(sample.box_busy_at_disk.saturating_sub(busy_from));
+        report.first_sync.push(sample);
         if run == 0 {
             rack = Some(candidate);
         } else {
@@ -315,9 +318,14 @@ async fn run(options: &Options) -> Result<String> {
         report.curl_null.push(http.curl(None, size).await?);
         let out = w.join("curl.out");
         settle().await?;
+        let busy_from = box_busy();
         let curl = http.curl(Some(&out), size).await?;
+        let busy_curl = box_busy();
+        let flush = fsync_file(&out).await?;
+        report.curl_file_busy.push(busy_curl - busy_from);
+        report.curl_file_flushed_busy.push(box_busy() - busy_from);
         report.curl_file.push(curl);
-        report.curl_file_flushed.push(curl + fsync_file(&out).await?);
+        report.curl_file_flushed.push(curl + flush);
         std::fs::remove_file(&out)?;
         report.disk_write.extend(disk_write_time(&v1, &w.join("direct.out"), size).await?);
     }

@@ -5,9 +5,14 @@
 //! Each run, interleaved: rsync into a fresh destination (the previous copy removed, untimed),
 //! once as is and once with `--fsync` (the region flushes before a version joins the catalogue:
 //! that is the like-for-like peer), the disk's write speed (`dd oflag=direct`: no flushed copy
-//! is faster), then `imgtool push` as a new version into a region that lacks every chunk (the previous
-//! version deleted and its chunks collected, untimed). Both read the same file, warm in the page
-//! cache; `sync` before each. Memory is sampled from `/proc/PID/status` every [`RSS_POLL`].
+//! is faster), then `imgtool push` as a new version into a region that lacks every chunk. For
+//! pseudo-random data each run writes new bytes (untimed), so nothing is deleted in between: the
+//! region's filesystem (ext4 here) makes a new file slow to allocate for a while after many were
+//! freed, which deleting the last version's ~32,000 chunk files seconds before the push cost the
+//! region (docs/PERFORMANCE.md, "The region's chunk store"). An `--input` image is pushed again
+//! after its previous version was deleted and collected. Both tools read the same file, warm in
+//! the page cache; `sync` before each. Memory is sampled from `/proc/PID/status` every
+//! [`RSS_POLL`], CPU read from `/proc` around each step.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -15,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use metalrack_tests::bench::{free_bytes, load_average};
+use metalrack_tests::bench::{box_busy, free_bytes, load_average, process_cpu, wait_childless, waited_children_cpu};
 use metalrack_tests::data::write_random_file;
 use metalrack_tests::process::{Daemon, Spawn};
 use metalrack_tests::region::{Region, ANY_PORT};
@@ -53,7 +58,19 @@ struct PushSample {
     imgtool_peak: Rss,
     region_before: Rss,
     region_peak: Rss,
+    cpu: StepCpu,
 }
+
+/// What a step cost in CPU: its own processes (the tool and the daemon it talks to), and the
+/// whole box over the step (the kernel's writeback threads and interrupts included).
+#[derive(Debug, Default, Clone, Copy)]
+struct StepCpu {
+    processes: Duration,
+    box_busy: Duration,
+}
+
+/// How long the rsync daemon may take to reap the connection's process after the client ends.
+const REAP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs `imgtool push` of `file` as `version`, sampling memory; checks it committed.
 async fn timed_push(region: &Region, api_key: &str, file: &Path, version: &str) -> Result<PushSample> {
@@ -61,6 +78,8 @@ async fn timed_push(region: &Region, api_key: &str, file: &Path, version: &str) 
     let region_pid = region.daemon.pid() as u32;
     let mut sample = PushSample { region_before: rss(region_pid).unwrap_or_default(), ..PushSample::default() };
     sample.region_peak = sample.region_before;
+    let (children_before, region_cpu_before, busy_before) =
+        (waited_children_cpu(), process_cpu(region_pid).unwrap_or_default(), box_busy());
     let started = Instant::now();
     let mut child = tokio::process::Command::from(command)
         .stdin(std::process::Stdio::null())
@@ -88,6 +107,12 @@ async fn timed_push(region: &Region, api_key: &str, file: &Path, version: &str) 
     }
     sample.wall = started.elapsed();
     let output = child.wait_with_output().await?;
+    // imgtool has been waited for: its CPU is in this process's children's account.
+    sample.cpu = StepCpu {
+        processes: (waited_children_cpu() - children_before)
+            + process_cpu(region_pid).unwrap_or_default().saturating_sub(region_cpu_before),
+        box_busy: box_busy() - busy_before,
+    };
     let text = String::from_utf8_lossy(&output.stdout);
     ensure!(
         output.status.success() && text.contains("committed"),
@@ -126,8 +151,9 @@ impl RsyncTarget {
 
     /// `rsync -W FILE rsync://…/push/image.raw` into an empty module, with `--fsync` if
     /// `flush` (the daemon then flushes the file before it finishes, as the region flushes its
-    /// chunks before a version joins the catalogue); returns the wall time.
-    async fn push(&self, file: &Path, size: u64, flush: bool) -> Result<Duration> {
+    /// chunks before a version joins the catalogue); returns the wall time and the CPU of the
+    /// client and the daemon (which forks a process per connection and reaps it).
+    async fn push(&self, file: &Path, size: u64, flush: bool) -> Result<(Duration, StepCpu)> {
         let dest = self.module_dir.join("image.raw");
         let _ = std::fs::remove_file(&dest);
         settle().await?;
@@ -137,19 +163,30 @@ impl RsyncTarget {
             args.push("--fsync".into());
         }
         args.extend([file.into(), target.into()]);
+        let daemon_pid = self._daemon.pid() as u32;
+        let (children_before, daemon_before, busy_before) =
+            (waited_children_cpu(), process_cpu(daemon_pid).unwrap_or_default(), box_busy());
         let (_, wall) = run_tool(Path::new("rsync"), &args).await?;
+        let busy = box_busy() - busy_before;
+        wait_childless(daemon_pid, REAP_DEADLINE).await?;
+        let cpu = StepCpu {
+            processes: (waited_children_cpu() - children_before)
+                + process_cpu(daemon_pid).unwrap_or_default().saturating_sub(daemon_before),
+            box_busy: busy,
+        };
         let got = std::fs::metadata(&dest).context("rsync's copy")?.len();
         ensure!(got == size, "rsync wrote {got} bytes, expected {size}");
         std::fs::remove_file(&dest)?;
-        Ok(wall)
+        Ok((wall, cpu))
     }
 }
 
 /// The `--push-only` run; returns its Markdown table.
 pub async fn run(options: &Options) -> Result<String> {
     let size = options.size_mib * MIB;
-    // The image, the region's copy, and rsync's copy.
-    let needed = if options.no_rsync { 2 * size } else { 3 * size } + GIB;
+    // The image, the region's copies (one per run for new bytes each run), and rsync's copy.
+    let region_copies = if options.input.is_some() { 1 } else { options.runs as u64 };
+    let needed = size + region_copies * size + if options.no_rsync { 0 } else { size } + GIB;
     let free = free_bytes(&options.work_dir)?;
     ensure!(free >= needed, "{} has {} MiB free; needs {} MiB", options.work_dir.display(), free / MIB, needed / MIB);
     let work = tempfile::Builder::new().prefix("bench-push.").tempdir_in(&options.work_dir)?;
@@ -171,19 +208,31 @@ pub async fn run(options: &Options) -> Result<String> {
     run_tool(Path::new("cat"), &[file.clone().into()]).await?;
     let (mut rsync_walls, mut rsync_flushed, mut disk_writes, mut pushes) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut rsync_cpu, mut rsync_flushed_cpu) = (Vec::new(), Vec::new());
     for run in 0..options.runs {
+        if run > 0 && options.input.is_none() {
+            note(&format!("run {}: writing new bytes into the image", run + 1));
+            write_random_file(&file, size, 1 + run as u64, || Ok(()))?;
+            run_tool(Path::new("cat"), &[file.clone().into()]).await?;
+        }
         if let Some(rsync) = &rsync {
             note(&format!("run {}: rsync -W, rsync -W --fsync, dd oflag=direct", run + 1));
-            rsync_walls.push(rsync.push(&file, size, false).await?);
-            rsync_flushed.push(rsync.push(&file, size, true).await?);
+            let (wall, cpu) = rsync.push(&file, size, false).await?;
+            rsync_walls.push(wall);
+            rsync_cpu.push(cpu);
+            let (wall, cpu) = rsync.push(&file, size, true).await?;
+            rsync_flushed.push(wall);
+            rsync_flushed_cpu.push(cpu);
             disk_writes.extend(disk_write_time(&file, &w.join("direct.out"), size).await?);
         }
         note(&format!("run {}: imgtool push", run + 1));
         settle().await?;
         let version = format!("push-{}", run + 1);
         pushes.push(timed_push(&region, &api.key, &file, &version).await?);
-        // A new image each time: the region must lack every chunk again.
-        api.delete_version(IMAGE, &version).await?;
+        if options.input.is_some() {
+            // The same bytes again: the region must lack every chunk again.
+            api.delete_version(IMAGE, &version).await?;
+        }
     }
     let load_at_end = load_average();
     drop((rsync, region));
@@ -235,6 +284,36 @@ pub async fn run(options: &Options) -> Result<String> {
         phase(1),
         phase(2)
     )?;
+    // What each way of copying costs the box in CPU, beside its wall time: on a box of two
+    // cores shared by both ends, a copy that needs more CPU than the cores give cannot be
+    // faster, whatever it waits on.
+    let gib = size as f64 / GIB as f64;
+    let per_gib = |cpus: &[StepCpu], which: fn(&StepCpu) -> Duration| median(cpus.iter().map(|c| secs(which(c)) / gib));
+    let push_cpu: Vec<StepCpu> = pushes.iter().map(|p| p.cpu).collect();
+    let push_processes = per_gib(&push_cpu, |c| c.processes);
+    let push_box = per_gib(&push_cpu, |c| c.box_busy);
+    if rsync_cpu.is_empty() {
+        writeln!(
+            out,
+            "| CPU s per GiB (medians): imgtool + regiond; the whole box | {push_processes:.2}; {push_box:.2} | – | – |"
+        )?;
+    }
+    for (label, cpus) in [("rsync -W", &rsync_cpu), ("rsync -W --fsync", &rsync_flushed_cpu)] {
+        if cpus.is_empty() {
+            continue;
+        }
+        let (processes, whole_box) = (per_gib(cpus, |c| c.processes), per_gib(cpus, |c| c.box_busy));
+        writeln!(
+            out,
+            "| CPU s per GiB (median), the processes: imgtool + regiond, {label}'s client + daemon | {push_processes:.2} | {processes:.2} | {:.2}× |",
+            processes / push_processes
+        )?;
+        writeln!(
+            out,
+            "| CPU s per GiB (median), the whole box over the step: {label} | {push_box:.2} | {whole_box:.2} | {:.2}× |",
+            whole_box / push_box
+        )?;
+    }
     let mib = |kib: u64| kib as f64 / 1024.0;
     let worst = |f: fn(&PushSample) -> u64| pushes.iter().map(f).max().unwrap_or(0);
     writeln!(
@@ -256,6 +335,16 @@ pub async fn run(options: &Options) -> Result<String> {
         list(&rsync_walls),
         list(&rsync_flushed),
         list(&disk_writes)
+    )?;
+    let cpu_list = |cpus: &[StepCpu]| {
+        cpus.iter().map(|c| format!("{:.2}/{:.2}", secs(c.processes), secs(c.box_busy))).collect::<Vec<_>>().join(", ")
+    };
+    writeln!(
+        out,
+        "CPU s (processes/box): imgtool push {}; rsync -W {}; rsync -W --fsync {}",
+        cpu_list(&push_cpu),
+        cpu_list(&rsync_cpu),
+        cpu_list(&rsync_flushed_cpu)
     )?;
     work.close()?;
     Ok(out)

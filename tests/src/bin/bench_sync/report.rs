@@ -8,7 +8,7 @@ use crate::chunking::ChunkingSamples;
 use crate::peers::RsyncSample;
 use crate::sync::{RackDeltaSample, SyncSample};
 use crate::tools::HttpKind;
-use crate::MIB;
+use crate::{GIB, MIB};
 
 #[derive(Debug, Default)]
 pub struct DeltaSamples {
@@ -35,6 +35,13 @@ pub struct Report {
     /// The same `curl -o FILE` runs with `sync FILE` after each: curl's time with the flush the
     /// rack pays.
     pub curl_file_flushed: Vec<Duration>,
+    /// The box's busy time ([`metalrack_tests::bench::box_busy`]) over each first sync (from
+    /// registering the rack to the file on its disk), over each `curl -o FILE`, and over each
+    /// `curl -o FILE` with its `sync FILE`: what each way of getting the file costs in CPU, on a
+    /// box whose two cores serve both ends.
+    pub first_sync_busy: Vec<Duration>,
+    pub curl_file_busy: Vec<Duration>,
+    pub curl_file_flushed_busy: Vec<Duration>,
     /// The disk's write speed as the time for the whole file (`dd oflag=direct`): no flushed
     /// copy can be faster.
     pub disk_write: Vec<Duration>,
@@ -146,6 +153,17 @@ impl Report {
             "| 3 | first sync, curl writing a file and flushing it | | `curl -o FILE`, then `sync FILE`: {t_flushed:.2} s, {:.0} MiB/s | {:.3}× throughput |",
             rate(size, t_flushed), t_flushed / duration
         )?;
+        let gib = size as f64 / GIB as f64;
+        let (busy_rack, busy_file, busy_flushed) = (
+            median_secs(&self.first_sync_busy) / gib,
+            median_secs(&self.curl_file_busy) / gib,
+            median_secs(&self.curl_file_flushed_busy) / gib,
+        );
+        writeln!(
+            out,
+            "| 3 | first sync, CPU s per GiB of the whole box (medians; both ends share it) | rack + region {busy_rack:.2} | `curl -o FILE` + nginx {busy_file:.2}; with `sync FILE` {busy_flushed:.2} | {:.2}×; {:.2}× |",
+            busy_file / busy_rack, busy_flushed / busy_rack
+        )?;
         // Empty for a file smaller than one of `dd`'s blocks.
         if !self.disk_write.is_empty() {
             let t_disk = median_secs(&self.disk_write);
@@ -190,6 +208,13 @@ impl Report {
             list(&secs_of(&self.curl_file)),
             list(&secs_of(&self.curl_file_flushed)),
             list(&secs_of(&self.disk_write))
+        )?;
+        writeln!(
+            out,
+            "- box busy s: first syncs {}; curl -o FILE {}; the same with sync FILE {}",
+            list(&secs_of(&self.first_sync_busy)),
+            list(&secs_of(&self.curl_file_busy)),
+            list(&secs_of(&self.curl_file_flushed_busy))
         )?;
         for (delta, key) in self.deltas.iter().zip(["2a", "2b"]) {
             for s in &delta.rack {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use metalrack_api::images::{SyncFigures, SyncPhase, SyncPolicy, SyncPolicyKind};
 use metalrack_tests::api::Api;
+use metalrack_tests::bench::box_busy;
 use metalrack_tests::process::Spawn;
 use metalrack_tests::rack::Rack;
 use metalrack_tests::region::Region;
@@ -50,6 +51,9 @@ pub struct SyncSample {
     pub wall_from_start: Duration,
     /// The same, to the region's API showing the file hash in the rack's snapshot (heartbeat lag).
     pub wall_to_api: Duration,
+    /// The box's busy time ([`box_busy`]) when the file was on the rack's disk: the caller
+    /// subtracts its own reading from the step's start.
+    pub box_busy_at_disk: Duration,
 }
 
 /// Waits for the rack to publish `file` with `file_hash`, timing from now; returns its figures.
@@ -59,7 +63,7 @@ pub async fn wait_synced(api: &Api, rack: &Rack, file: &Path, file_hash: &str, s
         Ok(file.exists().then_some(()))
     })
     .await?;
-    let on_disk = started.elapsed();
+    let (on_disk, box_busy_at_disk) = (started.elapsed(), box_busy());
     let view =
         try_wait_for(&format!("the region to show {} synced", rack.name), Duration::from_secs(30), POLL, || async {
             // The Images view first: once it shows the file served, the rack view read after it
@@ -74,7 +78,7 @@ pub async fn wait_synced(api: &Api, rack: &Rack, file: &Path, file_hash: &str, s
         })
         .await?;
     let figures = view.sync.and_then(|s| s.last_sync).context("a synced rack reports its last sync")?;
-    Ok(SyncSample { figures, wall_from_start: on_disk, wall_to_api: started.elapsed() })
+    Ok(SyncSample { figures, wall_from_start: on_disk, wall_to_api: started.elapsed(), box_busy_at_disk })
 }
 
 #[derive(Debug, Clone, Default)]
