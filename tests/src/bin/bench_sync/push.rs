@@ -27,7 +27,7 @@ use metalrack_tests::region::{Region, ANY_PORT};
 
 use crate::peers::spawn_rsync_daemon;
 use crate::report::{median, secs};
-use crate::tools::{disk_write_time, run_tool, settle};
+use crate::tools::{disk_write_time, filesystem_summary, run_tool, settle};
 use crate::{note, Options, GIB, IMAGE, MIB, REGION_CONFIG};
 
 /// How often the memory of `imgtool` and `regiond` is read during a push: often enough to see
@@ -240,8 +240,9 @@ pub async fn run(options: &Options) -> Result<String> {
     let name = options.input.as_ref().map_or_else(|| "pseudo-random".to_owned(), |p| p.display().to_string());
     writeln!(
         out,
-        "Push of {name}, {size} bytes, {} runs; load average {load_at_start} → {load_at_end}\n",
-        options.runs
+        "Push of {name}, {size} bytes, {} runs; work dir on {}; load average {load_at_start} → {load_at_end}\n",
+        options.runs,
+        filesystem_summary(&options.work_dir)
     )?;
     writeln!(out, "| Measurement | imgtool push | rsync -W | Ratio (throughput) |")?;
     writeln!(out, "|---|---|---|---|")?;

@@ -49,6 +49,39 @@ pub fn check_tools() -> Result<HttpKind> {
     Ok(HttpKind::PythonHttpServer)
 }
 
+/// The device and type of the filesystem holding `dir` (`df`), and for ext4 whether it has a
+/// journal: without one, ext4 will not reuse an inode freed in the last minutes and looks up
+/// each such inode when allocating, so creating many files (the region's chunks) soon after
+/// deleting many costs far more CPU (docs/PERFORMANCE.md, "The region's chunk store").
+pub fn filesystem_summary(dir: &Path) -> String {
+    let df = std::process::Command::new("df").arg("--output=source,fstype").arg(dir).output();
+    let Some((source, fstype)) = df.ok().and_then(|o| {
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let line = text.lines().nth(1)?.to_owned();
+        let (source, fstype) = line.split_once(char::is_whitespace)?;
+        Some((source.to_owned(), fstype.trim().to_owned()))
+    }) else {
+        return "?".into();
+    };
+    let device = source.rsplit('/').next().unwrap_or_default();
+    let journal = if fstype != "ext4" || !Path::new("/proc/fs/ext4").join(device).is_dir() {
+        ""
+    } else if has_jbd2_journal(device) {
+        " (journal)"
+    } else {
+        " (no journal: files freed in the last minutes slow down creating new ones)"
+    };
+    format!("{source} {fstype}{journal}")
+}
+
+/// Whether ext4 on `device` has a journal: the journal's thread shows as `/proc/fs/jbd2/DEVICE-8`.
+fn has_jbd2_journal(device: &str) -> bool {
+    let prefix = format!("{device}-");
+    std::fs::read_dir("/proc/fs/jbd2")
+        .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&prefix)))
+        .unwrap_or(false)
+}
+
 /// What the figures depend on: cores, memory, the work dir's filesystem, the tools' versions,
 /// and the load when the run started.
 pub fn machine_summary(work_dir: &Path, http_kind: HttpKind) -> String {
@@ -67,16 +100,7 @@ pub fn machine_summary(work_dir: &Path, http_kind: HttpKind) -> String {
             m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix(" kB")?.parse::<u64>().ok())
         })
         .map_or(0.0, |kib| kib as f64 / (1 << 20) as f64);
-    let df = std::process::Command::new("df").arg("--output=source,fstype").arg(work_dir).output();
-    let filesystem = df
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .nth(1)
-                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        })
-        .unwrap_or_else(|| "?".into());
+    let filesystem = filesystem_summary(work_dir);
     let server = match http_kind {
         HttpKind::Nginx => first_line("nginx", "-v"),
         HttpKind::PythonHttpServer => first_line("python3", "--version"),
