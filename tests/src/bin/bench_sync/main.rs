@@ -134,6 +134,9 @@ usage: bench_sync [--size-mib N] [--input FILE] [--first-sync-only] [--work-dir 
   --push-only    only imgtool push of a new image against rsync -W into an rsync daemon, with
                  the peak memory of imgtool and regiond (needs about 3x the image size free)
   --no-rsync     with --push-only: no rsync runs (for a push too large for a third copy)
+  --keep-work-dir  with --push-only: leave the work dir (its path is printed) instead of
+                 deleting it, so that a run right after does not create its files among
+                 thousands just freed (slow on ext4 without a journal); delete it later
   --work-dir DIR where the temp work dir goes (default /tmp); needs about 9x the image size free
   --runs N       repetitions of each timed measurement; medians are reported (default 3)
   --debian full|small  instead: real Debian images (built by mmdebstrap, cached), the update
@@ -153,6 +156,7 @@ struct Options {
     first_sync_only: bool,
     push_only: bool,
     no_rsync: bool,
+    keep_work_dir: bool,
     work_dir: PathBuf,
     runs: usize,
     debian: Option<realimg::RealImageOptions>,
@@ -167,6 +171,7 @@ impl Options {
             first_sync_only: false,
             push_only: false,
             no_rsync: false,
+            keep_work_dir: false,
             work_dir: PathBuf::from("/tmp"),
             runs: 3,
             debian: None,
@@ -184,6 +189,7 @@ impl Options {
                 "--first-sync-only" => options.first_sync_only = true,
                 "--push-only" => options.push_only = true,
                 "--no-rsync" => options.no_rsync = true,
+                "--keep-work-dir" => options.keep_work_dir = true,
                 "--work-dir" => options.work_dir = PathBuf::from(value()?),
                 "--runs" => options.runs = value()?.parse().context("--runs")?,
                 "--debian" => profile = Some(Profile::parse(&value()?)?),

@@ -347,6 +347,10 @@ pub async fn run(options: &Options) -> Result<String> {
         cpu_list(&rsync_cpu),
         cpu_list(&rsync_flushed_cpu)
     )?;
-    work.close()?;
+    if options.keep_work_dir {
+        note(&format!("work dir kept: {}", work.keep().display()));
+    } else {
+        work.close()?;
+    }
     Ok(out)
 }
