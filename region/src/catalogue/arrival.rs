@@ -5,10 +5,9 @@
 //! against its hash and stored, is offered here: the chunk at the cursor (the next one in the
 //! file) is hashed at once, and a chunk further on waits in memory until every chunk before it
 //! has been hashed. A chunk the upload does not send (the store had it already, or a duplicate
-//! already hashed) is read from the store when the cursor reaches it, and so is an early chunk
-//! that did not fit: the bytes that wait are bounded for all uploads together
-//! ([`WAITING_BYTES_MAX`]). If a stored chunk cannot be read the arrival hash gives up, and the
-//! commit reads every chunk back as it always could.
+//! already hashed) is read from the store when the cursor reaches it. The bytes that wait are
+//! bounded for all uploads together ([`WAITING_BYTES_MAX`]); an upload that would go past it
+//! gives up its arrival hash, and its commit reads the chunks back as it always could.
 //!
 //! No I/O here: reading a stored chunk is the caller's closure (`read_stored`), so the logic is
 //! tested without a store.
@@ -20,30 +19,10 @@ use std::sync::Arc;
 use metalrack_image_tools::Hash;
 
 /// Early chunks all uploads together may hold while they wait for the chunks before them. A
-/// push has a few batches in flight (`imgtool` sends 3 of 8 MiB at once), so the chunks of two
-/// later batches wait for the first one's; past this they are read back from the store (the
-/// page cache, just written) when their turn comes. Small beside the region's 100 MiB budget
-/// for a push (issue 12), of which a 10 GiB push used about 65 MiB without it.
-pub const WAITING_BYTES_MAX: usize = 16 * 1024 * 1024;
-
-/// Where a chunk of an upload's manifest stands: its length, and its last position in the file
-/// (a chunk may occur many times, as runs of zeros do). One map per upload, shared by the
-/// upload's checks (is this chunk in the manifest, how long is it) and its arrival hash.
-#[derive(Debug, Clone, Copy)]
-pub struct ChunkPlace {
-    pub len: u32,
-    pub last: u32,
-}
-
-/// The places of every chunk of a manifest.
-pub fn places(order: &[(Hash, u32)]) -> HashMap<Hash, ChunkPlace> {
-    let mut places = HashMap::with_capacity(order.len());
-    for (position, &(hash, len)) in order.iter().enumerate() {
-        let last = u32::try_from(position).expect("manifests hold fewer than 2^32 chunks");
-        places.insert(hash, ChunkPlace { len, last });
-    }
-    places
-}
+/// push has a few batches in flight (`imgtool` sends 3 of 8 MiB at once), and the chunks of a
+/// later batch wait at most for the batches before it: 64 MiB leaves room for two such pushes
+/// and is small beside the region's 100 MiB budget for a push (issue 12).
+pub const WAITING_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// The bytes of one received chunk: its buffer from the frame decoder, from `start` on (a raw
 /// payload keeps its one-byte tag in front).
@@ -96,24 +75,24 @@ pub enum Stored {
 pub struct ArrivalHash {
     /// The manifest's chunks in file order.
     order: Vec<Hash>,
-    /// Each chunk's last position in `order`: a chunk offered after the cursor passed its last
-    /// position is not needed any more (it was read from the store meanwhile).
-    places: Arc<HashMap<Hash, ChunkPlace>>,
+    /// The last position of each chunk in `order`: a chunk offered after the cursor passed its
+    /// last position is not needed any more (it was read from the store meanwhile).
+    last_position: HashMap<Hash, usize>,
     cursor: usize,
     hasher: blake3::Hasher,
     waiting: HashMap<Hash, ChunkBytes>,
     waiting_bytes: usize,
     budget: Arc<WaitingBudget>,
-    /// Gave up (a stored chunk could not be read): the commit reads every chunk back.
+    /// Gave up (over budget, or a stored chunk could not be read): the commit reads back.
     abandoned: bool,
 }
 
 impl ArrivalHash {
-    /// `places` must hold every chunk of `order`, at its last position there.
-    pub fn new(order: Vec<Hash>, places: Arc<HashMap<Hash, ChunkPlace>>, budget: Arc<WaitingBudget>) -> ArrivalHash {
+    pub fn new(order: Vec<Hash>, budget: Arc<WaitingBudget>) -> ArrivalHash {
+        let last_position = order.iter().enumerate().map(|(position, hash)| (*hash, position)).collect();
         ArrivalHash {
             order,
-            places,
+            last_position,
             cursor: 0,
             hasher: blake3::Hasher::new(),
             waiting: HashMap::new(),
@@ -130,11 +109,14 @@ impl ArrivalHash {
             return;
         }
         for (hash, bytes) in arrived {
-            let needed = self.places.get(&hash).is_some_and(|place| place.last as usize >= self.cursor);
-            // A chunk that does not fit is read from the store when its turn comes.
-            let len = bytes.buf.len();
-            if !needed || self.waiting.contains_key(&hash) || !self.budget.take(len) {
+            let needed = self.last_position.get(&hash).is_some_and(|&last| last >= self.cursor);
+            if !needed || self.waiting.contains_key(&hash) {
                 continue;
+            }
+            let len = bytes.buf.len();
+            if !self.budget.take(len) {
+                self.abandon();
+                return;
             }
             self.waiting_bytes += len;
             self.waiting.insert(hash, bytes);
@@ -155,7 +137,7 @@ impl ArrivalHash {
     fn advance(&mut self, mut read_stored: impl FnMut(&Hash) -> Stored, to_end: bool) {
         while !self.abandoned && self.cursor < self.order.len() {
             let hash = self.order[self.cursor];
-            let last = self.places.get(&hash).is_none_or(|place| place.last as usize == self.cursor);
+            let last = self.last_position[&hash] == self.cursor;
             if let Some(bytes) = self.waiting.get(&hash) {
                 self.hasher.update(bytes.as_slice());
                 if last {
@@ -216,12 +198,6 @@ mod tests {
         pieces
     }
 
-    fn arrival_for(pieces: &[Vec<u8>], budget: Arc<WaitingBudget>) -> (Vec<Hash>, ArrivalHash) {
-        let order: Vec<(Hash, u32)> = pieces.iter().map(|p| (Hash::of(p), p.len() as u32)).collect();
-        let hashes: Vec<Hash> = order.iter().map(|(hash, _)| *hash).collect();
-        (hashes.clone(), ArrivalHash::new(hashes, Arc::new(places(&order)), budget))
-    }
-
     fn file_hash(pieces: &[Vec<u8>]) -> Hash {
         Hash::of(&pieces.concat())
     }
@@ -240,8 +216,9 @@ mod tests {
         stored_before: &[usize],
         budget: Arc<WaitingBudget>,
     ) -> Option<Hash> {
-        let (order, mut arrival) = arrival_for(pieces, budget);
+        let order: Vec<Hash> = pieces.iter().map(|p| Hash::of(p)).collect();
         let mut store: HashMap<Hash, Vec<u8>> = stored_before.iter().map(|&i| (order[i], pieces[i].clone())).collect();
+        let mut arrival = ArrivalHash::new(order.clone(), budget);
         for group in groups {
             for &i in group {
                 store.insert(order[i], pieces[i].clone());
@@ -270,8 +247,9 @@ mod tests {
     #[test]
     fn a_chunk_offered_after_the_cursor_read_it_from_the_store_is_not_kept() {
         let pieces = pieces(4, 0);
+        let order: Vec<Hash> = pieces.iter().map(|p| Hash::of(p)).collect();
         let budget = Arc::new(WaitingBudget::default());
-        let (order, mut arrival) = arrival_for(&pieces, budget.clone());
+        let mut arrival = ArrivalHash::new(order.clone(), budget.clone());
         // Chunk 1 is stored by one task while another offers chunk 0: the cursor reads chunk 1
         // from the store, and the late offer of chunk 1 must not wait for a position passed.
         let store: HashMap<Hash, Vec<u8>> = [0, 1].iter().map(|&i| (order[i], pieces[i].clone())).collect();
@@ -287,24 +265,14 @@ mod tests {
     }
 
     #[test]
-    fn early_chunks_over_the_waiting_budget_are_read_from_the_store_in_their_turn() {
+    fn an_upload_over_the_waiting_budget_gives_up_and_returns_its_bytes() {
         let pieces = pieces(6, 0);
         let budget = Arc::new(WaitingBudget::default());
-        // Another upload holds all but room for about one chunk of the budget.
-        assert!(budget.take(WAITING_BYTES_MAX - 1500));
+        // Another upload holds all but a few bytes of the budget.
+        assert!(budget.take(WAITING_BYTES_MAX - 100));
         let groups = vec![vec![3, 4, 5, 6], vec![0, 1, 2]];
-        assert_eq!(run(&pieces, &groups, &[], budget.clone()), Some(file_hash(&pieces)));
-        assert_eq!(budget.held(), WAITING_BYTES_MAX - 1500, "the other upload's bytes only");
-    }
-
-    #[test]
-    fn an_unreadable_stored_chunk_gives_no_hash() {
-        let pieces = pieces(3, 0);
-        let budget = Arc::new(WaitingBudget::default());
-        let (order, mut arrival) = arrival_for(&pieces, budget.clone());
-        arrival.offer(vec![(order[1], bytes(&pieces[1], false))], |_| Stored::Unreadable);
-        assert_eq!(budget.held(), 0, "gave up, and gave its bytes back");
-        assert_eq!(arrival.finish(|_| Stored::Unreadable), None);
+        assert_eq!(run(&pieces, &groups, &[], budget.clone()), None, "gave up: the commit reads back");
+        assert_eq!(budget.held(), WAITING_BYTES_MAX - 100, "the other upload's bytes only");
     }
 
     #[test]
@@ -322,11 +290,12 @@ mod tests {
         let mut pieces = pieces(5, 1);
         let budget = Arc::new(WaitingBudget::default());
         let expected = file_hash(&pieces);
-        let (order, arrival) = arrival_for(&pieces, budget);
         // The store's copy of chunk 2 differs from what the manifest names (torn on disk).
+        let order: Vec<Hash> = pieces.iter().map(|p| Hash::of(p)).collect();
         pieces[2][0] ^= 1;
         let store: HashMap<Hash, Vec<u8>> = (0..6).map(|i| (order[i], pieces[i].clone())).collect();
         let read = |hash: &Hash| store.get(hash).map_or(Stored::Absent, |data| Stored::Bytes(data.clone()));
+        let arrival = ArrivalHash::new(order, budget);
         assert_ne!(arrival.finish(read), Some(expected));
     }
 }

@@ -33,7 +33,7 @@ use crate::racks::RackRow;
 use crate::state::Shared;
 use crate::users::User;
 use crate::util::write_private_file;
-use arrival::{ArrivalHash, ChunkBytes, ChunkPlace, Stored, WaitingBudget};
+use arrival::{ArrivalHash, ChunkBytes, Stored, WaitingBudget};
 use store::{CommitOutcome, UploadRow};
 
 /// Largest manifest accepted: 64 MiB is ~1.8 M chunks, a 116 GiB file at the 64 KiB average.
@@ -51,8 +51,8 @@ pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest chunk request body: [`CHUNK_FETCH_MAX`] wants naming every base they may.
 pub const CHUNK_REQUEST_BYTES_MAX: usize = CHUNK_FETCH_MAX * (delta::WANT_HEADER_LEN + 32 * delta::BASES_MAX);
 
-/// Chunk sets kept in memory: one per upload that may be in progress (each ~90 bytes per chunk
-/// with its arrival hash's order: ~14 MiB for a 10 GiB image). An abandoned upload's set is
+/// Chunk sets kept in memory: one per upload that may be in progress (each ~130 bytes per chunk
+/// with its arrival hash's order: ~20 MiB for a 10 GiB image). An abandoned upload's set is
 /// evicted when room is needed.
 pub const UPLOAD_SETS_CACHED_MAX: usize = store::UPLOADS_PENDING_MAX as usize;
 
@@ -346,13 +346,11 @@ impl Catalogue {
         let manifest = self.load_manifest(&upload.manifest_id).await?;
         // A set made again after an eviction starts its arrival hash over: the chunks stored
         // before are read back from the store as its cursor reaches them.
-        let order: Vec<(Hash, u32)> = manifest.chunks.iter().map(|c| (c.hash, c.len)).collect();
-        let places = Arc::new(arrival::places(&order));
-        let order = order.into_iter().map(|(hash, _)| hash).collect();
+        let order = manifest.chunks.iter().map(|c| c.hash).collect();
         let set = Arc::new(UploadChunks {
-            places: places.clone(),
+            lens: manifest.chunks.iter().map(|c| (c.hash, c.len)).collect(),
             copies_written: std::sync::Mutex::default(),
-            arrival: std::sync::Mutex::new(Some(ArrivalHash::new(order, places, self.waiting_budget.clone()))),
+            arrival: std::sync::Mutex::new(Some(ArrivalHash::new(order, self.waiting_budget.clone()))),
         });
         let mut sets = self.upload_sets.lock().await;
         if sets.len() >= UPLOAD_SETS_CACHED_MAX {
@@ -410,7 +408,7 @@ impl Catalogue {
             while let Some((hash, data)) =
                 decoder.next_frame().map_err(|source| CatalogueError::MalformedFrame { source })?
             {
-                let Some(&ChunkPlace { len, .. }) = wanted.places.get(&hash) else {
+                let Some(&len) = wanted.lens.get(&hash) else {
                     return Err(CatalogueError::ChunkNotInManifest { hash });
                 };
                 group.bytes += data.len();
@@ -730,8 +728,7 @@ impl Catalogue {
 /// decode them again).
 #[derive(Debug)]
 struct UploadChunks {
-    /// Each chunk of the manifest: its length, and its last position (for the arrival hash).
-    places: Arc<HashMap<Hash, ChunkPlace>>,
+    lens: HashMap<Hash, u32>,
     copies_written: std::sync::Mutex<HashSet<Hash>>,
     /// The file hash of the chunks as they arrive (taken by the commit; `None` after).
     arrival: std::sync::Mutex<Option<ArrivalHash>>,
@@ -1222,14 +1219,14 @@ mod tests {
         let uploads: Vec<_> = (0..UPLOAD_SETS_CACHED_MAX as u32 * 2).map(|n| upload_of(&catalogue, n)).collect();
         for upload in &uploads {
             let set = catalogue.upload_set(upload).await.unwrap();
-            assert_eq!(set.places.len(), 1);
+            assert_eq!(set.lens.len(), 1);
             assert!(catalogue.upload_sets.lock().await.len() <= UPLOAD_SETS_CACHED_MAX);
         }
         // Every upload, evicted or not, still gets its set.
         for upload in &uploads {
             let set = catalogue.upload_set(upload).await.unwrap();
             let data = upload.version.parse::<u32>().unwrap().to_le_bytes();
-            assert!(set.places.contains_key(&Hash::of(&data)));
+            assert!(set.lens.contains_key(&Hash::of(&data)));
         }
     }
 
@@ -1444,13 +1441,6 @@ mod tests {
         catalogue.commit_upload(&admin(), &upload_id).await.unwrap();
     }
 
-    /// A fresh arrival hash for `manifest`, as a region that restarted makes one.
-    fn arrival_of(manifest: &Manifest) -> ArrivalHash {
-        let order: Vec<(Hash, u32)> = manifest.chunks.iter().map(|c| (c.hash, c.len)).collect();
-        let places = Arc::new(arrival::places(&order));
-        ArrivalHash::new(order.into_iter().map(|(hash, _)| hash).collect(), places, Arc::default())
-    }
-
     #[test]
     fn a_torn_chunk_is_found_and_removed_when_the_file_hash_does_not_match() {
         let dir = tempfile::tempdir().unwrap();
@@ -1469,7 +1459,8 @@ mod tests {
         // arrival hash made after the restart reads it from the store, does not match, and
         // every chunk is checked one by one.
         std::fs::write(chunks.path(&Hash::of(&pieces[1])), random_bytes(5_000, 22)).unwrap();
-        let error = check_version_chunks(&chunks, &manifest, &HashSet::new(), Some(arrival_of(&manifest))).unwrap_err();
+        let arrival = ArrivalHash::new(manifest.chunks.iter().map(|c| c.hash).collect(), Arc::default());
+        let error = check_version_chunks(&chunks, &manifest, &HashSet::new(), Some(arrival)).unwrap_err();
         assert!(matches!(error, CatalogueError::ChunkDamagedOnDisk { hash } if hash == Hash::of(&pieces[1])));
         assert!(!chunks.contains(&Hash::of(&pieces[1])), "removed, so the next push sends it");
         assert!(chunks.contains(&Hash::of(&pieces[0])));
@@ -1493,7 +1484,8 @@ mod tests {
             chunks: vec![ChunkRef { hash, len: data.len() as u32 }],
         };
         // The arrival hash matches (the chunk is intact), and the copy is still checked.
-        check_version_chunks(&chunks, &manifest, &HashSet::new(), Some(arrival_of(&manifest))).unwrap();
+        let arrival = ArrivalHash::new(vec![hash], Arc::default());
+        check_version_chunks(&chunks, &manifest, &HashSet::new(), Some(arrival)).unwrap();
         assert!(!path.exists(), "the damaged copy is gone");
         assert_eq!(chunks.get(&hash).unwrap(), data, "the chunk stays");
     }
