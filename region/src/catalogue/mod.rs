@@ -7,7 +7,6 @@
 //! together they hash to the manifest's file hash; a deleted version's chunks go once nothing
 //! references them.
 
-mod arrival;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -33,7 +32,6 @@ use crate::racks::RackRow;
 use crate::state::Shared;
 use crate::users::User;
 use crate::util::write_private_file;
-use arrival::{ArrivalHash, ChunkBytes, Stored, WaitingBudget};
 use store::{CommitOutcome, UploadRow};
 
 /// Largest manifest accepted: 64 MiB is ~1.8 M chunks, a 116 GiB file at the 64 KiB average.
@@ -51,9 +49,8 @@ pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest chunk request body: [`CHUNK_FETCH_MAX`] wants naming every base they may.
 pub const CHUNK_REQUEST_BYTES_MAX: usize = CHUNK_FETCH_MAX * (delta::WANT_HEADER_LEN + 32 * delta::BASES_MAX);
 
-/// Chunk sets kept in memory: one per upload that may be in progress (each ~130 bytes per chunk
-/// with its arrival hash's order: ~20 MiB for a 10 GiB image). An abandoned upload's set is
-/// evicted when room is needed.
+/// Chunk sets kept in memory: one per upload that may be in progress (each ~50 bytes per chunk:
+/// ~8 MiB for a 10 GiB image). An abandoned upload's set is evicted when room is needed.
 pub const UPLOAD_SETS_CACHED_MAX: usize = store::UPLOADS_PENDING_MAX as usize;
 
 /// Chunk frames buffered between the disk reader and the socket per chunk request: bounds
@@ -199,8 +196,6 @@ pub struct Catalogue {
     /// manifest, and forgets which compressed copies it wrote); an upload's entry goes when it
     /// commits or conflicts.
     upload_sets: Mutex<HashMap<String, Arc<UploadChunks>>>,
-    /// The bytes of early chunks that uploads' arrival hashes hold, for all of them together.
-    waiting_budget: Arc<WaitingBudget>,
     /// Serializes garbage collection against itself.
     gc: Mutex<()>,
     /// Test fault hook: corrupt this many chunk frames served to racks (env
@@ -242,7 +237,6 @@ impl Catalogue {
             chunks,
             manifests_dir,
             upload_sets: Mutex::default(),
-            waiting_budget: Arc::default(),
             gc: Mutex::default(),
             corrupt_chunks_left: corrupt.into(),
         })
@@ -344,13 +338,9 @@ impl Catalogue {
             return Ok(set.clone());
         }
         let manifest = self.load_manifest(&upload.manifest_id).await?;
-        // A set made again after an eviction starts its arrival hash over: the chunks stored
-        // before are read back from the store as its cursor reaches them.
-        let order = manifest.chunks.iter().map(|c| c.hash).collect();
         let set = Arc::new(UploadChunks {
             lens: manifest.chunks.iter().map(|c| (c.hash, c.len)).collect(),
             copies_written: std::sync::Mutex::default(),
-            arrival: std::sync::Mutex::new(Some(ArrivalHash::new(order, self.waiting_budget.clone()))),
         });
         let mut sets = self.upload_sets.lock().await;
         if sets.len() >= UPLOAD_SETS_CACHED_MAX {
@@ -443,15 +433,11 @@ impl Catalogue {
         let checked = manifest.clone();
         // Copies this upload wrote were checked as they arrived; an evicted set (a long or
         // abandoned upload) has forgotten them, and then every copy is checked.
-        // And its arrival hash, the file hash of what it received, if it kept one.
-        let (copies_checked, arrival) = match self.upload_sets.lock().await.get(&upload.id) {
-            Some(set) => (
-                set.copies_written.lock().map(|copies| copies.clone()).unwrap_or_default(),
-                set.arrival.lock().ok().and_then(|mut arrival| arrival.take()),
-            ),
-            None => (HashSet::new(), None),
+        let copies_checked = match self.upload_sets.lock().await.get(&upload.id) {
+            Some(set) => set.copies_written.lock().map(|copies| copies.clone()).unwrap_or_default(),
+            None => HashSet::new(),
         };
-        tokio::task::spawn_blocking(move || check_version_chunks(&chunks, &checked, &copies_checked, arrival))
+        tokio::task::spawn_blocking(move || check_version_chunks(&chunks, &checked, &copies_checked))
             .await
             .map_err(task_error)??;
         let file_hash = manifest.file_hash.to_hex();
@@ -730,28 +716,6 @@ impl Catalogue {
 struct UploadChunks {
     lens: HashMap<Hash, u32>,
     copies_written: std::sync::Mutex<HashSet<Hash>>,
-    /// The file hash of the chunks as they arrive (taken by the commit; `None` after).
-    arrival: std::sync::Mutex<Option<ArrivalHash>>,
-}
-
-impl UploadChunks {
-    /// Hands chunks just checked and stored to the arrival hash.
-    fn arrived(&self, chunks: &ChunkStore, arrived: Vec<(Hash, ChunkBytes)>) {
-        if let Ok(mut arrival) = self.arrival.lock() {
-            if let Some(arrival) = arrival.as_mut() {
-                arrival.offer(arrived, |hash| read_stored(chunks, hash));
-            }
-        }
-    }
-}
-
-/// A stored chunk's bytes for an arrival hash, not checked here (the file hash covers them).
-fn read_stored(chunks: &ChunkStore, hash: &Hash) -> Stored {
-    match std::fs::read(chunks.path(hash)) {
-        Ok(data) => Stored::Bytes(data),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored::Absent,
-        Err(_) => Stored::Unreadable,
-    }
 }
 
 /// Frames received and not yet stored: (hash, length in the manifest, frame data).
@@ -781,14 +745,13 @@ fn store_group(
     group: StoreGroup,
 ) -> Result<ChunksStored, CatalogueError> {
     let mut totals = ChunksStored { stored: 0, already_present: 0 };
-    let mut arrived = Vec::with_capacity(group.frames.len());
     for (hash, len, data) in group.frames {
-        let (newly_stored, bytes) = if payloads {
+        let newly_stored = if payloads {
             let invalid = |source| CatalogueError::ChunkPayloadInvalid { hash, len, source };
             let (&tag, body) = data.split_first().ok_or(invalid(DeltaError::EmptyPayload))?;
             if tag == delta::PayloadTag::Raw as u8 {
                 // The client found it not worth compressing: it stays raw, no second try here.
-                (store_checked(chunks, &hash, body)?, ChunkBytes { buf: data, start: 1 })
+                store_checked(chunks, &hash, body)?
             } else if tag == delta::PayloadTag::Delta as u8 {
                 // Never trusted: decoded (to at most the manifest's length), hashed like any
                 // chunk, and the copy kept only if it decoded to exactly the chunk.
@@ -797,7 +760,7 @@ fn store_group(
                 if newly_stored && body.len() <= delta::compressed_len_max(chunk.len()) {
                     put_copy(chunks, upload, &hash, body)?;
                 }
-                (newly_stored, ChunkBytes { buf: chunk, start: 0 })
+                newly_stored
             } else {
                 return Err(invalid(DeltaError::UnknownTag { tag }));
             }
@@ -810,16 +773,14 @@ fn store_group(
                     put_copy(chunks, upload, &hash, &compressed)?;
                 }
             }
-            (newly_stored, ChunkBytes { buf: data, start: 0 })
+            newly_stored
         };
-        arrived.push((hash, bytes));
         if newly_stored {
             totals.stored += 1;
         } else {
             totals.already_present += 1;
         }
     }
-    upload.arrived(chunks, arrived);
     Ok(totals)
 }
 
@@ -859,12 +820,6 @@ fn store_chunk(chunks: &ChunkStore, hash: &Hash, data: &[u8]) -> Result<bool, Ch
 /// Every chunk of a version present and intact, made durable, and together hashing to the
 /// manifest's file hash; every compressed copy not in `copies_checked` decoding to its chunk.
 ///
-/// With the upload's `arrival` hash, the chunks it received are not read again: it hashed
-/// them in file order as they arrived, each checked against its own hash before it was
-/// stored, and reads from the store only the chunks it did not get (ones the store had). Only
-/// if that is not the manifest's file hash (or there is none: the upload's set was evicted, or
-/// the region restarted) is every chunk read back, which also finds chunks torn by a crash.
-///
 /// The flush (`syncfs`) runs on its own thread while the chunks are read and checked: the
 /// check reads what the page cache holds, which is what the flush writes, and the version
 /// joins the catalogue only after both have finished (the caller commits on `Ok` alone). If
@@ -874,7 +829,6 @@ fn check_version_chunks(
     chunks: &ChunkStore,
     manifest: &Manifest,
     copies_checked: &HashSet<Hash>,
-    arrival: Option<ArrivalHash>,
 ) -> Result<(), CatalogueError> {
     let n_missing = manifest.chunks.iter().filter(|c| !chunks.contains(&c.hash)).count();
     if n_missing > 0 {
@@ -883,12 +837,7 @@ fn check_version_chunks(
     let check_error = |source| CatalogueError::CheckChunks { source };
     let (checked, flushed) = std::thread::scope(|scope| {
         let flush = scope.spawn(|| chunks.sync());
-        let arrived = arrival.and_then(|arrival| arrival.finish(|hash| read_stored(chunks, hash)));
-        let checked = if arrived == Some(manifest.file_hash) {
-            check_copies(chunks, manifest, copies_checked)
-        } else {
-            verify_version_chunks(chunks, manifest, copies_checked)
-        };
+        let checked = verify_version_chunks(chunks, manifest, copies_checked);
         (checked, flush.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
     });
     let copies_removed = checked?;
@@ -923,8 +872,18 @@ fn verify_version_chunks(
         if copies_checked.contains(&chunk.hash) || !copies_seen.insert(chunk.hash) {
             continue;
         }
+        // A compressed copy torn by a crash (the store is volatile until the sync below) would
+        // reach every rack damaged, again and again: one that does not decode to the chunk
+        // goes, and the chunk is served raw.
         if let Some(compressed) = chunks.get_compressed(&chunk.hash).map_err(check_error)? {
-            copies_removed += usize::from(remove_copy_if_damaged(chunks, &chunk.hash, &data, &compressed)?);
+            if delta::decompress_chunk(&compressed, data.len()).ok().as_deref() != Some(&data[..]) {
+                let path = chunks.compressed_path(&chunk.hash);
+                tracing::warn!(chunk = %chunk.hash, "compressed copy damaged; removed, the chunk goes raw");
+                std::fs::remove_file(&path).map_err(|source| {
+                    check_error(ChunkStoreError::Io { what: "remove a damaged compressed chunk", path, source })
+                })?;
+                copies_removed += 1;
+            }
         }
     }
     let actual = Hash(*hasher.finalize().as_bytes());
@@ -942,50 +901,6 @@ fn verify_version_chunks(
         return Err(CatalogueError::FileHashMismatch { actual, expected: manifest.file_hash });
     }
     Ok(copies_removed)
-}
-
-/// The compressed copies of a version's chunks not in `copies_checked` (each chunk read only if
-/// it has one), as [`verify_version_chunks`] checks them; returns how many it removed.
-fn check_copies(
-    chunks: &ChunkStore,
-    manifest: &Manifest,
-    copies_checked: &HashSet<Hash>,
-) -> Result<usize, CatalogueError> {
-    let check_error = |source| CatalogueError::CheckChunks { source };
-    let mut copies_removed = 0;
-    let mut copies_seen = HashSet::new();
-    for chunk in &manifest.chunks {
-        if copies_checked.contains(&chunk.hash) || !copies_seen.insert(chunk.hash) {
-            continue;
-        }
-        if let Some(compressed) = chunks.get_compressed(&chunk.hash).map_err(check_error)? {
-            let path = chunks.path(&chunk.hash);
-            let data = std::fs::read(&path)
-                .map_err(|source| check_error(ChunkStoreError::Io { what: "read a chunk", path, source }))?;
-            copies_removed += usize::from(remove_copy_if_damaged(chunks, &chunk.hash, &data, &compressed)?);
-        }
-    }
-    Ok(copies_removed)
-}
-
-/// A compressed copy torn by a crash (the store is volatile until the commit's flush) would
-/// reach every rack damaged, again and again: one that does not decode to the chunk `data`
-/// goes, and the chunk is served raw. Returns whether it went.
-fn remove_copy_if_damaged(
-    chunks: &ChunkStore,
-    hash: &Hash,
-    data: &[u8],
-    compressed: &[u8],
-) -> Result<bool, CatalogueError> {
-    if delta::decompress_chunk(compressed, data.len()).ok().as_deref() == Some(data) {
-        return Ok(false);
-    }
-    let path = chunks.compressed_path(hash);
-    tracing::warn!(chunk = %hash, "compressed copy damaged; removed, the chunk goes raw");
-    std::fs::remove_file(&path).map_err(|source| CatalogueError::CheckChunks {
-        source: ChunkStoreError::Io { what: "remove a damaged compressed chunk", path, source },
-    })?;
-    Ok(true)
 }
 
 /// Removes manifests not in `referenced` and chunks no referenced manifest lists.
@@ -1433,11 +1348,6 @@ mod tests {
         let copies = pieces.iter().filter(|p| catalogue.chunks.compressed_path(&Hash::of(p)).exists()).count();
         assert_eq!(copies, 32, "every text chunk has its copy, no noise chunk");
         assert!(std::fs::read_dir(dir.path().join("chunks/tmp")).unwrap().next().is_none(), "no temp files left");
-        // The file was hashed as its chunks arrived, so the commit need not read them back.
-        let set = catalogue.upload_sets.lock().await.get(&upload_id).cloned().expect("the upload's set");
-        let hashed = set.arrival.lock().unwrap().as_ref().map(ArrivalHash::hashed_through);
-        assert_eq!(hashed, Some(64), "every chunk hashed in file order on arrival");
-        assert_eq!(catalogue.waiting_budget.held(), 0, "nothing left waiting");
         catalogue.commit_upload(&admin(), &upload_id).await.unwrap();
     }
 
@@ -1454,13 +1364,10 @@ mod tests {
             file_hash: Hash::of(&pieces.concat()),
             chunks: pieces.iter().map(|p| ChunkRef { hash: Hash::of(p), len: p.len() as u32 }).collect(),
         };
-        check_version_chunks(&chunks, &manifest, &HashSet::new(), None).unwrap();
-        // Torn by a crash before the flush: same name, other bytes of the same length. An
-        // arrival hash made after the restart reads it from the store, does not match, and
-        // every chunk is checked one by one.
+        check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap();
+        // Torn by a crash before the flush: same name, other bytes of the same length.
         std::fs::write(chunks.path(&Hash::of(&pieces[1])), random_bytes(5_000, 22)).unwrap();
-        let arrival = ArrivalHash::new(manifest.chunks.iter().map(|c| c.hash).collect(), Arc::default());
-        let error = check_version_chunks(&chunks, &manifest, &HashSet::new(), Some(arrival)).unwrap_err();
+        let error = check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap_err();
         assert!(matches!(error, CatalogueError::ChunkDamagedOnDisk { hash } if hash == Hash::of(&pieces[1])));
         assert!(!chunks.contains(&Hash::of(&pieces[1])), "removed, so the next push sends it");
         assert!(chunks.contains(&Hash::of(&pieces[0])));
@@ -1483,9 +1390,7 @@ mod tests {
             file_hash: Hash::of(&data),
             chunks: vec![ChunkRef { hash, len: data.len() as u32 }],
         };
-        // The arrival hash matches (the chunk is intact), and the copy is still checked.
-        let arrival = ArrivalHash::new(vec![hash], Arc::default());
-        check_version_chunks(&chunks, &manifest, &HashSet::new(), Some(arrival)).unwrap();
+        check_version_chunks(&chunks, &manifest, &HashSet::new()).unwrap();
         assert!(!path.exists(), "the damaged copy is gone");
         assert_eq!(chunks.get(&hash).unwrap(), data, "the chunk stays");
     }
