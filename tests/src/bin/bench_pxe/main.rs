@@ -161,6 +161,10 @@ usage: bench_pxe [options]
   --dhcp-inflight N    DHCP exchanges in flight (default 32)
   --only LIST          sections to run, of http,cold,tftp,dhcp (default all)
   --no-wait            do not wait while another benchmark (bench_sync) runs
+  --nginx-sendfile-max-chunk SIZE  a diagnostic, not the reference: nginx sends at most SIZE
+                       (nginx syntax: 64k, 2m) per sendfile call and then serves the other
+                       connections before it goes on, as rackd does in its turns (nginx 1.22's
+                       default is 2m; the reference runs leave it)
 Needs root, nginx (apt-get install nginx-light) and dnsmasq (apt-get install dnsmasq-base).
 Build first: cargo build --release --workspace --bins";
 
@@ -178,6 +182,7 @@ struct Options {
     dhcp_inflight: usize,
     sections: Vec<String>,
     wait_quiet: bool,
+    nginx_sendfile_max_chunk: Option<String>,
 }
 
 impl Options {
@@ -196,6 +201,7 @@ impl Options {
             dhcp_inflight: 32,
             sections: ["http", "cold", "tftp", "dhcp"].map(String::from).to_vec(),
             wait_quiet: true,
+            nginx_sendfile_max_chunk: None,
         };
         let list = |text: String| -> Vec<String> { text.split(',').map(|s| s.trim().to_owned()).collect() };
         while let Some(arg) = args.next() {
@@ -216,6 +222,15 @@ impl Options {
                 "--dhcp-inflight" => options.dhcp_inflight = value()?.parse().context("--dhcp-inflight")?,
                 "--only" => options.sections = list(value()?),
                 "--no-wait" => options.wait_quiet = false,
+                "--nginx-sendfile-max-chunk" => {
+                    let size = value()?;
+                    let digits = size.trim_end_matches(['k', 'm']);
+                    ensure!(
+                        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()),
+                        "--nginx-sendfile-max-chunk takes nginx's size syntax: 64k, 512k, 2m"
+                    );
+                    options.nginx_sendfile_max_chunk = Some(size);
+                }
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     return Ok(None);
@@ -333,7 +348,7 @@ fn run(options: &Options) -> Result<String> {
     ensure!(big_len == options.file_mib * MIB, "the rack's file is {big_len} bytes");
 
     // The reference servers, on the same bytes: nginx beside rackd, dnsmasq in its own lab.
-    let nginx = Nginx::start(&rack_lab, w, &big_file, &script)?;
+    let nginx = Nginx::start(&rack_lab, w, &big_file, &script, options.nginx_sendfile_max_chunk.as_deref())?;
     let dnsmasq = Dnsmasq::start(&reference_lab, w, &tftp_file)?;
     // Let the rack finish what follows a sync (garbage collection, the report to the region).
     sleep_checked(Duration::from_secs(3))?;

@@ -22,8 +22,15 @@ pub struct Nginx {
 impl Nginx {
     /// nginx on 127.0.0.1:8080 in the rack's lab: the big file (hard link) and the probe script
     /// at the same URLs as rackd; a master and 2 workers (`worker_processes auto` on 2 cores),
-    /// `sendfile on`, logs and temp paths in the work dir.
-    pub fn start(lab: &Lab, work: &Path, big_file: &Path, script: &[u8]) -> Result<Nginx> {
+    /// `sendfile on`, logs and temp paths in the work dir; with `sendfile_max_chunk`, that
+    /// directive too (a diagnostic: the reference leaves nginx's default).
+    pub fn start(
+        lab: &Lab,
+        work: &Path,
+        big_file: &Path,
+        script: &[u8],
+        sendfile_max_chunk: Option<&str>,
+    ) -> Result<Nginx> {
         let root = work.join("www");
         let dir = work.join("nginx");
         let big = root.join(BIG_URL.trim_start_matches('/'));
@@ -36,11 +43,12 @@ impl Nginx {
         std::fs::hard_link(big_file, &big)?;
         std::fs::write(&probe, script)?;
         let d = dir.display();
+        let max_chunk = sendfile_max_chunk.map_or(String::new(), |size| format!("  sendfile_max_chunk {size};\n"));
         // `user root`: the snapshot files are the rack's (mode 0600); workers must read them.
         let text = format!(
             "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root root;\npid {d}/nginx.pid;\n\
              error_log {d}/error.log;\nevents {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 100000;\n\
+             http {{\n  access_log off;\n  sendfile on;\n{max_chunk}  tcp_nopush on;\n  keepalive_requests 100000;\n\
              default_type application/octet-stream;\n\
              client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\

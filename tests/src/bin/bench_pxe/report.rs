@@ -126,6 +126,12 @@ impl Report {
         if !others.is_empty() {
             let _ = writeln!(out, "- **disturbed**: another benchmark ran during this one: {}", others.join("; "));
         }
+        if let Some(size) = &o.nginx_sendfile_max_chunk {
+            let _ = writeln!(
+                out,
+                "- **diagnostic, not the reference**: nginx with `sendfile_max_chunk {size}` (at most that per `sendfile`, then the other connections)"
+            );
+        }
         if !self.http.is_empty() {
             self.http_table(&mut out);
         }
