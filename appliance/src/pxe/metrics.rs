@@ -28,6 +28,7 @@ pub struct Metrics {
     pub http_streams_active: Gauge,
     pub http_bytes: Counter,
     pub http_sendfile_bytes: Counter,
+    pub http_readahead_bytes: Counter,
     pub http_stalled: Counter,
     pub http_refused: Family<KindLabel, Counter>,
     pub sync_phase: Family<KindLabel, Gauge>,
@@ -69,6 +70,12 @@ impl Metrics {
             "http_sendfile_bytes",
             "Bytes of HTTP boot bodies sent zero-copy with sendfile",
             http_sendfile_bytes.clone(),
+        );
+        let http_readahead_bytes = Counter::default();
+        metrics_registry.register(
+            "http_readahead_bytes",
+            "Bytes of HTTP boot files the kernel was asked to read ahead of the sender (not yet in the page cache)",
+            http_readahead_bytes.clone(),
         );
         let http_stalled = Counter::default();
         metrics_registry.register(
@@ -113,6 +120,7 @@ impl Metrics {
             http_streams_active,
             http_bytes,
             http_sendfile_bytes,
+            http_readahead_bytes,
             http_stalled,
             http_refused,
             sync_phase,
