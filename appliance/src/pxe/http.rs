@@ -38,12 +38,30 @@ const STREAM_PIECE_BYTES: usize = 512 * 1024;
 
 /// How far ahead of the sender the kernel is asked to read a file in (madvise WILLNEED, which
 /// starts the reads and returns at once), so the async workers rarely fault on a cold page.
-/// A stream's window starts at two pieces and grows by one per piece sent: advising all 8 MiB
-/// up front cost every new request ~115 µs even with the file cached (the kernel looks up each
-/// page), which made the last of a burst of new connections wait for all the others' advice.
-/// Each step of the window is advised only when its first or last page is not cached (see
-/// [`read_ahead`]).
+/// The window is advised in steps of [`READAHEAD_STEP_BYTES`], each only when its first or last
+/// page is not cached (see [`read_ahead`]).
 const READAHEAD_BYTES: usize = 8 * 1024 * 1024;
+
+/// Most bytes one readahead advice covers, and the least a stream waits to have unadvised in its
+/// window before it asks again: one check of the page cache per step. Advising all 8 MiB up front
+/// cost every new request ~115 µs with the file cached (the kernel looks up each page), which
+/// made the last of a burst of new connections wait for all the others' advice; a cached file
+/// now costs two page lookups per step, and a cold one a step's reads at a time.
+const READAHEAD_STEP_BYTES: usize = 2 * 1024 * 1024;
+
+/// The range to advise before a stream sends a piece ending at `piece_end`, in a body ending at
+/// `end`, when its advice so far reaches `advised`: the next step of the window ahead of the
+/// piece once a whole step of it is unadvised, or once the window reaches the body's end. Pure,
+/// so that its promises are checked without a file (see the tests): the piece itself is always
+/// advised, no advice reaches past the window, and a body of N bytes takes about N ÷ step
+/// advices.
+fn next_advice(offset: usize, piece_end: usize, advised: usize, end: usize) -> Option<std::ops::Range<usize>> {
+    let window_end = (piece_end + READAHEAD_BYTES).min(end);
+    let from = advised.max(offset);
+    let unadvised = window_end.saturating_sub(from);
+    let due = unadvised >= READAHEAD_STEP_BYTES || (window_end == end && unadvised > 0);
+    due.then(|| from..from + unadvised.min(READAHEAD_STEP_BYTES))
+}
 
 /// Asks the kernel to read `map[from..to]` in ahead of the sender, unless the range's first and
 /// last pages are already in the page cache. The advice looks up every page of the range, which
@@ -561,11 +579,11 @@ async fn send_file(
                 return None;
             }
             let piece_end = (offset + STREAM_PIECE_BYTES).min(end);
-            let window_end = (piece_end + READAHEAD_BYTES).min(end);
-            // Two more pieces advised per piece sent, until the window reaches READAHEAD_BYTES.
-            let from = advised.max(offset);
-            let advised_end = window_end.min(from + 2 * STREAM_PIECE_BYTES);
-            read_ahead(&map, from, advised_end, &pxe.metrics);
+            let mut advised_end = advised;
+            if let Some(range) = next_advice(offset, piece_end, advised, end) {
+                read_ahead(&map, range.start, range.end, &pxe.metrics);
+                advised_end = range.end;
+            }
             let piece = bytes.slice(offset..piece_end);
             pxe.metrics.http_bytes.inc_by(piece.len() as u64);
             Some((Ok::<Bytes, std::io::Error>(piece), (piece_end, advised_end)))
@@ -756,6 +774,36 @@ mod tests {
         .await
         .expect("the connection ended within the deadline");
         total
+    }
+
+    proptest::proptest! {
+        /// Walking a body piece by piece as the stream does: every piece is advised before it
+        /// is sent, no advice covers more than a step or reaches past the window ahead of its
+        /// piece, advice ranges follow one another without gaps or overlaps, and a body takes
+        /// at most one advice per step of its length, plus one.
+        #[test]
+        fn readahead_steps_cover_each_piece_before_it_is_sent(
+            start in 0usize..(64 << 20),
+            len in 1usize..(64 << 20),
+        ) {
+            let end = start + len;
+            let (mut offset, mut advised, mut advices) = (start, start, 0usize);
+            while offset < end {
+                let piece_end = (offset + STREAM_PIECE_BYTES).min(end);
+                if let Some(range) = next_advice(offset, piece_end, advised, end) {
+                    proptest::prop_assert_eq!(range.start, advised.max(start));
+                    proptest::prop_assert!(range.end > range.start);
+                    proptest::prop_assert!(range.len() <= READAHEAD_STEP_BYTES);
+                    proptest::prop_assert!(range.end <= (piece_end + READAHEAD_BYTES).min(end));
+                    advised = range.end;
+                    advices += 1;
+                }
+                proptest::prop_assert!(advised >= piece_end, "piece {offset}..{piece_end} sent unadvised (advice to {advised})");
+                offset = piece_end;
+            }
+            proptest::prop_assert_eq!(advised, end);
+            proptest::prop_assert!(advices <= len.div_ceil(READAHEAD_STEP_BYTES) + 1, "{advices} advices for {len} bytes");
+        }
     }
 
     /// A file whose pages are in the page cache goes out without readahead advice (which would
