@@ -579,11 +579,13 @@ async fn send_file(
                 return None;
             }
             let piece_end = (offset + STREAM_PIECE_BYTES).min(end);
-            let mut advised_end = advised;
-            if let Some(range) = next_advice(offset, piece_end, advised, end) {
-                read_ahead(&map, range.start, range.end, &pxe.metrics);
-                advised_end = range.end;
-            }
+            let advised_end = match next_advice(offset, piece_end, advised, end) {
+                Some(range) => {
+                    read_ahead(&map, range.start, range.end, &pxe.metrics);
+                    range.end
+                }
+                None => advised,
+            };
             let piece = bytes.slice(offset..piece_end);
             pxe.metrics.http_bytes.inc_by(piece.len() as u64);
             Some((Ok::<Bytes, std::io::Error>(piece), (piece_end, advised_end)))

@@ -69,6 +69,37 @@ struct StepCpu {
     box_busy: Duration,
 }
 
+/// The readings a [`StepCpu`] is measured from: taken before a step that runs one tool as this
+/// process's child against the server `server_pid`.
+struct CpuMeter {
+    server_pid: u32,
+    children: Duration,
+    server: Duration,
+    busy: Duration,
+}
+
+impl CpuMeter {
+    fn start(server_pid: u32) -> CpuMeter {
+        CpuMeter {
+            server_pid,
+            children: waited_children_cpu(),
+            server: process_cpu(server_pid).unwrap_or_default(),
+            busy: box_busy(),
+        }
+    }
+
+    /// The whole box's busy time since the start.
+    fn box_busy(&self) -> Duration {
+        box_busy() - self.busy
+    }
+
+    /// The CPU of the tool (once waited for) and of the server since the start.
+    fn processes(&self) -> Duration {
+        (waited_children_cpu() - self.children)
+            + process_cpu(self.server_pid).unwrap_or_default().saturating_sub(self.server)
+    }
+}
+
 /// How long the rsync daemon may take to reap the connection's process after the client ends.
 const REAP_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -78,8 +109,7 @@ async fn timed_push(region: &Region, api_key: &str, file: &Path, version: &str) 
     let region_pid = region.daemon.pid() as u32;
     let mut sample = PushSample { region_before: rss(region_pid).unwrap_or_default(), ..PushSample::default() };
     sample.region_peak = sample.region_before;
-    let (children_before, region_cpu_before, busy_before) =
-        (waited_children_cpu(), process_cpu(region_pid).unwrap_or_default(), box_busy());
+    let meter = CpuMeter::start(region_pid);
     let started = Instant::now();
     let mut child = tokio::process::Command::from(command)
         .stdin(std::process::Stdio::null())
@@ -108,11 +138,7 @@ async fn timed_push(region: &Region, api_key: &str, file: &Path, version: &str) 
     sample.wall = started.elapsed();
     let output = child.wait_with_output().await?;
     // imgtool has been waited for: its CPU is in this process's children's account.
-    sample.cpu = StepCpu {
-        processes: (waited_children_cpu() - children_before)
-            + process_cpu(region_pid).unwrap_or_default().saturating_sub(region_cpu_before),
-        box_busy: box_busy() - busy_before,
-    };
+    sample.cpu = StepCpu { processes: meter.processes(), box_busy: meter.box_busy() };
     let text = String::from_utf8_lossy(&output.stdout);
     ensure!(
         output.status.success() && text.contains("committed"),
@@ -164,16 +190,11 @@ impl RsyncTarget {
         }
         args.extend([file.into(), target.into()]);
         let daemon_pid = self._daemon.pid() as u32;
-        let (children_before, daemon_before, busy_before) =
-            (waited_children_cpu(), process_cpu(daemon_pid).unwrap_or_default(), box_busy());
+        let meter = CpuMeter::start(daemon_pid);
         let (_, wall) = run_tool(Path::new("rsync"), &args).await?;
-        let busy = box_busy() - busy_before;
+        let busy = meter.box_busy();
         wait_childless(daemon_pid, REAP_DEADLINE).await?;
-        let cpu = StepCpu {
-            processes: (waited_children_cpu() - children_before)
-                + process_cpu(daemon_pid).unwrap_or_default().saturating_sub(daemon_before),
-            box_busy: busy,
-        };
+        let cpu = StepCpu { processes: meter.processes(), box_busy: busy };
         let got = std::fs::metadata(&dest).context("rsync's copy")?.len();
         ensure!(got == size, "rsync wrote {got} bytes, expected {size}");
         std::fs::remove_file(&dest)?;
